@@ -1,0 +1,187 @@
+//! The agent's in-memory view of what it serves: every installed SVID and the current bundles,
+//! published as immutable [`Snapshot`]s through a `tokio::sync::watch` channel.
+//!
+//! The rotation side is the only writer ([`Cache::publish`]); the Workload API and the admin
+//! socket are readers. A reader holding an `Arc<Snapshot>` never sees a half-updated state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshcert_protocol::{Entry, IdentityReport, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// An SVID the agent has installed and may serve.
+#[derive(Clone)]
+pub struct InstalledSvid {
+    /// The entry it was issued for (selectors decide who may receive it).
+    pub entry: Entry,
+    /// The identity in the leaf.
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first, then intermediates.
+    pub chain: Vec<Vec<u8>>,
+    /// Unencrypted PKCS#8 DER of the private key. Never logged, never sent off the node.
+    pub key_pkcs8: Arc<Zeroizing<Vec<u8>>>,
+    /// The leaf's expiry.
+    pub not_after: SystemTime,
+    /// A hint that tells this SVID from others of the same caller (e.g. `gateway`), or empty.
+    pub hint: String,
+}
+
+impl fmt::Debug for InstalledSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstalledSvid")
+            .field("entry_id", &self.entry.id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("chain_len", &self.chain.len())
+            .field("key_pkcs8", &"<redacted>")
+            .field("not_after", &self.not_after)
+            .field("hint", &self.hint)
+            .finish()
+    }
+}
+
+/// Everything the agent serves at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The node's own trust domain (empty snapshot: not joined yet).
+    pub trust_domain: Option<TrustDomain>,
+    /// The bundle version these bundles carry.
+    pub bundle_version: u64,
+    /// CA certificates (DER) per trust domain; the node's own domain included.
+    pub bundles: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
+    /// Extra roots a gateway trusts (the shared root under limited trust).
+    pub shared_root: Vec<Vec<u8>>,
+    /// Whether federated bundles go to every workload (`federation.mode: PERMISSIVE`).
+    pub federate: bool,
+    /// Every valid SVID, in entry order (the first matching one is a caller's default).
+    pub svids: Vec<Arc<InstalledSvid>>,
+}
+
+impl Snapshot {
+    /// The bundle of the node's own trust domain, concatenated DER.
+    pub fn own_bundle(&self) -> Vec<u8> {
+        self.trust_domain
+            .as_ref()
+            .and_then(|td| self.bundles.get(td))
+            .map(|certs| certs.concat())
+            .unwrap_or_default()
+    }
+
+    /// The bundles of the other trust domains, when federation is on.
+    pub fn federated_bundles(&self) -> impl Iterator<Item = (&TrustDomain, &Vec<Vec<u8>>)> {
+        self.bundles
+            .iter()
+            .filter(move |(td, _)| self.federate && Some(*td) != self.trust_domain.as_ref())
+    }
+
+    /// SVIDs that have not expired at `now`.
+    pub fn valid_svids(&self, now: SystemTime) -> impl Iterator<Item = &Arc<InstalledSvid>> {
+        self.svids.iter().filter(move |s| s.not_after > now)
+    }
+}
+
+/// The agent's own condition, as the admin socket and the upward report show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The node's name, once known.
+    pub node: Option<String>,
+    /// The node's mesh, once known.
+    pub mesh: Option<String>,
+    /// The holder's address.
+    pub ca_address: String,
+    /// Whether the last call to the holder succeeded.
+    pub ca_connected: bool,
+    /// The last error talking to the holder.
+    pub ca_last_error: Option<String>,
+    /// Expiry of the node SVID, Unix seconds.
+    pub node_svid_not_after: Option<u64>,
+    /// The bundle version held.
+    pub bundle_version: u64,
+    /// Whether every entry has been attempted at least once since start.
+    pub all_attempted: bool,
+    /// Every identity the agent manages, with its state.
+    pub identities: Vec<IdentityReport>,
+}
+
+impl AgentStatus {
+    /// Ready: the node SVID is valid at `now_unix` and every entry holds an issued SVID.
+    pub fn is_ready(&self, now_unix: u64) -> bool {
+        self.node_svid_not_after.is_some_and(|t| t > now_unix)
+            && self
+                .identities
+                .iter()
+                .all(|i| i.not_after.is_some_and(|t| t > now_unix))
+    }
+}
+
+/// The single writer of [`Snapshot`]s and [`AgentStatus`].
+#[derive(Debug, Clone)]
+pub struct Cache {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    status: Arc<watch::Sender<Arc<AgentStatus>>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (status, _) = watch::channel(Arc::new(AgentStatus::default()));
+        Self {
+            tx: Arc::new(tx),
+            status: Arc::new(status),
+        }
+    }
+
+    /// A receiver that sees the current snapshot and every later one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Replaces the snapshot and wakes every reader.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// Changes the snapshot with `f` and wakes every reader.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.tx.send_modify(|current| {
+            let mut next = (**current).clone();
+            f(&mut next);
+            *current = Arc::new(next);
+        });
+    }
+
+    /// A receiver of the agent's status.
+    pub fn subscribe_status(&self) -> watch::Receiver<Arc<AgentStatus>> {
+        self.status.subscribe()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Arc<AgentStatus> {
+        self.status.borrow().clone()
+    }
+
+    /// Changes the status with `f` and wakes every reader.
+    pub fn update_status(&self, f: impl FnOnce(&mut AgentStatus)) {
+        self.status.send_modify(|current| {
+            let mut next = (**current).clone();
+            f(&mut next);
+            *current = Arc::new(next);
+        });
+    }
+}

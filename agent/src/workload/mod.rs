@@ -1,0 +1,1 @@
+//! The SPIFFE Workload API (being written).

@@ -1,0 +1,6 @@
+//! End-to-end tests: real CA holder and agents, real files, real sockets.
+//! One test binary; one module per area.
+
+mod agent;
+mod ca;
+mod workload;

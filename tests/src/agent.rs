@@ -1,0 +1,1 @@
+//! Harness for a running node agent (being written).

@@ -1,0 +1,1 @@
+//! Harness for a running CA holder (being written).
