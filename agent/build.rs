@@ -1,1 +1,2 @@
+//! Compiles the Workload API proto (being written).
 fn main() {}

@@ -1,1 +1,2 @@
+//! meshcert-agent (being written).
 fn main() {}

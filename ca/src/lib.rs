@@ -1,1 +1,1 @@
-//! placeholder
+//! meshcert-ca (being written).

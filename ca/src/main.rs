@@ -1,1 +1,2 @@
+//! meshcert-ca (being written).
 fn main() {}
