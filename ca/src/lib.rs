@@ -1,1 +1,33 @@
-//! meshcert-ca (being written).
+//! meshcert-ca, the root CA holder of a meshcert virtual mesh.
+//!
+//! It holds the virtual mesh's root (generated once or provided), gives each mesh an ECDSA
+//! intermediate, attests nodes with one-time join tokens, signs the CSRs agents send under
+//! policy, distributes the trust bundle, and aggregates the agents' reports into the
+//! VirtualMesh status. Operators drive it with the `meshcert-ca` command over an admin socket.
+//!
+//! # Layout
+//!
+//! - [`config`]: the VirtualMesh YAML plus the holder's settings and entries; validation that
+//!   lists every problem with its field path.
+//! - [`authority`]: root (builtin or provided), per-mesh intermediates, leaf and server signing.
+//! - [`policy`]: pure CSR checks (signature, key, SAN, entry assignment).
+//! - [`tokens`]: join tokens.
+//! - [`entries`]: registration entries from the config and the datastore.
+//! - [`store`]: the datastore trait and its SQLite implementation.
+//! - [`status`]: the status document and its table form.
+//! - [`holder`]: the running holder's state and operations, shared by both front ends.
+//! - [`server`]: the HTTPS API (hyper + rustls, mTLS for nodes).
+//! - [`admin`]: the admin Unix socket and the client the CLI uses.
+//! - [`daemon`]: `run`: wires the tasks, signals and systemd notifications.
+
+pub mod admin;
+pub mod authority;
+pub mod config;
+pub mod daemon;
+pub mod entries;
+pub mod holder;
+pub mod policy;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod tokens;

@@ -1,1 +1,722 @@
-//! End-to-end tests (being written).
+//! The CA holder end to end: the real `meshcert-ca` process, real mTLS over loopback from a
+//! rustls client in the test, the real CLI over the admin socket.
+
+use std::path::Path;
+use std::process::Command;
+
+use meshcert_protocol::api::{
+    ApiError, AttestRequest, CsrRequest, Der, ErrorCode, NodeSvidResponse, RenewRequest,
+    SignOutcome, SignRequest, SignResponse, SyncResponse,
+};
+use meshcert_protocol::{CertState, IdentityReport, NodeReport, SpiffeId};
+use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG, HttpAnswer};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use x509_parser::prelude::*;
+
+fn p256() -> KeyPair {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key generation")
+}
+
+fn csr(key: &KeyPair, uris: &[&str]) -> Der {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().expect("ia5 string")))
+        .collect();
+    Der(p.serialize_request(key).expect("csr").der().to_vec())
+}
+
+/// A request body as JSON bytes.
+macro_rules! body {
+    ($v:expr) => {
+        serde_json::to_vec(&$v).expect("serialise")
+    };
+}
+
+fn api_error(a: &HttpAnswer) -> ApiError {
+    serde_json::from_slice(&a.body).unwrap_or_else(|e| {
+        panic!(
+            "HTTP {} is not an ApiError ({e}): {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        )
+    })
+}
+
+fn assert_refused(a: &HttpAnswer, code: ErrorCode) {
+    let e = api_error(a);
+    assert_eq!(e.code, code, "{}", e.message);
+    assert_eq!(a.status, code.http_status());
+}
+
+/// Attests `node` with a fresh token; returns the node's mTLS identity and the answer.
+fn join(ca: &CaHolder, node: &str) -> (ClientIdentity, NodeSvidResponse, String) {
+    let token = ca.token(node, "mesh-a").expect("token");
+    let key = p256();
+    let req = AttestRequest {
+        token: token.clone(),
+        csr: csr(&key, &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(req)), None)
+        .expect("attest call");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let resp: NodeSvidResponse = serde_json::from_slice(&a.body).expect("node SVID answer");
+    let identity = ClientIdentity {
+        chain: resp.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: key.serialize_der(),
+    };
+    (identity, resp, token)
+}
+
+fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> String {
+    let pem = |der: &[u8]| {
+        let out = Command::new("openssl")
+            .args(["x509", "-inform", "DER", "-outform", "PEM"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().expect("stdin").write_all(der)?;
+                c.wait_with_output()
+            })
+            .expect("openssl x509 runs");
+        out.stdout
+    };
+    std::fs::write(dir.join("bundle.pem"), pem(root)).expect("write");
+    std::fs::write(dir.join("intermediate.pem"), pem(intermediate)).expect("write");
+    std::fs::write(dir.join("leaf.pem"), pem(leaf)).expect("write");
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "verify",
+            "-CAfile",
+            "bundle.pem",
+            "-untrusted",
+            "intermediate.pem",
+            "leaf.pem",
+        ])
+        .output()
+        .expect("openssl verify runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Checks a leaf against the X509-SVID rules with x509-parser.
+fn assert_x509_svid(der: &[u8], id: &str) {
+    let (_, c) = X509Certificate::from_der(der).expect("leaf parses");
+    let san = c.subject_alternative_name().expect("ok").expect("SAN");
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, vec![id]);
+    let bc = c
+        .basic_constraints()
+        .expect("ok")
+        .expect("basic constraints");
+    assert!(!bc.value.ca);
+    let ku = c.key_usage().expect("ok").expect("key usage");
+    assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign());
+    let eku = c.extended_key_usage().expect("ok").expect("eku");
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    assert!(c.raw_serial().len() <= 20);
+}
+
+#[test]
+fn a_node_attests_syncs_renews_signs_and_is_banned() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let (node, resp, token) = join(&ca, "node-1");
+    assert_eq!(
+        resp.svid.spiffe_id.to_string(),
+        "spiffe://mesh-a.test/meshcert/node/node-1"
+    );
+    assert_eq!(resp.svid.chain.len(), 2, "leaf + intermediate");
+    assert_x509_svid(
+        &resp.svid.chain[0].0,
+        "spiffe://mesh-a.test/meshcert/node/node-1",
+    );
+
+    // The token is single-use.
+    let replay = AttestRequest {
+        token,
+        csr: csr(&p256(), &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(replay)), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::TokenUsed);
+
+    // Sync: the node's entries and bundles.
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let sync: SyncResponse = serde_json::from_slice(&a.body).expect("sync answer");
+    assert_eq!(sync.node, "node-1");
+    assert_eq!(sync.entries.len(), 1);
+    assert_eq!(sync.entries[0].id, "web");
+    let td = sync.trust_domain.clone();
+    let bundle = sync.bundles.trust_domains[&td][0].0.clone();
+
+    // Renew the node SVID with a new key; the new SVID works for later calls.
+    let new_key = p256();
+    let a = ca
+        .https(
+            "POST",
+            "/v1/node/renew",
+            Some(&body!(RenewRequest {
+                csr: csr(&new_key, &[]),
+            })),
+            Some(&node),
+        )
+        .expect("renew");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let renewed: NodeSvidResponse = serde_json::from_slice(&a.body).expect("renew answer");
+    assert_ne!(renewed.svid.chain[0], resp.svid.chain[0]);
+    let node = ClientIdentity {
+        chain: renewed.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: new_key.serialize_der(),
+    };
+
+    // A batch: one good CSR, one with the wrong SAN, one for an unknown entry.
+    let web_key = p256();
+    let web = "spiffe://mesh-a.test/web";
+    let batch = SignRequest {
+        csrs: vec![
+            CsrRequest {
+                entry_id: "web".into(),
+                csr: csr(&web_key, &[web]),
+                local: None,
+            },
+            CsrRequest {
+                entry_id: "web".into(),
+                csr: csr(&p256(), &["spiffe://mesh-a.test/admin"]),
+                local: None,
+            },
+            CsrRequest {
+                entry_id: "nope".into(),
+                csr: csr(&p256(), &[web]),
+                local: None,
+            },
+        ],
+    };
+    let a = ca
+        .https("POST", "/v1/sign", Some(&body!(batch)), Some(&node))
+        .expect("sign");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let signed: SignResponse = serde_json::from_slice(&a.body).expect("sign answer");
+    assert_eq!(signed.results.len(), 3);
+    let SignOutcome::Issued { svid, .. } = &signed.results[0].outcome else {
+        panic!("the good CSR was refused: {:?}", signed.results[0]);
+    };
+    assert_eq!(svid.spiffe_id, SpiffeId::new(web).expect("id"));
+    let codes: Vec<Option<ErrorCode>> = signed
+        .results
+        .iter()
+        .map(|r| match &r.outcome {
+            SignOutcome::Refused { error } => Some(error.code),
+            SignOutcome::Issued { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            None,
+            Some(ErrorCode::SanMismatch),
+            Some(ErrorCode::UnknownEntry)
+        ]
+    );
+    let leaf = &svid.chain[0].0;
+    assert_x509_svid(leaf, web);
+    let (_, parsed) = X509Certificate::from_der(leaf).expect("parse");
+    assert_eq!(
+        parsed.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&web_key).as_slice(),
+        "the leaf carries the CSR's key"
+    );
+
+    // The chain verifies with openssl against the bundle.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let verdict = openssl_verify(dir.path(), &bundle, &svid.chain[1].0, leaf);
+    assert!(verdict.contains("leaf.pem: OK"), "{verdict}");
+    assert_eq!(
+        std::fs::read(ca.bundle_pem_path())
+            .map(|b| !b.is_empty())
+            .ok(),
+        Some(true)
+    );
+
+    // Ban: the node's very next call fails.
+    let out = ca.ctl(&["node", "ban", "node-1"]).expect("ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    assert_refused(&a, ErrorCode::NodeBanned);
+    let a = ca
+        .https("POST", "/v1/sign", Some(&body!(batch)), Some(&node))
+        .expect("sign");
+    assert_refused(&a, ErrorCode::NodeBanned);
+    // A fresh token does not bring a banned node back.
+    let again = AttestRequest {
+        token: ca.token("node-1", "mesh-a").expect("token"),
+        csr: csr(&p256(), &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(again)), None)
+        .expect("attest");
+    assert_refused(&a, ErrorCode::NodeBanned);
+}
+
+#[test]
+fn calls_without_a_valid_node_identity_are_refused() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let a = ca.https("GET", "/v1/sync", None, None).expect("call");
+    assert_refused(&a, ErrorCode::Unauthenticated);
+
+    let bogus = AttestRequest {
+        token: "not-a-token".into(),
+        csr: csr(&p256(), &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(bogus)), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::InvalidToken);
+
+    let a = ca
+        .https("POST", "/v1/attest", Some(b"{not json"), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::BadRequest);
+
+    let a = ca.https("GET", "/v1/nothing", None, None).expect("call");
+    assert_refused(&a, ErrorCode::NotFound);
+    let a = ca
+        .https("POST", "/v1/sync", Some(b"{}"), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::MethodNotAllowed);
+
+    // An expired token.
+    let out = ca
+        .ctl(&[
+            "token", "create", "--node", "node-2", "--mesh", "mesh-a", "--ttl", "1s",
+        ])
+        .expect("ctl");
+    assert!(out.status.success());
+    let expired = AttestRequest {
+        token: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        csr: csr(&p256(), &[]),
+    };
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(expired)), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::TokenExpired);
+
+    // A CSR that is not one does not burn the token.
+    let token = ca.token("node-3", "mesh-a").expect("token");
+    let garbage = AttestRequest {
+        token: token.clone(),
+        csr: Der(b"garbage".to_vec()),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(garbage)), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::BadCsr);
+    let good = AttestRequest {
+        token,
+        csr: csr(&p256(), &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(good)), None)
+        .expect("call");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+
+    // The bundle is public.
+    let a = ca.https("GET", "/v1/bundle", None, None).expect("call");
+    assert_eq!(a.status, 200);
+    assert!(a.json().expect("json")["trustDomains"]["mesh-a.test"].is_array());
+
+    // A token for a mesh that does not exist is refused at creation.
+    let out = ca
+        .ctl(&["token", "create", "--node", "n", "--mesh", "mesh-z"])
+        .expect("ctl");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mesh-z"));
+}
+
+#[test]
+fn an_oversized_body_gets_413() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let size = meshcert_protocol::api::MAX_BODY_BYTES + 1;
+    // Declared too large: refused before the body is read.
+    let req = format!(
+        "POST /v1/attest HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n{{"
+    );
+    let a = ca.https_raw(req.as_bytes(), None).expect("call");
+    assert_refused(&a, ErrorCode::BodyTooLarge);
+    // Chunked, with no declared length: refused once the limit is crossed.
+    let mut req = b"POST /v1/attest HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..(size / chunk.len() + 1) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let a = ca.https_raw(&req, None).expect("call");
+    assert_refused(&a, ErrorCode::BodyTooLarge);
+}
+
+#[test]
+fn reports_reach_the_status() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let (node, _, _) = join(&ca, "node-1");
+    let report = NodeReport {
+        bundle_version: 1,
+        enforcement: None,
+        identities: vec![IdentityReport {
+            entry_id: "web".into(),
+            spiffe_id: SpiffeId::new("spiffe://mesh-a.test/web").expect("id"),
+            state: CertState::Issued,
+            serial: Some("0a".into()),
+            not_after: Some(1_900_000_000),
+            next_rotation: None,
+            last_error: None,
+            attempts: 0,
+        }],
+    };
+    let a = ca
+        .https("POST", "/v1/report", Some(&body!(report)), Some(&node))
+        .expect("report");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let out = ca.ctl(&["status", "-o", "json"]).expect("status");
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["configStatus"]["state"], "ACCEPTED");
+    let cs = &status["certificateStatus"];
+    assert_eq!(cs["root"]["keyBits"], 2048);
+    assert_eq!(cs["root"]["org"], "meshcert-tests");
+    assert_eq!(cs["intermediates"][0]["trustDomain"], "mesh-a.test");
+    assert_eq!(cs["svidsIssued"], 1);
+    let n = &cs["nodes"][0];
+    assert_eq!(n["name"], "node-1");
+    assert_eq!(n["stale"], false);
+    assert_eq!(n["bundleVersion"], 1);
+    assert_eq!(n["identities"][0]["state"], "ISSUED");
+    // The table names the node and its identity.
+    let out = ca.ctl(&["status"]).expect("status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("node-1") && table.contains("spiffe://mesh-a.test/web"),
+        "{table}"
+    );
+    let out = ca.ctl(&["status", "-o", "yaml"]).expect("status");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configStatus:"));
+}
+
+#[test]
+fn entries_are_managed_from_the_command_line() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let out = ca
+        .ctl(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://mesh-a.test/db",
+            "--node",
+            "node-1",
+            "--selector",
+            "unix:uid:70",
+            "--ttl",
+            "30m",
+            "--owner",
+            "70:70",
+        ])
+        .expect("ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let out = ca.ctl(&["entry", "list", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    // An entry outside the trust domain is refused with the reason.
+    let out = ca
+        .ctl(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://other.test/db",
+            "--mesh",
+            "mesh-a",
+        ])
+        .expect("ctl");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
+    // The node sees the new entry.
+    let (node, _, _) = join(&ca, "node-1");
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    let sync: SyncResponse = serde_json::from_slice(&a.body).expect("sync");
+    assert!(sync.entries.iter().any(|e| e.id == id));
+    let out = ca.ctl(&["entry", "delete", &id]).expect("ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ca.ctl(&["entry", "delete", "web"]).expect("ctl");
+    assert!(
+        !out.status.success(),
+        "config entries are not deleted over the socket"
+    );
+}
+
+#[test]
+fn acknowledged_work_survives_kill_9() {
+    let mut ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let root_before = std::fs::read(ca.bundle_pem_path()).expect("root");
+    let (node, resp, token) = join(&ca, "node-1");
+    let node_serial = X509Certificate::from_der(&resp.svid.chain[0].0)
+        .expect("parse")
+        .1
+        .raw_serial_as_string()
+        .replace(':', "");
+    let batch = SignRequest {
+        csrs: vec![CsrRequest {
+            entry_id: "web".into(),
+            csr: csr(&p256(), &["spiffe://mesh-a.test/web"]),
+            local: None,
+        }],
+    };
+    let a = ca
+        .https("POST", "/v1/sign", Some(&body!(batch)), Some(&node))
+        .expect("sign");
+    assert_eq!(a.status, 200);
+    let signed: SignResponse = serde_json::from_slice(&a.body).expect("sign");
+    let SignOutcome::Issued { svid, .. } = &signed.results[0].outcome else {
+        panic!("refused: {:?}", signed.results[0]);
+    };
+    let web_serial = X509Certificate::from_der(&svid.chain[0].0)
+        .expect("parse")
+        .1
+        .raw_serial_as_string()
+        .replace(':', "");
+
+    ca.kill9();
+    ca.restart().expect("restart");
+
+    assert_eq!(
+        std::fs::read(ca.bundle_pem_path()).expect("root"),
+        root_before,
+        "the root is reused"
+    );
+    let out = ca.ctl(&["issuances", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let serials: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["serial"].as_str())
+        .collect();
+    assert!(
+        serials.contains(&node_serial.as_str()),
+        "{serials:?} vs {node_serial}"
+    );
+    assert!(
+        serials.contains(&web_serial.as_str()),
+        "{serials:?} vs {web_serial}"
+    );
+    let out = ca.ctl(&["node", "list", "-o", "json"]).expect("ctl");
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(nodes[0]["name"], "node-1");
+
+    let replay = AttestRequest {
+        token,
+        csr: csr(&p256(), &[]),
+    };
+    let a = ca
+        .https("POST", "/v1/attest", Some(&body!(replay)), None)
+        .expect("call");
+    assert_refused(&a, ErrorCode::TokenUsed);
+    // The node SVID issued before the crash still authenticates the node.
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    assert_eq!(a.status, 200);
+}
+
+#[test]
+fn sigterm_stops_the_holder_cleanly() {
+    let mut ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let status = ca.terminate().expect("terminate");
+    assert_eq!(status.code(), Some(0));
+    assert!(!ca.admin_socket().exists(), "the admin socket is removed");
+}
+
+#[test]
+fn an_invalid_config_exits_78_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bad.yaml");
+    let text = EXAMPLE_CONFIG
+        .replace("trustDomain: mesh-a.test", "trustDomain: Mesh_A")
+        .replace("rsaKeySizeBytes: 2048", "rsaKeySizeBytes: 1024");
+    std::fs::write(&config, text).expect("write");
+    let state = dir.path().join("state");
+    let socket = dir.path().join("admin.sock");
+    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--admin-socket")
+        .arg(&socket)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.meshes[0].trustDomain"), "{stderr}");
+    assert!(
+        stderr.contains("spec.certificateAuthority.builtin.rsaKeySizeBytes"),
+        "{stderr}"
+    );
+    assert!(!state.exists(), "no state folder");
+    assert!(!socket.exists(), "no socket");
+
+    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .arg("validate")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("INVALID") && stdout.contains("spec.meshes[0].trustDomain"),
+        "{stdout}"
+    );
+
+    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .args(["run", "--bogus-flag"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64), "bad arguments");
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/virtualmesh.yaml");
+    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .arg("validate")
+        .arg("--config")
+        .arg(&example)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ACCEPTED"));
+}
+
+#[test]
+fn another_user_cannot_use_the_admin_socket() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !nix::unistd::getuid().is_root() {
+        // Switching to another user needs root; CI runs as root.
+        eprintln!("skipped: needs root to act as another user");
+        return;
+    }
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let socket = ca.admin_socket();
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is owner-only");
+    let folder = socket.parent().expect("parent");
+    std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(meshcert_tests::bin_path("meshcert-ca"))
+            .args(["token", "create", "--node", "n", "--mesh", "mesh-a"])
+            .arg("--admin-socket")
+            .arg(&socket)
+            .output()
+            .expect("setpriv runs")
+    };
+    // The file mode stops another user...
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no token printed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    // ...and so does the peer-credential check, even when the mode is opened up.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no token printed");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only root or the holder's user"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn systemd_hears_ready_then_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, EXAMPLE_CONFIG).expect("write");
+    let mut child = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("admin.sock"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starts");
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY arrives");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(
+        dir.path().join("admin.sock").exists(),
+        "READY only once the admin socket listens"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    let n = sock.recv(&mut buf).expect("STOPPING arrives");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(child.wait().expect("exits").code(), Some(0));
+}

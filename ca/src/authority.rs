@@ -1,0 +1,904 @@
+//! The certificate authority: the root (generated once and persisted, or provided), one ECDSA
+//! P-256 intermediate per mesh, and the signing of leaf SVIDs and the API's server certificate.
+//!
+//! Files in the state folder: `root.key` (PKCS#8 PEM, mode 0600 from creation), `root.pem`,
+//! `intermediates/<mesh>.key` (0600) and `intermediates/<mesh>.pem`. A root certificate without
+//! a usable key is an error naming the file, never a reason to generate a new root.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshcert_protocol::api::{Bundles, Der};
+use meshcert_protocol::{SpiffeId, TrustDomain};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+};
+use rustls::pki_types::CertificateDer;
+use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::config::{Mesh, RootSource};
+
+/// Clock skew allowance: leaves start this far in the past.
+pub const BACKDATE: Duration = Duration::from_secs(10);
+/// Longest intermediate lifetime.
+pub const INTERMEDIATE_MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
+/// Longest server certificate lifetime.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86400);
+
+/// Why the authority cannot load, create or sign.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    /// A file cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file holds something unusable (corrupt key, not a CA, mismatched key...).
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Key generation or signing failed.
+    #[error("cannot {what}: {source}")]
+    Crypto {
+        /// What was being done.
+        what: &'static str,
+        /// The failure.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// No intermediate for this mesh.
+    #[error("no intermediate for mesh `{0}`")]
+    UnknownMesh(String),
+}
+
+fn crypto(what: &'static str) -> impl FnOnce(rcgen::Error) -> AuthorityError {
+    move |source| AuthorityError::Crypto { what, source }
+}
+
+/// A CA certificate with its key: the root or an intermediate.
+pub struct SigningCa {
+    /// The certificate (DER).
+    pub der: Vec<u8>,
+    key: KeyPair,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for SigningCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningCa")
+            .field("fingerprint", &fingerprint(&self.der))
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningCa {
+    fn from_parts(der: Vec<u8>, key: KeyPair, path: &Path) -> Result<Self, AuthorityError> {
+        let bad = |reason: String| AuthorityError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+        if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(bad("the private key does not match the certificate".into()));
+        }
+        let (not_before, not_after) = validity(&cert);
+        Ok(Self {
+            der,
+            key,
+            not_before,
+            not_after,
+        })
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, AuthorityError> {
+        Issuer::from_ca_cert_der(&CertificateDer::from(self.der.as_slice()), &self.key)
+            .map_err(crypto("read the signing certificate"))
+    }
+
+    /// The certificate as PEM.
+    pub fn pem(&self) -> String {
+        to_pem(&self.der)
+    }
+
+    /// SHA-256 fingerprint of the certificate, lowercase hex.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.der)
+    }
+}
+
+/// The PEM form of a DER certificate.
+pub fn to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+/// SHA-256 of `der`, lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn validity(cert: &X509Certificate<'_>) -> (SystemTime, SystemTime) {
+    let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    (
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    )
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A random positive serial number of 16 octets (RFC 5280 allows up to 20).
+pub fn random_serial() -> Vec<u8> {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // Never expected; fastrand is still unpredictable enough for a serial.
+        bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    }
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    bytes.to_vec()
+}
+
+/// A public key taken from a CSR, used verbatim (its exact SubjectPublicKeyInfo) in the leaf.
+#[derive(Debug, Clone)]
+pub struct CsrKey {
+    /// The SubjectPublicKeyInfo DER from the CSR.
+    pub spki: Vec<u8>,
+    /// The subject public key bits.
+    pub raw: Vec<u8>,
+    /// The algorithm rcgen writes into the certificate's SubjectPublicKeyInfo: it must match
+    /// the key (rsaEncryption, or id-ecPublicKey with the key's curve).
+    pub alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+    fn subject_public_key_info(&self) -> Vec<u8> {
+        self.spki.clone()
+    }
+}
+
+/// A signed leaf.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The leaf certificate.
+    pub leaf: Vec<u8>,
+    /// The intermediate that signed it.
+    pub intermediate: Vec<u8>,
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// The X509-SVID leaf parameters for `id`; pure, so its rules are unit-tested.
+///
+/// `notBefore = now − 10 s`, `notAfter = min(now + ttl, now + max_ttl, ca_not_after)`.
+pub fn leaf_params(
+    id: &SpiffeId,
+    rsa: bool,
+    serial: &[u8],
+    now: SystemTime,
+    ttl: Duration,
+    max_ttl: Duration,
+    ca_not_after: SystemTime,
+) -> Result<CertificateParams, AuthorityError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|e: rcgen::Error| AuthorityError::Crypto {
+            what: "encode the SPIFFE ID",
+            source: e,
+        })?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.is_ca = IsCa::ExplicitNoCa;
+    // digitalSignature always; keyEncipherment only for RSA keys (RSA key transport).
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    if rsa {
+        p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+    }
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.serial_number = Some(SerialNumber::from_slice(serial));
+    p.not_before = (now - BACKDATE).into();
+    let end = (now + ttl.min(max_ttl)).min(ca_not_after);
+    p.not_after = end.into();
+    Ok(p)
+}
+
+/// Writes a private key with mode 0600 from creation, through a temporary file and a rename.
+fn write_private(path: &Path, text: &str) -> Result<(), AuthorityError> {
+    let io = |source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Writes a public file (certificate) atomically.
+fn write_public(path: &Path, text: &str) -> Result<(), AuthorityError> {
+    let io = |source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("pem.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, AuthorityError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    KeyPair::from_pem(&text).map_err(|e| AuthorityError::BadFile {
+        path: path.to_owned(),
+        reason: format!("not a usable private key ({e})"),
+    })
+}
+
+fn read_cert(path: &Path) -> Result<Vec<u8>, AuthorityError> {
+    let text = std::fs::read(path).map_err(|source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let block = pem::parse(&text).map_err(|e| AuthorityError::BadFile {
+        path: path.to_owned(),
+        reason: format!("not a PEM certificate ({e})"),
+    })?;
+    Ok(block.into_contents())
+}
+
+/// Checks that a certificate can serve as a root now: CA, keyCertSign, in validity, RSA ≥ 2048.
+pub fn check_root(der: &[u8], now: SystemTime) -> Result<(), String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    if !is_ca {
+        return Err("the certificate is not a CA (basic constraints cA is not true)".into());
+    }
+    if let Ok(Some(ku)) = cert.key_usage()
+        && !ku.value.key_cert_sign()
+    {
+        return Err("the certificate's key usage lacks keyCertSign".into());
+    }
+    let (nb, na) = validity(&cert);
+    if now < nb {
+        return Err(format!(
+            "the certificate is not valid before {}",
+            rfc3339(nb)
+        ));
+    }
+    if now >= na {
+        return Err(format!("the certificate expired at {}", rfc3339(na)));
+    }
+    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = cert.public_key().parsed()
+        && rsa.key_size() < 2048
+    {
+        return Err(format!(
+            "the RSA key has {} bits; at least 2048 are required",
+            rsa.key_size()
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 3339 text of a time, for messages and status.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Loads the root, or generates and persists the builtin one on first start.
+pub fn load_or_create_root(
+    source: &RootSource,
+    common_name: &str,
+    state_dir: &Path,
+    now: SystemTime,
+) -> Result<SigningCa, AuthorityError> {
+    let (cert_path, key_path) = match source {
+        RootSource::Provided {
+            cert_file,
+            key_file,
+        } => (cert_file.clone(), key_file.clone()),
+        RootSource::Builtin { .. } => (state_dir.join("root.pem"), state_dir.join("root.key")),
+    };
+    let bad = |path: &Path, reason: String| AuthorityError::BadFile {
+        path: path.to_owned(),
+        reason,
+    };
+    if cert_path.exists() || matches!(source, RootSource::Provided { .. }) {
+        let der = read_cert(&cert_path)?;
+        if !key_path.exists() {
+            return Err(bad(
+                &key_path,
+                format!(
+                    "missing, but the root certificate {} exists; restore the key (a new root is never generated over an existing one)",
+                    cert_path.display()
+                ),
+            ));
+        }
+        check_root(&der, now).map_err(|r| bad(&cert_path, r))?;
+        let key = read_key(&key_path)?;
+        return SigningCa::from_parts(der, key, &cert_path)
+            .map_err(|e| bad(&key_path, e.to_string()));
+    }
+    let RootSource::Builtin {
+        ttl_days,
+        rsa_bits,
+        org_name,
+    } = source
+    else {
+        return Err(bad(&cert_path, "missing".into()));
+    };
+    // A key without a certificate is what a crash between the two writes leaves: reuse it.
+    let key = if key_path.exists() {
+        read_key(&key_path)?
+    } else {
+        let size = match rsa_bits {
+            2048 => rcgen::RsaKeySize::_2048,
+            3072 => rcgen::RsaKeySize::_3072,
+            _ => rcgen::RsaKeySize::_4096,
+        };
+        tracing::info!(bits = rsa_bits, "generating the root key");
+        let key = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, size)
+            .map_err(crypto("generate the root key"))?;
+        write_private(&key_path, &key.serialize_pem())?;
+        key
+    };
+    let params = root_params(common_name, org_name, *ttl_days, now);
+    let cert = params
+        .self_signed(&key)
+        .map_err(crypto("sign the root certificate"))?;
+    write_public(&cert_path, &cert.pem())?;
+    tracing::info!(path = %cert_path.display(), "root certificate created");
+    SigningCa::from_parts(cert.der().to_vec(), key, &cert_path)
+}
+
+/// The builtin root's parameters.
+pub fn root_params(
+    common_name: &str,
+    org_name: &str,
+    ttl_days: u32,
+    now: SystemTime,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, org_name);
+    dn.push(DnType::CommonName, common_name);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    p.not_before = now.into();
+    p.not_after = (now + Duration::from_secs(u64::from(ttl_days) * 86400)).into();
+    p
+}
+
+/// Whether an intermediate valid from `not_before` to `not_after` is due for renewal at `now`
+/// (it has reached half of its life).
+pub fn renewal_due(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    now >= not_before + life / 2
+}
+
+fn aki_of(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+}
+
+fn ski_of(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+}
+
+fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                GeneralName::URI(u) => Some((*u).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Creates an intermediate for `td` signed by `root`.
+fn create_intermediate(
+    root: &SigningCa,
+    mesh: &str,
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<SigningCa, AuthorityError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(crypto("generate an intermediate key"))?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("meshcert intermediate {mesh}"));
+    p.distinguished_name = dn;
+    let uri = td
+        .id_string()
+        .try_into()
+        .map_err(crypto("encode the trust domain"))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.use_authority_key_identifier_extension = true;
+    p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    let start = (now - BACKDATE).max(root.not_before);
+    p.not_before = start.into();
+    p.not_after = (now + INTERMEDIATE_MAX_LIFETIME).min(root.not_after).into();
+    let cert = p
+        .signed_by(&key, &root.issuer()?)
+        .map_err(crypto("sign an intermediate"))?;
+    let (_, parsed) =
+        X509Certificate::from_der(cert.der()).map_err(|e| AuthorityError::BadFile {
+            path: PathBuf::from(mesh),
+            reason: e.to_string(),
+        })?;
+    let (not_before, not_after) = validity(&parsed);
+    Ok(SigningCa {
+        der: cert.der().to_vec(),
+        key,
+        not_before,
+        not_after,
+    })
+}
+
+/// The root, the per-mesh intermediates, and signing.
+#[derive(Debug)]
+pub struct Authority {
+    root: SigningCa,
+    meshes: Vec<Mesh>,
+    dir: PathBuf,
+    intermediates: RwLock<BTreeMap<String, Arc<SigningCa>>>,
+}
+
+impl Authority {
+    /// Loads (or creates) the root and every mesh's intermediate.
+    pub fn open(
+        source: &RootSource,
+        common_name: &str,
+        meshes: &[Mesh],
+        state_dir: &Path,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let root = load_or_create_root(source, common_name, state_dir, now)?;
+        let dir = state_dir.join("intermediates");
+        std::fs::create_dir_all(&dir).map_err(|source| AuthorityError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let this = Self {
+            root,
+            meshes: meshes.to_vec(),
+            dir,
+            intermediates: RwLock::new(BTreeMap::new()),
+        };
+        for m in meshes {
+            let ca = match this.load_intermediate(m, now) {
+                Some(ca) => ca,
+                None => this.renew(m, now)?,
+            };
+            this.set(&m.name, ca);
+        }
+        Ok(this)
+    }
+
+    fn set(&self, mesh: &str, ca: Arc<SigningCa>) {
+        let mut map = self
+            .intermediates
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(mesh.to_owned(), ca);
+    }
+
+    /// A persisted intermediate that is signed by the current root, for the right trust domain,
+    /// and not yet due for renewal.
+    fn load_intermediate(&self, m: &Mesh, now: SystemTime) -> Option<Arc<SigningCa>> {
+        let cert_path = self.dir.join(format!("{}.pem", m.name));
+        let key_path = self.dir.join(format!("{}.key", m.name));
+        let der = read_cert(&cert_path).ok()?;
+        let key = read_key(&key_path).ok()?;
+        let ca = SigningCa::from_parts(der, key, &cert_path).ok()?;
+        let (_, cert) = X509Certificate::from_der(&ca.der).ok()?;
+        let (_, root) = X509Certificate::from_der(&self.root.der).ok()?;
+        let ok = aki_of(&cert).is_some()
+            && aki_of(&cert) == ski_of(&root)
+            && uri_sans(&cert) == vec![m.trust_domain.id_string()]
+            && !renewal_due(ca.not_before, ca.not_after, now);
+        ok.then(|| Arc::new(ca))
+    }
+
+    /// Creates and persists a new intermediate for a mesh.
+    fn renew(&self, m: &Mesh, now: SystemTime) -> Result<Arc<SigningCa>, AuthorityError> {
+        let ca = create_intermediate(&self.root, &m.name, &m.trust_domain, now)?;
+        write_private(
+            &self.dir.join(format!("{}.key", m.name)),
+            &ca.key.serialize_pem(),
+        )?;
+        write_public(&self.dir.join(format!("{}.pem", m.name)), &ca.pem())?;
+        tracing::info!(mesh = %m.name, not_after = %rfc3339(ca.not_after), "intermediate issued");
+        Ok(Arc::new(ca))
+    }
+
+    /// Renews every intermediate past half of its life; returns the meshes renewed.
+    pub fn renew_due(&self, now: SystemTime) -> Result<Vec<String>, AuthorityError> {
+        let mut renewed = Vec::new();
+        for m in &self.meshes {
+            let due = self
+                .intermediate(&m.name)
+                .is_none_or(|ca| renewal_due(ca.not_before, ca.not_after, now));
+            if due {
+                let ca = self.renew(m, now)?;
+                self.set(&m.name, ca);
+                renewed.push(m.name.clone());
+            }
+        }
+        Ok(renewed)
+    }
+
+    /// The root.
+    pub fn root(&self) -> &SigningCa {
+        &self.root
+    }
+
+    /// The current intermediate of a mesh.
+    pub fn intermediate(&self, mesh: &str) -> Option<Arc<SigningCa>> {
+        self.intermediates
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(mesh)
+            .cloned()
+    }
+
+    /// The bundles: every mesh's trust domain trusts the shared root.
+    pub fn bundles(&self) -> Bundles {
+        Bundles {
+            version: 1,
+            trust_domains: self
+                .meshes
+                .iter()
+                .map(|m| (m.trust_domain.clone(), vec![Der(self.root.der.clone())]))
+                .collect(),
+            shared_root: Vec::new(),
+        }
+    }
+
+    /// Signs a leaf SVID for `id` with the mesh's intermediate.
+    pub fn sign_leaf(
+        &self,
+        mesh: &str,
+        key: &CsrKey,
+        id: &SpiffeId,
+        ttl: Duration,
+        max_ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, AuthorityError> {
+        let ca = self
+            .intermediate(mesh)
+            .ok_or_else(|| AuthorityError::UnknownMesh(mesh.to_owned()))?;
+        let serial = random_serial();
+        let rsa = key.alg == &rcgen::PKCS_RSA_SHA256;
+        let params = leaf_params(id, rsa, &serial, now, ttl, max_ttl, ca.not_after)?;
+        let not_after = (now + ttl.min(max_ttl)).min(ca.not_after);
+        let cert = params
+            .signed_by(key, &ca.issuer()?)
+            .map_err(crypto("sign a leaf"))?;
+        Ok(Issued {
+            leaf: cert.der().to_vec(),
+            intermediate: ca.der.clone(),
+            serial: hex(&serial),
+            not_after,
+        })
+    }
+
+    /// A fresh server certificate for the API (signed by the root) and its PKCS#8 key.
+    pub fn server_identity(
+        &self,
+        names: &[String],
+        now: SystemTime,
+    ) -> Result<(Vec<u8>, Vec<u8>), AuthorityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(crypto("generate the server key"))?;
+        let mut sans: Vec<String> = names.to_vec();
+        sans.push("127.0.0.1".into());
+        sans.push("::1".into());
+        let mut p = CertificateParams::new(sans).map_err(crypto("encode the server names"))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "meshcert-ca".into()),
+        );
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        p.not_before = (now - BACKDATE).into();
+        p.not_after = (now + SERVER_CERT_LIFETIME).min(self.root.not_after).into();
+        let cert = p
+            .signed_by(&key, &self.root.issuer()?)
+            .map_err(crypto("sign the server certificate"))?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+
+    /// The root key size in bits (0 when it is not RSA).
+    pub fn root_key_bits(&self) -> usize {
+        X509Certificate::from_der(&self.root.der)
+            .ok()
+            .and_then(|(_, c)| c.public_key().parsed().ok().map(|k| k.key_size()))
+            .unwrap_or(0)
+    }
+
+    /// The root's subject organisation.
+    pub fn root_org(&self) -> String {
+        X509Certificate::from_der(&self.root.der)
+            .ok()
+            .and_then(|(_, c)| {
+                c.subject()
+                    .iter_organization()
+                    .next()
+                    .and_then(|o| o.as_str().ok().map(str::to_owned))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The meshes this authority signs for.
+    pub fn meshes(&self) -> &[Mesh] {
+        &self.meshes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MeshType;
+
+    fn mesh() -> Mesh {
+        Mesh {
+            name: "mesh-a".into(),
+            trust_domain: TrustDomain::new("mesh-a.test").expect("valid"),
+            mesh_type: MeshType::Generic,
+        }
+    }
+
+    fn builtin() -> RootSource {
+        RootSource::Builtin {
+            ttl_days: 100,
+            rsa_bits: 2048,
+            org_name: "acme".into(),
+        }
+    }
+
+    #[test]
+    fn root_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let a = Authority::open(&builtin(), "Virtual", &[mesh()], dir.path(), now).expect("open");
+        let (_, c) = X509Certificate::from_der(&a.root().der).expect("parse");
+        assert_eq!(a.root_key_bits(), 2048);
+        assert_eq!(a.root_org(), "acme");
+        assert_eq!(
+            c.validity().not_after.timestamp() - c.validity().not_before.timestamp(),
+            100 * 86400
+        );
+        let bc = c.basic_constraints().expect("ok").expect("present");
+        assert!(bc.critical && bc.value.ca);
+        let ku = c.key_usage().expect("ok").expect("present");
+        assert!(ku.critical && ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert!(!ku.value.digital_signature());
+        assert!(ski_of(&c).is_some());
+        let serial = c.raw_serial();
+        assert!(serial.len() <= 20 && serial[0] & 0x80 == 0);
+        let cn = c.subject().iter_common_name().next().expect("cn");
+        assert_eq!(cn.as_str().expect("text"), "Virtual");
+        // key file 0600 from creation
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("root.key"))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // intermediate
+        let ica = a.intermediate("mesh-a").expect("intermediate");
+        let (_, i) = X509Certificate::from_der(&ica.der).expect("parse");
+        assert_eq!(uri_sans(&i), vec!["spiffe://mesh-a.test".to_owned()]);
+        let bc = i.basic_constraints().expect("ok").expect("present");
+        assert!(bc.critical && bc.value.ca && bc.value.path_len_constraint == Some(0));
+        assert_eq!(aki_of(&i), ski_of(&c));
+        assert!(ica.not_after <= a.root().not_after);
+        assert!(i.verify_signature(Some(c.public_key())).is_ok());
+
+        // a restart reuses both
+        let again =
+            Authority::open(&builtin(), "Virtual", &[mesh()], dir.path(), now).expect("reopen");
+        assert_eq!(again.root().der, a.root().der);
+        assert_eq!(again.intermediate("mesh-a").expect("i").der, ica.der);
+    }
+
+    #[test]
+    fn a_lost_root_key_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        Authority::open(&builtin(), "V", &[mesh()], dir.path(), now).expect("open");
+        std::fs::write(dir.path().join("root.key"), "garbage").expect("write");
+        let err =
+            Authority::open(&builtin(), "V", &[mesh()], dir.path(), now).expect_err("corrupt");
+        assert!(err.to_string().contains("root.key"), "{err}");
+        std::fs::remove_file(dir.path().join("root.key")).expect("rm");
+        let err =
+            Authority::open(&builtin(), "V", &[mesh()], dir.path(), now).expect_err("missing");
+        assert!(err.to_string().contains("root.key"), "{err}");
+    }
+
+    #[test]
+    fn provided_roots_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let write = |name: &str, params: &CertificateParams, key: &KeyPair| {
+            let cert = params.self_signed(key).expect("sign");
+            let c = dir.path().join(format!("{name}.pem"));
+            let k = dir.path().join(format!("{name}.key"));
+            std::fs::write(&c, cert.pem()).expect("w");
+            std::fs::write(&k, key.serialize_pem()).expect("w");
+            RootSource::Provided {
+                cert_file: c,
+                key_file: k,
+            }
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let good = root_params("r", "o", 10, now);
+        let mut not_ca = good.clone();
+        not_ca.is_ca = IsCa::ExplicitNoCa;
+        let mut expired = good.clone();
+        expired.not_before = (now - Duration::from_secs(100 * 86400)).into();
+        expired.not_after = (now - Duration::from_secs(86400)).into();
+        let mut future = good.clone();
+        future.not_before = (now + Duration::from_secs(86400)).into();
+
+        let cases: Vec<(RootSource, Option<&str>)> = vec![
+            (write("good", &good, &key), None),
+            (write("notca", &not_ca, &key), Some("not a CA")),
+            (write("expired", &expired, &key), Some("expired")),
+            (write("future", &future, &key), Some("not valid before")),
+        ];
+        for (source, want) in cases {
+            let got = load_or_create_root(&source, "r", dir.path(), now);
+            match want {
+                None => assert!(got.is_ok(), "{got:?}"),
+                Some(w) => {
+                    let e = got.expect_err(w).to_string();
+                    assert!(e.contains(w), "{e}");
+                }
+            }
+        }
+        // an RSA-1024 root (made with openssl: aws-lc-rs does not generate such keys)
+        let c = dir.path().join("rsa1024.pem");
+        let k = dir.path().join("rsa1024.key");
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=weak",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-keyout")
+            .arg(&k)
+            .arg("-out")
+            .arg(&c)
+            .output()
+            .expect("openssl runs")
+            .status
+            .success();
+        assert!(ok, "openssl made the RSA-1024 root");
+        let source = RootSource::Provided {
+            cert_file: c,
+            key_file: k,
+        };
+        let e = load_or_create_root(&source, "r", dir.path(), now).expect_err("weak");
+        assert!(e.to_string().contains("1024 bits"), "{e}");
+        // a key that does not match
+        let source = write("mismatch", &good, &key);
+        if let RootSource::Provided { key_file, .. } = &source {
+            std::fs::write(key_file, other.serialize_pem()).expect("w");
+        }
+        let e = load_or_create_root(&source, "r", dir.path(), now).expect_err("mismatch");
+        assert!(e.to_string().contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn renewal_at_half_life() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t1 = t0 + Duration::from_secs(100);
+        assert!(!renewal_due(t0, t1, t0 + Duration::from_secs(49)));
+        assert!(renewal_due(t0, t1, t0 + Duration::from_secs(50)));
+        assert!(renewal_due(t0, t1, t1 + Duration::from_secs(50)));
+    }
+
+    #[test]
+    fn intermediates_renew_and_stay_under_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let a = Authority::open(&builtin(), "V", &[mesh()], dir.path(), now).expect("open");
+        let first = a.intermediate("mesh-a").expect("i");
+        assert!(a.renew_due(now).expect("renew").is_empty());
+        let later = now + Duration::from_secs(16 * 86400);
+        assert_eq!(
+            a.renew_due(later).expect("renew"),
+            vec!["mesh-a".to_owned()]
+        );
+        let second = a.intermediate("mesh-a").expect("i");
+        assert_ne!(first.der, second.der);
+        assert!(second.not_after <= a.root().not_after);
+    }
+}

@@ -1,0 +1,622 @@
+//! Issuance policy: the pure checks a CSR passes before the holder signs it.
+//!
+//! Order of checks for a workload CSR, and the code each failure gets:
+//! 1. the entry exists (`unknown_entry`) and is assigned to the calling node (`not_assigned`);
+//!    an agent-local entry is refused (`policy_denied`) until DISABLED enforcement lands;
+//! 2. the entry's ID is inside the calling node's trust domain (`outside_trust_domain`);
+//! 3. the CSR parses (`bad_csr`) and its key is ECDSA P-256, P-384 or RSA ≥ 2048
+//!    (`key_not_allowed`; checked before the signature, since aws-lc-rs will not even verify
+//!    an RSA-1024 signature);
+//! 4. its signature verifies (`bad_csr`);
+//! 5. it has exactly one URI SAN, equal to the entry's ID. A SPIFFE ID of another trust domain
+//!    answers `outside_trust_domain`; anything else (no URI, two URIs, a non-SPIFFE URI, another
+//!    path) answers `san_mismatch`.
+//!
+//! Only the public key is taken from the CSR; everything else in the certificate comes from the
+//! entry, so a CSR asking for `CA:true` still yields a non-CA leaf.
+
+use meshcert_protocol::api::{ApiError, ErrorCode};
+use meshcert_protocol::{Entry, SpiffeId, TrustDomain};
+use rustls::pki_types::CertificateSigningRequestDer;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension};
+use x509_parser::public_key::PublicKey;
+
+use crate::authority::CsrKey;
+
+/// OID of the P-256 curve.
+const P256: &str = "1.2.840.10045.3.1.7";
+/// OID of the P-384 curve.
+const P384: &str = "1.3.132.0.34";
+
+/// The node a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Node name.
+    pub node: String,
+    /// Its mesh.
+    pub mesh: String,
+    /// The mesh's trust domain.
+    pub trust_domain: TrustDomain,
+}
+
+/// A CSR that parsed and verified, with an allowed key.
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    /// The public key, used verbatim.
+    pub key: CsrKey,
+    /// The URI SANs the CSR asked for.
+    pub uris: Vec<String>,
+}
+
+fn refuse(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+/// Parses a CSR, verifies its signature and checks its key algorithm and size.
+pub fn check_csr(der: &[u8]) -> Result<CheckedCsr, ApiError> {
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|_| refuse(ErrorCode::BadCsr, "the CSR is not valid DER"))?;
+    if !rest.is_empty() {
+        return Err(refuse(ErrorCode::BadCsr, "trailing bytes after the CSR"));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg = match spki.parsed() {
+        Ok(PublicKey::EC(_)) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some(P256) => &rcgen::PKCS_ECDSA_P256_SHA256,
+                Some(P384) => &rcgen::PKCS_ECDSA_P384_SHA384,
+                other => {
+                    return Err(refuse(
+                        ErrorCode::KeyNotAllowed,
+                        format!(
+                            "EC curve {} is not allowed; use P-256 or P-384",
+                            other.unwrap_or("(none)")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(PublicKey::RSA(rsa)) => {
+            if rsa.key_size() < 2048 {
+                return Err(refuse(
+                    ErrorCode::KeyNotAllowed,
+                    format!("RSA-{} is too small; at least 2048 bits", rsa.key_size()),
+                ));
+            }
+            &rcgen::PKCS_RSA_SHA256
+        }
+        _ => {
+            return Err(refuse(
+                ErrorCode::KeyNotAllowed,
+                "the key algorithm is not allowed; use ECDSA P-256, P-384 or RSA ≥ 2048",
+            ));
+        }
+    };
+    // The key is acceptable; now the signature (rcgen verifies it, and refuses extensions it
+    // does not know).
+    rcgen::CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+        .map_err(|e| refuse(ErrorCode::BadCsr, format!("the CSR is not valid: {e}")))?;
+    let mut uris = Vec::new();
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    if let GeneralName::URI(u) = name {
+                        uris.push((*u).to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(CheckedCsr {
+        key: CsrKey {
+            spki: spki.raw.to_vec(),
+            raw: spki.subject_public_key.data.to_vec(),
+            alg,
+        },
+        uris,
+    })
+}
+
+/// What the holder will sign: the entry's ID with the entry's TTL, over the CSR's key.
+#[derive(Debug, Clone)]
+pub struct Approved {
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// The requested lifetime (the authority clamps it).
+    pub ttl: std::time::Duration,
+    /// The CSR's public key.
+    pub key: CsrKey,
+}
+
+/// Decides one CSR of a signing batch. `entry` is the stored entry with the requested id.
+pub fn check_sign(
+    caller: &Caller,
+    entry_id: &str,
+    entry: Option<&Entry>,
+    local: bool,
+    csr_der: &[u8],
+) -> Result<Approved, ApiError> {
+    if local {
+        return Err(refuse(
+            ErrorCode::PolicyDenied,
+            "agent-local entries are not allowed under ENABLED enforcement",
+        ));
+    }
+    let entry = entry.ok_or_else(|| {
+        refuse(
+            ErrorCode::UnknownEntry,
+            format!("no entry has the id `{entry_id}`"),
+        )
+    })?;
+    if !entry.is_assigned_to(&caller.node, &caller.mesh) {
+        return Err(refuse(
+            ErrorCode::NotAssigned,
+            format!(
+                "entry `{entry_id}` is not assigned to node `{}`",
+                caller.node
+            ),
+        ));
+    }
+    if !caller.trust_domain.contains(&entry.spiffe_id) {
+        return Err(refuse(
+            ErrorCode::OutsideTrustDomain,
+            format!(
+                "`{}` is outside the node's trust domain `{}`",
+                entry.spiffe_id, caller.trust_domain
+            ),
+        ));
+    }
+    let csr = check_csr(csr_der)?;
+    let want = entry.spiffe_id.to_string();
+    match csr.uris.as_slice() {
+        [only] if *only == want => {}
+        [only] => {
+            if let Ok(id) = SpiffeId::new(only)
+                && !caller.trust_domain.contains(&id)
+            {
+                return Err(refuse(
+                    ErrorCode::OutsideTrustDomain,
+                    format!(
+                        "the CSR asks for `{id}`, outside the trust domain `{}`",
+                        caller.trust_domain
+                    ),
+                ));
+            }
+            return Err(refuse(
+                ErrorCode::SanMismatch,
+                format!("the CSR's URI SAN `{only}` is not the entry's ID `{want}`"),
+            ));
+        }
+        [] => {
+            return Err(refuse(
+                ErrorCode::SanMismatch,
+                format!("the CSR has no URI SAN; it must be exactly `{want}`"),
+            ));
+        }
+        many => {
+            return Err(refuse(
+                ErrorCode::SanMismatch,
+                format!(
+                    "the CSR has {} URI SANs; it must have exactly one, `{want}`",
+                    many.len()
+                ),
+            ));
+        }
+    }
+    Ok(Approved {
+        spiffe_id: entry.spiffe_id.clone(),
+        ttl: entry.ttl,
+        key: csr.key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::Authority;
+    use crate::config::{Mesh, MeshType, RootSource};
+    use proptest::prelude::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PublicKeyData as _, SanType};
+    use std::time::{Duration, SystemTime};
+    use x509_parser::prelude::*;
+
+    fn caller() -> Caller {
+        Caller {
+            node: "node-1".into(),
+            mesh: "mesh-a".into(),
+            trust_domain: TrustDomain::new("mesh-a.test").expect("valid"),
+        }
+    }
+
+    fn entry(id: &str, spiffe: &str, nodes: &[&str]) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(spiffe).expect("valid"),
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            mesh: None,
+            selectors: vec![],
+            ttl: Duration::from_secs(3600),
+            dir: id.into(),
+            owner: None,
+            hook: None,
+            gateway: false,
+        }
+    }
+
+    fn csr_with(key: &KeyPair, uris: &[&str], ca: bool) -> Vec<u8> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().expect("ia5")))
+            .collect();
+        if ca {
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        p.serialize_request(key).expect("csr").der().to_vec()
+    }
+
+    fn p256() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key")
+    }
+
+    /// An RSA-1024 key, which aws-lc-rs will not generate: a fixed PKCS#8 test key.
+    fn rsa1024_csr() -> Vec<u8> {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:1024",
+                "-nodes",
+                "-keyout",
+                "/dev/null",
+            ])
+            .args([
+                "-subj",
+                "/CN=x",
+                "-addext",
+                "subjectAltName=URI:spiffe://mesh-a.test/web",
+            ])
+            .args(["-outform", "DER"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => o.stdout,
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn policy_table() {
+        let k = p256();
+        let web = "spiffe://mesh-a.test/web";
+        let good = csr_with(&k, &[web], false);
+        let mut bad_sig = good.clone();
+        let n = bad_sig.len();
+        bad_sig[n - 5] ^= 0x55;
+        let rsa1024 = rsa1024_csr();
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let rsa2048 = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+            .expect("rsa");
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519");
+
+        let web_e = entry("web", web, &["node-1"]);
+        let other_node = entry("web", web, &["node-2"]);
+        let other_td = entry("web", "spiffe://mesh-b.test/web", &["node-1"]);
+
+        // (case, entry, agent-local, CSR, expected refusal)
+        type Case<'a> = (&'a str, Option<&'a Entry>, bool, Vec<u8>, Option<ErrorCode>);
+        let cases: Vec<Case<'_>> = vec![
+            ("good", Some(&web_e), false, good.clone(), None),
+            (
+                "ca:true asked",
+                Some(&web_e),
+                false,
+                csr_with(&k, &[web], true),
+                None,
+            ),
+            (
+                "p-384",
+                Some(&web_e),
+                false,
+                csr_with(&p384, &[web], false),
+                None,
+            ),
+            (
+                "rsa-2048",
+                Some(&web_e),
+                false,
+                csr_with(&rsa2048, &[web], false),
+                None,
+            ),
+            (
+                "unknown entry",
+                None,
+                false,
+                good.clone(),
+                Some(ErrorCode::UnknownEntry),
+            ),
+            (
+                "entry of another node",
+                Some(&other_node),
+                false,
+                good.clone(),
+                Some(ErrorCode::NotAssigned),
+            ),
+            (
+                "entry in another trust domain",
+                Some(&other_td),
+                false,
+                csr_with(&k, &["spiffe://mesh-b.test/web"], false),
+                Some(ErrorCode::OutsideTrustDomain),
+            ),
+            (
+                "local entry",
+                Some(&web_e),
+                true,
+                good.clone(),
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "wrong SAN",
+                Some(&web_e),
+                false,
+                csr_with(&k, &["spiffe://mesh-a.test/db"], false),
+                Some(ErrorCode::SanMismatch),
+            ),
+            (
+                "two URI SANs",
+                Some(&web_e),
+                false,
+                csr_with(&k, &[web, "spiffe://mesh-a.test/db"], false),
+                Some(ErrorCode::SanMismatch),
+            ),
+            (
+                "no URI SAN",
+                Some(&web_e),
+                false,
+                csr_with(&k, &[], false),
+                Some(ErrorCode::SanMismatch),
+            ),
+            (
+                "non-SPIFFE URI",
+                Some(&web_e),
+                false,
+                csr_with(&k, &["https://mesh-a.test/web"], false),
+                Some(ErrorCode::SanMismatch),
+            ),
+            (
+                "other trust domain in CSR",
+                Some(&web_e),
+                false,
+                csr_with(&k, &["spiffe://mesh-b.test/web"], false),
+                Some(ErrorCode::OutsideTrustDomain),
+            ),
+            (
+                "bad signature",
+                Some(&web_e),
+                false,
+                bad_sig,
+                Some(ErrorCode::BadCsr),
+            ),
+            (
+                "garbage DER",
+                Some(&web_e),
+                false,
+                b"\x30\x03garbage".to_vec(),
+                Some(ErrorCode::BadCsr),
+            ),
+            (
+                "empty",
+                Some(&web_e),
+                false,
+                Vec::new(),
+                Some(ErrorCode::BadCsr),
+            ),
+            (
+                "ed25519",
+                Some(&web_e),
+                false,
+                csr_with(&ed, &[web], false),
+                Some(ErrorCode::KeyNotAllowed),
+            ),
+            (
+                "rsa-1024",
+                Some(&web_e),
+                false,
+                rsa1024.clone(),
+                Some(ErrorCode::KeyNotAllowed),
+            ),
+        ];
+        for (name, e, local, csr, want) in cases {
+            if name == "rsa-1024" && rsa1024.is_empty() {
+                panic!("openssl is needed to build an RSA-1024 CSR");
+            }
+            let got = check_sign(&caller(), "web", e, local, &csr);
+            match want {
+                None => assert!(got.is_ok(), "{name}: {got:?}"),
+                Some(code) => {
+                    let err = got.expect_err(name);
+                    assert_eq!(err.code, code, "{name}: {}", err.message);
+                }
+            }
+        }
+    }
+
+    fn authority(dir: &std::path::Path) -> Authority {
+        let mesh = Mesh {
+            name: "mesh-a".into(),
+            trust_domain: TrustDomain::new("mesh-a.test").expect("valid"),
+            mesh_type: MeshType::Generic,
+        };
+        let root = RootSource::Builtin {
+            ttl_days: 30,
+            rsa_bits: 2048,
+            org_name: "o".into(),
+        };
+        Authority::open(&root, "t", &[mesh], dir, SystemTime::now()).expect("authority")
+    }
+
+    /// Checks a leaf against the X509-SVID rules with x509-parser (independent of rcgen).
+    fn assert_x509_svid(der: &[u8], id: &str, issuer: &[u8]) {
+        let (_, c) = X509Certificate::from_der(der).expect("leaf parses");
+        let (_, ca) = X509Certificate::from_der(issuer).expect("issuer parses");
+        let san = c
+            .subject_alternative_name()
+            .expect("ok")
+            .expect("SAN present");
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, vec![id]);
+        if c.subject().iter().next().is_none() {
+            assert!(san.critical, "empty subject needs a critical SAN");
+        }
+        let bc = c
+            .basic_constraints()
+            .expect("ok")
+            .expect("basic constraints present");
+        assert!(!bc.value.ca, "leaf must not be a CA");
+        let ku = c.key_usage().expect("ok").expect("key usage present");
+        assert!(ku.critical);
+        assert!(ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = c.extended_key_usage().expect("ok").expect("eku");
+        assert!(eku.value.server_auth && eku.value.client_auth);
+        let mut ski = false;
+        let mut aki = None;
+        for e in c.extensions() {
+            match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(_) => ski = true,
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    aki = a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => {}
+            }
+        }
+        assert!(ski, "SKI present");
+        let ca_ski = ca
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                _ => None,
+            });
+        assert_eq!(aki, ca_ski, "AKI = issuer's SKI");
+        let serial = c.raw_serial();
+        assert!(!serial.is_empty() && serial.len() <= 20 && serial[0] & 0x80 == 0);
+        assert!(c.validity().not_after <= ca.validity().not_after);
+        assert!(c.verify_signature(Some(ca.public_key())).is_ok());
+    }
+
+    #[test]
+    fn leaf_follows_x509_svid_rules_even_when_the_csr_asks_for_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = authority(dir.path());
+        let web = "spiffe://mesh-a.test/web";
+        for key in [
+            p256(),
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                .expect("rsa"),
+        ] {
+            let csr = csr_with(&key, &[web], true);
+            let e = entry("web", web, &["node-1"]);
+            let ok = check_sign(&caller(), "web", Some(&e), false, &csr).expect("approved");
+            let now = SystemTime::now();
+            let issued = a
+                .sign_leaf(
+                    "mesh-a",
+                    &ok.key,
+                    &ok.spiffe_id,
+                    ok.ttl,
+                    Duration::from_secs(86400),
+                    now,
+                )
+                .expect("signed");
+            assert_x509_svid(&issued.leaf, web, &issued.intermediate);
+            let (_, c) = X509Certificate::from_der(&issued.leaf).expect("parse");
+            assert_eq!(c.public_key().raw, key.subject_public_key_info().as_slice());
+            let nb = c.validity().not_before.timestamp();
+            let na = c.validity().not_after.timestamp();
+            assert_eq!(na - nb, 3600 + 10, "ttl from the entry, backdated 10 s");
+        }
+    }
+
+    #[test]
+    fn leaf_never_outlives_its_signer_or_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = authority(dir.path());
+        let key = p256();
+        let ck = check_csr(&csr_with(&key, &[], false)).expect("csr").key;
+        let id = SpiffeId::new("spiffe://mesh-a.test/web").expect("id");
+        let now = SystemTime::now();
+        let i = a
+            .sign_leaf(
+                "mesh-a",
+                &ck,
+                &id,
+                Duration::from_secs(400 * 86400),
+                Duration::from_secs(7200),
+                now,
+            )
+            .expect("signed");
+        let (_, c) = X509Certificate::from_der(&i.leaf).expect("parse");
+        assert_eq!(
+            c.validity().not_after.timestamp() - c.validity().not_before.timestamp(),
+            7200 + 10
+        );
+        let long = a
+            .sign_leaf(
+                "mesh-a",
+                &ck,
+                &id,
+                Duration::from_secs(400 * 86400),
+                Duration::from_secs(400 * 86400),
+                now,
+            )
+            .expect("signed");
+        let ica = a.intermediate("mesh-a").expect("i");
+        assert!(long.not_after <= ica.not_after);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let e = entry("web", "spiffe://mesh-a.test/web", &["node-1"]);
+            prop_assert!(check_sign(&caller(), "web", Some(&e), false, &bytes).is_err());
+        }
+
+        #[test]
+        fn never_approves_outside_the_trust_domain(
+            td in "[a-z0-9-]{1,20}\\.test",
+            path in "[a-z0-9]{1,10}",
+        ) {
+            let key = p256();
+            let id = format!("spiffe://{td}/{path}");
+            let e = entry("x", &id, &["node-1"]);
+            let csr = csr_with(&key, &[&id], false);
+            let got = check_sign(&caller(), "x", Some(&e), false, &csr);
+            if td == "mesh-a.test" {
+                prop_assert!(got.is_ok());
+            } else {
+                prop_assert!(got.is_err());
+            }
+            if let Ok(a) = got {
+                prop_assert!(caller().trust_domain.contains(&a.spiffe_id));
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The holder's datastore: join tokens, nodes, admin-created entries, issuances and the latest
+//! report of each node, behind the [`Store`] trait (SQLite now; PostgreSQL can follow).
+//!
+//! Every write is committed before the caller answers, so whatever the holder acknowledged
+//! survives a kill -9.
+
+use meshcert_protocol::{Entry, NodeReport};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Why the datastore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be opened or is not a meshcert database.
+    #[error("cannot open the datastore {path}: {reason}")]
+    Open {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A query failed.
+    #[error("datastore query failed: {0}")]
+    Query(#[from] rusqlite::Error),
+    /// A stored value cannot be decoded.
+    #[error("datastore holds an unreadable {what}: {reason}")]
+    Corrupt {
+        /// The kind of record.
+        what: &'static str,
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// The record already exists.
+    #[error("{0} already exists")]
+    Exists(String),
+}
+
+/// A join token as stored (the token itself is kept only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// The node name it binds.
+    pub node: String,
+    /// The mesh it binds.
+    pub mesh: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// What consuming a token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOutcome {
+    /// Consumed now; the node is registered.
+    Consumed {
+        /// Node name.
+        node: String,
+        /// Its mesh.
+        mesh: String,
+    },
+    /// Already used.
+    Used,
+    /// Expired.
+    Expired,
+    /// No such token.
+    Unknown,
+}
+
+/// A node as the holder knows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// Node name.
+    pub name: String,
+    /// Its mesh.
+    pub mesh: String,
+    /// Its node SPIFFE ID.
+    pub spiffe_id: String,
+    /// First attestation, Unix seconds.
+    pub first_seen: u64,
+    /// Banned: every later call fails.
+    pub banned: bool,
+}
+
+/// One signed certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Issuance {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// The identity.
+    pub spiffe_id: String,
+    /// The node it was issued to.
+    pub node: String,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+    /// Issue time, Unix seconds.
+    pub issued_at: u64,
+}
+
+/// A node's latest report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReport {
+    /// The node.
+    pub node: String,
+    /// What it reported.
+    pub report: NodeReport,
+    /// When, Unix seconds.
+    pub received_at: u64,
+}
+
+/// The datastore seam.
+pub trait Store: Send + Sync {
+    /// Stores a new join token.
+    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Consumes a token atomically and, in the same transaction, registers its node
+    /// (`node_id(node, mesh)` gives the node's SPIFFE ID).
+    fn consume_token(
+        &self,
+        hash: &str,
+        now: u64,
+        node_id: &dyn Fn(&str, &str) -> String,
+    ) -> Result<TokenOutcome, StoreError>;
+    /// Whether a token (by hash) has been used; `None` when unknown.
+    fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError>;
+    /// A node by name.
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Every node, by name.
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Bans a node; false when unknown.
+    fn ban_node(&self, name: &str) -> Result<bool, StoreError>;
+    /// Adds an admin-created entry; [`StoreError::Exists`] when the id is taken.
+    fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+    /// Deletes an admin-created entry; false when unknown.
+    fn delete_entry(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every admin-created entry.
+    fn entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// Records issuances, all in one transaction.
+    fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError>;
+    /// Every issuance, oldest first.
+    fn issuances(&self) -> Result<Vec<Issuance>, StoreError>;
+    /// How many certificates were issued.
+    fn issuance_count(&self) -> Result<u64, StoreError>;
+    /// Replaces a node's latest report.
+    fn put_report(&self, report: &StoredReport) -> Result<(), StoreError>;
+    /// Every node's latest report.
+    fn reports(&self) -> Result<Vec<StoredReport>, StoreError>;
+}

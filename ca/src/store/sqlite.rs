@@ -1,0 +1,362 @@
+//! The SQLite datastore: one file `<stateDir>/meshcert.db`, WAL journal, `synchronous=FULL` so
+//! that a committed write survives a crash.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use meshcert_protocol::Entry;
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::{Issuance, NodeRecord, Store, StoreError, StoredReport, TokenOutcome, TokenRecord};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    mesh TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    mesh TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    banned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS issuances (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    not_after INTEGER NOT NULL,
+    issued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    node TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    received_at INTEGER NOT NULL
+);
+";
+
+/// SQLite behind a mutex (one writer; every call is short).
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |e: rusqlite::Error| StoreError::Open {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    Ok(NodeRecord {
+        name: r.get(0)?,
+        mesh: r.get(1)?,
+        spiffe_id: r.get(2)?,
+        first_seen: to_u64(r.get(3)?),
+        banned: r.get::<_, i64>(4)? != 0,
+    })
+}
+
+impl Store for SqliteStore {
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO tokens (hash, node, mesh, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![t.hash, t.node, t.mesh, to_i64(t.expires_at)],
+        )?;
+        Ok(())
+    }
+
+    fn consume_token(
+        &self,
+        hash: &str,
+        now: u64,
+        node_id: &dyn Fn(&str, &str) -> String,
+    ) -> Result<TokenOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(String, String, i64, i64)> = tx
+            .query_row(
+                "SELECT node, mesh, expires_at, used FROM tokens WHERE hash = ?1",
+                params![hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((node, mesh, expires_at, used)) = row else {
+            return Ok(TokenOutcome::Unknown);
+        };
+        if used != 0 {
+            return Ok(TokenOutcome::Used);
+        }
+        if to_u64(expires_at) <= now {
+            return Ok(TokenOutcome::Expired);
+        }
+        let changed = tx.execute(
+            "UPDATE tokens SET used = 1, used_at = ?2 WHERE hash = ?1 AND used = 0",
+            params![hash, to_i64(now)],
+        )?;
+        if changed != 1 {
+            return Ok(TokenOutcome::Used);
+        }
+        tx.execute(
+            "INSERT INTO nodes (name, mesh, spiffe_id, first_seen) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET mesh = excluded.mesh, spiffe_id = excluded.spiffe_id",
+            params![node, mesh, node_id(&node, &mesh), to_i64(now)],
+        )?;
+        tx.commit()?;
+        Ok(TokenOutcome::Consumed { node, mesh })
+    }
+
+    fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT used FROM tokens WHERE hash = ?1",
+                params![hash],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|u| u != 0))
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, mesh, spiffe_id, first_seen, banned FROM nodes WHERE name = ?1",
+                params![name],
+                node_row,
+            )
+            .optional()?)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, mesh, spiffe_id, first_seen, banned FROM nodes ORDER BY name")?;
+        let rows = stmt.query_map([], node_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("UPDATE nodes SET banned = 1 WHERE name = ?1", params![name])?
+            == 1)
+    }
+
+    fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        let body = serde_json::to_string(entry).map_err(|e| StoreError::Corrupt {
+            what: "entry",
+            reason: e.to_string(),
+        })?;
+        let changed = self.conn().execute(
+            "INSERT OR IGNORE INTO entries (id, body) VALUES (?1, ?2)",
+            params![entry.id, body],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::Exists(format!("entry `{}`", entry.id)));
+        }
+        Ok(())
+    }
+
+    fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM entries WHERE id = ?1", params![id])?
+            == 1)
+    }
+
+    fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM entries ORDER BY id")?;
+        let bodies: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        bodies
+            .iter()
+            .map(|b| {
+                serde_json::from_str(b).map_err(|e| StoreError::Corrupt {
+                    what: "entry",
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for i in issued {
+            tx.execute(
+                "INSERT INTO issuances (serial, spiffe_id, node, not_after, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    i.serial,
+                    i.spiffe_id,
+                    i.node,
+                    to_i64(i.not_after),
+                    to_i64(i.issued_at)
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn issuances(&self) -> Result<Vec<Issuance>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT serial, spiffe_id, node, not_after, issued_at FROM issuances
+             ORDER BY issued_at, serial",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Issuance {
+                serial: r.get(0)?,
+                spiffe_id: r.get(1)?,
+                node: r.get(2)?,
+                not_after: to_u64(r.get(3)?),
+                issued_at: to_u64(r.get(4)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn issuance_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM issuances", [], |r| r.get(0))?;
+        Ok(to_u64(n))
+    }
+
+    fn put_report(&self, r: &StoredReport) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&r.report).map_err(|e| StoreError::Corrupt {
+            what: "report",
+            reason: e.to_string(),
+        })?;
+        self.conn().execute(
+            "INSERT INTO reports (node, body, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(node) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
+            params![r.node, body, to_i64(r.received_at)],
+        )?;
+        Ok(())
+    }
+
+    fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, body, received_at FROM reports ORDER BY node")?;
+        let rows: Vec<(String, String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(node, body, at)| {
+                Ok(StoredReport {
+                    node,
+                    report: serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+                        what: "report",
+                        reason: e.to_string(),
+                    })?,
+                    received_at: to_u64(at),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: &str, m: &str) -> String {
+        format!("spiffe://{m}.test/meshcert/node/{n}")
+    }
+
+    #[test]
+    fn tokens_are_consumed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let t = TokenRecord {
+            hash: "h".into(),
+            node: "node-1".into(),
+            mesh: "mesh-a".into(),
+            expires_at: 100,
+        };
+        s.create_token(&t).expect("create");
+        s.create_token(&TokenRecord {
+            hash: "old".into(),
+            expires_at: 10,
+            ..t.clone()
+        })
+        .expect("create");
+        assert_eq!(
+            s.consume_token("nope", 50, &id).expect("q"),
+            TokenOutcome::Unknown
+        );
+        assert_eq!(
+            s.consume_token("old", 50, &id).expect("q"),
+            TokenOutcome::Expired
+        );
+        assert_eq!(
+            s.consume_token("h", 50, &id).expect("q"),
+            TokenOutcome::Consumed {
+                node: "node-1".into(),
+                mesh: "mesh-a".into()
+            }
+        );
+        assert_eq!(
+            s.consume_token("h", 51, &id).expect("q"),
+            TokenOutcome::Used
+        );
+        let n = s.node("node-1").expect("q").expect("registered");
+        assert_eq!(n.spiffe_id, "spiffe://mesh-a.test/meshcert/node/node-1");
+        assert!(!n.banned);
+        assert!(s.ban_node("node-1").expect("ban"));
+        assert!(s.node("node-1").expect("q").expect("n").banned);
+        assert!(!s.ban_node("ghost").expect("ban"));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meshcert.db");
+        std::fs::write(&path, vec![0x42; 8192]).expect("write");
+        let err = SqliteStore::open(&path).expect_err("corrupt");
+        assert!(err.to_string().contains("meshcert.db"), "{err}");
+    }
+}
