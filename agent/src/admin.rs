@@ -1,11 +1,39 @@
-//! The admin socket (placeholder: the real server is being written).
+//! The admin socket: HTTP/JSON on a Unix socket (curl-able with `--unix-socket`), for root and
+//! the agent's own user only (kernel peer credentials, else 403; the file is 0600 as well).
+//!
+//! - `GET /v1/status`: the [`AgentStatus`] as JSON.
+//! - `GET /healthz`: 200 while the agent is alive.
+//! - `GET /readyz`: 200 once the node SVID is valid and every entry holds an issued SVID, else
+//!   503 with the reason.
+//!
+//! [`print_status`] is the client behind `meshcert-agent status [-o json]`.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::net::UnixListener;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_protocol::IdentityReport;
+use serde::Deserialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
-use crate::cache::Cache;
+use crate::cache::{AgentStatus, Cache};
+use crate::workload::socket::{self, SocketError};
+
+/// The admin socket's mode: the agent's user only.
+pub const MODE: u32 = 0o600;
+/// Admin connections served at once.
+const MAX_CONNECTIONS: usize = 32;
+/// How long one admin connection may take in all (slow clients are cut off).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +47,37 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket file could not be set up (not a socket, in use, folder or mode).
+    #[error("admin socket: {0}")]
+    Socket(#[from] SocketError),
+    /// `meshcert-agent status` could not reach the agent.
+    #[error("cannot connect to the agent's admin socket {path} (is the agent running?): {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange with the agent failed.
+    #[error("admin socket request failed: {0}")]
+    Http(#[from] hyper::Error),
+    /// The agent answered with an error.
+    #[error("the agent answered {status}: {body}")]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The answer's body.
+        body: String,
+    },
+    /// The agent's answer is not the expected JSON.
+    #[error("the agent's status is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
-/// Binds the admin socket.
+/// Binds the admin socket (0600; parent folder created, a stale socket replaced).
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    UnixListener::bind(path).map_err(|source| AdminError::Bind {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(socket::bind(path, MODE)?)
 }
 
 /// Serves the admin API until `shutdown` completes.
@@ -35,13 +86,422 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
-    let _ = (listener, cache);
-    shutdown.await;
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot accept an admin connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection cap reached, closing a new connection");
+            continue;
+        };
+        let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+        let allowed = peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid);
+        if !allowed {
+            tracing::info!(uid = ?peer_uid, "admin socket: caller is neither root nor the agent's user");
+        }
+        let cache = cache.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let now = unix_now(SystemTime::now());
+                let response = respond(
+                    request.method(),
+                    request.uri().path(),
+                    allowed,
+                    &cache.status(),
+                    now,
+                );
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "admin connection failed"),
+                Err(_) => tracing::debug!("admin connection timed out"),
+            }
+        });
+    }
     Ok(())
 }
 
-/// `meshcert-agent status`: fetches the status from the admin socket and prints it.
+fn unix_now(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The answer to one admin request (pure: the status and `now` are given).
+fn respond(
+    method: &Method,
+    path: &str,
+    allowed: bool,
+    status: &AgentStatus,
+    now_unix: u64,
+) -> Response<Full<Bytes>> {
+    if !allowed {
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: the admin socket is for root and the agent's user\n",
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    }
+    match path {
+        "/v1/status" => match serde_json::to_vec_pretty(status) {
+            Ok(body) => Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
+            Err(error) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot encode the status: {error}\n"),
+            ),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match not_ready_reason(status, now_unix) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {reason}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /v1/status, /healthz or /readyz\n",
+        ),
+    }
+}
+
+/// Why the agent is not ready at `now_unix`, or `None` when [`AgentStatus::is_ready`].
+fn not_ready_reason(status: &AgentStatus, now_unix: u64) -> Option<String> {
+    if status.is_ready(now_unix) {
+        return None;
+    }
+    if status.node_svid_not_after.is_none_or(|t| t <= now_unix) {
+        return Some(match status.node_svid_not_after {
+            None => "the node has no SVID yet (not joined)".to_owned(),
+            Some(_) => "the node SVID has expired".to_owned(),
+        });
+    }
+    let missing: Vec<String> = status
+        .identities
+        .iter()
+        .filter(|i| i.not_after.is_none_or(|t| t <= now_unix))
+        .map(|i| i.spiffe_id.to_string())
+        .collect();
+    Some(format!("no valid SVID yet for {}", missing.join(", ")))
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `meshcert-agent status`: fetches the status from the admin socket and prints it, as JSON
+/// (`json`) or as a table.
 pub async fn print_status(socket: &Path, json: bool) -> Result<(), AdminError> {
-    let _ = (socket, json);
+    let body = fetch(socket, "/v1/status").await?;
+    let value: serde_json::Value = serde_json::from_slice(&body)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let view: StatusView = serde_json::from_value(value)?;
+        print!("{}", render(&view, SystemTime::now()));
+    }
     Ok(())
+}
+
+/// GETs `path` from the admin socket; the body of a 200 answer.
+async fn fetch(socket: &Path, path: &str) -> Result<Bytes, AdminError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| AdminError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(header::HOST, "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("a GET with a static header is a valid request");
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    if status != StatusCode::OK {
+        return Err(AdminError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        });
+    }
+    Ok(body)
+}
+
+/// The status as `meshcert-agent status` reads it back.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct StatusView {
+    node: Option<String>,
+    mesh: Option<String>,
+    ca_address: String,
+    ca_connected: bool,
+    ca_last_error: Option<String>,
+    node_svid_not_after: Option<u64>,
+    bundle_version: u64,
+    identities: Vec<IdentityReport>,
+}
+
+/// The table a person reads at a glance: node, CA, then one line per identity.
+fn render(view: &StatusView, now: SystemTime) -> String {
+    let mut out = String::new();
+    let node = view.node.as_deref().unwrap_or("(not joined)");
+    let mesh = view
+        .mesh
+        .as_deref()
+        .map(|m| format!(" (mesh {m})"))
+        .unwrap_or_default();
+    out.push_str(&format!("Node:       {node}{mesh}\n"));
+    let node_svid = match view.node_svid_not_after {
+        None => "none".to_owned(),
+        Some(t) if t <= unix_now(now) => format!("EXPIRED at {}", time(Some(t))),
+        Some(t) => format!("valid until {}", time(Some(t))),
+    };
+    out.push_str(&format!("Node SVID:  {node_svid}\n"));
+    let ca = if view.ca_connected {
+        "connected".to_owned()
+    } else {
+        match &view.ca_last_error {
+            Some(e) => format!("UNREACHABLE: {e}"),
+            None => "not contacted yet".to_owned(),
+        }
+    };
+    out.push_str(&format!("CA:         {} ({ca})\n", view.ca_address));
+    out.push_str(&format!("Bundle:     version {}\n\n", view.bundle_version));
+    if view.identities.is_empty() {
+        out.push_str("No identities assigned to this node.\n");
+        return out;
+    }
+    let rows: Vec<[String; 6]> = view
+        .identities
+        .iter()
+        .map(|i| {
+            [
+                i.spiffe_id.to_string(),
+                i.state.as_str().to_owned(),
+                i.serial.clone().unwrap_or_else(|| "-".into()),
+                time(i.not_after),
+                time(i.next_rotation),
+                i.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let head = [
+        "SPIFFE ID",
+        "STATE",
+        "SERIAL",
+        "NOT AFTER",
+        "NEXT ROTATION",
+        "LAST ERROR",
+    ];
+    let mut widths = head.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    out.push_str(&line(&head));
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        out.push_str(&line(&cells));
+    }
+    out
+}
+
+fn time(unix: Option<u64>) -> String {
+    unix.map_or_else(
+        || "-".to_owned(),
+        |t| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t)).to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use meshcert_protocol::{CertState, SpiffeId};
+
+    use super::*;
+
+    fn identity(id: &str, not_after: Option<u64>) -> IdentityReport {
+        IdentityReport {
+            entry_id: "e".into(),
+            spiffe_id: SpiffeId::new(id).expect("valid id"),
+            state: if not_after.is_some() {
+                CertState::Issued
+            } else {
+                CertState::Failed
+            },
+            serial: not_after.map(|_| "0a1b".into()),
+            not_after,
+            next_rotation: not_after.map(|t| t - 1800),
+            last_error: not_after.is_none().then(|| "ca unreachable".into()),
+            attempts: 0,
+        }
+    }
+
+    fn status(node_not_after: Option<u64>, identities: Vec<IdentityReport>) -> AgentStatus {
+        AgentStatus {
+            node: Some("web-1".into()),
+            mesh: Some("a".into()),
+            ca_address: "https://ca.example:8443".into(),
+            ca_connected: true,
+            node_svid_not_after: node_not_after,
+            bundle_version: 3,
+            identities,
+            ..AgentStatus::default()
+        }
+    }
+
+    #[test]
+    fn routes_table() {
+        let now = 1_000;
+        let ready = status(
+            Some(2_000),
+            vec![identity("spiffe://a.org/web", Some(5_000))],
+        );
+        let unready = status(Some(2_000), vec![identity("spiffe://a.org/db", None)]);
+        let cases: &[(Method, &str, bool, &AgentStatus, StatusCode)] = &[
+            (Method::GET, "/healthz", true, &unready, StatusCode::OK),
+            (Method::GET, "/readyz", true, &ready, StatusCode::OK),
+            (
+                Method::GET,
+                "/readyz",
+                true,
+                &unready,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Method::GET, "/v1/status", true, &ready, StatusCode::OK),
+            (
+                Method::GET,
+                "/v1/status",
+                false,
+                &ready,
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                Method::GET,
+                "/healthz",
+                false,
+                &ready,
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                Method::POST,
+                "/v1/status",
+                true,
+                &ready,
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            (Method::GET, "/nope", true, &ready, StatusCode::NOT_FOUND),
+        ];
+        for (method, path, allowed, status, want) in cases {
+            let got = respond(method, path, *allowed, status, now).status();
+            assert_eq!(got, *want, "{method} {path} allowed={allowed}");
+        }
+    }
+
+    #[test]
+    fn readiness_reasons() {
+        let now = 1_000;
+        assert_eq!(
+            not_ready_reason(&status(None, vec![]), now).as_deref(),
+            Some("the node has no SVID yet (not joined)")
+        );
+        assert_eq!(
+            not_ready_reason(&status(Some(900), vec![]), now).as_deref(),
+            Some("the node SVID has expired")
+        );
+        let missing = status(
+            Some(2_000),
+            vec![
+                identity("spiffe://a.org/web", Some(5_000)),
+                identity("spiffe://a.org/db", None),
+            ],
+        );
+        assert_eq!(
+            not_ready_reason(&missing, now).as_deref(),
+            Some("no valid SVID yet for spiffe://a.org/db")
+        );
+    }
+
+    #[test]
+    fn status_json_reads_back_into_the_table() {
+        let status = status(
+            Some(2_000_000_000),
+            vec![
+                identity("spiffe://a.org/web", Some(2_000_000_000)),
+                identity("spiffe://a.org/db", None),
+            ],
+        );
+        let json = serde_json::to_vec(&status).expect("status encodes");
+        let view: StatusView = serde_json::from_slice(&json).expect("status decodes");
+        let table = render(&view, UNIX_EPOCH + Duration::from_secs(1_000_000_000));
+        assert!(table.contains("Node:       web-1 (mesh a)"), "{table}");
+        assert!(
+            table.contains("https://ca.example:8443 (connected)"),
+            "{table}"
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        let header = lines
+            .iter()
+            .position(|l| l.starts_with("SPIFFE ID"))
+            .expect("table header");
+        let web = lines[header + 1];
+        assert!(web.starts_with("spiffe://a.org/web"), "{table}");
+        assert!(web.contains("ISSUED") && web.contains("0a1b"), "{table}");
+        assert!(web.contains("2033-05-18T03:33:20Z"), "{table}");
+        let db = lines[header + 2];
+        assert!(
+            db.contains("FAILED") && db.ends_with("ca unreachable"),
+            "{table}"
+        );
+        // Columns line up: the STATE column starts at the same offset on every line.
+        let col = lines[header].find("STATE").expect("STATE column");
+        assert_eq!(web.find("ISSUED"), Some(col));
+        assert_eq!(db.find("FAILED"), Some(col));
+    }
 }

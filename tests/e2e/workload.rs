@@ -1,1 +1,598 @@
-//! End-to-end tests (being written).
+//! The SPIFFE Workload API and the admin socket, end to end: the real servers run in-process on
+//! temporary sockets, fed by a `Cache` holding certificates made here (a root, an intermediate,
+//! leaves with one URI SAN); the clients are the upstream `spiffe` crate (in-process, and as
+//! another user through the `workload-probe` binary) and a raw gRPC client without the header.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, ensure};
+use meshcert_agent::cache::{Cache, InstalledSvid, Snapshot};
+use meshcert_agent::workload::proto::X509svidRequest;
+use meshcert_agent::workload::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use meshcert_agent::workload::{self, WorkloadConfig};
+use meshcert_agent::{admin, cache::AgentStatus};
+use meshcert_protocol::{CertState, Entry, IdentityReport, Selector, SpiffeId, TrustDomain};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use spiffe::{WorkloadApiClient, X509SourceBuilder};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// The user the probe runs as: anyone but us.
+const OTHER_UID: u32 = 65534;
+/// A bound on every wait, so a broken server fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A root and an intermediate that sign leaves for `spiffe://example.org`.
+struct Pki {
+    root: CertifiedIssuer<'static, KeyPair>,
+    intermediate: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Result<Self> {
+        let ca = |name: &str| -> Result<CertificateParams> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.use_authority_key_identifier_extension = true;
+            Ok(params)
+        };
+        let root = CertifiedIssuer::self_signed(ca("test root")?, KeyPair::generate()?)?;
+        let intermediate =
+            CertifiedIssuer::signed_by(ca("test intermediate")?, KeyPair::generate()?, &root)?;
+        Ok(Self { root, intermediate })
+    }
+
+    fn root_der(&self) -> Vec<u8> {
+        self.root.der().to_vec()
+    }
+
+    /// A fresh SVID (new key, new certificate) for `id`, served to callers matching
+    /// `selectors`.
+    fn svid(&self, id: &str, selectors: &[Selector], hint: &str) -> Result<Arc<InstalledSvid>> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let not_after = SystemTime::from(params.not_after);
+        let leaf = params.signed_by(&key, &self.intermediate)?;
+        let spiffe_id = SpiffeId::new(id)?;
+        Ok(Arc::new(InstalledSvid {
+            entry: Entry {
+                id: id.rsplit('/').next().unwrap_or("entry").to_owned(),
+                spiffe_id: spiffe_id.clone(),
+                nodes: vec!["node-1".into()],
+                mesh: None,
+                selectors: selectors.to_vec(),
+                ttl: Duration::from_secs(3600),
+                dir: "svid".into(),
+                owner: None,
+                hook: None,
+                gateway: false,
+            },
+            spiffe_id,
+            chain: vec![leaf.der().to_vec(), self.intermediate.der().to_vec()],
+            key_pkcs8: Arc::new(key.serialize_der().into()),
+            not_after,
+            hint: hint.to_owned(),
+        }))
+    }
+
+    /// What the agent serves: these SVIDs and the root as `example.org`'s bundle.
+    fn snapshot(&self, svids: &[&Arc<InstalledSvid>]) -> Result<Snapshot> {
+        let td = TrustDomain::new("example.org")?;
+        Ok(Snapshot {
+            trust_domain: Some(td.clone()),
+            bundle_version: 1,
+            bundles: BTreeMap::from([(td, vec![self.root_der()])]),
+            svids: svids.iter().map(|s| Arc::clone(s)).collect(),
+            ..Snapshot::default()
+        })
+    }
+}
+
+/// The Workload API server on a temporary socket; stops when dropped.
+struct Server {
+    dir: TempDir,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), workload::WorkloadError>>,
+}
+
+impl Server {
+    async fn start(cache: &Cache, config: WorkloadConfig) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // Other users must reach the socket (its own mode is 0666).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        Self::start_in(dir, cache, config).await
+    }
+
+    async fn start_in(dir: TempDir, cache: &Cache, mut config: WorkloadConfig) -> Result<Self> {
+        config.socket = dir.path().join("run/workload.sock");
+        let listener = workload::bind(&config)?;
+        let socket = config.socket.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(workload::serve(listener, config, cache.clone(), async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            dir,
+            socket,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Stops the server like an agent shutting down, and hands back its folder.
+    async fn stop(mut self) -> Result<TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .context("the server did not stop")???;
+        Ok(self.dir)
+    }
+}
+
+fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Runs `workload-probe` as [`OTHER_UID`]; its stdout.
+async fn probe_as_other_user(args: &[&str]) -> Result<String> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "this test starts a process as uid {OTHER_UID} and must run as root"
+    );
+    let output = tokio::process::Command::new(meshcert_tests::bin_path("workload-probe"))
+        .args(args)
+        .uid(OTHER_UID)
+        .gid(OTHER_UID)
+        .output()
+        .await?;
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Result<()> {
+    let pki = Pki::new()?;
+    let me = Selector::Uid(own_uid());
+    let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "web")?;
+    let not_mine = pki.svid(
+        "spiffe://example.org/not-mine",
+        &[me.clone(), Selector::Uid(OTHER_UID)],
+        "",
+    )?;
+    let admin_id = pki.svid(
+        "spiffe://example.org/admin",
+        &[me.clone(), Selector::Gid(nix::unistd::getegid().as_raw())],
+        "admin",
+    )?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web, &not_mine, &admin_id])?);
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+
+    let client = WorkloadApiClient::connect_to(server.endpoint()).await?;
+    let svid = client.fetch_x509_svid().await?;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    assert_eq!(svid.leaf().as_bytes(), web.chain[0].as_slice());
+    assert_eq!(svid.cert_chain().len(), 2, "leaf and intermediate");
+    assert_eq!(svid.private_key().as_bytes(), web.key_pkcs8.as_slice());
+
+    // Every matching entry, the default first; an entry whose selectors do not all match is
+    // not sent.
+    let all: Vec<String> = client
+        .fetch_all_x509_svids()
+        .await?
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    assert_eq!(
+        all,
+        ["spiffe://example.org/web", "spiffe://example.org/admin"]
+    );
+
+    let bundles = client.fetch_x509_bundles().await?;
+    let bundle = bundles
+        .get(&spiffe::TrustDomain::new("example.org")?)
+        .context("example.org's bundle")?;
+    let authorities: Vec<&[u8]> = bundle.authorities().iter().map(|c| c.as_bytes()).collect();
+    assert_eq!(authorities, [pki.root_der().as_slice()]);
+
+    // An application watching its identity sees the rotated SVID on its open stream.
+    let source = X509SourceBuilder::new()
+        .endpoint(server.endpoint())
+        .build()
+        .await?;
+    assert_eq!(source.svid()?.leaf().as_bytes(), web.chain[0].as_slice());
+    let mut updates = source.updated();
+    // The source syncs once, then opens its watching stream in the background: the first
+    // rotation may reach it as that stream's first message; the second can only come as an
+    // update on the open stream.
+    let mut rotated = web.clone();
+    for _ in 0..2 {
+        rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "web")?;
+        cache.publish(pki.snapshot(&[&rotated, &not_mine, &admin_id])?);
+        tokio::time::timeout(PATIENCE, updates.changed())
+            .await
+            .context("no update on the open stream")??;
+        assert_eq!(
+            source.svid()?.leaf().as_bytes(),
+            rotated.chain[0].as_slice()
+        );
+    }
+    assert_eq!(
+        source.svid()?.private_key().as_bytes(),
+        rotated.key_pkcs8.as_slice()
+    );
+    source.shutdown().await;
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> Result<()> {
+    let pki = Pki::new()?;
+    let root_only = pki.svid(
+        "spiffe://example.org/root-only",
+        &[Selector::Uid(own_uid())],
+        "",
+    )?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&root_only])?);
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let endpoint = server.endpoint();
+
+    let out = probe_as_other_user(&["svids", &endpoint]).await?;
+    assert_eq!(out.trim(), "error NoIdentityIssued");
+
+    let nobody = pki.svid(
+        "spiffe://example.org/nobody",
+        &[Selector::Uid(OTHER_UID), Selector::User("nobody".into())],
+        "",
+    )?;
+    cache.publish(pki.snapshot(&[&root_only, &nobody])?);
+    let out = probe_as_other_user(&["svids", &endpoint]).await?;
+    assert_eq!(out.trim(), "svid spiffe://example.org/nobody");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
+    let pki = Pki::new()?;
+    let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web])?);
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+
+    // A plain gRPC client (no interceptor adds `workload.spiffe.io: true`).
+    let endpoint = spiffe::transport::Endpoint::parse(&server.endpoint())?;
+    let channel = spiffe::transport::connect(&endpoint).await?;
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let status = raw
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .err()
+        .context("a request without the header was served")?;
+    assert_eq!(format!("{:?}", status.code()), "InvalidArgument");
+    assert_eq!(status.message(), "security header missing from request");
+
+    // The same caller with the header is served.
+    let client = WorkloadApiClient::connect_to(server.endpoint()).await?;
+    assert_eq!(
+        client.fetch_x509_svid().await?.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_streams_stay_served_while_another_workload_churns_connections() -> Result<()> {
+    let pki = Pki::new()?;
+    let me = Selector::Uid(own_uid());
+    let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+    let noisy = pki.svid(
+        "spiffe://example.org/noisy",
+        &[Selector::Uid(OTHER_UID)],
+        "",
+    )?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web, &noisy])?);
+    let config = WorkloadConfig {
+        rate_per_uid: 5.0,
+        burst_per_uid: 200,
+        ..WorkloadConfig::default()
+    };
+    let server = Server::start(&cache, config).await?;
+    let endpoint = server.endpoint();
+
+    let mut sources = Vec::new();
+    for _ in 0..64 {
+        sources.push(X509SourceBuilder::new().endpoint(&endpoint).build().await?);
+    }
+    let mut updates: Vec<_> = sources.iter().map(|s| s.updated()).collect();
+
+    // Another workload opens a connection and asks, 400 times in a row, while we rotate.
+    let churn_args = ["churn", endpoint.as_str(), "400"];
+    let churn = probe_as_other_user(&churn_args);
+    let rotations = async {
+        // Two rotations: the first may arrive as the first message of a source's watching
+        // stream (opened in the background), the second only as an update on the open stream.
+        for _ in 0..2 {
+            let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+            cache.publish(pki.snapshot(&[&rotated, &noisy])?);
+            for update in &mut updates {
+                tokio::time::timeout(PATIENCE, update.changed())
+                    .await
+                    .context("a stream went unserved")??;
+            }
+            for source in &sources {
+                assert_eq!(
+                    source.svid()?.leaf().as_bytes(),
+                    rotated.chain[0].as_slice()
+                );
+            }
+        }
+        anyhow::Ok(())
+    };
+    let (churned, rotated) =
+        tokio::time::timeout(PATIENCE, async { tokio::join!(churn, rotations) })
+            .await
+            .context("the churning workload hung")?;
+    rotated?;
+    let churned = churned?;
+    // The noisy workload was served, then told to slow down, and never hung.
+    let counts: Vec<u32> = churned
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [served, refused] = counts[..] else {
+        anyhow::bail!("unexpected churn output: {churned}");
+    };
+    assert!(served > 0, "{churned}");
+    assert!(refused > 0, "{churned}");
+    assert_eq!(served + refused, 400, "{churned}");
+    for source in sources {
+        source.shutdown().await;
+    }
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()> {
+    let pki = Pki::new()?;
+    let me = Selector::Uid(own_uid());
+    let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web])?);
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let endpoint = server.endpoint();
+    let source = X509SourceBuilder::new().endpoint(&endpoint).build().await?;
+    let mut updates = source.updated();
+
+    // The agent stops; its socket file stays behind, and the next agent replaces it.
+    let dir = server.stop().await?;
+    let server = Server::start_in(dir, &cache, WorkloadConfig::default()).await?;
+    assert_eq!(server.endpoint(), endpoint);
+    let client = WorkloadApiClient::connect_to(&endpoint).await?;
+    assert_eq!(
+        client.fetch_x509_svid().await?.leaf().as_bytes(),
+        web.chain[0].as_slice()
+    );
+
+    // The watching application reconnected: it receives the next rotation.
+    let rotated = pki.svid("spiffe://example.org/web", &[me], "")?;
+    cache.publish(pki.snapshot(&[&rotated])?);
+    let svid = tokio::time::timeout(PATIENCE, async {
+        loop {
+            updates.changed().await?;
+            let svid = source.svid()?;
+            if svid.leaf().as_bytes() == rotated.chain[0].as_slice() {
+                return anyhow::Ok(svid);
+            }
+        }
+    })
+    .await
+    .context("the source never reconnected")??;
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    source.shutdown().await;
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_socket_answers_status_and_readiness_to_its_user_only() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let socket = dir.path().join("admin.sock");
+    let listener = admin::bind(&socket)?;
+    let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let cache = Cache::new();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(admin::serve(listener, cache.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    let get = |path: &'static str| {
+        let socket = socket.clone();
+        async move { http_get(&socket, path).await }
+    };
+    assert_eq!(get("/healthz").await?.0, 200);
+    let (code, body) = get("/readyz").await?;
+    assert_eq!(code, 503);
+    assert!(body.contains("not joined"), "{body}");
+
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs();
+    cache.update_status(|s: &mut AgentStatus| {
+        s.node = Some("node-1".into());
+        s.node_svid_not_after = Some(now + 3600);
+        s.identities = vec![IdentityReport {
+            entry_id: "web".into(),
+            spiffe_id: SpiffeId::new("spiffe://example.org/web").expect("valid id"),
+            state: CertState::Issued,
+            serial: Some("0a1b".into()),
+            not_after: Some(now + 3600),
+            next_rotation: Some(now + 1800),
+            last_error: None,
+            attempts: 0,
+        }];
+    });
+    assert_eq!(get("/readyz").await?.0, 200);
+    let (code, body) = get("/v1/status").await?;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(json["node"], "node-1");
+    assert_eq!(
+        json["identities"][0]["spiffeId"],
+        "spiffe://example.org/web"
+    );
+    assert_eq!(json["identities"][0]["state"], "ISSUED");
+
+    // Even with a careless file mode, another user is refused by its kernel credentials.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let socket_arg = socket.display().to_string();
+    let out = probe_as_other_user(&["admin", &socket_arg, "/v1/status"]).await?;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+
+    let _ = stop.send(());
+    tokio::time::timeout(PATIENCE, task).await???;
+    Ok(())
+}
+
+/// A bare HTTP/1.1 GET over a Unix socket: the status code and the body.
+async fn http_get(socket: &std::path::Path, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_client_follows_a_real_agent_through_rotations() -> Result<()> {
+    use meshcert_tests::agent::Agent;
+    use meshcert_tests::ca::{CaHolder, EXAMPLE_CONFIG};
+
+    // The example entry `web`, selected by our own uid, with a short TTL so it rotates soon.
+    let config = EXAMPLE_CONFIG.replace(
+        "selectors: [\"unix:uid:1000\"]\n    ttl: 1h",
+        &format!("selectors: [\"unix:uid:{}\"]\n    ttl: 4s", own_uid()),
+    );
+    ensure!(config != EXAMPLE_CONFIG, "the example config changed shape");
+    let (ca, agent) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let ca = CaHolder::start(&config)?;
+        let agent = Agent::start(&ca, "node-1", "mesh-a", "")?;
+        Ok((ca, agent))
+    })
+    .await??;
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
+
+    // The source waits (retrying `no identity issued`) until the agent has issued `web`.
+    let source = tokio::time::timeout(
+        PATIENCE,
+        X509SourceBuilder::new().endpoint(&endpoint).build(),
+    )
+    .await
+    .context("the agent never served web")??;
+    let first = source.svid()?;
+    assert_eq!(first.spiffe_id().to_string(), "spiffe://mesh-a.test/web");
+    let client = WorkloadApiClient::connect_to(&endpoint).await?;
+    let bundles = client.fetch_x509_bundles().await?;
+    let bundle = bundles
+        .get(&spiffe::TrustDomain::new("mesh-a.test")?)
+        .context("mesh-a.test's bundle")?;
+    ensure!(!bundle.authorities().is_empty(), "empty bundle");
+
+    // Two rotations later the source holds a third SVID; at least the second rotation came
+    // over the stream the source keeps open.
+    let mut updates = source.updated();
+    let mut seen = vec![first.leaf().as_bytes().to_vec()];
+    tokio::time::timeout(PATIENCE * 2, async {
+        while seen.len() < 3 {
+            updates.changed().await?;
+            let svid = source.svid()?;
+            assert_eq!(svid.spiffe_id().to_string(), "spiffe://mesh-a.test/web");
+            let leaf = svid.leaf().as_bytes().to_vec();
+            if !seen.contains(&leaf) {
+                seen.push(leaf);
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "no rotation reached the client; agent log:\n{}",
+            agent.log()
+        )
+    })??;
+    source.shutdown().await;
+
+    // `meshcert-agent status` reads the admin socket: JSON, and a table for people.
+    let json = agent.status_json()?;
+    assert_eq!(json["node"], "node-1", "{json}");
+    assert_eq!(
+        json["identities"][0]["spiffeId"], "spiffe://mesh-a.test/web",
+        "{json}"
+    );
+    let table = tokio::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
+        .arg("status")
+        .arg("--admin-socket")
+        .arg(agent.admin_socket())
+        .output()
+        .await?;
+    ensure!(table.status.success(), "status failed: {table:?}");
+    let table = String::from_utf8(table.stdout)?;
+    let web_line = table
+        .lines()
+        .find(|l| l.starts_with("spiffe://mesh-a.test/web"))
+        .with_context(|| format!("no line for web:\n{table}"))?;
+    // `web` rotates every couple of seconds: issued, or a renewal in flight.
+    assert!(
+        web_line.contains("ISSUED") || web_line.contains("REQUESTED"),
+        "{table}"
+    );
+    assert!(table.contains("node-1"), "{table}");
+    tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
+    Ok(())
+}

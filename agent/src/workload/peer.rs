@@ -1,0 +1,293 @@
+//! Who is calling: the caller's kernel credentials (`SO_PEERCRED`) completed from `/proc/<pid>`
+//! (supplementary groups, executable) and the user and group databases.
+//!
+//! Every `/proc` and `nix` call of the Workload API lives here; the decision of what a caller
+//! receives is pure and lives in [`super::selection`].
+//!
+//! # Pid reuse
+//!
+//! `SO_PEERCRED` records the pid of the process that called `connect()`. That process may exit
+//! and its pid be given to another process before we read `/proc/<pid>`. Two guards:
+//!
+//! - the process start time (`/proc/<pid>/stat`, field 22, clock ticks since boot) must not be
+//!   later than the moment we accepted the connection (read from `/proc/uptime` at accept): a
+//!   process that started after the connection cannot be the one that connected;
+//! - the start time is read before and after `/proc/<pid>/status` and `/proc/<pid>/exe`, and
+//!   must be unchanged, so both reads describe the same process;
+//! - the uid and gid in `/proc/<pid>/status` must equal the kernel's `SO_PEERCRED` values.
+//!
+//! When `/proc/<pid>` cannot be read (pid 0: the caller lives in another pid namespace, or the
+//! agent may not inspect it) the caller keeps only its uid and primary gid: selectors on the
+//! path or on supplementary groups then do not match, which fails closed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::unistd::{Gid, Group, SysconfVar, Uid, User, sysconf};
+
+/// Why a caller could not be identified.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The kernel gave no credentials for the connection.
+    #[error("the kernel gave no credentials for this connection")]
+    NoCredentials,
+    /// The pid now belongs to another process than the one that connected.
+    #[error("process {pid} changed while it was being identified (pid reuse)")]
+    PidReused {
+        /// The caller's pid.
+        pid: i32,
+    },
+    /// `/proc/<pid>` contradicts the kernel's credentials.
+    #[error("process {pid} does not carry the connection's credentials")]
+    Mismatch {
+        /// The caller's pid.
+        pid: i32,
+    },
+}
+
+/// The kernel's credentials of a connection, taken when it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// The connecting process (0 when not visible from our pid namespace).
+    pub pid: i32,
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Time since boot when the connection was accepted (`None` if unknown).
+    pub accepted_since_boot: Option<Duration>,
+}
+
+/// Everything the selectors can look at, about one caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The caller's pid (0 when unknown).
+    pub pid: i32,
+    /// Effective uid.
+    pub uid: u32,
+    /// Primary gid.
+    pub gid: u32,
+    /// Supplementary groups (may repeat the primary gid).
+    pub groups: Vec<u32>,
+    /// The user name of `uid`, if it has one.
+    pub user: Option<String>,
+    /// The names of the primary and supplementary groups that have one.
+    pub group_names: Vec<String>,
+    /// The executable (`/proc/<pid>/exe`), when readable.
+    pub exe: Option<PathBuf>,
+}
+
+/// Reads the time since boot (`/proc/uptime`), taken when a connection is accepted.
+pub fn since_boot() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Identifies the caller behind `cred`, reading `/proc/<pid>` (blocking: a few small reads).
+pub fn identify(cred: Credentials) -> Result<PeerInfo, PeerError> {
+    let mut info = PeerInfo {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+        ..PeerInfo::default()
+    };
+    if cred.pid > 0 {
+        read_proc(cred, &mut info)?;
+    }
+    info.user = User::from_uid(Uid::from_raw(info.uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let mut gids = vec![info.gid];
+    gids.extend(info.groups.iter().copied().filter(|g| *g != info.gid));
+    info.group_names = gids
+        .into_iter()
+        .filter_map(|g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
+        .map(|g| g.name)
+        .collect();
+    Ok(info)
+}
+
+/// Fills the groups and executable from `/proc/<pid>` with the pid-reuse guards.
+/// An unreadable `/proc/<pid>` leaves them empty (fails closed).
+fn read_proc(cred: Credentials, info: &mut PeerInfo) -> Result<(), PeerError> {
+    let pid = cred.pid;
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let Some(start) = start_ticks(pid) else {
+        // Gone already, or hidden from us (`hidepid`): keep the kernel's uid and gid only.
+        return Ok(());
+    };
+    if let (Some(accepted), Some(tck)) = (cred.accepted_since_boot, ticks_per_second()) {
+        // Start times have tick resolution; allow one tick of rounding.
+        let started = Duration::from_secs_f64(start as f64 / tck as f64);
+        if started > accepted + Duration::from_secs_f64(1.0 / tck as f64) + SLACK {
+            return Err(PeerError::PidReused { pid });
+        }
+    }
+    let status = std::fs::read_to_string(dir.join("status")).ok();
+    let exe = std::fs::read_link(dir.join("exe")).ok();
+    if start_ticks(pid) != Some(start) {
+        return Err(PeerError::PidReused { pid });
+    }
+    if let Some(status) = status {
+        let fields = parse_status(&status);
+        if fields.uid.is_some_and(|u| u != cred.uid) || fields.gid.is_some_and(|g| g != cred.gid) {
+            return Err(PeerError::Mismatch { pid });
+        }
+        info.groups = fields.groups;
+    }
+    info.exe = exe;
+    Ok(())
+}
+
+/// Rounding slack between `/proc/uptime` (centiseconds) and the tick-based start time.
+const SLACK: Duration = Duration::from_millis(20);
+
+fn ticks_per_second() -> Option<i64> {
+    sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+}
+
+/// The process start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_ticks(&stat)
+}
+
+/// Field 22 of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may hold
+/// spaces or parentheses itself, so fields are counted after the last `)`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After `)`: field 3 (state) is the first; field 22 is the 20th.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The lines of `/proc/<pid>/status` we use.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StatusFields {
+    /// Effective uid (second value of `Uid:`).
+    uid: Option<u32>,
+    /// Effective gid (second value of `Gid:`).
+    gid: Option<u32>,
+    /// `Groups:`.
+    groups: Vec<u32>,
+}
+
+fn parse_status(status: &str) -> StatusFields {
+    let mut out = StatusFields::default();
+    for line in status.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let mut numbers = value
+            .split_whitespace()
+            .filter_map(|v| v.parse::<u32>().ok());
+        match key {
+            "Uid" => out.uid = numbers.nth(1),
+            "Gid" => out.gid = numbers.nth(1),
+            "Groups" => out.groups = numbers.collect(),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifies_the_test_process_itself() {
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        let pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let info = identify(Credentials {
+            pid,
+            uid,
+            gid,
+            accepted_since_boot: since_boot(),
+        })
+        .expect("the test process can identify itself");
+        assert_eq!((info.pid, info.uid, info.gid), (pid, uid, gid));
+        assert_eq!(
+            info.exe.as_deref(),
+            Some(std::env::current_exe().expect("own exe").as_path())
+        );
+        let own_groups: Vec<u32> = nix::unistd::getgroups()
+            .expect("own groups")
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        assert_eq!(info.groups, own_groups);
+        let name = User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        assert_eq!(info.user, name);
+    }
+
+    #[test]
+    fn a_process_started_after_the_connection_is_refused() {
+        let pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let err = identify(Credentials {
+            pid,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            // "Accepted" at boot: this process started later, so it cannot be the caller.
+            accepted_since_boot: Some(Duration::ZERO),
+        })
+        .expect_err("started after the accept");
+        assert!(matches!(err, PeerError::PidReused { .. }), "{err}");
+    }
+
+    #[test]
+    fn credentials_that_contradict_proc_are_refused() {
+        let pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let uid = nix::unistd::geteuid().as_raw();
+        let err = identify(Credentials {
+            pid,
+            uid: uid.wrapping_add(1),
+            gid: nix::unistd::getegid().as_raw(),
+            accepted_since_boot: since_boot(),
+        })
+        .expect_err("uid differs from /proc");
+        assert!(matches!(err, PeerError::Mismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn stat_start_time_table() {
+        let cases: &[(&str, Option<u64>)] = &[
+            (
+                "42 (sleep) S 1 42 42 0 -1 4194560 103 0 0 0 0 0 0 0 20 0 1 0 7311 5554176 129",
+                Some(7311),
+            ),
+            (
+                "42 (a) b (c) S 1 42 42 0 -1 4194560 103 0 0 0 0 0 0 0 20 0 1 0 99 5554176 1",
+                Some(99),
+            ),
+            ("42 (short) S 1", None),
+            ("garbage", None),
+        ];
+        for (stat, want) in cases {
+            assert_eq!(parse_start_ticks(stat), *want, "{stat}");
+        }
+    }
+
+    #[test]
+    fn status_fields_table() {
+        let status =
+            "Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t50\t51\t51\t51\nGroups:\t4 24 27 \n";
+        assert_eq!(
+            parse_status(status),
+            StatusFields {
+                uid: Some(1001),
+                gid: Some(51),
+                groups: vec![4, 24, 27],
+            }
+        );
+        assert_eq!(parse_status("Groups:\t\n").groups, Vec::<u32>::new());
+    }
+}
