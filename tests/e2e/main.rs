@@ -3,4 +3,5 @@
 
 mod agent;
 mod ca;
+mod faults;
 mod workload;

@@ -1,0 +1,2 @@
+//! meshcert benchmarks (being written).
+fn main() {}

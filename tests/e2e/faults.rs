@@ -1,0 +1,1 @@
+//! Fault injection end-to-end tests (being written).
