@@ -3,7 +3,8 @@
 //!
 //! Endpoints: `POST /v1/tokens` `{node, mesh, ttl?}` → `{token}`; `GET /v1/nodes`;
 //! `POST /v1/nodes/<name>/ban`; `GET|POST /v1/entries`; `DELETE /v1/entries/<id>`;
-//! `GET /v1/status`; `GET /v1/bundle[?mesh=NAME]` (PEM); `GET /v1/issuances`.
+//! `GET /v1/status`; `GET /v1/bundle[?mesh=NAME]` (PEM: the mesh's root, or the shared root);
+//! `GET /v1/issuances`.
 //! Errors are `ApiError` JSON, as on the HTTPS API.
 
 use std::convert::Infallible;
@@ -241,15 +242,21 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
                 ))
             }
         }
-        (&Method::GET, ["v1", "entries"]) => Ok(json(&holder.entries.all().map_err(entry_error)?)),
+        (&Method::GET, ["v1", "entries"]) => {
+            Ok(json(&holder.serving().entries.all().map_err(entry_error)?))
+        }
         (&Method::POST, ["v1", "entries"]) => {
             let entry: Entry = parse_json(&read_body(req).await?)?;
-            holder.entries.create(&entry).map_err(entry_error)?;
+            holder
+                .serving()
+                .entries
+                .create(&entry)
+                .map_err(entry_error)?;
             tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
             Ok(json(&entry))
         }
         (&Method::DELETE, ["v1", "entries", id]) => {
-            holder.entries.delete(id).map_err(entry_error)?;
+            holder.serving().entries.delete(id).map_err(entry_error)?;
             tracing::info!(entry_id = %id, "entry deleted");
             Ok(json(&serde_json::json!({})))
         }
@@ -261,13 +268,18 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("mesh="))
                 .map(str::to_owned);
+            let serving = holder.serving();
             if let Some(m) = &mesh
-                && holder.config.mesh(m).is_none()
+                && serving.config.mesh(m).is_none()
             {
                 return Err(ApiError::new(ErrorCode::NotFound, format!("no mesh `{m}`")));
             }
-            // Shared trust: every mesh's bundle is the shared root.
-            let pem = holder.authority.root().pem();
+            // A mesh's bundle is its own root under limited trust, the shared root otherwise;
+            // without a mesh, the shared root (what agents trust the holder with).
+            let pem = match &mesh {
+                Some(m) => serving.authority.trust_root(m).pem(),
+                None => serving.authority.root().pem(),
+            };
             let mut r = Response::new(Full::new(Bytes::from(pem)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -1,8 +1,14 @@
 //! The certificate authority: the root (generated once and persisted, or provided), one ECDSA
 //! P-256 intermediate per mesh, and the signing of leaf SVIDs and the API's server certificate.
 //!
+//! Shared trust: one root signs every mesh's intermediate. Limited trust: each mesh has its own
+//! root signing its intermediate, and the shared root signs one more intermediate per mesh, the
+//! gateway intermediate, which signs gateways' second SVIDs.
+//!
 //! Files in the state folder: `root.key` (PKCS#8 PEM, mode 0600 from creation), `root.pem`,
-//! `intermediates/<mesh>.key` (0600) and `intermediates/<mesh>.pem`. A root certificate without
+//! under limited trust `roots/<mesh>.key|.pem` (builtin mesh roots),
+//! `intermediates/<mesh>.key` (0600) and `intermediates/<mesh>.pem`, and
+//! `intermediates/gateway/<mesh>.key|.pem`. A root certificate without
 //! a usable key is an error naming the file, never a reason to generate a new root.
 
 use std::collections::BTreeMap;
@@ -334,11 +340,36 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Loads the root, or generates and persists the builtin one on first start.
+fn create_dir(dir: &Path) -> Result<(), AuthorityError> {
+    std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Io {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Loads the root, or generates and persists the builtin one (`root.pem`, `root.key`) on first
+/// start.
 pub fn load_or_create_root(
     source: &RootSource,
     common_name: &str,
     state_dir: &Path,
+    now: SystemTime,
+) -> Result<SigningCa, AuthorityError> {
+    load_or_create_root_at(
+        source,
+        common_name,
+        &state_dir.join("root.pem"),
+        &state_dir.join("root.key"),
+        now,
+    )
+}
+
+/// Loads a root, or generates and persists a builtin one at the given paths.
+fn load_or_create_root_at(
+    source: &RootSource,
+    common_name: &str,
+    builtin_cert: &Path,
+    builtin_key: &Path,
     now: SystemTime,
 ) -> Result<SigningCa, AuthorityError> {
     let (cert_path, key_path) = match source {
@@ -346,7 +377,7 @@ pub fn load_or_create_root(
             cert_file,
             key_file,
         } => (cert_file.clone(), key_file.clone()),
-        RootSource::Builtin { .. } => (state_dir.join("root.pem"), state_dir.join("root.key")),
+        RootSource::Builtin { .. } => (builtin_cert.to_owned(), builtin_key.to_owned()),
     };
     let bad = |path: &Path, reason: String| AuthorityError::BadFile {
         path: path.to_owned(),
@@ -504,17 +535,27 @@ fn create_intermediate(
     })
 }
 
-/// The root, the per-mesh intermediates, and signing.
+/// Which intermediate: the mesh's own (signs its workloads and nodes) or, under limited trust,
+/// its gateway intermediate (signed by the shared root; signs gateway SVIDs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Mesh,
+    Gateway,
+}
+
+/// The shared root, under limited trust each mesh's own root, the per-mesh intermediates, and
+/// signing.
 #[derive(Debug)]
 pub struct Authority {
     root: SigningCa,
+    mesh_roots: BTreeMap<String, SigningCa>,
     meshes: Vec<Mesh>,
     dir: PathBuf,
-    intermediates: RwLock<BTreeMap<String, Arc<SigningCa>>>,
+    intermediates: RwLock<BTreeMap<(Kind, String), Arc<SigningCa>>>,
 }
 
 impl Authority {
-    /// Loads (or creates) the root and every mesh's intermediate.
+    /// Loads (or creates) the root and every mesh's intermediate: shared trust.
     pub fn open(
         source: &RootSource,
         common_name: &str,
@@ -522,46 +563,128 @@ impl Authority {
         state_dir: &Path,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
-        let root = load_or_create_root(source, common_name, state_dir, now)?;
-        let dir = state_dir.join("intermediates");
-        std::fs::create_dir_all(&dir).map_err(|source| AuthorityError::Io {
-            path: dir.clone(),
+        Self::open_with_roots(
             source,
-        })?;
+            &BTreeMap::new(),
+            common_name,
+            meshes,
+            state_dir,
+            now,
+        )
+    }
+
+    /// Loads (or creates) the shared root, the mesh roots (limited trust when `mesh_roots` is
+    /// not empty; builtin ones live in `roots/<mesh>.pem|.key`), every mesh's intermediate and,
+    /// under limited trust, every mesh's gateway intermediate (`intermediates/gateway/`).
+    pub fn open_with_roots(
+        source: &RootSource,
+        mesh_roots: &BTreeMap<String, RootSource>,
+        common_name: &str,
+        meshes: &[Mesh],
+        state_dir: &Path,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let root = load_or_create_root(source, common_name, state_dir, now)?;
+        let mut roots = BTreeMap::new();
+        if !mesh_roots.is_empty() {
+            let dir = state_dir.join("roots");
+            create_dir(&dir)?;
+            for m in meshes {
+                let Some(src) = mesh_roots.get(&m.name) else {
+                    return Err(AuthorityError::UnknownMesh(m.name.clone()));
+                };
+                let ca = load_or_create_root_at(
+                    src,
+                    &format!("{common_name} mesh {}", m.name),
+                    &dir.join(format!("{}.pem", m.name)),
+                    &dir.join(format!("{}.key", m.name)),
+                    now,
+                )?;
+                if ca.der == root.der {
+                    return Err(AuthorityError::BadFile {
+                        path: dir.join(format!("{}.pem", m.name)),
+                        reason: "is the shared root; limited trust needs a root per mesh".into(),
+                    });
+                }
+                roots.insert(m.name.clone(), ca);
+            }
+        }
+        let dir = state_dir.join("intermediates");
+        create_dir(&dir.join("gateway"))?;
         let this = Self {
             root,
+            mesh_roots: roots,
             meshes: meshes.to_vec(),
             dir,
             intermediates: RwLock::new(BTreeMap::new()),
         };
-        for m in meshes {
-            let ca = match this.load_intermediate(m, now) {
+        for (kind, m) in this.slots() {
+            let ca = match this.load_intermediate(kind, m, now) {
                 Some(ca) => ca,
-                None => this.renew(m, now)?,
+                None => this.renew(kind, m, now)?,
             };
-            this.set(&m.name, ca);
+            this.set(kind, &m.name, ca);
         }
         Ok(this)
     }
 
-    fn set(&self, mesh: &str, ca: Arc<SigningCa>) {
+    /// Whether each mesh has its own root.
+    pub fn limited(&self) -> bool {
+        !self.mesh_roots.is_empty()
+    }
+
+    fn slots(&self) -> Vec<(Kind, &Mesh)> {
+        let mut out: Vec<(Kind, &Mesh)> = self.meshes.iter().map(|m| (Kind::Mesh, m)).collect();
+        if self.limited() {
+            out.extend(self.meshes.iter().map(|m| (Kind::Gateway, m)));
+        }
+        out
+    }
+
+    /// The root that signs a slot's intermediate.
+    fn signer(&self, kind: Kind, mesh: &str) -> &SigningCa {
+        match kind {
+            Kind::Mesh => self.mesh_roots.get(mesh).unwrap_or(&self.root),
+            Kind::Gateway => &self.root,
+        }
+    }
+
+    fn paths(&self, kind: Kind, mesh: &str) -> (PathBuf, PathBuf) {
+        let dir = match kind {
+            Kind::Mesh => self.dir.clone(),
+            Kind::Gateway => self.dir.join("gateway"),
+        };
+        (
+            dir.join(format!("{mesh}.pem")),
+            dir.join(format!("{mesh}.key")),
+        )
+    }
+
+    fn set(&self, kind: Kind, mesh: &str, ca: Arc<SigningCa>) {
         let mut map = self
             .intermediates
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(mesh.to_owned(), ca);
+        map.insert((kind, mesh.to_owned()), ca);
     }
 
-    /// A persisted intermediate that is signed by the current root, for the right trust domain,
+    fn get(&self, kind: Kind, mesh: &str) -> Option<Arc<SigningCa>> {
+        self.intermediates
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(kind, mesh.to_owned()))
+            .cloned()
+    }
+
+    /// A persisted intermediate that is signed by its root, for the right trust domain,
     /// and not yet due for renewal.
-    fn load_intermediate(&self, m: &Mesh, now: SystemTime) -> Option<Arc<SigningCa>> {
-        let cert_path = self.dir.join(format!("{}.pem", m.name));
-        let key_path = self.dir.join(format!("{}.key", m.name));
+    fn load_intermediate(&self, kind: Kind, m: &Mesh, now: SystemTime) -> Option<Arc<SigningCa>> {
+        let (cert_path, key_path) = self.paths(kind, &m.name);
         let der = read_cert(&cert_path).ok()?;
         let key = read_key(&key_path).ok()?;
         let ca = SigningCa::from_parts(der, key, &cert_path).ok()?;
         let (_, cert) = X509Certificate::from_der(&ca.der).ok()?;
-        let (_, root) = X509Certificate::from_der(&self.root.der).ok()?;
+        let (_, root) = X509Certificate::from_der(&self.signer(kind, &m.name).der).ok()?;
         let ok = aki_of(&cert).is_some()
             && aki_of(&cert) == ski_of(&root)
             && uri_sans(&cert) == vec![m.trust_domain.id_string()]
@@ -569,59 +692,118 @@ impl Authority {
         ok.then(|| Arc::new(ca))
     }
 
-    /// Creates and persists a new intermediate for a mesh.
-    fn renew(&self, m: &Mesh, now: SystemTime) -> Result<Arc<SigningCa>, AuthorityError> {
-        let ca = create_intermediate(&self.root, &m.name, &m.trust_domain, now)?;
-        write_private(
-            &self.dir.join(format!("{}.key", m.name)),
-            &ca.key.serialize_pem(),
-        )?;
-        write_public(&self.dir.join(format!("{}.pem", m.name)), &ca.pem())?;
-        tracing::info!(mesh = %m.name, not_after = %rfc3339(ca.not_after), "intermediate issued");
+    /// Creates and persists a new intermediate for a slot.
+    fn renew(
+        &self,
+        kind: Kind,
+        m: &Mesh,
+        now: SystemTime,
+    ) -> Result<Arc<SigningCa>, AuthorityError> {
+        let label = match kind {
+            Kind::Mesh => m.name.clone(),
+            Kind::Gateway => format!("{} gateway", m.name),
+        };
+        let ca = create_intermediate(self.signer(kind, &m.name), &label, &m.trust_domain, now)?;
+        let (cert_path, key_path) = self.paths(kind, &m.name);
+        write_private(&key_path, &ca.key.serialize_pem())?;
+        write_public(&cert_path, &ca.pem())?;
+        tracing::info!(mesh = %m.name, gateway = (kind == Kind::Gateway), not_after = %rfc3339(ca.not_after), "intermediate issued");
         Ok(Arc::new(ca))
     }
 
-    /// Renews every intermediate past half of its life; returns the meshes renewed.
+    /// Renews every intermediate past half of its life; returns the meshes renewed (gateway
+    /// intermediates as `<mesh> (gateway)`).
     pub fn renew_due(&self, now: SystemTime) -> Result<Vec<String>, AuthorityError> {
         let mut renewed = Vec::new();
-        for m in &self.meshes {
+        for (kind, m) in self.slots() {
             let due = self
-                .intermediate(&m.name)
+                .get(kind, &m.name)
                 .is_none_or(|ca| renewal_due(ca.not_before, ca.not_after, now));
             if due {
-                let ca = self.renew(m, now)?;
-                self.set(&m.name, ca);
-                renewed.push(m.name.clone());
+                let ca = self.renew(kind, m, now)?;
+                self.set(kind, &m.name, ca);
+                renewed.push(match kind {
+                    Kind::Mesh => m.name.clone(),
+                    Kind::Gateway => format!("{} (gateway)", m.name),
+                });
             }
         }
         Ok(renewed)
     }
 
-    /// The root.
+    /// The virtual mesh's (shared) root.
     pub fn root(&self) -> &SigningCa {
         &self.root
     }
 
-    /// The current intermediate of a mesh.
-    pub fn intermediate(&self, mesh: &str) -> Option<Arc<SigningCa>> {
-        self.intermediates
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(mesh)
-            .cloned()
+    /// A mesh's own root under limited trust.
+    pub fn mesh_root(&self, mesh: &str) -> Option<&SigningCa> {
+        self.mesh_roots.get(mesh)
     }
 
-    /// The bundles: every mesh's trust domain trusts the shared root.
-    pub fn bundles(&self) -> Bundles {
+    /// The root a mesh's SVIDs chain to: its own under limited trust, else the shared one.
+    pub fn trust_root(&self, mesh: &str) -> &SigningCa {
+        self.signer(Kind::Mesh, mesh)
+    }
+
+    /// The current intermediate of a mesh.
+    pub fn intermediate(&self, mesh: &str) -> Option<Arc<SigningCa>> {
+        self.get(Kind::Mesh, mesh)
+    }
+
+    /// The current gateway intermediate of a mesh (limited trust only).
+    pub fn gateway_intermediate(&self, mesh: &str) -> Option<Arc<SigningCa>> {
+        self.get(Kind::Gateway, mesh)
+    }
+
+    /// Every root a node SVID may chain to: the shared root and every mesh root.
+    pub fn client_roots(&self) -> Vec<Vec<u8>> {
+        let mut out = vec![self.root.der.clone()];
+        out.extend(self.mesh_roots.values().map(|r| r.der.clone()));
+        out
+    }
+
+    /// The bundles at `version`: each trust domain's root (its own under limited trust, the
+    /// shared root under shared trust) and, under limited trust, the shared root.
+    pub fn bundles(&self, version: u64) -> Bundles {
         Bundles {
-            version: 1,
+            version,
             trust_domains: self
                 .meshes
                 .iter()
-                .map(|m| (m.trust_domain.clone(), vec![Der(self.root.der.clone())]))
+                .map(|m| {
+                    (
+                        m.trust_domain.clone(),
+                        vec![Der(self.trust_root(&m.name).der.clone())],
+                    )
+                })
                 .collect(),
-            shared_root: Vec::new(),
+            shared_root: if self.limited() {
+                vec![Der(self.root.der.clone())]
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// SHA-256 over every bundle's content (not its version): it changes exactly when a bundle
+    /// does.
+    pub fn bundle_digest(&self) -> String {
+        let b = self.bundles(0);
+        let mut text = Vec::new();
+        for (td, certs) in &b.trust_domains {
+            text.extend_from_slice(td.to_string().as_bytes());
+            text.push(0);
+            for c in certs {
+                text.extend_from_slice(fingerprint(&c.0).as_bytes());
+                text.push(0);
+            }
+        }
+        text.extend_from_slice(b"shared\0");
+        for c in &b.shared_root {
+            text.extend_from_slice(fingerprint(&c.0).as_bytes());
+        }
+        fingerprint(&text)
     }
 
     /// Signs a leaf SVID for `id` with the mesh's intermediate.
@@ -634,8 +816,36 @@ impl Authority {
         max_ttl: Duration,
         now: SystemTime,
     ) -> Result<Issued, AuthorityError> {
+        self.sign_with(Kind::Mesh, mesh, key, id, ttl, max_ttl, now)
+    }
+
+    /// Signs a gateway's second SVID for `id` with the mesh's gateway intermediate (chained to
+    /// the shared root); limited trust only.
+    pub fn sign_gateway_leaf(
+        &self,
+        mesh: &str,
+        key: &CsrKey,
+        id: &SpiffeId,
+        ttl: Duration,
+        max_ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, AuthorityError> {
+        self.sign_with(Kind::Gateway, mesh, key, id, ttl, max_ttl, now)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign_with(
+        &self,
+        kind: Kind,
+        mesh: &str,
+        key: &CsrKey,
+        id: &SpiffeId,
+        ttl: Duration,
+        max_ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, AuthorityError> {
         let ca = self
-            .intermediate(mesh)
+            .get(kind, mesh)
             .ok_or_else(|| AuthorityError::UnknownMesh(mesh.to_owned()))?;
         let serial = random_serial();
         let rsa = key.alg == &rcgen::PKCS_RSA_SHA256;
@@ -874,6 +1084,60 @@ mod tests {
         }
         let e = load_or_create_root(&source, "r", dir.path(), now).expect_err("mismatch");
         assert!(e.to_string().contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn limited_trust_gives_each_mesh_its_root_and_a_gateway_intermediate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let mut b = mesh();
+        b.name = "mesh-b".into();
+        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
+        let meshes = [mesh(), b];
+        let roots: BTreeMap<String, RootSource> =
+            meshes.iter().map(|m| (m.name.clone(), builtin())).collect();
+        let open = || {
+            Authority::open_with_roots(&builtin(), &roots, "V", &meshes, dir.path(), now)
+                .expect("open")
+        };
+        let a = open();
+        assert!(a.limited());
+        let ra = a.mesh_root("mesh-a").expect("root a");
+        let rb = a.mesh_root("mesh-b").expect("root b");
+        assert_ne!(ra.der, rb.der);
+        assert_ne!(ra.der, a.root().der);
+        let (_, ra_c) = X509Certificate::from_der(&ra.der).expect("parse");
+        let (_, shared) = X509Certificate::from_der(&a.root().der).expect("parse");
+        let ia = a.intermediate("mesh-a").expect("i");
+        let (_, ia_c) = X509Certificate::from_der(&ia.der).expect("parse");
+        assert!(
+            ia_c.verify_signature(Some(ra_c.public_key())).is_ok(),
+            "mesh root signs"
+        );
+        let ga = a.gateway_intermediate("mesh-a").expect("gateway i");
+        let (_, ga_c) = X509Certificate::from_der(&ga.der).expect("parse");
+        assert!(
+            ga_c.verify_signature(Some(shared.public_key())).is_ok(),
+            "shared root signs"
+        );
+        assert_eq!(uri_sans(&ga_c), vec!["spiffe://mesh-a.test".to_owned()]);
+        let bundles = a.bundles(7);
+        assert_eq!(bundles.version, 7);
+        let td = TrustDomain::new("mesh-a.test").expect("valid");
+        assert_eq!(bundles.trust_domains[&td], vec![Der(ra.der.clone())]);
+        assert_eq!(bundles.shared_root, vec![Der(a.root().der.clone())]);
+        assert_eq!(a.client_roots().len(), 3);
+        // A restart reuses everything, so the bundle digest is stable.
+        let again = open();
+        assert_eq!(again.bundle_digest(), a.bundle_digest());
+        assert_eq!(again.gateway_intermediate("mesh-a").expect("g").der, ga.der);
+        // Shared trust over the same folder: different bundles, different digest.
+        let shared_only =
+            Authority::open(&builtin(), "V", &meshes, dir.path(), now).expect("shared");
+        assert!(!shared_only.limited());
+        assert!(shared_only.bundles(1).shared_root.is_empty());
+        assert_ne!(shared_only.bundle_digest(), a.bundle_digest());
+        assert!(shared_only.gateway_intermediate("mesh-a").is_none());
     }
 
     #[test]

@@ -3,6 +3,16 @@
 //!
 //! Validation collects every problem at once, each with its field path
 //! (`spec.meshes[1].trustDomain: ...`); the result is the status's `configStatus`.
+//!
+//! Limited trust (`spec.limited: {}`): every mesh has its own root. A mesh may set
+//! `spec.meshes[].certificateAuthority` (`builtin` or `provided`, the same shape as
+//! `spec.certificateAuthority`); otherwise it gets a builtin root made with the parameters of
+//! `spec.certificateAuthority.builtin` (the defaults when the shared root is provided). A
+//! per-mesh `certificateAuthority` under shared trust is a validation error.
+//!
+//! `holder.metricsListen` (`address:port`) turns on the plaintext Prometheus listener.
+//! On reload everything takes effect except `holder.listen`, `holder.stateDir`,
+//! `holder.adminSocket`, `holder.datastore` and `holder.metricsListen`, which need a restart.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -91,7 +101,8 @@ pub enum RootSource {
 pub enum TrustModel {
     /// One root, one intermediate per mesh.
     Shared,
-    /// One root per mesh (issue 5; accepted and validated, served as shared for now).
+    /// One root per mesh, each signing its mesh's intermediate; gateways also get an SVID
+    /// chained to the virtual mesh's (shared) root.
     Limited,
 }
 
@@ -121,6 +132,8 @@ pub struct HolderSettings {
     pub node_svid_ttl: Duration,
     /// Expected agent report interval; silent for three of these = stale.
     pub heartbeat: Duration,
+    /// Plaintext Prometheus listener (`GET /metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl HolderSettings {
@@ -142,8 +155,13 @@ pub struct Config {
     pub display_name: String,
     /// `spec.meshes`.
     pub meshes: Vec<Mesh>,
-    /// `spec.certificateAuthority`.
+    /// `spec.certificateAuthority`: the virtual mesh's (shared) root.
     pub root: RootSource,
+    /// Under limited trust, each mesh's own root by mesh name: its
+    /// `spec.meshes[].certificateAuthority`, or a builtin root made with the parameters of
+    /// `spec.certificateAuthority.builtin` (defaults when the shared root is provided).
+    /// Empty under shared trust.
+    pub mesh_roots: std::collections::BTreeMap<String, RootSource>,
     /// `spec.shared` / `spec.limited`.
     pub trust: TrustModel,
     /// `spec.federation.mode` is `PERMISSIVE`.
@@ -222,6 +240,7 @@ struct RawMesh {
     trust_domain: Option<String>,
     #[serde(rename = "type")]
     mesh_type: Option<String>,
+    certificate_authority: Option<RawCa>,
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +282,7 @@ struct RawHolder {
     svid_max_ttl: Option<String>,
     node_svid_ttl: Option<String>,
     heartbeat: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 /// Default API listen address.
@@ -317,7 +337,11 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
     let display_name = spec.display_name.clone().unwrap_or_else(|| name.clone());
 
     let meshes = validate_meshes(&spec.meshes, &mut p);
-    let root = validate_root(spec.certificate_authority, &mut p);
+    let root = validate_root(
+        spec.certificate_authority,
+        "spec.certificateAuthority",
+        &mut p,
+    );
     let trust = match (&spec.shared, &spec.limited) {
         (Some(_), Some(_)) => {
             p.add("spec", "sets both `shared` and `limited`; choose one");
@@ -326,6 +350,40 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
         (_, Some(_)) => TrustModel::Limited,
         _ => TrustModel::Shared,
     };
+    let mut mesh_roots = std::collections::BTreeMap::new();
+    for (i, m) in spec.meshes.into_iter().enumerate() {
+        let base = format!("spec.meshes[{i}].certificateAuthority");
+        let own = match (m.certificate_authority, trust) {
+            (Some(_), TrustModel::Shared) => {
+                p.add(
+                    &base,
+                    "is only used under `limited` trust; under `shared` every mesh uses spec.certificateAuthority",
+                );
+                continue;
+            }
+            (Some(ca), TrustModel::Limited) => validate_root(Some(ca), &base, &mut p),
+            (None, TrustModel::Limited) => match &root {
+                b @ RootSource::Builtin { .. } => b.clone(),
+                RootSource::Provided { .. } => validate_root(None, &base, &mut p),
+            },
+            (None, TrustModel::Shared) => continue,
+        };
+        if let Some(name) = m.name {
+            mesh_roots.insert(name, own);
+        }
+    }
+    if let RootSource::Provided { cert_file, .. } = &root {
+        for (name, r) in &mesh_roots {
+            if let RootSource::Provided { cert_file: c, .. } = r
+                && c == cert_file
+            {
+                p.add(
+                    "spec.meshes",
+                    format!("mesh `{name}` uses the shared root's certificate as its own root; limited trust needs a separate root per mesh"),
+                );
+            }
+        }
+    }
     let federation_permissive = match spec.federation.and_then(|f| f.mode) {
         None => false,
         Some(m) if m == "PERMISSIVE" => true,
@@ -360,6 +418,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
         display_name,
         meshes,
         root,
+        mesh_roots,
         trust,
         federation_permissive,
         enforcement,
@@ -448,9 +507,8 @@ fn validate_meshes(raw: &[RawMesh], p: &mut Problems) -> Vec<Mesh> {
     out
 }
 
-fn validate_root(raw: Option<RawCa>, p: &mut Problems) -> RootSource {
+fn validate_root(raw: Option<RawCa>, base: &str, p: &mut Problems) -> RootSource {
     let raw = raw.unwrap_or_default();
-    let base = "spec.certificateAuthority";
     if raw.builtin.is_some() && raw.provided.is_some() {
         p.add(base, "sets both `builtin` and `provided`; choose one");
     }
@@ -553,6 +611,15 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
             );
         }
     }
+    let metrics_listen = raw.metrics_listen.and_then(|text| {
+        text.parse().map(Some).unwrap_or_else(|_| {
+            p.add(
+                "holder.metricsListen",
+                format!("`{text}` is not an address:port such as 127.0.0.1:9090"),
+            );
+            None
+        })
+    });
     let datastore = match raw.datastore.as_deref() {
         None | Some("sqlite") => Datastore::Sqlite(None),
         Some(s) if s.starts_with("sqlite://") => {
@@ -575,6 +642,7 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
         svid_max_ttl: duration_field(raw.svid_max_ttl, 86400, "holder.svidMaxTtl", p),
         node_svid_ttl: duration_field(raw.node_svid_ttl, 86400, "holder.nodeSvidTtl", p),
         heartbeat: duration_field(raw.heartbeat, 30, "holder.heartbeat", p),
+        metrics_listen,
     }
 }
 
@@ -828,6 +896,16 @@ entries:
                 &["holder.listen: `localhost`"],
             ),
             (
+                "listen: 127.0.0.1:0",
+                "listen: 127.0.0.1:0\n  metricsListen: nowhere",
+                &["holder.metricsListen: `nowhere`"],
+            ),
+            (
+                "      type: istio\n",
+                "      type: istio\n      certificateAuthority: {builtin: {}}\n",
+                &["spec.meshes[0].certificateAuthority: is only used under `limited` trust"],
+            ),
+            (
                 "heartbeat: 5s",
                 "heartbeat: soon",
                 &["holder.heartbeat: `soon`"],
@@ -908,6 +986,34 @@ entries:
                 "{w} in {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn limited_trust_gives_every_mesh_a_root() {
+        let text = GOOD.replace("  shared: {}", "  limited: {}").replace(
+            "      type: istio\n",
+            "      type: istio\n      certificateAuthority:\n        provided: {certFile: /a.pem, keyFile: /a.key}\n",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.trust, TrustModel::Limited);
+        assert_eq!(
+            c.mesh_roots["mesh-a"],
+            RootSource::Provided {
+                cert_file: "/a.pem".into(),
+                key_file: "/a.key".into()
+            }
+        );
+        assert_eq!(
+            c.mesh_roots["mesh-b"], c.root,
+            "builtin with the shared root's parameters"
+        );
+        let text = text.replace("keyFile: /a.key", "");
+        let problems = parse(&text).expect_err("no key file");
+        assert_eq!(
+            problems,
+            vec!["spec.meshes[0].certificateAuthority.provided.keyFile: is missing".to_owned()]
+        );
+        assert!(parse(GOOD).expect("valid").mesh_roots.is_empty());
     }
 
     #[test]

@@ -1,18 +1,31 @@
 //! `meshcert-ca run`: the only place that wires the tasks together (HTTPS API, admin socket,
-//! intermediate renewal) and handles signals and systemd notifications.
+//! metrics listener, intermediate renewal, live reload) and handles signals and systemd
+//! notifications.
+//!
+//! Reload: on SIGHUP, and when the configuration file changes (inotify on its folder, so editors
+//! that replace the file and Kubernetes ConfigMap symlink swaps are seen; events are debounced
+//! and an unchanged file is ignored). The file is re-read and validated; a valid one takes
+//! effect at once (meshes, entries, enforcement, federation, roots; a new TLS configuration for
+//! the next connections); an invalid one sets `configStatus` to INVALID and the previous
+//! configuration keeps serving. systemd hears `RELOADING=1` with `MONOTONIC_USEC`, then
+//! `READY=1`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use notify::Watcher as _;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
-use crate::holder::{Holder, HolderError};
-use crate::{admin, server};
+use crate::config::{self, Config, ConfigError};
+use crate::holder::{Holder, HolderError, ReloadOutcome};
+use crate::{admin, metrics, server};
 
 /// How often the holder checks whether an intermediate is due for renewal.
 const RENEWAL_CHECK: Duration = Duration::from_secs(60);
+/// Quiet time after the last file event before the file is re-read.
+const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Why the holder stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +33,7 @@ pub enum DaemonError {
     /// The holder cannot start.
     #[error(transparent)]
     Holder(#[from] HolderError),
-    /// The API address cannot be bound.
+    /// An address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         /// The address.
@@ -40,88 +53,137 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-/// Runs the holder until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// Command-line values that replace the file's, at start and at every reload.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `--admin-socket`.
+    pub admin_socket: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Applies the overrides to a configuration read from the file.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(d) = &self.state_dir {
+            config.holder.state_dir = d.clone();
+        }
+        if let Some(l) = self.listen {
+            config.holder.listen = l;
+        }
+        if let Some(a) = &self.admin_socket {
+            config.holder.admin_socket = a.clone();
+        }
+    }
+}
+
+/// Where the configuration comes from, for reloads.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The configuration file.
+    pub path: PathBuf,
+    /// Command-line overrides.
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    /// Reads and validates the file, with the overrides applied; every problem on failure.
+    pub fn load(&self) -> Result<Config, Vec<String>> {
+        match config::load(&self.path) {
+            Ok(mut c) => {
+                self.overrides.apply(&mut c);
+                Ok(c)
+            }
+            Err(ConfigError::Invalid { problems }) => Err(problems),
+            Err(e @ ConfigError::Read { .. }) => Err(vec![format!("(file): {e}")]),
+        }
+    }
+}
+
+fn bind_err(addr: std::net::SocketAddr) -> impl Fn(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Listen { addr, source }
+}
+
+/// Runs the holder until SIGTERM or SIGINT; `config` is `source` as loaded at start.
+pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let now = SystemTime::now();
     let listen = config.holder.listen;
+    let metrics_listen = config.holder.metrics_listen;
     let holder = Arc::new(Holder::open(config, now)?);
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: listen,
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: listen,
-            source,
-        })?;
+    let listener = TcpListener::bind(listen).await.map_err(bind_err(listen))?;
+    let addr = listener.local_addr().map_err(bind_err(listen))?;
     holder.set_listen_address(addr);
+    let metrics_listener = match metrics_listen {
+        Some(m) => {
+            let l = TcpListener::bind(m).await.map_err(bind_err(m))?;
+            holder.set_metrics_address(l.local_addr().map_err(bind_err(m))?);
+            Some(l)
+        }
+        None => None,
+    };
     let tls = server::tls_config(&holder, now)?;
-    let admin_path = holder.config.holder.admin_socket.clone();
+    holder.set_tls(Arc::clone(&tls));
+    let admin_path = holder.serving().config.holder.admin_socket.clone();
     let admin_listener = admin::bind(&admin_path)?;
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(DaemonError::Signals)?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(DaemonError::Signals)?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let api = tokio::spawn(server::serve(
-        listener,
-        Arc::clone(&holder),
-        tls,
-        stopped(stop_rx.clone()),
-    ));
-    let adm = tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::clone(&holder),
-        stopped(stop_rx.clone()),
-    ));
-    let renewal = {
-        let holder = Arc::clone(&holder);
-        let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move {
-            tokio::pin!(stop);
-            let mut tick = tokio::time::interval(RENEWAL_CHECK);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => break,
-                    _ = tick.tick() => {
-                        match holder.authority.renew_due(SystemTime::now()) {
-                            Ok(renewed) if !renewed.is_empty() => {
-                                tracing::info!(meshes = ?renewed, "intermediates renewed");
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "intermediate renewal failed; retrying"),
-                        }
-                    }
-                }
-            }
-        })
-    };
-
-    if holder.config.trust == crate::config::TrustModel::Limited {
-        tracing::warn!("limited trust is not implemented yet; serving shared trust");
+    let mut tasks = vec![
+        tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&holder),
+            tls,
+            stopped(stop_rx.clone()),
+        )),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::clone(&holder),
+            stopped(stop_rx.clone()),
+        )),
+        tokio::spawn(renewal(Arc::clone(&holder), stopped(stop_rx.clone()))),
+        tokio::spawn(reloads(
+            Arc::clone(&holder),
+            source,
+            hup,
+            stopped(stop_rx.clone()),
+        )),
+    ];
+    if let Some(l) = metrics_listener {
+        tasks.push(tokio::spawn(metrics::serve(
+            l,
+            Arc::clone(&holder),
+            stopped(stop_rx.clone()),
+        )));
     }
-    for m in &holder.config.meshes {
+
+    let serving = holder.serving();
+    for m in &serving.config.meshes {
         tracing::info!(
             mesh = %m.name,
             trust_domain = %m.trust_domain,
-            enforcement = ?holder.config.effective_enforcement(m),
+            enforcement = ?serving.config.effective_enforcement(m),
             "mesh"
         );
     }
     tracing::info!(
         listen = %addr,
         admin_socket = %admin_path.display(),
-        meshes = holder.config.meshes.len(),
+        metrics = ?holder.metrics_address(),
+        trust = ?serving.config.trust,
+        meshes = serving.config.meshes.len(),
+        bundle_version = serving.bundle_version,
         "meshcert-ca is serving"
     );
+    drop(serving);
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
@@ -133,11 +195,146 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = api.await;
-        let _ = adm.await;
-        let _ = renewal.await;
+        for t in tasks {
+            let _ = t.await;
+        }
     })
     .await;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// Renews intermediates past half of their life, on the configuration serving at each check.
+async fn renewal(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(RENEWAL_CHECK);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                let serving = holder.serving();
+                match serving.authority.renew_due(SystemTime::now()) {
+                    Ok(renewed) => {
+                        if !renewed.is_empty() {
+                            tracing::info!(meshes = ?renewed, "intermediates renewed");
+                        }
+                        holder.set_renewal_error(None);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "intermediate renewal failed; retrying");
+                        holder.set_renewal_error(Some(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Watches the configuration file's folder; sends a unit per relevant event.
+fn watch_file(path: &Path) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let name = path.file_name()?.to_owned();
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        // The file itself, or a Kubernetes ConfigMap's `..data` symlink swap.
+        let relevant = event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with(".."))
+        });
+        if relevant {
+            let _ = tx.send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&folder, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the configuration folder; reload with SIGHUP");
+        return None;
+    }
+    Some((watcher, rx))
+}
+
+fn digest(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok().map(|b| {
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b)
+            .as_ref()
+            .to_vec()
+    })
+}
+
+/// The reload loop: SIGHUP always reloads; a file change reloads when the content changed.
+async fn reloads(
+    holder: Arc<Holder>,
+    source: ConfigSource,
+    mut hup: tokio::signal::unix::Signal,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let (_watcher, mut events) = match watch_file(&source.path) {
+        Some((w, rx)) => (Some(w), rx),
+        None => (None, mpsc::unbounded_channel().1),
+    };
+    let mut last = digest(&source.path);
+    loop {
+        let why = tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => "SIGHUP",
+            Some(()) = events.recv() => {
+                // Debounce: wait until the folder is quiet.
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+                let now = digest(&source.path);
+                if now.is_none() || now == last {
+                    continue;
+                }
+                "file changed"
+            }
+        };
+        last = digest(&source.path);
+        reload(&holder, &source, why).await;
+    }
+}
+
+/// One reload, told to systemd.
+async fn reload(holder: &Arc<Holder>, source: &ConfigSource, why: &str) {
+    tracing::info!(reason = why, path = %source.path.display(), "reloading the configuration");
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(m) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(m);
+    }
+    let _ = sd_notify::notify(false, &states);
+    let work = {
+        let holder = Arc::clone(holder);
+        let source = source.clone();
+        // Opening roots may generate RSA keys: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            let outcome = holder.reload(source.load(), now);
+            if let ReloadOutcome::Applied { .. } = outcome {
+                match server::tls_config(&holder, now) {
+                    Ok(tls) => holder.set_tls(tls),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot renew the TLS configuration; the previous one serves")
+                    }
+                }
+            }
+            outcome
+        })
+    };
+    match work.await {
+        Ok(outcome) => tracing::info!(outcome = ?outcome, "reload done"),
+        Err(e) => tracing::error!(error = %e, "the reload task failed"),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 }

@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt as _;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshcert_protocol::api::{
-    ApiError, AttestRequest, Der, ErrorCode, MAX_BATCH, NodeSvidResponse, RenewRequest,
+    ApiError, AttestRequest, Bundles, Der, ErrorCode, MAX_BATCH, NodeSvidResponse, RenewRequest,
     SignOutcome, SignRequest, SignResponse, SignResult, Svid, SyncResponse, node_id, node_name,
     valid_node_name,
 };
@@ -15,11 +15,13 @@ use meshcert_protocol::{NodeReport, SpiffeId};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use crate::authority::{Authority, AuthorityError, rfc3339, unix};
-use crate::config::Config;
+use crate::config::{Config, TrustModel};
 use crate::entries::EntryBook;
+use crate::metrics::Metrics;
 use crate::policy::{Caller, check_csr, check_sign};
 use crate::status::{
-    CertificateStatus, ConfigStatus, IntermediateStatus, RootStatus, Status, node_statuses,
+    CertificateStatus, ConfigStatus, IntermediateStatus, MeshFacts, MeshRootStatus, RootStatus,
+    State, Status, enforcement_status, federation_status, node_statuses,
 };
 use crate::store::{
     Issuance, SqliteStore, Store, StoreError, StoredReport, TokenOutcome, TokenRecord,
@@ -46,23 +48,117 @@ pub enum HolderError {
     Store(#[from] StoreError),
 }
 
-/// The holder's shared state.
-pub struct Holder {
+/// What a holder serves with one accepted configuration: swapped as a whole on reload.
+pub struct Serving {
     /// The validated configuration.
     pub config: Config,
-    /// Root and intermediates.
+    /// Roots and intermediates.
     pub authority: Authority,
-    /// The datastore.
-    pub store: Arc<dyn Store>,
     /// Registration entries.
     pub entries: EntryBook,
+    /// The current bundle version (persisted in the datastore).
+    pub bundle_version: u64,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("name", &self.config.name)
+            .field("bundle_version", &self.bundle_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serving {
+    /// Loads (or creates) the authority for `config`, and settles the bundle version.
+    pub fn open(
+        config: Config,
+        store: &Arc<dyn Store>,
+        now: SystemTime,
+    ) -> Result<Self, HolderError> {
+        let authority = Authority::open_with_roots(
+            &config.root,
+            &config.mesh_roots,
+            &config.display_name,
+            &config.meshes,
+            &config.holder.state_dir,
+            now,
+        )?;
+        // The federation mode changes what nodes receive: it counts as bundle content.
+        let digest = format!(
+            "{}/{}",
+            authority.bundle_digest(),
+            if config.federation_permissive {
+                "permissive"
+            } else {
+                "own"
+            }
+        );
+        let bundle_version = store.settle_bundle_version(&digest)?;
+        let entries = EntryBook::new(
+            config.entries.clone(),
+            config.meshes.clone(),
+            Arc::clone(store),
+        );
+        Ok(Self {
+            config,
+            authority,
+            entries,
+            bundle_version,
+        })
+    }
+
+    /// Every bundle at the current version.
+    pub fn bundles(&self) -> Bundles {
+        self.authority.bundles(self.bundle_version)
+    }
+
+    /// The bundles a node of `mesh` receives: every mesh's under PERMISSIVE federation, else its
+    /// own trust domain's only (plus the shared root under limited trust).
+    pub fn bundles_for(&self, mesh: &str) -> Bundles {
+        let mut b = self.bundles();
+        if !self.config.federation_permissive
+            && let Some(m) = self.config.mesh(mesh)
+        {
+            b.trust_domains.retain(|td, _| *td == m.trust_domain);
+        }
+        b
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new configuration serves; whether the bundle version changed.
+    Applied {
+        /// The bundles changed (their version grew).
+        bundles_changed: bool,
+    },
+    /// The file is invalid: `configStatus` is INVALID, the previous configuration serves.
+    Invalid,
+    /// The file is valid but could not be acted on (e.g. a provided root is unreadable):
+    /// `configStatus` is PROCESSING_ERROR, the previous configuration serves.
+    Failed,
+}
+
+/// The holder's shared state.
+pub struct Holder {
+    serving: RwLock<Arc<Serving>>,
+    /// The datastore.
+    pub store: Arc<dyn Store>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Metrics,
+    config_status: RwLock<ConfigStatus>,
+    renewal_error: Mutex<Option<String>>,
+    tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     listen_address: Mutex<Option<SocketAddr>>,
+    metrics_address: Mutex<Option<SocketAddr>>,
 }
 
 impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Holder")
-            .field("name", &self.config.name)
+            .field("serving", &self.serving())
             .finish_non_exhaustive()
     }
 }
@@ -71,6 +167,32 @@ impl std::fmt::Debug for Holder {
 fn internal(what: &str, e: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "{what}");
     ApiError::new(ErrorCode::Internal, "the holder failed; see its log")
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    *lock
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+}
+
+/// The settings that only take effect at a restart: `(field path, value)` pairs.
+fn restart_only(h: &crate::config::HolderSettings) -> Vec<(&'static str, String)> {
+    vec![
+        ("holder.listen", h.listen.to_string()),
+        ("holder.stateDir", h.state_dir.display().to_string()),
+        ("holder.adminSocket", h.admin_socket.display().to_string()),
+        ("holder.datastore", h.db_path().display().to_string()),
+        (
+            "holder.metricsListen",
+            h.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+        ),
+    ]
 }
 
 impl Holder {
@@ -86,21 +208,138 @@ impl Holder {
                 path: dir.clone(),
                 source,
             })?;
-        let authority =
-            Authority::open(&config.root, &config.display_name, &config.meshes, dir, now)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.holder.db_path())?);
-        let entries = EntryBook::new(
-            config.entries.clone(),
-            config.meshes.clone(),
-            Arc::clone(&store),
-        );
+        let serving = Serving::open(config, &store, now)?;
+        let metrics = Metrics::new();
+        metrics.set_bundle_version(serving.bundle_version);
         Ok(Self {
-            config,
-            authority,
+            serving: RwLock::new(Arc::new(serving)),
             store,
-            entries,
+            metrics,
+            config_status: RwLock::new(ConfigStatus::accepted()),
+            renewal_error: Mutex::new(None),
+            tls: RwLock::new(None),
             listen_address: Mutex::new(None),
+            metrics_address: Mutex::new(None),
         })
+    }
+
+    /// What the holder serves now.
+    pub fn serving(&self) -> Arc<Serving> {
+        read(&self.serving)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.serving().config.clone()
+    }
+
+    /// Applies a re-read configuration file (`Err` = its validation problems). A failure leaves
+    /// the previous configuration serving and says why in `configStatus`. Settings that only a
+    /// restart applies (listen addresses, state folder, datastore) keep their running values
+    /// and are noted in `configStatus.messages`.
+    pub fn reload(&self, new: Result<Config, Vec<String>>, now: SystemTime) -> ReloadOutcome {
+        let mut config = match new {
+            Ok(c) => c,
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "invalid configuration; the previous one keeps serving");
+                }
+                let mut messages = problems;
+                messages.push("the last accepted configuration keeps serving".into());
+                write(&self.config_status, ConfigStatus::invalid(messages));
+                return ReloadOutcome::Invalid;
+            }
+        };
+        let current = self.serving();
+        let mut notes = Vec::new();
+        for ((path, old), (_, new)) in restart_only(&current.config.holder)
+            .into_iter()
+            .zip(restart_only(&config.holder))
+        {
+            if old != new {
+                notes.push(format!(
+                    "{path}: `{new}` takes effect at the next restart; `{old}` is in use"
+                ));
+            }
+        }
+        config.holder.listen = current.config.holder.listen;
+        config.holder.state_dir = current.config.holder.state_dir.clone();
+        config.holder.admin_socket = current.config.holder.admin_socket.clone();
+        config.holder.datastore = current.config.holder.datastore.clone();
+        config.holder.metrics_listen = current.config.holder.metrics_listen;
+        match Serving::open(config, &self.store, now) {
+            Ok(next) => {
+                let bundles_changed = next.bundle_version != current.bundle_version;
+                for n in &notes {
+                    tracing::warn!(note = %n, "configuration reloaded");
+                }
+                tracing::info!(
+                    meshes = next.config.meshes.len(),
+                    entries = next.config.entries.len(),
+                    bundle_version = next.bundle_version,
+                    "configuration reloaded"
+                );
+                self.metrics.set_bundle_version(next.bundle_version);
+                write(&self.serving, Arc::new(next));
+                write(
+                    &self.config_status,
+                    ConfigStatus {
+                        state: State::Accepted,
+                        messages: notes,
+                    },
+                );
+                ReloadOutcome::Applied { bundles_changed }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply the configuration; the previous one keeps serving");
+                write(
+                    &self.config_status,
+                    ConfigStatus {
+                        state: State::ProcessingError,
+                        messages: vec![
+                            e.to_string(),
+                            "the last accepted configuration keeps serving".into(),
+                        ],
+                    },
+                );
+                ReloadOutcome::Failed
+            }
+        }
+    }
+
+    /// Records the outcome of the last intermediate renewal (`None`: it worked).
+    pub fn set_renewal_error(&self, error: Option<String>) {
+        *self
+            .renewal_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+    }
+
+    /// Installs the TLS configuration new connections use.
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        write(&self.tls, Some(tls));
+    }
+
+    /// The TLS configuration new connections use, once set.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        read(&self.tls)
+    }
+
+    /// Records the address the metrics listener is bound to.
+    pub fn set_metrics_address(&self, addr: SocketAddr) {
+        *self
+            .metrics_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
+    }
+
+    /// The address the metrics listener is bound to, when there is one.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        *self
+            .metrics_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records the address the API is bound to.
@@ -158,7 +397,8 @@ impl Holder {
         if record.spiffe_id != id.to_string() {
             return Err(unknown());
         }
-        let mesh = self.config.mesh(&record.mesh).ok_or_else(unknown)?;
+        let serving = self.serving();
+        let mesh = serving.config.mesh(&record.mesh).ok_or_else(unknown)?;
         Ok(Caller {
             node: record.name,
             mesh: mesh.name.clone(),
@@ -166,6 +406,8 @@ impl Holder {
         })
     }
 
+    /// Issues a node SVID from the node's mesh intermediate (so it chains to the mesh's root:
+    /// its own under limited trust).
     fn node_svid(
         &self,
         node: &str,
@@ -174,7 +416,8 @@ impl Holder {
         now: SystemTime,
     ) -> Result<NodeSvidResponse, ApiError> {
         let checked = check_csr(csr)?;
-        let mesh = self.config.mesh(mesh_name).ok_or_else(|| {
+        let serving = self.serving();
+        let mesh = serving.config.mesh(mesh_name).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::WrongMesh,
                 format!("mesh `{mesh_name}` is not part of this virtual mesh"),
@@ -182,8 +425,8 @@ impl Holder {
         })?;
         let id = node_id(&mesh.trust_domain, node)
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-        let ttl = self.config.holder.node_svid_ttl;
-        let issued = self
+        let ttl = serving.config.holder.node_svid_ttl;
+        let issued = serving
             .authority
             .sign_leaf(mesh_name, &checked.key, &id, ttl, ttl, now)
             .map_err(|e| internal("signing a node SVID", &e))?;
@@ -194,6 +437,7 @@ impl Holder {
                 node: node.to_owned(),
                 not_after: unix(issued.not_after),
                 issued_at: unix(now),
+                local: false,
             }])
             .map_err(|e| internal("recording an issuance", &e))?;
         tracing::info!(node, spiffe_id = %id, serial = %issued.serial, "node SVID issued");
@@ -204,7 +448,7 @@ impl Holder {
                 spiffe_id: id,
                 chain: vec![Der(issued.leaf), Der(issued.intermediate)],
             },
-            bundles: self.authority.bundles(),
+            bundles: serving.bundles_for(mesh_name),
         })
     }
 
@@ -217,8 +461,10 @@ impl Holder {
         // A malformed CSR must not burn the token.
         check_csr(&req.csr.0)?;
         let hash = tokens::hash(&req.token);
+        let serving = self.serving();
         let ids = |node: &str, mesh: &str| {
-            self.config
+            serving
+                .config
                 .mesh(mesh)
                 .and_then(|m| node_id(&m.trust_domain, node).ok())
                 .map(|id| id.to_string())
@@ -271,11 +517,12 @@ impl Holder {
 
     /// `GET /v1/sync`.
     pub fn sync(&self, caller: &Caller) -> Result<SyncResponse, ApiError> {
-        let entries = self
+        let serving = self.serving();
+        let entries = serving
             .entries
             .for_node(&caller.node, &caller.mesh)
             .map_err(|e| internal("listing entries", &e))?;
-        let mesh = self
+        let mesh = serving
             .config
             .mesh(&caller.mesh)
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownNode, "the node's mesh is gone"))?;
@@ -283,13 +530,22 @@ impl Holder {
             node: caller.node.clone(),
             mesh: caller.mesh.clone(),
             trust_domain: caller.trust_domain.clone(),
-            enforcement: self.config.effective_enforcement(mesh),
+            enforcement: serving.config.effective_enforcement(mesh),
             entries,
-            bundles: self.authority.bundles(),
+            bundles: serving.bundles_for(&caller.mesh),
         })
     }
 
+    /// Every bundle at the current version (the public `GET /v1/bundle`).
+    pub fn bundles(&self) -> Bundles {
+        self.serving().bundles()
+    }
+
     /// `POST /v1/sign`: one result per CSR; every issuance is committed before the answer.
+    ///
+    /// Under limited trust a gateway entry's CSR yields a second SVID over the same key and ID,
+    /// chained to the shared root. An agent-local entry (`local`) is decided by the mesh's
+    /// effective enforcement (see [`crate::policy`]) and recorded as local.
     pub fn sign(
         &self,
         caller: &Caller,
@@ -302,49 +558,85 @@ impl Holder {
                 format!("{} CSRs; at most {MAX_BATCH} per batch", req.csrs.len()),
             ));
         }
+        let serving = self.serving();
+        let enforcement = serving
+            .config
+            .mesh(&caller.mesh)
+            .map(|m| serving.config.effective_enforcement(m))
+            .ok_or_else(|| ApiError::new(ErrorCode::UnknownNode, "the node's mesh is gone"))?;
+        let limited = serving.config.trust == TrustModel::Limited;
+        let max_ttl = serving.config.holder.svid_max_ttl;
         let mut results = Vec::with_capacity(req.csrs.len());
         let mut records = Vec::new();
         for c in &req.csrs {
-            let entry = self
-                .entries
-                .get(&c.entry_id)
-                .map_err(|e| internal("reading entries", &e))?;
+            let started = Instant::now();
+            let entry = match &c.local {
+                Some(_) => None,
+                None => serving
+                    .entries
+                    .get(&c.entry_id)
+                    .map_err(|e| internal("reading entries", &e))?,
+            };
             let outcome = match check_sign(
                 caller,
                 &c.entry_id,
                 entry.as_ref(),
-                c.local.is_some(),
+                c.local.as_ref(),
+                enforcement,
                 &c.csr.0,
             ) {
                 Err(error) => {
-                    tracing::info!(node = %caller.node, entry_id = %c.entry_id, code = %error.code, "CSR refused");
+                    tracing::info!(node = %caller.node, entry_id = %c.entry_id, local = c.local.is_some(), code = %error.code, "CSR refused");
+                    self.metrics.refused(error.code);
                     SignOutcome::Refused { error }
                 }
                 Ok(ok) => {
-                    let issued = self
-                        .authority
-                        .sign_leaf(
-                            &caller.mesh,
-                            &ok.key,
-                            &ok.spiffe_id,
-                            ok.ttl,
-                            self.config.holder.svid_max_ttl,
-                            now,
-                        )
-                        .map_err(|e| internal("signing a leaf", &e))?;
-                    records.push(Issuance {
-                        serial: issued.serial.clone(),
-                        spiffe_id: ok.spiffe_id.to_string(),
-                        node: caller.node.clone(),
-                        not_after: unix(issued.not_after),
-                        issued_at: unix(now),
-                    });
+                    let sign = |gateway: bool| {
+                        let signed = if gateway {
+                            serving.authority.sign_gateway_leaf(
+                                &caller.mesh,
+                                &ok.key,
+                                &ok.spiffe_id,
+                                ok.ttl,
+                                max_ttl,
+                                now,
+                            )
+                        } else {
+                            serving.authority.sign_leaf(
+                                &caller.mesh,
+                                &ok.key,
+                                &ok.spiffe_id,
+                                ok.ttl,
+                                max_ttl,
+                                now,
+                            )
+                        };
+                        signed.map_err(|e| internal("signing a leaf", &e))
+                    };
+                    let issued = sign(false)?;
+                    let gateway = if ok.gateway && limited {
+                        Some(sign(true)?)
+                    } else {
+                        None
+                    };
+                    for i in std::iter::once(&issued).chain(gateway.as_ref()) {
+                        records.push(Issuance {
+                            serial: i.serial.clone(),
+                            spiffe_id: ok.spiffe_id.to_string(),
+                            node: caller.node.clone(),
+                            not_after: unix(i.not_after),
+                            issued_at: unix(now),
+                            local: ok.local,
+                        });
+                    }
+                    self.metrics.signed(started.elapsed());
+                    let svid = |i: crate::authority::Issued| Svid {
+                        spiffe_id: ok.spiffe_id.clone(),
+                        chain: vec![Der(i.leaf), Der(i.intermediate)],
+                    };
                     SignOutcome::Issued {
-                        svid: Svid {
-                            spiffe_id: ok.spiffe_id,
-                            chain: vec![Der(issued.leaf), Der(issued.intermediate)],
-                        },
-                        gateway_svid: None,
+                        svid: svid(issued),
+                        gateway_svid: gateway.map(svid),
                     }
                 }
             };
@@ -357,15 +649,15 @@ impl Holder {
             .record_issuances(&records)
             .map_err(|e| internal("recording issuances", &e))?;
         for r in &records {
-            tracing::info!(node = %r.node, spiffe_id = %r.spiffe_id, serial = %r.serial, "SVID issued");
+            tracing::info!(node = %r.node, spiffe_id = %r.spiffe_id, serial = %r.serial, local = r.local, "SVID issued");
         }
         Ok(SignResponse {
             results,
-            bundles: self.authority.bundles(),
+            bundles: serving.bundles_for(&caller.mesh),
         })
     }
 
-    /// `POST /v1/report`.
+    /// `POST /v1/report`: the node's identities, bundle version and applied enforcement.
     pub fn report(
         &self,
         caller: &Caller,
@@ -397,7 +689,7 @@ impl Holder {
                 ),
             ));
         }
-        if self.config.mesh(mesh).is_none() {
+        if self.serving().config.mesh(mesh).is_none() {
             return Err(ApiError::new(
                 ErrorCode::WrongMesh,
                 format!("mesh `{mesh}` is not part of this virtual mesh"),
@@ -418,6 +710,9 @@ impl Holder {
 
     /// The status document.
     pub fn status(&self, now: SystemTime) -> Result<Status, ApiError> {
+        let serving = self.serving();
+        let config = &serving.config;
+        let authority = &serving.authority;
         let nodes = self
             .store
             .nodes()
@@ -430,45 +725,196 @@ impl Holder {
             .store
             .issuance_count()
             .map_err(|e| internal("counting issuances", &e))?;
-        let root = self.authority.root();
-        let intermediates = self
-            .config
+        let root = authority.root();
+        let mut messages = Vec::new();
+        if now >= root.not_after {
+            messages.push(format!(
+                "the shared root expired at {}",
+                rfc3339(root.not_after)
+            ));
+        }
+        let mut intermediates = Vec::new();
+        let mut mesh_roots = Vec::new();
+        for m in &config.meshes {
+            if let Some(r) = authority.mesh_root(&m.name) {
+                if now >= r.not_after {
+                    messages.push(format!(
+                        "the root of mesh `{}` expired at {}",
+                        m.name,
+                        rfc3339(r.not_after)
+                    ));
+                }
+                mesh_roots.push(MeshRootStatus {
+                    mesh: m.name.clone(),
+                    trust_domain: m.trust_domain.to_string(),
+                    fingerprint_sha256: r.fingerprint(),
+                    not_after: rfc3339(r.not_after),
+                });
+            }
+            let kinds = [
+                (false, authority.intermediate(&m.name)),
+                (true, authority.gateway_intermediate(&m.name)),
+            ];
+            for (gateway, ca) in kinds {
+                let Some(ca) = ca else { continue };
+                if now >= ca.not_after {
+                    messages.push(format!(
+                        "the {}intermediate of mesh `{}` expired at {}",
+                        if gateway { "gateway " } else { "" },
+                        m.name,
+                        rfc3339(ca.not_after)
+                    ));
+                }
+                intermediates.push(IntermediateStatus {
+                    mesh: m.name.clone(),
+                    trust_domain: m.trust_domain.to_string(),
+                    gateway,
+                    fingerprint_sha256: ca.fingerprint(),
+                    not_after: rfc3339(ca.not_after),
+                });
+            }
+        }
+        if let Some(e) = self
+            .renewal_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            messages.push(format!("intermediate renewal failed: {e}"));
+        }
+        let facts: Vec<MeshFacts> = config
             .meshes
             .iter()
-            .filter_map(|m| {
-                self.authority
-                    .intermediate(&m.name)
-                    .map(|ca| IntermediateStatus {
-                        mesh: m.name.clone(),
-                        trust_domain: m.trust_domain.to_string(),
-                        fingerprint_sha256: ca.fingerprint(),
-                        not_after: rfc3339(ca.not_after),
-                    })
+            .map(|m| MeshFacts {
+                mesh: m.name.clone(),
+                trust_domain: m.trust_domain.to_string(),
+                configured: config.enforcement,
+                effective: config.effective_enforcement(m),
             })
             .collect();
         Ok(Status {
-            display_name: self.config.display_name.clone(),
+            display_name: config.display_name.clone(),
             listen_address: self
                 .listen_address()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
-            config_status: ConfigStatus::accepted(),
+            metrics_address: self.metrics_address().map(|a| a.to_string()),
+            config_status: read(&self.config_status),
             certificate_status: CertificateStatus {
-                state: if now < root.not_after {
-                    "ISSUING".into()
+                state: if messages.is_empty() {
+                    State::Accepted
                 } else {
-                    "EXPIRED".into()
+                    State::ProcessingError
+                },
+                messages,
+                trust: match config.trust {
+                    TrustModel::Shared => "SHARED".into(),
+                    TrustModel::Limited => "LIMITED".into(),
                 },
                 root: RootStatus {
                     fingerprint_sha256: root.fingerprint(),
                     not_after: rfc3339(root.not_after),
-                    key_bits: self.authority.root_key_bits(),
-                    org: self.authority.root_org(),
+                    key_bits: authority.root_key_bits(),
+                    org: authority.root_org(),
                 },
+                mesh_roots,
                 intermediates,
                 svids_issued: issued,
-                nodes: node_statuses(&nodes, &reports, now, self.config.holder.heartbeat),
+                nodes: node_statuses(&nodes, &reports, now, config.holder.heartbeat),
             },
+            federation_status: federation_status(
+                &facts,
+                serving.bundle_version,
+                config.federation_permissive,
+                &nodes,
+                &reports,
+            ),
+            access_control_enforcement_status: enforcement_status(&facts, &nodes, &reports),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+apiVersion: networking.smh.solo.io/v1alpha1
+kind: VirtualMesh
+metadata:
+  name: vm
+spec:
+  meshes:
+    - name: mesh-a
+      trustDomain: mesh-a.test
+  certificateAuthority:
+    builtin:
+      rsaKeySizeBytes: 2048
+  shared: {}
+holder:
+  listen: 127.0.0.1:0
+  stateDir: STATE
+"#;
+
+    fn parse(text: &str, dir: &std::path::Path) -> Config {
+        crate::config::parse(&text.replace("STATE", &dir.display().to_string())).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_applies_a_valid_file_and_keeps_serving_after_a_bad_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let holder = Holder::open(parse(BASE, dir.path()), now).expect("open");
+        let v1 = holder.serving().bundle_version;
+
+        // Invalid: INVALID with every problem, the old configuration serves.
+        let outcome = holder.reload(Err(vec!["spec.meshes: nope".into()]), now);
+        assert_eq!(outcome, ReloadOutcome::Invalid);
+        let status = holder.status(now).expect("status");
+        assert_eq!(status.config_status.state, State::Invalid);
+        assert_eq!(status.config_status.messages[0], "spec.meshes: nope");
+        assert_eq!(holder.serving().config.meshes.len(), 1);
+
+        // Valid, with a restart-only change and a new mesh: applied, noted, version grows.
+        let text = BASE
+            .replace(
+                "      trustDomain: mesh-a.test\n",
+                "      trustDomain: mesh-a.test\n    - name: mesh-b\n      trustDomain: mesh-b.test\n",
+            )
+            .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:9999");
+        let outcome = holder.reload(Ok(parse(&text, dir.path())), now);
+        assert_eq!(
+            outcome,
+            ReloadOutcome::Applied {
+                bundles_changed: true
+            }
+        );
+        let serving = holder.serving();
+        assert_eq!(serving.config.meshes.len(), 2);
+        assert_eq!(serving.bundle_version, v1 + 1);
+        assert_eq!(
+            serving.config.holder.listen.to_string(),
+            "127.0.0.1:0",
+            "the running listener is kept"
+        );
+        let status = holder.status(now).expect("status");
+        assert_eq!(status.config_status.state, State::Accepted);
+        assert!(
+            status.config_status.messages[0].starts_with("holder.listen: `127.0.0.1:9999`"),
+            "{:?}",
+            status.config_status.messages
+        );
+        // Without federation a node of mesh-a receives only its own trust domain.
+        assert_eq!(serving.bundles_for("mesh-a").trust_domains.len(), 1);
+        assert_eq!(serving.bundles().trust_domains.len(), 2);
+
+        // The same file again: nothing changes in the bundles.
+        let outcome = holder.reload(Ok(parse(&text, dir.path())), now);
+        assert_eq!(
+            outcome,
+            ReloadOutcome::Applied {
+                bundles_changed: false
+            }
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! meshcert-ca, the root CA holder of a meshcert virtual mesh.
 //!
-//! It holds the virtual mesh's root (generated once or provided), gives each mesh an ECDSA
-//! intermediate, attests nodes with one-time join tokens, signs the CSRs agents send under
+//! It holds the virtual mesh's root (generated once or provided; under limited trust one more
+//! root per mesh), gives each mesh an ECDSA intermediate, attests nodes with one-time join tokens, signs the CSRs agents send under
 //! policy, distributes the trust bundle, and aggregates the agents' reports into the
 //! VirtualMesh status. Operators drive it with the `meshcert-ca` command over an admin socket.
 //!
@@ -15,10 +15,13 @@
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait and its SQLite implementation.
 //! - [`status`]: the status document and its table form.
-//! - [`holder`]: the running holder's state and operations, shared by both front ends.
+//! - [`holder`]: the running holder's state and operations, shared by both front ends; the
+//!   configuration it serves is swapped as a whole on reload.
+//! - [`metrics`]: Prometheus counters and the optional plaintext `/metrics` listener.
 //! - [`server`]: the HTTPS API (hyper + rustls, mTLS for nodes).
 //! - [`admin`]: the admin Unix socket and the client the CLI uses.
-//! - [`daemon`]: `run`: wires the tasks, signals and systemd notifications.
+//! - [`daemon`]: `run`: wires the tasks, signals, live reload (SIGHUP and file changes) and
+//!   systemd notifications.
 
 pub mod admin;
 pub mod authority;
@@ -26,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod holder;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod status;

@@ -301,6 +301,14 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             listen,
             admin_socket,
         } => {
+            let source = meshcert_ca::daemon::ConfigSource {
+                path: config.clone(),
+                overrides: meshcert_ca::daemon::Overrides {
+                    state_dir,
+                    listen,
+                    admin_socket,
+                },
+            };
             let mut cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e @ ConfigError::Read { .. }) => {
@@ -323,16 +331,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                     });
                 }
             };
-            if let Some(d) = state_dir {
-                cfg.holder.state_dir = d;
-            }
-            if let Some(l) = listen {
-                cfg.holder.listen = l;
-            }
-            if let Some(a) = admin_socket {
-                cfg.holder.admin_socket = a;
-            }
-            meshcert_ca::daemon::run(cfg).await.map_err(|e| {
+            source.overrides.apply(&mut cfg);
+            meshcert_ca::daemon::run(cfg, source).await.map_err(|e| {
                 tracing::error!(error = %e, "meshcert-ca stopped");
                 Failure::runtime(e)
             })

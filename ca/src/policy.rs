@@ -1,8 +1,11 @@
 //! Issuance policy: the pure checks a CSR passes before the holder signs it.
 //!
 //! Order of checks for a workload CSR, and the code each failure gets:
-//! 1. the entry exists (`unknown_entry`) and is assigned to the calling node (`not_assigned`);
-//!    an agent-local entry is refused (`policy_denied`) until DISABLED enforcement lands;
+//! 1. a holder entry exists (`unknown_entry`) and is assigned to the calling node
+//!    (`not_assigned`); an agent-local entry (sent with the CSR) is checked by
+//!    [`check_local_entry`] instead: outside the node's trust domain it is refused
+//!    (`outside_trust_domain`) under every mode, under ENABLED it is refused (`policy_denied`),
+//!    and a node identity or a bare trust domain is never granted (`policy_denied`);
 //! 2. the entry's ID is inside the calling node's trust domain (`outside_trust_domain`);
 //! 3. the CSR parses (`bad_csr`) and its key is ECDSA P-256, P-384 or RSA ≥ 2048
 //!    (`key_not_allowed`; checked before the signature, since aws-lc-rs will not even verify
@@ -16,7 +19,7 @@
 //! entry, so a CSR asking for `CA:true` still yields a non-CA leaf.
 
 use meshcert_protocol::api::{ApiError, ErrorCode};
-use meshcert_protocol::{Entry, SpiffeId, TrustDomain};
+use meshcert_protocol::{Enforcement, Entry, SpiffeId, TrustDomain};
 use rustls::pki_types::CertificateSigningRequestDer;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension};
@@ -134,29 +137,89 @@ pub struct Approved {
     pub ttl: std::time::Duration,
     /// The CSR's public key.
     pub key: CsrKey,
+    /// A holder entry marked as a gateway (never an agent-local one).
+    pub gateway: bool,
+    /// Signed for an agent-local entry.
+    pub local: bool,
 }
 
-/// Decides one CSR of a signing batch. `entry` is the stored entry with the requested id.
+/// Whether an agent-local entry may be signed for `caller` under the mesh's effective
+/// enforcement (`MESH_DEFAULT` must already be resolved; it counts as ENABLED here).
+pub fn check_local_entry(
+    caller: &Caller,
+    entry_id: &str,
+    local: &Entry,
+    enforcement: Enforcement,
+) -> Result<(), ApiError> {
+    if !caller.trust_domain.contains(&local.spiffe_id) {
+        return Err(refuse(
+            ErrorCode::OutsideTrustDomain,
+            format!(
+                "the local entry's `{}` is outside the node's trust domain `{}`",
+                local.spiffe_id, caller.trust_domain
+            ),
+        ));
+    }
+    if enforcement != Enforcement::Disabled {
+        return Err(refuse(
+            ErrorCode::PolicyDenied,
+            format!(
+                "agent-local entries are not allowed: access control is enforced (ENABLED) for mesh `{}`",
+                caller.mesh
+            ),
+        ));
+    }
+    if !local.spiffe_id.is_leaf() || local.spiffe_id.path().starts_with("/meshcert/") {
+        return Err(refuse(
+            ErrorCode::PolicyDenied,
+            format!(
+                "`{}` is reserved; a local entry needs a workload path outside /meshcert/",
+                local.spiffe_id
+            ),
+        ));
+    }
+    if local.id != entry_id {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!(
+                "the CSR names entry `{entry_id}` but carries local entry `{}`",
+                local.id
+            ),
+        ));
+    }
+    if local.ttl.is_zero() {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "the local entry's ttl must be longer than zero",
+        ));
+    }
+    Ok(())
+}
+
+/// Decides one CSR of a signing batch. `entry` is the stored entry with the requested id;
+/// `local` the agent-local entry sent with the CSR, decided under `enforcement` (the mesh's
+/// effective mode).
 pub fn check_sign(
     caller: &Caller,
     entry_id: &str,
     entry: Option<&Entry>,
-    local: bool,
+    local: Option<&Entry>,
+    enforcement: Enforcement,
     csr_der: &[u8],
 ) -> Result<Approved, ApiError> {
-    if local {
-        return Err(refuse(
-            ErrorCode::PolicyDenied,
-            "agent-local entries are not allowed under ENABLED enforcement",
-        ));
-    }
-    let entry = entry.ok_or_else(|| {
-        refuse(
-            ErrorCode::UnknownEntry,
-            format!("no entry has the id `{entry_id}`"),
-        )
-    })?;
-    if !entry.is_assigned_to(&caller.node, &caller.mesh) {
+    let entry = match local {
+        Some(l) => {
+            check_local_entry(caller, entry_id, l, enforcement)?;
+            l
+        }
+        None => entry.ok_or_else(|| {
+            refuse(
+                ErrorCode::UnknownEntry,
+                format!("no entry has the id `{entry_id}`"),
+            )
+        })?,
+    };
+    if local.is_none() && !entry.is_assigned_to(&caller.node, &caller.mesh) {
         return Err(refuse(
             ErrorCode::NotAssigned,
             format!(
@@ -215,6 +278,8 @@ pub fn check_sign(
         spiffe_id: entry.spiffe_id.clone(),
         ttl: entry.ttl,
         key: csr.key,
+        gateway: entry.gateway && local.is_none(),
+        local: local.is_some(),
     })
 }
 
@@ -439,7 +504,14 @@ mod tests {
             if name == "rsa-1024" && rsa1024.is_empty() {
                 panic!("openssl is needed to build an RSA-1024 CSR");
             }
-            let got = check_sign(&caller(), "web", e, local, &csr);
+            let got = check_sign(
+                &caller(),
+                "web",
+                e,
+                local.then_some(&web_e),
+                Enforcement::Enabled,
+                &csr,
+            );
             match want {
                 None => assert!(got.is_ok(), "{name}: {got:?}"),
                 Some(code) => {
@@ -448,6 +520,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn local_entries_follow_the_enforcement_table() {
+        use Enforcement::{Disabled, Enabled, MeshDefault};
+        let k = p256();
+        let inside = entry("local-web", "spiffe://mesh-a.test/local-web", &[]);
+        let outside = entry("local-web", "spiffe://mesh-b.test/local-web", &[]);
+        let node_id = entry(
+            "local-web",
+            "spiffe://mesh-a.test/meshcert/node/node-2",
+            &[],
+        );
+        let bare = Entry {
+            spiffe_id: SpiffeId::new("spiffe://mesh-a.test").expect("valid"),
+            ..inside.clone()
+        };
+        let mut gateway = inside.clone();
+        gateway.gateway = true;
+        // (case, local entry, effective mode, expected refusal)
+        let cases: &[(&str, &Entry, Enforcement, Option<ErrorCode>)] = &[
+            ("inside, DISABLED", &inside, Disabled, None),
+            (
+                "inside, ENABLED",
+                &inside,
+                Enabled,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "inside, unresolved default",
+                &inside,
+                MeshDefault,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "outside, DISABLED",
+                &outside,
+                Disabled,
+                Some(ErrorCode::OutsideTrustDomain),
+            ),
+            (
+                "outside, ENABLED",
+                &outside,
+                Enabled,
+                Some(ErrorCode::OutsideTrustDomain),
+            ),
+            (
+                "a node identity",
+                &node_id,
+                Disabled,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "the bare trust domain",
+                &bare,
+                Disabled,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            ("a gateway flag", &gateway, Disabled, None),
+        ];
+        for (name, local, mode, want) in cases {
+            let csr = csr_with(&k, &[&local.spiffe_id.to_string()], false);
+            // No holder entry has this id, and the local entry is assigned to no node: neither
+            // matters for a local entry.
+            let got = check_sign(&caller(), "local-web", None, Some(local), *mode, &csr);
+            match want {
+                None => {
+                    let ok = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert!(ok.local, "{name}");
+                    assert!(
+                        !ok.gateway,
+                        "{name}: a local entry never gets a gateway SVID"
+                    );
+                }
+                Some(code) => assert_eq!(got.expect_err(name).code, *code, "{name}"),
+            }
+        }
+        // Under DISABLED the CSR rules still hold: the SAN must be the local entry's ID.
+        let csr = csr_with(&k, &["spiffe://mesh-a.test/other"], false);
+        let got = check_sign(&caller(), "local-web", None, Some(&inside), Disabled, &csr);
+        assert_eq!(got.expect_err("san").code, ErrorCode::SanMismatch);
+        // The CSR's entry id must be the local entry's.
+        let csr = csr_with(&k, &["spiffe://mesh-a.test/local-web"], false);
+        let got = check_sign(&caller(), "web", None, Some(&inside), Disabled, &csr);
+        assert_eq!(got.expect_err("id").code, ErrorCode::BadRequest);
     }
 
     fn authority(dir: &std::path::Path) -> Authority {
@@ -534,7 +691,8 @@ mod tests {
         ] {
             let csr = csr_with(&key, &[web], true);
             let e = entry("web", web, &["node-1"]);
-            let ok = check_sign(&caller(), "web", Some(&e), false, &csr).expect("approved");
+            let ok = check_sign(&caller(), "web", Some(&e), None, Enforcement::Enabled, &csr)
+                .expect("approved");
             let now = SystemTime::now();
             let issued = a
                 .sign_leaf(
@@ -596,7 +754,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let e = entry("web", "spiffe://mesh-a.test/web", &["node-1"]);
-            prop_assert!(check_sign(&caller(), "web", Some(&e), false, &bytes).is_err());
+            prop_assert!(check_sign(&caller(), "web", Some(&e), None, Enforcement::Enabled, &bytes).is_err());
         }
 
         #[test]
@@ -608,7 +766,7 @@ mod tests {
             let id = format!("spiffe://{td}/{path}");
             let e = entry("x", &id, &["node-1"]);
             let csr = csr_with(&key, &[&id], false);
-            let got = check_sign(&caller(), "x", Some(&e), false, &csr);
+            let got = check_sign(&caller(), "x", Some(&e), None, Enforcement::Enabled, &csr);
             if td == "mesh-a.test" {
                 prop_assert!(got.is_ok());
             } else {
@@ -616,6 +774,13 @@ mod tests {
             }
             if let Ok(a) = got {
                 prop_assert!(caller().trust_domain.contains(&a.spiffe_id));
+            }
+            // The same identity as an agent-local entry, under the most permissive mode.
+            let local = check_sign(&caller(), "x", None, Some(&e), Enforcement::Disabled, &csr);
+            if td == "mesh-a.test" {
+                prop_assert!(local.is_ok());
+            } else {
+                prop_assert_eq!(local.map(|_| ()).map_err(|e| e.code), Err(ErrorCode::OutsideTrustDomain));
             }
         }
     }

@@ -49,25 +49,30 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// The rustls server configuration: a fresh server certificate signed by the root, client
-/// certificates optional but verified against the root when present.
+/// The rustls server configuration: a fresh server certificate signed by the shared root (the
+/// one agents bootstrap with: `root.pem`, `Bundles.shared_root` under limited trust), client
+/// certificates optional but, when present, verified against the shared root and every mesh
+/// root (node SVIDs chain to their mesh's root).
 pub fn tls_config(
     holder: &Holder,
     now: SystemTime,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let serving = holder.serving();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(holder.authority.root().der.clone()))
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    for der in serving.authority.client_roots() {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .allow_unauthenticated()
             .build()
             .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let (cert, key) = holder
+    let (cert, key) = serving
         .authority
-        .server_identity(&holder.config.holder.server_names, now)?;
+        .server_identity(&serving.config.holder.server_names, now)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ServerError::Tls(e.to_string()))?
@@ -81,14 +86,14 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves. Each connection uses the holder's
+/// current TLS configuration ([`Holder::set_tls`], replaced on reload), `tls` until one is set.
 pub async fn serve(
     listener: TcpListener,
     holder: Arc<Holder>,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -102,7 +107,7 @@ pub async fn serve(
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(holder.tls().unwrap_or_else(|| Arc::clone(&tls)));
         let holder = Arc::clone(&holder);
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -237,7 +242,7 @@ async fn route(
     let now = SystemTime::now();
     let ok = StatusCode::OK;
     match path.as_str() {
-        api::PATH_BUNDLE => Ok(json(ok, &holder.authority.bundles())),
+        api::PATH_BUNDLE => Ok(json(ok, &holder.bundles())),
         api::PATH_ATTEST => {
             let body: AttestRequest = parse_json(&read_body(req).await?)?;
             Ok(json(ok, &holder.attest(&body, now)?))

@@ -1,17 +1,44 @@
 //! The VirtualMesh status document the holder renders (`meshcert-ca status`, admin
-//! `GET /v1/status`): `configStatus` and `certificateStatus`, shaped like the Kubernetes
-//! resource's status, plus its table form for a person.
+//! `GET /v1/status`): `configStatus`, `certificateStatus`, `federationStatus` and
+//! `accessControlEnforcementStatus`, shaped like the Kubernetes resource's status, each with a
+//! state and messages; plus its table form for a person. The aggregations are pure functions.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use meshcert_protocol::IdentityReport;
+use meshcert_protocol::{Enforcement, IdentityReport, NodeReport};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{NodeRecord, StoredReport};
 
 /// A node is stale when silent for more than this many heartbeats.
 pub const STALE_HEARTBEATS: u32 = 3;
+
+/// The state of one part of the status, as the Kubernetes resource has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    /// Done and in force everywhere.
+    Accepted,
+    /// The configuration is invalid (the previous one keeps serving).
+    Invalid,
+    /// The holder failed to act on a valid configuration (the previous one keeps serving).
+    ProcessingError,
+    /// In force on the holder, not yet on every node.
+    Pending,
+}
+
+impl State {
+    /// The name as it appears in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "ACCEPTED",
+            Self::Invalid => "INVALID",
+            Self::ProcessingError => "PROCESSING_ERROR",
+            Self::Pending => "PENDING",
+        }
+    }
+}
 
 /// The whole status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,18 +48,26 @@ pub struct Status {
     pub display_name: String,
     /// The address the HTTPS API is bound to.
     pub listen_address: String,
+    /// The address of the plaintext `/metrics` listener, when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
     /// The configuration's validation result.
     pub config_status: ConfigStatus,
     /// The signing process.
     pub certificate_status: CertificateStatus,
+    /// Which bundle version each mesh's nodes hold.
+    pub federation_status: FederationStatus,
+    /// The issuance mode of each mesh and whether its nodes apply it.
+    pub access_control_enforcement_status: EnforcementStatus,
 }
 
 /// `configStatus`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigStatus {
-    /// `ACCEPTED` or `INVALID`.
-    pub state: String,
+    /// `ACCEPTED`, `INVALID` (validation failed) or `PROCESSING_ERROR` (valid, but the holder
+    /// could not act on it); in both failure cases the last accepted configuration serves.
+    pub state: State,
     /// Every problem, with its field path.
     pub messages: Vec<String>,
 }
@@ -41,7 +76,7 @@ impl ConfigStatus {
     /// The status of a configuration that passed validation.
     pub fn accepted() -> Self {
         Self {
-            state: "ACCEPTED".into(),
+            state: State::Accepted,
             messages: Vec::new(),
         }
     }
@@ -49,7 +84,7 @@ impl ConfigStatus {
     /// The status of a configuration that failed validation.
     pub fn invalid(messages: Vec<String>) -> Self {
         Self {
-            state: "INVALID".into(),
+            state: State::Invalid,
             messages,
         }
     }
@@ -59,11 +94,18 @@ impl ConfigStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateStatus {
-    /// `ISSUING` while the root and intermediates are valid.
-    pub state: String,
-    /// The root.
+    /// `ACCEPTED` while every root and intermediate is valid, `PROCESSING_ERROR` otherwise.
+    pub state: State,
+    /// What is wrong, when something is.
+    pub messages: Vec<String>,
+    /// `SHARED` or `LIMITED`.
+    pub trust: String,
+    /// The virtual mesh's (shared) root.
     pub root: RootStatus,
-    /// One per mesh.
+    /// Under limited trust, each mesh's own root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_roots: Vec<MeshRootStatus>,
+    /// One per mesh (and under limited trust one more per mesh, the gateway intermediate).
     pub intermediates: Vec<IntermediateStatus>,
     /// Certificates signed so far (node and workload SVIDs).
     pub svids_issued: u64,
@@ -85,6 +127,20 @@ pub struct RootStatus {
     pub org: String,
 }
 
+/// A mesh's own root (limited trust).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshRootStatus {
+    /// The mesh.
+    pub mesh: String,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// SHA-256 of the DER, hex.
+    pub fingerprint_sha256: String,
+    /// Expiry, RFC 3339.
+    pub not_after: String,
+}
+
 /// One intermediate's facts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -93,6 +149,9 @@ pub struct IntermediateStatus {
     pub mesh: String,
     /// Its trust domain.
     pub trust_domain: String,
+    /// A gateway intermediate (signed by the shared root under limited trust).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
     /// SHA-256 of the DER, hex.
     pub fingerprint_sha256: String,
     /// Expiry, RFC 3339.
@@ -117,8 +176,211 @@ pub struct NodeStatus {
     /// The bundle version the node holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_version: Option<u64>,
+    /// The enforcement mode the node applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
     /// Its identities as last reported.
     pub identities: Vec<IdentityReport>,
+}
+
+/// `federationStatus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FederationStatus {
+    /// `ACCEPTED` when every node holds the current bundle version, else `PENDING`.
+    pub state: State,
+    /// One line per mesh whose nodes lag.
+    pub messages: Vec<String>,
+    /// `PERMISSIVE` (every mesh's bundle to every node) or `DISABLED` (own trust domain only).
+    pub mode: String,
+    /// The current bundle version.
+    pub bundle_version: u64,
+    /// One per mesh.
+    pub meshes: Vec<MeshFederation>,
+}
+
+/// One mesh's federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshFederation {
+    /// The mesh.
+    pub mesh: String,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// The bundle version its nodes should hold.
+    pub bundle_version: u64,
+    /// Nodes that report holding it.
+    pub acknowledged: usize,
+    /// The mesh's nodes (banned ones excluded).
+    pub nodes: usize,
+    /// The nodes that do not (yet) report it.
+    pub lagging: Vec<String>,
+}
+
+/// `accessControlEnforcementStatus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnforcementStatus {
+    /// `ACCEPTED` when every node applies its mesh's mode, else `PENDING`.
+    pub state: State,
+    /// One line per mesh whose nodes lag.
+    pub messages: Vec<String>,
+    /// One per mesh.
+    pub meshes: Vec<MeshEnforcement>,
+}
+
+/// One mesh's issuance mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshEnforcement {
+    /// The mesh.
+    pub mesh: String,
+    /// `spec.enforceAccessControl` as configured.
+    pub configured: Enforcement,
+    /// The mode in force (`MESH_DEFAULT` resolved by mesh type).
+    pub effective: Enforcement,
+    /// Nodes that report applying it.
+    pub applied: usize,
+    /// The mesh's nodes (banned ones excluded).
+    pub nodes: usize,
+    /// The nodes that do not (yet) report it.
+    pub lagging: Vec<String>,
+}
+
+/// What the aggregation needs to know of one mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshFacts {
+    /// The mesh.
+    pub mesh: String,
+    /// Its trust domain.
+    pub trust_domain: String,
+    /// `spec.enforceAccessControl`.
+    pub configured: Enforcement,
+    /// The effective mode.
+    pub effective: Enforcement,
+}
+
+/// The non-banned nodes of a mesh with their latest report, by name; pure.
+fn members<'a>(
+    mesh: &str,
+    nodes: &'a [NodeRecord],
+    reports: &'a [StoredReport],
+) -> Vec<(&'a str, Option<&'a NodeReport>)> {
+    nodes
+        .iter()
+        .filter(|n| n.mesh == mesh && !n.banned)
+        .map(|n| {
+            let r = reports.iter().find(|r| r.node == n.name).map(|r| &r.report);
+            (n.name.as_str(), r)
+        })
+        .collect()
+}
+
+/// Builds `federationStatus`: per mesh, how many nodes report holding `version`; pure.
+pub fn federation_status(
+    meshes: &[MeshFacts],
+    version: u64,
+    permissive: bool,
+    nodes: &[NodeRecord],
+    reports: &[StoredReport],
+) -> FederationStatus {
+    let mut messages = Vec::new();
+    let meshes: Vec<MeshFederation> = meshes
+        .iter()
+        .map(|m| {
+            let all = members(&m.mesh, nodes, reports);
+            let lagging: Vec<String> = all
+                .iter()
+                .filter(|(_, r)| r.is_none_or(|r| r.bundle_version != version))
+                .map(|(n, _)| (*n).to_owned())
+                .collect();
+            if !lagging.is_empty() {
+                messages.push(format!(
+                    "{}: bundle version {version} on {} of {} nodes; waiting for {}",
+                    m.mesh,
+                    all.len() - lagging.len(),
+                    all.len(),
+                    lagging.join(", ")
+                ));
+            }
+            MeshFederation {
+                mesh: m.mesh.clone(),
+                trust_domain: m.trust_domain.clone(),
+                bundle_version: version,
+                acknowledged: all.len() - lagging.len(),
+                nodes: all.len(),
+                lagging,
+            }
+        })
+        .collect();
+    FederationStatus {
+        state: if messages.is_empty() {
+            State::Accepted
+        } else {
+            State::Pending
+        },
+        messages,
+        mode: if permissive { "PERMISSIVE" } else { "DISABLED" }.into(),
+        bundle_version: version,
+        meshes,
+    }
+}
+
+/// Builds `accessControlEnforcementStatus`: per mesh, how many nodes report applying the
+/// effective mode; pure.
+pub fn enforcement_status(
+    meshes: &[MeshFacts],
+    nodes: &[NodeRecord],
+    reports: &[StoredReport],
+) -> EnforcementStatus {
+    let mut messages = Vec::new();
+    let meshes: Vec<MeshEnforcement> = meshes
+        .iter()
+        .map(|m| {
+            let all = members(&m.mesh, nodes, reports);
+            let lagging: Vec<String> = all
+                .iter()
+                .filter(|(_, r)| r.and_then(|r| r.enforcement) != Some(m.effective))
+                .map(|(n, _)| (*n).to_owned())
+                .collect();
+            if !lagging.is_empty() {
+                messages.push(format!(
+                    "{}: {} applied on {} of {} nodes; waiting for {}",
+                    m.mesh,
+                    mode_name(m.effective),
+                    all.len() - lagging.len(),
+                    all.len(),
+                    lagging.join(", ")
+                ));
+            }
+            MeshEnforcement {
+                mesh: m.mesh.clone(),
+                configured: m.configured,
+                effective: m.effective,
+                applied: all.len() - lagging.len(),
+                nodes: all.len(),
+                lagging,
+            }
+        })
+        .collect();
+    EnforcementStatus {
+        state: if messages.is_empty() {
+            State::Accepted
+        } else {
+            State::Pending
+        },
+        messages,
+        meshes,
+    }
+}
+
+/// The name of a mode as written in the configuration.
+pub fn mode_name(e: Enforcement) -> &'static str {
+    match e {
+        Enforcement::MeshDefault => "MESH_DEFAULT",
+        Enforcement::Enabled => "ENABLED",
+        Enforcement::Disabled => "DISABLED",
+    }
 }
 
 /// Whether a node last heard from at `last` (or first seen then) is stale at `now`.
@@ -146,6 +408,7 @@ pub fn node_statuses(
                 last_report: report.map(|r| crate::authority::rfc3339(at(r.received_at))),
                 stale: is_stale(at(last), now, heartbeat),
                 bundle_version: report.map(|r| r.report.bundle_version),
+                enforcement: report.and_then(|r| r.report.enforcement),
                 identities: report
                     .map(|r| r.report.identities.clone())
                     .unwrap_or_default(),
@@ -155,33 +418,82 @@ pub fn node_statuses(
 }
 
 impl Status {
-    /// The table a person reads: the holder, then one line per node and per identity.
+    /// The table a person reads: one line per part of the status, then the meshes, then one
+    /// line per node and per identity.
     pub fn table(&self) -> String {
         let mut out = String::new();
         let c = &self.certificate_status;
+        let f = &self.federation_status;
+        let e = &self.access_control_enforcement_status;
         let _ = writeln!(
             out,
-            "{}  config {}  listening on {}  {} SVIDs issued",
-            self.display_name, self.config_status.state, self.listen_address, c.svids_issued
+            "{}  listening on {}  {} trust  {} SVIDs issued",
+            self.display_name, self.listen_address, c.trust, c.svids_issued
         );
-        for m in &self.config_status.messages {
-            let _ = writeln!(out, "  ! {m}");
+        let parts = [
+            (
+                "config",
+                self.config_status.state,
+                String::new(),
+                &self.config_status.messages,
+            ),
+            ("certificates", c.state, String::new(), &c.messages),
+            (
+                "federation",
+                f.state,
+                format!("  {}, bundle v{}", f.mode, f.bundle_version),
+                &f.messages,
+            ),
+            ("access control", e.state, String::new(), &e.messages),
+        ];
+        for (name, state, detail, messages) in parts {
+            let _ = writeln!(out, "{name:<16} {}{detail}", state.as_str());
+            for m in messages {
+                let _ = writeln!(out, "  ! {m}");
+            }
         }
         let _ = writeln!(
             out,
-            "root  {} bits  O={}  expires {}  sha256 {}",
+            "shared root  {} bits  O={}  expires {}  sha256 {}",
             c.root.key_bits, c.root.org, c.root.not_after, c.root.fingerprint_sha256
         );
-        for i in &c.intermediates {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:<24} {:<22} {:<22} {:<14} ENFORCEMENT",
+            "MESH", "TRUST DOMAIN", "ROOT EXPIRES", "INTERMEDIATE EXPIRES", "BUNDLE"
+        );
+        for m in &f.meshes {
+            let root = c
+                .mesh_roots
+                .iter()
+                .find(|r| r.mesh == m.mesh)
+                .map_or("(shared)", |r| r.not_after.as_str());
+            let inter = c
+                .intermediates
+                .iter()
+                .find(|i| i.mesh == m.mesh && !i.gateway)
+                .map_or("-", |i| i.not_after.as_str());
+            let enf = e
+                .meshes
+                .iter()
+                .find(|x| x.mesh == m.mesh)
+                .map_or("-".to_owned(), |x| {
+                    format!("{} {}/{}", mode_name(x.effective), x.applied, x.nodes)
+                });
             let _ = writeln!(
                 out,
-                "intermediate  {}  {}  expires {}",
-                i.mesh, i.trust_domain, i.not_after
+                "{:<16} {:<24} {:<22} {:<22} {:<14} {}",
+                m.mesh,
+                m.trust_domain,
+                root,
+                inter,
+                format!("v{} {}/{}", m.bundle_version, m.acknowledged, m.nodes),
+                enf
             );
         }
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:<9} {:<8} {:<22} LAST REPORT",
+            "\n{:<24} {:<12} {:<9} {:<8} {:<22} LAST REPORT",
             "NODE / IDENTITY", "MESH", "STATE", "BUNDLE", "NOT AFTER"
         );
         for n in &c.nodes {
@@ -198,7 +510,7 @@ impl Status {
                 n.name,
                 n.mesh,
                 state,
-                n.bundle_version.map_or("-".into(), |v| v.to_string()),
+                n.bundle_version.map_or("-".into(), |v| format!("v{v}")),
                 "",
                 n.last_report.as_deref().unwrap_or("never")
             );
@@ -225,7 +537,6 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshcert_protocol::NodeReport;
 
     #[test]
     fn silent_nodes_are_stale_after_three_heartbeats() {
@@ -262,5 +573,141 @@ mod tests {
         assert!(s[0].last_report.is_none());
         let s = node_statuses(&nodes, &reports, t0 + Duration::from_secs(30), hb);
         assert!(!s[0].stale, "exactly three heartbeats is not yet stale");
+    }
+
+    fn node(name: &str, mesh: &str, banned: bool) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            mesh: mesh.into(),
+            spiffe_id: format!("spiffe://{mesh}.test/meshcert/node/{name}"),
+            first_seen: 0,
+            banned,
+        }
+    }
+
+    fn report(name: &str, version: u64, enforcement: Option<Enforcement>) -> StoredReport {
+        StoredReport {
+            node: name.into(),
+            report: NodeReport {
+                bundle_version: version,
+                enforcement,
+                identities: vec![],
+            },
+            received_at: 0,
+        }
+    }
+
+    fn facts(mesh: &str, effective: Enforcement) -> MeshFacts {
+        MeshFacts {
+            mesh: mesh.into(),
+            trust_domain: format!("{mesh}.test"),
+            configured: Enforcement::MeshDefault,
+            effective,
+        }
+    }
+
+    #[test]
+    fn federation_counts_the_nodes_holding_the_current_version() {
+        let meshes = [
+            facts("a", Enforcement::Enabled),
+            facts("b", Enforcement::Disabled),
+        ];
+        let nodes = [
+            node("a1", "a", false),
+            node("a2", "a", false),
+            node("a3", "a", false),
+            node("banned", "a", true),
+            node("b1", "b", false),
+        ];
+        // (case, reports, expected (acknowledged, nodes, lagging) for mesh a, then the state)
+        type Case<'a> = (
+            &'a str,
+            Vec<StoredReport>,
+            (usize, usize, Vec<&'a str>),
+            State,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "nobody reported",
+                vec![],
+                (0, 3, vec!["a1", "a2", "a3"]),
+                State::Pending,
+            ),
+            (
+                "one current, one old, one silent; banned ignored",
+                vec![
+                    report("a1", 2, None),
+                    report("a2", 1, None),
+                    report("banned", 1, None),
+                ],
+                (1, 3, vec!["a2", "a3"]),
+                State::Pending,
+            ),
+            (
+                "everyone current",
+                vec![
+                    report("a1", 2, None),
+                    report("a2", 2, None),
+                    report("a3", 2, None),
+                    report("b1", 2, None),
+                ],
+                (3, 3, vec![]),
+                State::Accepted,
+            ),
+        ];
+        for (name, reports, (ack, total, lag), state) in cases {
+            let f = federation_status(&meshes, 2, true, &nodes, &reports);
+            let a = &f.meshes[0];
+            assert_eq!((a.acknowledged, a.nodes), (ack, total), "{name}");
+            assert_eq!(a.lagging, lag, "{name}");
+            assert_eq!(f.state, state, "{name}");
+            assert_eq!(f.mode, "PERMISSIVE");
+            assert_eq!(
+                f.messages.is_empty(),
+                state == State::Accepted,
+                "{name}: {:?}",
+                f.messages
+            );
+        }
+        let empty = federation_status(&meshes, 1, false, &[], &[]);
+        assert_eq!(
+            empty.state,
+            State::Accepted,
+            "no nodes: nothing to wait for"
+        );
+        assert_eq!(empty.mode, "DISABLED");
+    }
+
+    #[test]
+    fn enforcement_counts_the_nodes_applying_the_effective_mode() {
+        let meshes = [facts("a", Enforcement::Disabled)];
+        let nodes = [
+            node("a1", "a", false),
+            node("a2", "a", false),
+            node("a3", "a", false),
+        ];
+        let reports = [
+            report("a1", 1, Some(Enforcement::Disabled)),
+            report("a2", 1, Some(Enforcement::Enabled)),
+            report("a3", 1, None),
+        ];
+        let e = enforcement_status(&meshes, &nodes, &reports);
+        assert_eq!(e.meshes[0].applied, 1);
+        assert_eq!(e.meshes[0].nodes, 3);
+        assert_eq!(e.meshes[0].lagging, vec!["a2", "a3"]);
+        assert_eq!(e.state, State::Pending);
+        assert!(
+            e.messages[0].contains("DISABLED applied on 1 of 3"),
+            "{:?}",
+            e.messages
+        );
+        let reports = [
+            report("a1", 1, Some(Enforcement::Disabled)),
+            report("a2", 1, Some(Enforcement::Disabled)),
+            report("a3", 1, Some(Enforcement::Disabled)),
+        ];
+        let e = enforcement_status(&meshes, &nodes, &reports);
+        assert_eq!(e.state, State::Accepted);
+        assert_eq!(e.meshes[0].applied, 3);
     }
 }

@@ -4,4 +4,5 @@
 mod agent;
 mod ca;
 mod faults;
+mod virtualmesh;
 mod workload;

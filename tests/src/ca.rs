@@ -67,29 +67,8 @@ impl CaHolder {
     /// waits until its admin socket answers and its listen address is known.
     pub fn start(config_yaml: &str) -> anyhow::Result<CaHolder> {
         let dir = tempfile::tempdir()?;
-        let mut doc: serde_norway::Value =
-            serde_norway::from_str(config_yaml).context("the test config is not YAML")?;
-        let map = doc
-            .as_mapping_mut()
-            .context("the test config is not a mapping")?;
-        let holder = map
-            .entry("holder".into())
-            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
-        if holder.is_null() {
-            *holder = serde_norway::Value::Mapping(Default::default());
-        }
-        let holder = holder
-            .as_mapping_mut()
-            .context("`holder` is not a mapping")?;
-        let state = dir.path().join("state");
-        let socket = dir.path().join("admin.sock");
-        holder.insert("stateDir".into(), state.display().to_string().into());
-        holder.insert("adminSocket".into(), socket.display().to_string().into());
-        holder.insert("listen".into(), "127.0.0.1:0".into());
-        std::fs::write(
-            dir.path().join("config.yaml"),
-            serde_norway::to_string(&doc)?,
-        )?;
+        let text = with_test_paths(config_yaml, dir.path())?;
+        std::fs::write(dir.path().join("config.yaml"), text)?;
         let mut ca = CaHolder {
             dir,
             child: None,
@@ -97,6 +76,64 @@ impl CaHolder {
         };
         ca.spawn(None)?;
         Ok(ca)
+    }
+
+    /// Replaces the running holder's configuration file (atomically, by rename), with the same
+    /// test paths as [`CaHolder::start`]; the holder sees the change and reloads.
+    pub fn write_config(&self, config_yaml: &str) -> anyhow::Result<()> {
+        let text = with_test_paths(config_yaml, self.dir.path())?;
+        let tmp = self.dir.path().join(".config.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// Writes text into the configuration file as is (for files that are not even YAML).
+    pub fn write_raw_config(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.path().join(".config.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn sighup(&self) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+        Ok(())
+    }
+
+    /// The status document (`meshcert-ca status -o json`).
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.ctl(&["status", "-o", "json"])?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Polls the status until `done` holds (at most 60 s, then fails with the last status and
+    /// the log). Not a timing assertion: a bound on waiting for something that must happen.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let status = self.status()?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waited in vain for {what}; status:\n{status:#}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn spawn(&mut self, listen: Option<SocketAddr>) -> anyhow::Result<()> {
@@ -268,6 +305,31 @@ impl CaHolder {
             .build()?;
         rt.block_on(https_exchange(self.addr, roots, request, identity))
     }
+}
+
+/// `config_yaml` with `holder.stateDir`, `holder.adminSocket` inside `dir` and
+/// `holder.listen: 127.0.0.1:0`.
+fn with_test_paths(config_yaml: &str, dir: &Path) -> anyhow::Result<String> {
+    let mut doc: serde_norway::Value =
+        serde_norway::from_str(config_yaml).context("the test config is not YAML")?;
+    let map = doc
+        .as_mapping_mut()
+        .context("the test config is not a mapping")?;
+    let holder = map
+        .entry("holder".into())
+        .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+    if holder.is_null() {
+        *holder = serde_norway::Value::Mapping(Default::default());
+    }
+    let holder = holder
+        .as_mapping_mut()
+        .context("`holder` is not a mapping")?;
+    let state = dir.join("state");
+    let socket = dir.join("admin.sock");
+    holder.insert("stateDir".into(), state.display().to_string().into());
+    holder.insert("adminSocket".into(), socket.display().to_string().into());
+    holder.insert("listen".into(), "127.0.0.1:0".into());
+    Ok(serde_norway::to_string(&doc)?)
 }
 
 impl Drop for CaHolder {

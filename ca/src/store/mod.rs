@@ -98,6 +98,9 @@ pub struct Issuance {
     pub not_after: u64,
     /// Issue time, Unix seconds.
     pub issued_at: u64,
+    /// Signed for an agent-local entry (DISABLED enforcement), not a holder entry.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// A node's latest report.
@@ -147,4 +150,8 @@ pub trait Store: Send + Sync {
     fn put_report(&self, report: &StoredReport) -> Result<(), StoreError>;
     /// Every node's latest report.
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError>;
+    /// The bundle version for bundles whose content has this digest, in one transaction: the
+    /// stored version when the digest is the stored one, else the stored version plus one
+    /// (1 the first time), persisted with the new digest.
+    fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError>;
 }

@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS issuances (
     not_after INTEGER NOT NULL,
     issued_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reports (
     node TEXT PRIMARY KEY,
     body TEXT NOT NULL,
@@ -72,6 +76,15 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        // Databases from before the `local` marker get the column (default: not local).
+        let has_local: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('issuances') WHERE name = 'local'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(open_err)?;
+        if !has_local {
+            conn.execute_batch("ALTER TABLE issuances ADD COLUMN local INTEGER NOT NULL DEFAULT 0")
+                .map_err(open_err)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -225,14 +238,15 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         for i in issued {
             tx.execute(
-                "INSERT INTO issuances (serial, spiffe_id, node, not_after, issued_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO issuances (serial, spiffe_id, node, not_after, issued_at, local)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     i.serial,
                     i.spiffe_id,
                     i.node,
                     to_i64(i.not_after),
-                    to_i64(i.issued_at)
+                    to_i64(i.issued_at),
+                    i64::from(i.local)
                 ],
             )?;
         }
@@ -243,7 +257,7 @@ impl Store for SqliteStore {
     fn issuances(&self) -> Result<Vec<Issuance>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT serial, spiffe_id, node, not_after, issued_at FROM issuances
+            "SELECT serial, spiffe_id, node, not_after, issued_at, local FROM issuances
              ORDER BY issued_at, serial",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -253,6 +267,7 @@ impl Store for SqliteStore {
                 node: r.get(2)?,
                 not_after: to_u64(r.get(3)?),
                 issued_at: to_u64(r.get(4)?),
+                local: r.get::<_, i64>(5)? != 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -278,6 +293,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError> {
+        settle(&mut self.conn(), digest)
+    }
+
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT node, body, received_at FROM reports ORDER BY node")?;
@@ -297,6 +316,42 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
+
+impl SqliteStore {
+    fn meta(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(tx
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+}
+
+/// Settles the bundle version (see [`Store::settle_bundle_version`]).
+fn settle(conn: &mut Connection, digest: &str) -> Result<u64, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version = SqliteStore::meta(&tx, "bundle_version")?
+        .map(|v| {
+            v.parse::<u64>().map_err(|e| StoreError::Corrupt {
+                what: "bundle version",
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
+    let stored = SqliteStore::meta(&tx, "bundle_digest")?;
+    if let Some(v) = version
+        && stored.as_deref() == Some(digest)
+    {
+        return Ok(v);
+    }
+    let next = version.unwrap_or(0) + 1;
+    let put = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+               ON CONFLICT(key) DO UPDATE SET value = excluded.value";
+    tx.execute(put, params!["bundle_version", next.to_string()])?;
+    tx.execute(put, params!["bundle_digest", digest])?;
+    tx.commit()?;
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -349,6 +404,37 @@ mod tests {
         assert!(s.ban_node("node-1").expect("ban"));
         assert!(s.node("node-1").expect("q").expect("n").banned);
         assert!(!s.ban_node("ghost").expect("ban"));
+    }
+
+    #[test]
+    fn the_bundle_version_grows_only_when_the_content_changes_and_survives_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let s = SqliteStore::open(&path).expect("open");
+        assert_eq!(s.settle_bundle_version("a").expect("v"), 1);
+        assert_eq!(s.settle_bundle_version("a").expect("v"), 1);
+        assert_eq!(s.settle_bundle_version("b").expect("v"), 2);
+        drop(s);
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.settle_bundle_version("b").expect("v"), 2);
+        assert_eq!(s.settle_bundle_version("a").expect("v"), 3);
+    }
+
+    #[test]
+    fn issuances_keep_the_local_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let i = Issuance {
+            serial: "01".into(),
+            spiffe_id: "spiffe://a.test/x".into(),
+            node: "n".into(),
+            not_after: 10,
+            issued_at: 1,
+            local: true,
+        };
+        s.record_issuances(std::slice::from_ref(&i))
+            .expect("record");
+        assert_eq!(s.issuances().expect("list"), vec![i]);
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! Prometheus metrics of the holder (`prometheus-client`, OpenMetrics text) and the optional
+//! plaintext listener that serves them at `GET /metrics` (`holder.metricsListen`; off by
+//! default). Read-only and nothing secret: counts, latencies, versions.
+//!
+//! - `meshcert_ca_csrs_signed_total`: workload CSRs signed by this process.
+//! - `meshcert_ca_csrs_refused_total{code}`: workload CSRs refused, by API error code.
+//! - `meshcert_ca_signing_duration_seconds`: time to check and sign one CSR (histogram).
+//! - `meshcert_ca_svids_issued`: certificates recorded in the datastore (node and workload).
+//! - `meshcert_ca_nodes_reporting` / `meshcert_ca_nodes_stale`: non-banned nodes that report
+//!   within three heartbeats / that are silent for longer.
+//! - `meshcert_ca_bundle_version`: the current bundle version.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_protocol::api::ErrorCode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::holder::Holder;
+use crate::status::node_statuses;
+
+/// The content type of the OpenMetrics text format, which Prometheus scrapes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+
+/// The holder's metrics.
+pub struct Metrics {
+    registry: Registry,
+    signed: Counter,
+    refused: Family<Labels, Counter>,
+    latency: Histogram,
+    svids_issued: Gauge,
+    nodes_reporting: Gauge,
+    nodes_stale: Gauge,
+    bundle_version: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("signed", &self.signed.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric at zero, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let signed = Counter::default();
+        let refused = Family::<Labels, Counter>::default();
+        // 0.5 ms to about 4 s: RSA-4096 signing under load stays inside.
+        let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let svids_issued = Gauge::default();
+        let nodes_reporting = Gauge::default();
+        let nodes_stale = Gauge::default();
+        let bundle_version = Gauge::default();
+        registry.register(
+            "meshcert_ca_csrs_signed",
+            "Workload CSRs signed",
+            signed.clone(),
+        );
+        registry.register(
+            "meshcert_ca_csrs_refused",
+            "Workload CSRs refused, by error code",
+            refused.clone(),
+        );
+        registry.register(
+            "meshcert_ca_signing_duration_seconds",
+            "Time to check and sign one CSR",
+            latency.clone(),
+        );
+        registry.register(
+            "meshcert_ca_svids_issued",
+            "Certificates recorded in the datastore (node and workload SVIDs)",
+            svids_issued.clone(),
+        );
+        registry.register(
+            "meshcert_ca_nodes_reporting",
+            "Non-banned nodes that reported within three heartbeats",
+            nodes_reporting.clone(),
+        );
+        registry.register(
+            "meshcert_ca_nodes_stale",
+            "Non-banned nodes silent for more than three heartbeats",
+            nodes_stale.clone(),
+        );
+        registry.register(
+            "meshcert_ca_bundle_version",
+            "The current trust bundle version",
+            bundle_version.clone(),
+        );
+        Self {
+            registry,
+            signed,
+            refused,
+            latency,
+            svids_issued,
+            nodes_reporting,
+            nodes_stale,
+            bundle_version,
+        }
+    }
+
+    /// One CSR signed, after `took`.
+    pub fn signed(&self, took: Duration) {
+        self.signed.inc();
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// One CSR refused with `code`.
+    pub fn refused(&self, code: ErrorCode) {
+        self.refused
+            .get_or_create(&vec![("code".to_owned(), code.to_string())])
+            .inc();
+    }
+
+    /// The current bundle version.
+    pub fn set_bundle_version(&self, version: u64) {
+        self.bundle_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition, with the gauges read from `holder` at `now`.
+    pub fn render(&self, holder: &Holder, now: SystemTime) -> String {
+        let heartbeat = holder.serving().config.holder.heartbeat;
+        if let (Ok(nodes), Ok(reports)) = (holder.store.nodes(), holder.store.reports()) {
+            let statuses = node_statuses(&nodes, &reports, now, heartbeat);
+            let live: Vec<_> = statuses.iter().filter(|n| !n.banned).collect();
+            let stale = live.iter().filter(|n| n.stale).count();
+            let reporting = live
+                .iter()
+                .filter(|n| !n.stale && n.last_report.is_some())
+                .count();
+            self.nodes_stale
+                .set(i64::try_from(stale).unwrap_or(i64::MAX));
+            self.nodes_reporting
+                .set(i64::try_from(reporting).unwrap_or(i64::MAX));
+        }
+        if let Ok(n) = holder.store.issuance_count() {
+            self.svids_issued.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` in plaintext on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    holder: Arc<Holder>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let holder = Arc::clone(&holder);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let holder = Arc::clone(&holder);
+                async move { Ok::<_, Infallible>(answer(&holder, req.method(), req.uri().path())) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+fn answer(holder: &Holder, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match (method, path) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            CONTENT_TYPE,
+            holder.metrics.render(holder, SystemTime::now()),
+        ),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "only /metrics here\n".to_owned(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_latency_appear_in_the_exposition() {
+        let m = Metrics::new();
+        m.signed(Duration::from_millis(3));
+        m.signed(Duration::from_millis(1));
+        m.refused(ErrorCode::PolicyDenied);
+        m.set_bundle_version(4);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).expect("encode");
+        assert!(out.contains("meshcert_ca_csrs_signed_total 2"), "{out}");
+        assert!(
+            out.contains("meshcert_ca_csrs_refused_total{code=\"policy_denied\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshcert_ca_signing_duration_seconds_count 2"),
+            "{out}"
+        );
+        assert!(out.contains("meshcert_ca_bundle_version 4"), "{out}");
+    }
+}
