@@ -1,11 +1,44 @@
 //! meshcert-agent: the node daemon that keeps every SVID on its node fresh.
 //!
+//! The agent joins the CA holder once with a join token, keeps its node identity in a state
+//! folder, syncs the node's registration entries, generates a fresh key for every entry on the
+//! node, has the holder sign a CSR for it, and installs the result atomically into a shared
+//! volume, rotating it long before it expires.
+//!
 //! # Layout
 //!
+//! - [`config`]: the agent's YAML config, command-line overrides and their validation.
+//! - [`keys`]: private keys (generated on the node, zeroized, never printed).
+//! - [`csr`]: PKCS#10 requests for an identity.
+//! - [`svid`]: checks an issued SVID before install (chain, SPIFFE ID, key match).
+//! - [`issuer`]: the [`issuer::Issuer`] seam and its HTTPS implementation (the CA holder).
+//! - [`node`]: the node identity and last sync kept in the state folder.
+//! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
+//! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
+//! - [`volume`]: the atomic writer of the shared volume.
+//! - [`hook`]: what runs after a rotation (signal a process, or run a command).
+//! - [`report`]: the state sent upward to the holder.
+//! - [`systemd`]: `sd_notify` messages.
+//! - [`sys`]: every `nix` call of the agent core.
+//! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
 //! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness.
 
 pub mod admin;
 pub mod cache;
+pub mod config;
+pub mod csr;
+pub mod daemon;
+pub mod hook;
+pub mod issuer;
+pub mod keys;
+pub mod node;
+pub mod report;
+pub mod rotation;
+pub mod rotator;
+pub mod svid;
+pub mod sys;
+pub mod systemd;
+pub mod volume;
 pub mod workload;

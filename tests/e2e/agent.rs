@@ -1,1 +1,878 @@
-//! End-to-end tests (being written).
+//! The node agent end to end: a real `meshcert-ca` holder, real `meshcert-agent` processes,
+//! real files in temporary folders. What is checked is what an operator would check: modes and
+//! owners, `openssl verify`, key/certificate pairs read the way an application reads them.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use meshcert_protocol::api::{CsrRequest, Der, SignRequest};
+use meshcert_tests::agent::{Agent, WAIT, wait_until};
+use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG};
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::Mode;
+use x509_parser::prelude::*;
+
+const NODE: &str = "node-1";
+const MESH: &str = "mesh-a";
+
+/// The files' owner the entry asks for: uid/gid 1000 when the tests run as root (so the chown
+/// is real), the test's own ids otherwise.
+fn owner() -> (u32, u32) {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if uid == 0 { (1000, 1000) } else { (uid, gid) }
+}
+
+/// The example holder config with `web`'s TTL set to `web_ttl`, `web` owned by [`owner`], and
+/// `extra_entries` (YAML list items) appended.
+fn holder_config(web_ttl: &str, extra_entries: &str) -> String {
+    let (uid, gid) = owner();
+    let mut text = EXAMPLE_CONFIG.replace(
+        "    ttl: 1h\n    dir: web\n",
+        &format!("    ttl: {web_ttl}\n    dir: web\n    owner: \"{uid}:{gid}\"\n"),
+    );
+    assert!(
+        text.contains(&format!("ttl: {web_ttl}")),
+        "the example config changed shape"
+    );
+    text.push_str(extra_entries);
+    text
+}
+
+fn entry_yaml(id: &str, node: &str, ttl: &str) -> String {
+    format!(
+        "  - id: {id}\n    spiffeId: spiffe://mesh-a.test/{id}\n    nodes: [{node}]\n    ttl: {ttl}\n    dir: {id}\n"
+    )
+}
+
+/// One key/certificate pair as an application sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pair {
+    serial: String,
+    spiffe_id: String,
+    not_after: i64,
+    chain: Vec<Vec<u8>>,
+}
+
+fn certs_of(pem_bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem_bytes) {
+        let block = block?;
+        if block.label == "CERTIFICATE" {
+            out.push(block.contents);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `key_pem` is the key of the first certificate of `chain_pem`.
+fn pair_of(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Pair> {
+    let chain = certs_of(chain_pem)?;
+    let leaf_der = chain
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+    let (_, leaf) = X509Certificate::from_der(leaf_der)?;
+    let key = rcgen::KeyPair::from_pem(std::str::from_utf8(key_pem)?)?;
+    anyhow::ensure!(
+        key.public_key_raw() == leaf.public_key().subject_public_key.data.as_ref(),
+        "the key does not match the certificate (serial {})",
+        leaf.raw_serial_as_string()
+    );
+    let spiffe_id = leaf
+        .subject_alternative_name()?
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+        })
+        .unwrap_or_default();
+    Ok(Pair {
+        serial: leaf.raw_serial_as_string(),
+        spiffe_id,
+        not_after: leaf.validity().not_after.timestamp(),
+        chain,
+    })
+}
+
+/// Opens `..data` once and reads `svid.pem` and `svid.key` through that one folder, the way a
+/// careful application does. `Ok(None)` when a rotation removed the folder in between.
+fn read_pair(entry: &Path) -> anyhow::Result<Option<Pair>> {
+    let dir = match File::open(entry.join("..data")) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let read = |name: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        match openat(
+            &dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let mut bytes = Vec::new();
+                File::from(fd).read_to_end(&mut bytes)?;
+                Ok(Some(bytes))
+            }
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let (Some(cert), Some(key)) = (read("svid.pem")?, read("svid.key")?) else {
+        return Ok(None);
+    };
+    pair_of(&cert, &key).map(Some)
+}
+
+/// Reads the combined `svid-bundle.pem` (key first, then the chain) with one open.
+fn read_combined(entry: &Path) -> anyhow::Result<Option<Pair>> {
+    let bytes = match std::fs::read(entry.join("svid-bundle.pem")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    anyhow::ensure!(
+        bytes.starts_with(b"-----BEGIN PRIVATE KEY-----"),
+        "svid-bundle.pem does not start with the key"
+    );
+    pair_of(&bytes, &bytes).map(Some)
+}
+
+fn wait_pair(
+    agent: &Agent,
+    entry: &Path,
+    what: &str,
+    f: impl Fn(&Pair) -> bool,
+) -> anyhow::Result<Pair> {
+    let mut found = None;
+    wait_until(what, WAIT, || match read_pair(entry) {
+        Ok(Some(p)) if f(&p) => {
+            found = Some(p);
+            true
+        }
+        _ => false,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; agent log:\n{}", agent.log()))?;
+    Ok(found.expect("set when the wait succeeded"))
+}
+
+fn now_unix() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs(),
+    )
+    .expect("fits")
+}
+
+fn write_pem(path: &Path, certs: &[Vec<u8>]) {
+    let mut text = String::new();
+    for c in certs {
+        text.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64_encode(c);
+        for line in b64.as_bytes().chunks(64) {
+            text.push_str(std::str::from_utf8(line).expect("ascii"));
+            text.push('\n');
+        }
+        text.push_str("-----END CERTIFICATE-----\n");
+    }
+    std::fs::write(path, text).expect("write pem");
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `openssl verify -CAfile <root> [-untrusted <intermediates>] <leaf>` for a chain, leaf first.
+fn openssl_verify(chain: &[Vec<u8>], root: &Path) -> std::process::Output {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let leaf = tmp.path().join("leaf.pem");
+    write_pem(&leaf, &chain[..1]);
+    let mut cmd = Command::new("openssl");
+    cmd.arg("verify").arg("-CAfile").arg(root);
+    if chain.len() > 1 {
+        let untrusted = tmp.path().join("intermediates.pem");
+        write_pem(&untrusted, &chain[1..]);
+        cmd.arg("-untrusted").arg(&untrusted);
+    }
+    cmd.arg(&leaf).output().expect("openssl runs")
+}
+
+#[test]
+fn first_issuance_writes_a_verifiable_svid_with_the_right_modes_and_owner() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    agent.wait_for_file(&web.join("svid.pem")).expect("issued");
+    let pair = wait_pair(&agent, &web, "a readable pair", |_| true).expect("pair");
+    assert_eq!(pair.spiffe_id, "spiffe://mesh-a.test/web");
+    assert!(pair.not_after > now_unix());
+
+    let (uid, gid) = owner();
+    for (name, mode) in [
+        ("svid.pem", 0o444),
+        ("svid.key", 0o440),
+        ("bundle.pem", 0o444),
+        ("svid-bundle.pem", 0o440),
+        ("..data", 0o550),
+        ("federated", 0o550),
+    ] {
+        let meta = std::fs::metadata(web.join(name)).expect(name);
+        assert_eq!(meta.mode() & 0o777, mode, "mode of {name}");
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "owner of {name}");
+    }
+    for name in [
+        "svid.pem",
+        "svid.key",
+        "bundle.pem",
+        "svid-bundle.pem",
+        "federated",
+    ] {
+        let link = std::fs::read_link(web.join(name)).expect("a symlink");
+        assert_eq!(link, Path::new("..data").join(name));
+    }
+
+    // openssl accepts the chain against bundle.pem, intermediates given as untrusted.
+    let out = openssl_verify(&pair.chain, &web.join("bundle.pem"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(": OK"),
+        "openssl verify: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let combined = read_combined(&web).expect("combined").expect("present");
+    assert_eq!(combined.serial, pair.serial);
+}
+
+#[test]
+fn rotation_replaces_files_atomically() {
+    const ROTATIONS: usize = 200;
+    let ca = CaHolder::start(&holder_config("3s", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    agent.wait_for_file(&web.join("svid.pem")).expect("issued");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = [false, true]
+        .into_iter()
+        .map(|combined| {
+            let web = web.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut serials = BTreeSet::new();
+                let mut failures = Vec::new();
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if combined {
+                        read_combined(&web)
+                    } else {
+                        read_pair(&web)
+                    };
+                    match got {
+                        Ok(Some(p)) => {
+                            reads += 1;
+                            serials.insert(p.serial);
+                        }
+                        Ok(None) => {}
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                (serials, failures, reads)
+            })
+        })
+        .collect();
+
+    // Count rotations by the serials the agent installs (the reader sees most of them).
+    let mut seen = BTreeSet::new();
+    let counted = wait_until("200 rotations", Duration::from_secs(300), || {
+        if let Ok(Some(p)) = read_pair(&web) {
+            seen.insert(p.serial);
+        }
+        seen.len() > ROTATIONS
+    });
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        let (serials, failures, reads) = reader.join().expect("reader thread");
+        assert!(
+            failures.is_empty(),
+            "torn or mismatched reads: {:?}",
+            &failures[..failures.len().min(5)]
+        );
+        assert!(reads > 0 && !serials.is_empty());
+    }
+    counted.unwrap_or_else(|e| panic!("{e}; agent log tail:\n{}", tail(&agent.log())));
+    // Old data folders do not pile up.
+    let data_folders = std::fs::read_dir(&web)
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("..")
+                && n != "..data"
+                && e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+        })
+        .count();
+    assert!(data_folders <= 2, "{data_folders} data folders left");
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn ca_outage_keeps_serving_until_expiry_and_recovers() {
+    // 20 s SVIDs (the holder backdates 10 s): due about 5 s after issue.
+    let mut ca = CaHolder::start(&holder_config("20s", "")).expect("holder");
+    let agent = Agent::start(
+        &ca,
+        NODE,
+        MESH,
+        "syncInterval: 2s\nrotation: {backoffInitial: 200ms, backoffMax: 2s}\n",
+    )
+    .expect("agent");
+    let web = agent.volume_dir().join("web");
+    let first = wait_pair(&agent, &web, "first SVID", |_| true).expect("issued");
+
+    ca.kill9();
+    wait_until("a failed rotation attempt", WAIT, || {
+        agent.log().contains("cannot obtain an SVID")
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    // Still served: the same valid pair is on disk.
+    let during = read_pair(&web).expect("readable").expect("still there");
+    assert_eq!(during.serial, first.serial);
+    assert!(
+        during.not_after > now_unix(),
+        "the served SVID is still valid"
+    );
+
+    ca.restart().expect("holder back");
+    let after = wait_pair(&agent, &web, "a new SVID after the outage", |p| {
+        p.serial != first.serial
+    })
+    .expect("recovered");
+    assert!(after.not_after > first.not_after);
+}
+
+#[test]
+fn kill_9_at_random_moments_leaves_a_valid_pair_and_restart_does_not_reissue() {
+    let ca =
+        CaHolder::start(&holder_config("1h", &entry_yaml("fast", NODE, "3s"))).expect("holder");
+    let mut agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    let fast = agent.volume_dir().join("fast");
+    let long = wait_pair(&agent, &web, "web issued", |_| true).expect("web");
+    wait_pair(&agent, &fast, "fast issued", |_| true).expect("fast");
+
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(fastrand_ms(round)));
+        agent.kill9();
+        for entry in [&web, &fast] {
+            let pair = read_pair(entry)
+                .unwrap_or_else(|e| panic!("round {round}: {} is torn: {e}", entry.display()))
+                .unwrap_or_else(|| panic!("round {round}: {} has no pair", entry.display()));
+            assert!(!pair.chain.is_empty());
+        }
+        agent.restart().expect("restart");
+    }
+    // The restarted agent works (fast keeps rotating) and never re-issued web, which is not due.
+    let before = read_pair(&fast).expect("fast").expect("present");
+    wait_pair(&agent, &fast, "fast rotates after the restarts", |p| {
+        p.serial != before.serial
+    })
+    .expect("rotating");
+    let now = read_pair(&web).expect("web").expect("present");
+    assert_eq!(
+        now.serial, long.serial,
+        "web was re-issued although not due"
+    );
+}
+
+/// A pseudo-random pause (50..650 ms) without a random crate: kills land at varied moments.
+fn fastrand_ms(round: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    50 + (nanos ^ round.wrapping_mul(7919)) % 600
+}
+
+#[test]
+fn tampered_and_deleted_files_are_restored() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    let original = wait_pair(&agent, &web, "issued", |_| true).expect("issued");
+
+    std::fs::remove_file(web.join("svid.pem")).expect("delete the link");
+    agent
+        .wait_for_file(&web.join("svid.pem"))
+        .expect("link restored");
+
+    std::fs::write(web.join("svid.key"), "not a key").expect("tamper");
+    let restored = wait_pair(&agent, &web, "key restored", |_| true).expect("restored");
+    assert_eq!(restored.serial, original.serial);
+
+    std::fs::remove_file(web.join("..data")).expect("delete ..data");
+    wait_pair(&agent, &web, "..data restored", |_| true).expect("restored");
+
+    // Moved out of the volume in one step (what `rm -rf` ends with), then deleted.
+    let aside = agent.volume_dir().with_file_name("web-deleted");
+    std::fs::rename(&web, &aside).expect("move the folder away");
+    remove_all(&aside);
+    agent
+        .wait_for_file(&web.join("svid.pem"))
+        .expect("folder restored");
+    let back = wait_pair(&agent, &web, "folder restored", |_| true).expect("restored");
+    assert_eq!(
+        back.serial, original.serial,
+        "restored from memory, not re-issued"
+    );
+
+    // The whole volume folder goes: it comes back, and later tampering is still noticed.
+    let volume_aside = agent.volume_dir().with_file_name("svids-deleted");
+    std::fs::rename(agent.volume_dir(), &volume_aside).expect("move the volume away");
+    remove_all(&volume_aside);
+    agent
+        .wait_for_file(&web.join("svid.pem"))
+        .expect("volume restored");
+    std::fs::remove_file(web.join("bundle.pem")).expect("delete the link");
+    agent
+        .wait_for_file(&web.join("bundle.pem"))
+        .expect("link restored");
+    let last = wait_pair(&agent, &web, "volume restored", |_| true).expect("restored");
+    assert_eq!(last.serial, original.serial);
+}
+
+/// `rm -rf` of a folder with read-only (0550) subfolders.
+fn remove_all(path: &Path) {
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(path)
+        .status();
+    std::fs::remove_dir_all(path).expect("remove");
+}
+
+#[test]
+fn a_replayed_join_token_is_refused() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let token = ca.token(NODE, MESH).expect("token");
+    let mut first = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("spawn");
+    first.wait_joined().expect("the first use joins");
+    let mut replay = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("spawn");
+    let status = replay.wait_exit(WAIT).expect("the replay gives up");
+    assert_eq!(status.code(), Some(1), "log:\n{}", replay.log());
+    assert!(replay.log().contains("token"), "log:\n{}", replay.log());
+    assert!(!replay.state_dir().join("node.pem").exists());
+}
+
+#[test]
+fn a_node_cannot_obtain_another_nodes_entry() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, "node-2", MESH, "").expect("agent");
+    wait_until("node-2 ready", WAIT, || agent.log().contains("ready"))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    assert!(
+        !agent.volume_dir().join("web").exists(),
+        "node-2 got node-1's entry"
+    );
+
+    // Asking directly with node-2's own identity is refused too.
+    let key_pem = std::fs::read_to_string(agent.state_dir().join("node.key")).expect("node key");
+    let node_key = rcgen::KeyPair::from_pem(&key_pem).expect("pkcs8");
+    let chain =
+        certs_of(&std::fs::read(agent.state_dir().join("node.pem")).expect("pem")).expect("chain");
+    let identity = ClientIdentity {
+        chain,
+        key_pkcs8: node_key.serialize_der(),
+    };
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://mesh-a.test/web".try_into().expect("uri"),
+    )];
+    let csr = params.serialize_request(&key).expect("csr");
+    let body = serde_json::to_vec(&SignRequest {
+        csrs: vec![CsrRequest {
+            entry_id: "web".into(),
+            csr: Der(csr.der().to_vec()),
+            local: None,
+        }],
+    })
+    .expect("json");
+    let answer = ca
+        .https("POST", "/v1/sign", Some(&body), Some(&identity))
+        .expect("answer");
+    let json = answer.json().expect("json");
+    let result = &json["results"][0];
+    assert_eq!(result["status"], "refused", "{json}");
+    assert_eq!(result["error"]["code"], "not_assigned", "{json}");
+}
+
+#[test]
+fn sigterm_exits_0_and_an_invalid_config_exits_78() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let mut agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    agent
+        .wait_for_file(&agent.volume_dir().join("web/svid.pem"))
+        .expect("issued");
+    let status = agent.terminate().expect("stops");
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bad = tmp.path().join("agent.yaml");
+    std::fs::write(&bad, "caAddress: nope\nrotation: {fraction: 2}\n").expect("write");
+    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for problem in ["caAddress", "trustBundle", "mesh", "rotation.fraction"] {
+        assert!(
+            stderr.contains(problem),
+            "{problem} not listed in:\n{stderr}"
+        );
+    }
+    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
+        .args(["run", "--no-such-flag"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn node_svid_renews_and_an_expired_one_asks_to_rejoin() {
+    // 3 s node SVIDs (backdated 10 s by the holder): renewed over and over while running.
+    let config = holder_config("1h", "").replace(
+        "  heartbeat: 30s\n",
+        "  heartbeat: 30s\n  nodeSvidTtl: 3s\n",
+    );
+    assert!(
+        config.contains("nodeSvidTtl"),
+        "the example config changed shape"
+    );
+    let ca = CaHolder::start(&config).expect("holder");
+    let mut agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let node_pem = agent.state_dir().join("node.pem");
+    let serial = |path: &Path| -> String {
+        let certs = certs_of(&std::fs::read(path).unwrap_or_default()).unwrap_or_default();
+        certs
+            .first()
+            .and_then(|c| {
+                X509Certificate::from_der(c)
+                    .ok()
+                    .map(|(_, c)| c.raw_serial_as_string())
+            })
+            .unwrap_or_default()
+    };
+    let first = serial(&node_pem);
+    wait_until("a renewed node SVID", WAIT, || {
+        let now = serial(&node_pem);
+        !now.is_empty() && now != first
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+
+    agent.kill9();
+    let not_after = {
+        let certs = certs_of(&std::fs::read(&node_pem).expect("node.pem")).expect("pem");
+        let (_, leaf) = X509Certificate::from_der(&certs[0]).expect("der");
+        leaf.validity().not_after.timestamp()
+    };
+    wait_until("the node SVID to expire", WAIT, || {
+        now_unix() > not_after + 1
+    })
+    .expect("expiry");
+    agent.relaunch(None).expect("relaunch");
+    let status = agent.wait_exit(WAIT).expect("refuses to start");
+    assert_eq!(status.code(), Some(1));
+    let log = agent.log();
+    assert!(
+        log.contains("expired") && log.contains("re-join") && log.contains("--join-token"),
+        "the error does not say what happened and what to do:\n{}",
+        tail(&log)
+    );
+
+    let token = ca.token(NODE, MESH).expect("token");
+    agent.relaunch(Some(&token)).expect("relaunch");
+    wait_until("a new node SVID", WAIT, || {
+        serial(&node_pem) != first && {
+            let certs = certs_of(&std::fs::read(&node_pem).unwrap_or_default()).unwrap_or_default();
+            certs
+                .first()
+                .and_then(|c| {
+                    X509Certificate::from_der(c)
+                        .ok()
+                        .map(|(_, c)| c.validity().not_after.timestamp() > now_unix())
+                })
+                .unwrap_or(false)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    // Ready again, serving the entry.
+    wait_until("ready after the re-join", WAIT, || {
+        let log = agent.log();
+        log.split("re-joining with the given token")
+            .nth(1)
+            .is_some_and(|after| after.contains("rotator: ready"))
+    })
+    .unwrap_or_else(|e| {
+        let log = agent.log();
+        let quiet: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("node SVID renewed"))
+            .collect();
+        panic!("{e}; log without renewals:\n{}", tail(&quiet.join("\n")))
+    });
+    assert!(
+        read_pair(&agent.volume_dir().join("web"))
+            .expect("pair")
+            .is_some()
+    );
+}
+
+#[test]
+fn a_bad_reload_is_logged_and_the_running_config_stays() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    let before = wait_pair(&agent, &web, "issued", |_| true).expect("issued");
+
+    // A broken edit of the config file: noticed, refused, service goes on.
+    let config = agent.config_path();
+    let good = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{good}rotation: {{fraction: 3}}\n")).expect("write");
+    wait_until("the refused reload in the log", WAIT, || {
+        agent.log().contains("keeping the running one")
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    assert!(
+        agent.log().contains("rotation.fraction"),
+        "the problem is named"
+    );
+
+    // SIGHUP with the good file back: reloaded.
+    std::fs::write(&config, &good).expect("write");
+    agent
+        .signal(nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP");
+    wait_until("a reload", WAIT, || {
+        agent.log().contains("configuration reloaded")
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    let mut agent = agent;
+    assert!(agent.try_exit().expect("status").is_none(), "still running");
+    let after = read_pair(&web).expect("pair").expect("present");
+    assert_eq!(after.serial, before.serial);
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let token = ca.token(NODE, MESH).expect("token");
+    let notify = path.display().to_string();
+    let mut agent = Agent::spawn_with_env(
+        &ca,
+        NODE,
+        MESH,
+        "",
+        Some(&token),
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    )
+    .expect("agent");
+    let mut messages = Vec::new();
+    let until_message = |what: &str, messages: &mut Vec<String>| {
+        wait_until(what, WAIT, || {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = socket.recv(&mut buf) {
+                messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            messages.iter().any(|m| m.contains(what))
+        })
+        .unwrap_or_else(|e| panic!("{e}; messages {messages:?}"));
+    };
+    until_message("READY=1", &mut messages);
+    let ready = messages
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .expect("ready");
+    assert!(ready.contains("STATUS=1/1 SVIDs issued"), "{ready}");
+    // READY means a valid SVID is on disk.
+    assert!(
+        read_pair(&agent.volume_dir().join("web"))
+            .expect("pair")
+            .is_some()
+    );
+
+    messages.clear();
+    agent
+        .signal(nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP");
+    until_message("RELOADING=1", &mut messages);
+    let reloading = messages
+        .iter()
+        .find(|m| m.contains("RELOADING=1"))
+        .expect("reloading");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    until_message("READY=1", &mut messages);
+
+    agent
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    until_message("STOPPING=1", &mut messages);
+    assert_eq!(agent.wait_exit(WAIT).expect("exits").code(), Some(0));
+}
+
+/// Agent config lines declaring the local entry `local-debug`.
+const LOCAL_ENTRY: &str = "entries:\n  - id: local-debug\n    spiffeId: spiffe://mesh-a.test/debug\n    dir: debug\n    ttl: 1h\n";
+
+#[test]
+fn local_entries_are_issued_only_when_enforcement_is_disabled() {
+    // DISABLED: the agent's own entry inside its trust domain is issued next to the holder's.
+    let disabled = holder_config("1h", "").replace(
+        "enforceAccessControl: ENABLED",
+        "enforceAccessControl: DISABLED",
+    );
+    assert!(
+        disabled.contains("DISABLED"),
+        "the example config changed shape"
+    );
+    let ca = CaHolder::start(&disabled).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, LOCAL_ENTRY).expect("agent");
+    let debug = agent.volume_dir().join("debug");
+    let pair = wait_pair(&agent, &debug, "the local entry issued", |_| true).expect("issued");
+    assert_eq!(pair.spiffe_id, "spiffe://mesh-a.test/debug");
+    wait_pair(
+        &agent,
+        &agent.volume_dir().join("web"),
+        "web issued",
+        |_| true,
+    )
+    .expect("web");
+    drop(agent);
+    drop(ca);
+
+    // ENABLED: the same config gets the holder's entry only.
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, LOCAL_ENTRY).expect("agent");
+    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    assert!(agent.volume_dir().join("web/svid.pem").exists());
+    assert!(!agent.volume_dir().join("debug").exists());
+}
+
+#[test]
+fn rotation_hooks_run_and_a_failing_hook_does_not_block_rotation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let marker = tmp.path().join("rotated");
+    let hooked = format!(
+        "  - id: hooked\n    spiffeId: spiffe://mesh-a.test/hooked\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: hooked\n    hook:\n      command: [\"sh\", \"-c\", \"echo $MESHCERT_SVID_DIR >> {}\"]\n",
+        marker.display()
+    );
+    let failing = format!(
+        "  - id: failing\n    spiffeId: spiffe://mesh-a.test/failing\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: failing\n    hook:\n      command: [\"false\"]\n"
+    );
+    let ca = CaHolder::start(&holder_config("1h", &format!("{hooked}{failing}"))).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    wait_until("the hook ran three times", WAIT, || {
+        std::fs::read_to_string(&marker)
+            .map(|t| t.lines().count() >= 3)
+            .unwrap_or(false)
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    let text = std::fs::read_to_string(&marker).expect("marker");
+    assert!(text.lines().all(|l| l.ends_with("/hooked")), "{text}");
+
+    let failing = agent.volume_dir().join("failing");
+    let first = wait_pair(&agent, &failing, "failing issued", |_| true).expect("issued");
+    let second = wait_pair(&agent, &failing, "failing rotated", |p| {
+        p.serial != first.serial
+    })
+    .expect("rotation goes on");
+    wait_pair(&agent, &failing, "failing rotated again", |p| {
+        p.serial != first.serial && p.serial != second.serial
+    })
+    .expect("rotation goes on");
+    assert!(agent.log().contains("rotation hook failed"));
+}
+
+#[test]
+fn a_gateway_under_limited_trust_gets_a_second_svid_to_the_shared_root() {
+    let config = holder_config("1h", "")
+        .replace("  shared: {}\n", "  limited: {}\n")
+        .replace("    dir: web\n", "    dir: web\n    gateway: true\n");
+    assert!(
+        config.contains("limited: {}") && config.contains("gateway: true"),
+        "the example config changed shape"
+    );
+    let ca = CaHolder::start(&config).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let web = agent.volume_dir().join("web");
+    agent.wait_for_file(&web.join("svid.pem")).expect("issued");
+    // svid.pem appears last: every other file is there by then.
+    assert!(web.join("gateway-svid.pem").exists());
+    let pair = read_pair(&web).expect("pair").expect("present");
+    // Same key, same ID, a chain to the shared root instead of the mesh's root.
+    let key = std::fs::read(web.join("svid.key")).expect("key");
+    let gateway = pair_of(
+        &std::fs::read(web.join("gateway-svid.pem")).expect("pem"),
+        &key,
+    )
+    .expect("the gateway SVID matches the key");
+    assert_eq!(gateway.spiffe_id, pair.spiffe_id);
+    assert_ne!(gateway.serial, pair.serial);
+    let mesh_root = std::fs::read(web.join("bundle.pem")).expect("bundle");
+    let shared_root = std::fs::read(web.join("gateway-bundle.pem")).expect("shared root");
+    assert_ne!(mesh_root, shared_root);
+    for (chain, root) in [
+        (&gateway.chain, web.join("gateway-bundle.pem")),
+        (&pair.chain, web.join("bundle.pem")),
+    ] {
+        let out = openssl_verify(chain, &root);
+        assert!(
+            out.status.success(),
+            "openssl verify against {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

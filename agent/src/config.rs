@@ -1,0 +1,548 @@
+//! The agent's configuration: the YAML file (camelCase), command-line overrides for what differs
+//! per node, defaults, and validation that lists every problem at once.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshcert_protocol::Entry;
+use meshcert_protocol::entry::valid_dir;
+use serde::Deserialize;
+
+use crate::keys::KeyAlgorithm;
+use crate::svid;
+use crate::sys;
+
+/// Default state folder.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshcert-agent";
+/// Default shared volume.
+pub const DEFAULT_VOLUME_DIR: &str = "/run/meshcert/svids";
+/// Default Workload API socket.
+pub const DEFAULT_WORKLOAD_SOCKET: &str = "/run/meshcert/workload.sock";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshcert/admin.sock";
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not the YAML we take.
+    #[error("the config file {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (field and line).
+        message: String,
+    },
+    /// The values do not make a usable configuration.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The config file as written (every field optional, checked in [`resolve`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// The holder, `host:port`.
+    pub ca_address: Option<String>,
+    /// The TLS name the holder's certificate carries.
+    pub ca_server_name: Option<String>,
+    /// PEM file with the root(s) the holder's certificate chains to.
+    pub trust_bundle: Option<PathBuf>,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// The mesh this node joins.
+    pub mesh: Option<String>,
+    /// Where the node identity lives.
+    pub state_dir: Option<PathBuf>,
+    /// The shared volume.
+    pub volume_dir: Option<PathBuf>,
+    /// The Workload API socket.
+    pub workload_socket: Option<PathBuf>,
+    /// The Workload API socket's mode, octal (`"0666"`).
+    pub workload_socket_mode: Option<ModeText>,
+    /// The admin socket.
+    pub admin_socket: Option<PathBuf>,
+    /// Algorithm of every key the agent generates.
+    pub key_algorithm: Option<KeyAlgorithm>,
+    /// Rotation settings.
+    #[serde(default)]
+    pub rotation: RotationFile,
+    /// How often to sync entries and bundles.
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub sync_interval: Option<Duration>,
+    /// How often to report when nothing changed.
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub heartbeat: Option<Duration>,
+    /// Agent-local entries (used only under DISABLED enforcement).
+    #[serde(default)]
+    pub entries: Vec<Entry>,
+}
+
+/// A file mode written as text (`"0640"`) or as a YAML number (`0640`, read as octal digits).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ModeText {
+    /// `"0666"`.
+    Text(String),
+    /// `0666` (YAML may read it as the decimal 666: its digits are taken as octal).
+    Number(u64),
+}
+
+impl ModeText {
+    fn parse(&self) -> Option<u32> {
+        let text = match self {
+            Self::Text(t) => t.trim().trim_start_matches("0o").to_owned(),
+            Self::Number(n) => n.to_string(),
+        };
+        u32::from_str_radix(&text, 8).ok().filter(|m| *m <= 0o7777)
+    }
+}
+
+/// `rotation:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotationFile {
+    /// Fraction of the lifetime after which to rotate.
+    pub fraction: Option<f64>,
+    /// Plus or minus this fraction of the lifetime, at random.
+    pub jitter: Option<f64>,
+    /// First backoff after a failure.
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub backoff_initial: Option<Duration>,
+    /// Largest backoff.
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub backoff_max: Option<Duration>,
+    /// Most signing requests in flight at once.
+    pub max_concurrent_signing: Option<usize>,
+}
+
+/// Rotation settings, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rotation {
+    /// Fraction of the lifetime after which to rotate (0.5).
+    pub fraction: f64,
+    /// Plus or minus this fraction of the lifetime (0.1).
+    pub jitter: f64,
+    /// First backoff after a failure (1 s).
+    pub backoff_initial: Duration,
+    /// Largest backoff (2 min).
+    pub backoff_max: Duration,
+    /// Most signing requests in flight at once (4).
+    pub max_concurrent_signing: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            fraction: 0.5,
+            jitter: 0.1,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(120),
+            max_concurrent_signing: 4,
+        }
+    }
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--ca-address`.
+    pub ca_address: Option<String>,
+    /// `--trust-bundle`.
+    pub trust_bundle: Option<PathBuf>,
+    /// `--node-name`.
+    pub node_name: Option<String>,
+    /// `--mesh`.
+    pub mesh: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--volume-dir`.
+    pub volume_dir: Option<PathBuf>,
+    /// `--workload-socket`.
+    pub workload_socket: Option<PathBuf>,
+    /// `--admin-socket`.
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The holder, `host:port`.
+    pub ca_address: String,
+    /// The TLS name to expect on the holder's certificate.
+    pub ca_server_name: String,
+    /// The trust bundle file.
+    pub trust_bundle: PathBuf,
+    /// The roots read from it (DER).
+    pub trust_roots: Vec<Vec<u8>>,
+    /// This node's name.
+    pub node_name: String,
+    /// The mesh.
+    pub mesh: String,
+    /// The state folder.
+    pub state_dir: PathBuf,
+    /// The shared volume.
+    pub volume_dir: PathBuf,
+    /// The Workload API socket.
+    pub workload_socket: PathBuf,
+    /// Its mode.
+    pub workload_socket_mode: u32,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// Key algorithm.
+    pub key_algorithm: KeyAlgorithm,
+    /// Rotation settings.
+    pub rotation: Rotation,
+    /// Sync interval.
+    pub sync_interval: Duration,
+    /// Report heartbeat.
+    pub heartbeat: Duration,
+    /// Agent-local entries.
+    pub entries: Vec<Entry>,
+}
+
+/// Reads and validates the config file with `overrides` applied.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file = parse(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })?;
+    resolve(file, overrides)
+}
+
+/// Parses config YAML (an empty file is an empty config).
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_norway::from_str(text).map_err(|e| e.to_string())
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some(host)
+}
+
+/// Applies overrides and defaults and checks every value, listing every problem.
+pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+
+    let ca_address = o.ca_address.clone().or(file.ca_address).unwrap_or_default();
+    let mut ca_server_name = file.ca_server_name.unwrap_or_default();
+    if ca_address.is_empty() {
+        problems.push("caAddress is required (host:port of the CA holder)".to_owned());
+    } else if let Some(host) = host_of(&ca_address) {
+        if ca_server_name.is_empty() {
+            ca_server_name = host.to_owned();
+        }
+    } else {
+        problems.push(format!("caAddress `{ca_address}` is not host:port"));
+    }
+
+    let trust_bundle = o
+        .trust_bundle
+        .clone()
+        .or(file.trust_bundle)
+        .unwrap_or_default();
+    let mut trust_roots = Vec::new();
+    if trust_bundle.as_os_str().is_empty() {
+        problems.push(
+            "trustBundle is required (PEM file of the root(s) the holder chains to)".to_owned(),
+        );
+    } else {
+        match std::fs::read_to_string(&trust_bundle) {
+            Ok(text) => {
+                trust_roots = svid::certs_from_pem(&text);
+                if trust_roots.is_empty() {
+                    problems.push(format!(
+                        "trustBundle {} holds no PEM certificate",
+                        trust_bundle.display()
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!(
+                "trustBundle {} cannot be read: {e}",
+                trust_bundle.display()
+            )),
+        }
+    }
+
+    let node_name = match o.node_name.clone().or(file.node_name) {
+        Some(n) => n,
+        None => match sys::hostname() {
+            Ok(h) => h.to_ascii_lowercase(),
+            Err(e) => {
+                problems.push(format!("nodeName is not set and {e}"));
+                String::new()
+            }
+        },
+    };
+    if !node_name.is_empty() && !meshcert_protocol::api::valid_node_name(&node_name) {
+        problems.push(format!(
+            "nodeName `{node_name}` is not a valid node name (lowercase letters, digits, `.`, `-`, `_`)"
+        ));
+    }
+
+    let mesh = o.mesh.clone().or(file.mesh).unwrap_or_default();
+    if mesh.is_empty() {
+        problems.push("mesh is required (the mesh this node joins)".to_owned());
+    }
+
+    let workload_socket_mode = match &file.workload_socket_mode {
+        None => 0o666,
+        Some(m) => m.parse().unwrap_or_else(|| {
+            problems.push(format!(
+                "workloadSocketMode {m:?} is not an octal file mode"
+            ));
+            0o666
+        }),
+    };
+
+    let d = Rotation::default();
+    let r = &file.rotation;
+    let rotation = Rotation {
+        fraction: r.fraction.unwrap_or(d.fraction),
+        jitter: r.jitter.unwrap_or(d.jitter),
+        backoff_initial: r.backoff_initial.unwrap_or(d.backoff_initial),
+        backoff_max: r.backoff_max.unwrap_or(d.backoff_max),
+        max_concurrent_signing: r.max_concurrent_signing.unwrap_or(d.max_concurrent_signing),
+    };
+    if !(rotation.fraction > 0.0 && rotation.fraction < 1.0) {
+        problems.push(format!(
+            "rotation.fraction {} must be between 0 and 1",
+            rotation.fraction
+        ));
+    }
+    if !(0.0..0.5).contains(&rotation.jitter)
+        || rotation.fraction - rotation.jitter <= 0.0
+        || rotation.fraction + rotation.jitter >= 1.0
+    {
+        problems.push(format!(
+            "rotation.jitter {} must be at least 0, below 0.5, and keep fraction ± jitter between 0 and 1",
+            rotation.jitter
+        ));
+    }
+    if rotation.backoff_initial.is_zero() {
+        problems.push("rotation.backoffInitial must be more than 0".to_owned());
+    }
+    if rotation.backoff_max < rotation.backoff_initial {
+        problems.push("rotation.backoffMax must be at least rotation.backoffInitial".to_owned());
+    }
+    if rotation.max_concurrent_signing == 0 {
+        problems.push("rotation.maxConcurrentSigning must be at least 1".to_owned());
+    }
+
+    let sync_interval = file.sync_interval.unwrap_or(Duration::from_secs(30));
+    if sync_interval < Duration::from_secs(1) {
+        problems.push("syncInterval must be at least 1s".to_owned());
+    }
+    let heartbeat = file.heartbeat.unwrap_or(Duration::from_secs(30));
+    if heartbeat < Duration::from_secs(1) {
+        problems.push("heartbeat must be at least 1s".to_owned());
+    }
+
+    let mut ids = BTreeSet::new();
+    let mut dirs = BTreeSet::new();
+    for e in &file.entries {
+        if !ids.insert(e.id.as_str()) {
+            problems.push(format!("entries: id `{}` appears twice", e.id));
+        }
+        if !valid_dir(&e.dir) {
+            problems.push(format!(
+                "entries: `{}` has dir `{}`, which is not one plain folder name",
+                e.id, e.dir
+            ));
+        } else if !dirs.insert(e.dir.as_str()) {
+            problems.push(format!("entries: dir `{}` is used twice", e.dir));
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+    Ok(Config {
+        ca_address,
+        ca_server_name,
+        trust_bundle,
+        trust_roots,
+        node_name,
+        mesh,
+        state_dir: o
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        volume_dir: o
+            .volume_dir
+            .clone()
+            .or(file.volume_dir)
+            .unwrap_or_else(|| DEFAULT_VOLUME_DIR.into()),
+        workload_socket: o
+            .workload_socket
+            .clone()
+            .or(file.workload_socket)
+            .unwrap_or_else(|| DEFAULT_WORKLOAD_SOCKET.into()),
+        workload_socket_mode,
+        admin_socket: o
+            .admin_socket
+            .clone()
+            .or(file.admin_socket)
+            .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+        key_algorithm: file.key_algorithm.unwrap_or_default(),
+        rotation,
+        sync_interval,
+        heartbeat,
+        entries: file.entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = crate::svid::testca::TestCa::new();
+        let path = dir.path().join("bundle.pem");
+        std::fs::write(&path, svid::certs_to_pem(&[ca.root])).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let (_dir, bundle) = bundle_file();
+        let yaml = format!(
+            "caAddress: 127.0.0.1:8443\ntrustBundle: {}\nmesh: mesh-a\nnodeName: node-1\n",
+            bundle.display()
+        );
+        let c = resolve(parse(&yaml).expect("parse"), &Overrides::default()).expect("valid");
+        assert_eq!(c.ca_server_name, "127.0.0.1");
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.volume_dir, PathBuf::from(DEFAULT_VOLUME_DIR));
+        assert_eq!(c.workload_socket_mode, 0o666);
+        assert_eq!(c.key_algorithm, KeyAlgorithm::EcdsaP256);
+        assert_eq!(c.rotation, Rotation::default());
+        assert_eq!(c.sync_interval, Duration::from_secs(30));
+        assert_eq!(c.trust_roots.len(), 1);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_dir, bundle) = bundle_file();
+        let yaml = format!(
+            "caAddress: ca.example:8443\ntrustBundle: {}\nmesh: mesh-a\nnodeName: node-1\nstateDir: /a\n",
+            bundle.display()
+        );
+        let o = Overrides {
+            ca_address: Some("other.example:9443".into()),
+            node_name: Some("node-2".into()),
+            state_dir: Some("/b".into()),
+            ..Overrides::default()
+        };
+        let c = resolve(parse(&yaml).expect("parse"), &o).expect("valid");
+        assert_eq!(c.ca_address, "other.example:9443");
+        assert_eq!(c.ca_server_name, "other.example");
+        assert_eq!(c.node_name, "node-2");
+        assert_eq!(c.state_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let yaml = "caAddress: nope\nnodeName: Bad/Name\nworkloadSocketMode: \"9z\"\n\
+                    rotation: {fraction: 1.5, jitter: 0.7, backoffInitial: 5s, backoffMax: 1s, maxConcurrentSigning: 0}\n\
+                    syncInterval: 0s\n\
+                    entries:\n- {id: a, spiffeId: 'spiffe://mesh-a.test/a', dir: ../x}\n- {id: a, spiffeId: 'spiffe://mesh-a.test/b', dir: b}\n";
+        let err = resolve(parse(yaml).expect("parse"), &Overrides::default()).expect_err("invalid");
+        let ConfigError::Invalid(problems) = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        for needle in [
+            "caAddress",
+            "trustBundle",
+            "nodeName",
+            "mesh is required",
+            "workloadSocketMode",
+            "rotation.fraction",
+            "rotation.jitter",
+            "backoffMax",
+            "maxConcurrentSigning",
+            "syncInterval",
+            "appears twice",
+            "plain folder name",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "missing `{needle}` in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        for (yaml, needle) in [
+            ("caAdress: x:1\n", "caAdress"),
+            ("keyAlgorithm: dsa\n", "dsa"),
+            ("rotation: {fraction: many}\n", "fraction"),
+        ] {
+            let err = parse(yaml).expect_err(yaml);
+            assert!(err.contains(needle), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn socket_modes() {
+        for (mode, want) in [
+            (ModeText::Text("0666".into()), Some(0o666)),
+            (ModeText::Text("660".into()), Some(0o660)),
+            (ModeText::Number(600), Some(0o600)),
+            (ModeText::Text("0999".into()), None),
+        ] {
+            assert_eq!(mode.parse(), want, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for (addr, want) in [
+            ("127.0.0.1:8443", Some("127.0.0.1")),
+            ("ca.example:443", Some("ca.example")),
+            ("[::1]:443", Some("::1")),
+            ("ca.example", None),
+            ("ca.example:http", None),
+        ] {
+            assert_eq!(host_of(addr), want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../deploy/examples/agent.yaml");
+        let file = parse(text).expect("the example parses");
+        let (_dir, bundle) = bundle_file();
+        let o = Overrides {
+            trust_bundle: Some(bundle),
+            ..Overrides::default()
+        };
+        let c = resolve(file, &o).expect("the example is valid");
+        assert_eq!(c.node_name, "node-1");
+        assert_eq!(c.mesh, "mesh-a");
+        assert_eq!(c.ca_server_name, "localhost");
+        assert_eq!(c.entries.len(), 1);
+    }
+}

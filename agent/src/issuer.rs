@@ -1,0 +1,394 @@
+//! The CA holder as the agent sees it: the [`Issuer`] trait (attest, renew, sync, sign, report)
+//! and [`HttpsIssuer`], its implementation over HTTPS (hyper 1 on tokio-rustls). Calls after the
+//! join authenticate with the node SVID as client certificate; the holder is trusted through
+//! the configured trust bundle.
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use meshcert_protocol::NodeReport;
+use meshcert_protocol::api::{
+    self, ApiError, AttestRequest, NodeSvidResponse, RenewRequest, SignRequest, SignResponse,
+    SyncResponse,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::keys::PrivateKey;
+
+/// How long one call to the holder may take, connection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a call to the holder failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// No TCP connection.
+    #[error("cannot connect to the CA holder at {address}: {source}")]
+    Connect {
+        /// `host:port`.
+        address: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (wrong trust bundle, or the holder refused our certificate).
+    #[error("TLS handshake with the CA holder at {address} failed: {source}")]
+    Tls {
+        /// `host:port`.
+        address: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange with the CA holder failed: {0}")]
+    Http(String),
+    /// The call took longer than [`CALL_TIMEOUT`].
+    #[error("the CA holder at {address} did not answer within {timeout:?}")]
+    Timeout {
+        /// `host:port`.
+        address: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The holder answered with an API error.
+    #[error("the CA holder refused: {0}")]
+    Api(#[from] ApiError),
+    /// The holder answered with a status and a body that is not an API error.
+    #[error("the CA holder answered HTTP {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// The answer is not the JSON we expect.
+    #[error("cannot read the CA holder's answer: {0}")]
+    Decode(String),
+    /// An mTLS call was made before the node had an identity.
+    #[error("the node has no identity yet (join first)")]
+    NoIdentity,
+    /// The TLS settings could not be built.
+    #[error("cannot set up TLS to the CA holder: {0}")]
+    Setup(String),
+}
+
+impl IssuerError {
+    /// Whether the same call may succeed later without any change on our side.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. }
+            | Self::Tls { .. }
+            | Self::Http(_)
+            | Self::Timeout { .. }
+            | Self::Decode(_) => true,
+            Self::Api(e) => e.code.is_retryable(),
+            Self::Status { status, .. } => *status >= 500,
+            Self::NoIdentity | Self::Setup(_) => false,
+        }
+    }
+
+    /// Whether the holder could be reached at all (an API refusal still means it is up).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Tls { .. } | Self::Http(_) | Self::Timeout { .. }
+        )
+    }
+}
+
+/// The CA holder's API, as a seam: [`HttpsIssuer`] in production, a fake in tests.
+pub trait Issuer: Send + Sync + 'static {
+    /// Joins with a token (no client certificate).
+    fn attest(
+        &self,
+        request: AttestRequest,
+    ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send;
+    /// Renews the node SVID.
+    fn renew(
+        &self,
+        request: RenewRequest,
+    ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send;
+    /// Fetches the node's entries and the bundles.
+    fn sync(&self) -> impl Future<Output = Result<SyncResponse, IssuerError>> + Send;
+    /// Signs a batch of workload CSRs.
+    fn sign(
+        &self,
+        request: SignRequest,
+    ) -> impl Future<Output = Result<SignResponse, IssuerError>> + Send;
+    /// Sends the node's state.
+    fn report(&self, report: NodeReport) -> impl Future<Output = Result<(), IssuerError>> + Send;
+    /// Uses this node SVID (chain, leaf first) and key for every later call.
+    fn set_identity(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), IssuerError>;
+}
+
+/// The CA holder over HTTPS.
+#[derive(Debug)]
+pub struct HttpsIssuer {
+    address: String,
+    server_name: ServerName<'static>,
+    anonymous: Arc<ClientConfig>,
+    roots: Arc<RootCertStore>,
+    mtls: RwLock<Option<Arc<ClientConfig>>>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl HttpsIssuer {
+    /// A client of the holder at `address` (`host:port`) whose certificate is for
+    /// `server_name` and chains to one of `roots` (DER).
+    pub fn new(address: &str, server_name: &str, roots: &[Vec<u8>]) -> Result<Self, IssuerError> {
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store
+                .add(CertificateDer::from(root.clone()))
+                .map_err(|e| IssuerError::Setup(format!("trust bundle: {e}")))?;
+        }
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| IssuerError::Setup(format!("server name `{server_name}`: {e}")))?;
+        let roots = Arc::new(store);
+        let anonymous = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IssuerError::Setup(e.to_string()))?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        Ok(Self {
+            address: address.to_owned(),
+            server_name,
+            anonymous: Arc::new(anonymous),
+            roots,
+            mtls: RwLock::new(None),
+        })
+    }
+
+    fn mtls_config(&self) -> Result<Arc<ClientConfig>, IssuerError> {
+        self.mtls
+            .read()
+            .map_err(|_| IssuerError::Setup("identity lock poisoned".into()))?
+            .clone()
+            .ok_or(IssuerError::NoIdentity)
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        config: Arc<ClientConfig>,
+    ) -> Result<R, IssuerError> {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| IssuerError::Decode(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let exchange = self.exchange(method, path, body, config);
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| IssuerError::Timeout {
+                address: self.address.clone(),
+                timeout: CALL_TIMEOUT,
+            })??;
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| IssuerError::Decode(e.to_string()))
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        config: Arc<ClientConfig>,
+    ) -> Result<Bytes, IssuerError> {
+        let tcp =
+            TcpStream::connect(&self.address)
+                .await
+                .map_err(|source| IssuerError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
+        let tls = TlsConnector::from(config)
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| IssuerError::Tls {
+                address: self.address.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection to the CA holder ended");
+            }
+        });
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.address)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
+            .collect()
+            .await
+            .map_err(|e| IssuerError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(error_of(status, &bytes))
+    }
+}
+
+fn error_of(status: StatusCode, body: &[u8]) -> IssuerError {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => IssuerError::Api(e),
+        Err(_) => IssuerError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}
+
+impl Issuer for HttpsIssuer {
+    async fn attest(&self, request: AttestRequest) -> Result<NodeSvidResponse, IssuerError> {
+        self.call(
+            Method::POST,
+            api::PATH_ATTEST,
+            Some(&request),
+            self.anonymous.clone(),
+        )
+        .await
+    }
+
+    async fn renew(&self, request: RenewRequest) -> Result<NodeSvidResponse, IssuerError> {
+        let config = self.mtls_config()?;
+        self.call(Method::POST, api::PATH_RENEW, Some(&request), config)
+            .await
+    }
+
+    async fn sync(&self) -> Result<SyncResponse, IssuerError> {
+        let config = self.mtls_config()?;
+        self.call::<(), _>(Method::GET, api::PATH_SYNC, None, config)
+            .await
+    }
+
+    async fn sign(&self, request: SignRequest) -> Result<SignResponse, IssuerError> {
+        let config = self.mtls_config()?;
+        self.call(Method::POST, api::PATH_SIGN, Some(&request), config)
+            .await
+    }
+
+    async fn report(&self, report: NodeReport) -> Result<(), IssuerError> {
+        let config = self.mtls_config()?;
+        let _: serde_json::Value = self
+            .call(Method::POST, api::PATH_REPORT, Some(&report), config)
+            .await?;
+        Ok(())
+    }
+
+    fn set_identity(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), IssuerError> {
+        let certs = chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect::<Vec<_>>();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IssuerError::Setup(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| IssuerError::Setup(format!("node SVID: {e}")))?;
+        *self
+            .mtls
+            .write()
+            .map_err(|_| IssuerError::Setup("identity lock poisoned".into()))? =
+            Some(Arc::new(config));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshcert_protocol::api::ErrorCode;
+
+    #[test]
+    fn errors_say_whether_to_retry() {
+        let api = |code| IssuerError::Api(ApiError::new(code, "x"));
+        for (err, retry) in [
+            (api(ErrorCode::Unavailable), true),
+            (api(ErrorCode::NotAssigned), false),
+            (api(ErrorCode::TokenUsed), false),
+            (
+                IssuerError::Status {
+                    status: 502,
+                    body: String::new(),
+                },
+                true,
+            ),
+            (
+                IssuerError::Status {
+                    status: 404,
+                    body: String::new(),
+                },
+                false,
+            ),
+            (IssuerError::NoIdentity, false),
+        ] {
+            assert_eq!(err.is_retryable(), retry, "{err}");
+        }
+    }
+
+    #[test]
+    fn api_errors_are_decoded() {
+        let body = br#"{"code":"token_used","message":"the join token was already used"}"#;
+        match error_of(StatusCode::UNAUTHORIZED, body) {
+            IssuerError::Api(e) => assert_eq!(e.code, ErrorCode::TokenUsed),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(matches!(
+            error_of(StatusCode::BAD_GATEWAY, b"<html>"),
+            IssuerError::Status { status: 502, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_holder_is_retryable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        let ca = crate::svid::testca::TestCa::new();
+        let issuer = HttpsIssuer::new(&address, "127.0.0.1", &[ca.root]).expect("issuer");
+        let err = issuer
+            .attest(AttestRequest {
+                token: "t".into(),
+                csr: vec![1].into(),
+            })
+            .await
+            .expect_err("nobody listens");
+        assert!(err.is_retryable() && err.is_unreachable(), "{err}");
+        assert!(matches!(issuer.sync().await, Err(IssuerError::NoIdentity)));
+    }
+}

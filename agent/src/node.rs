@@ -1,0 +1,326 @@
+//! The node identity and the last sync, kept in the state folder:
+//!
+//! - `node.key`: the node's private key, PKCS#8 PEM, created 0600;
+//! - `node.pem`: the node SVID chain, leaf first;
+//! - `last-sync.json`: the entries, bundles, trust domain and enforcement of the last sync, so
+//!   a restarted agent serves what is on disk at once even when the holder is down.
+//!
+//! Every file is replaced atomically (temp file with its final mode, fsync, rename, fsync of the
+//! folder). A new key and SVID are first both written as `*.next`, then renamed key first; a
+//! crash between the two renames is finished on the next load.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use meshcert_protocol::api::SyncResponse;
+
+use crate::keys::{KeyError, PrivateKey};
+use crate::svid::{self, LeafInfo, SvidError};
+
+/// The node key's file name.
+pub const KEY_FILE: &str = "node.key";
+/// The node SVID's file name.
+pub const CERT_FILE: &str = "node.pem";
+/// The last sync's file name.
+pub const LAST_SYNC_FILE: &str = "last-sync.json";
+
+/// Why the state folder could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A file operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node key is unusable.
+    #[error("the node key {path} is unusable: {source}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: KeyError,
+    },
+    /// The node SVID is unusable.
+    #[error("the node SVID {path} is unusable: {source}")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: SvidError,
+    },
+    /// The last sync is not readable JSON.
+    #[error("{path} is not a readable last sync: {message}")]
+    LastSync {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The node's key and SVID.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// The node key.
+    pub key: PrivateKey,
+    /// The node SVID chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The leaf's identity and validity.
+    pub info: LeafInfo,
+}
+
+impl NodeIdentity {
+    /// Builds an identity from a fresh key and the holder's chain, checking that they match.
+    pub fn new(key: PrivateKey, chain: Vec<Vec<u8>>) -> Result<Self, SvidError> {
+        let leaf = chain.first().ok_or(SvidError::Empty)?;
+        let info = svid::leaf_info(leaf)?;
+        if key.public_key_raw()? != info.public_key {
+            return Err(SvidError::KeyMismatch);
+        }
+        Ok(Self { key, chain, info })
+    }
+}
+
+/// Creates the state folder (0700) if needed.
+pub fn ensure_dir(state_dir: &Path) -> Result<(), NodeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(io("cannot create the state folder", state_dir))
+}
+
+/// Writes `bytes` to `path` atomically: a temp file created with `mode`, fsync'd, renamed over
+/// `path`, and the folder fsync'd.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeError> {
+    let tmp = temp_path(path, ".tmp");
+    write_new(&tmp, bytes, mode)?;
+    fs::rename(&tmp, path).map_err(io("cannot rename into", path))?;
+    sync_parent(path)
+}
+
+fn temp_path(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NodeError> {
+    // A leftover from a crash would keep its old mode: remove it so `mode` applies.
+    let _ = fs::remove_file(path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io("cannot create", path))?;
+    file.write_all(bytes).map_err(io("cannot write", path))?;
+    file.sync_all().map_err(io("cannot fsync", path))
+}
+
+fn sync_parent(path: &Path) -> Result<(), NodeError> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot fsync", parent))
+}
+
+/// Loads the node identity, or `None` when the node has not joined. Finishes a replacement a
+/// crash interrupted.
+pub fn load(state_dir: &Path) -> Result<Option<NodeIdentity>, NodeError> {
+    let key_path = state_dir.join(KEY_FILE);
+    let cert_path = state_dir.join(CERT_FILE);
+    let key_next = temp_path(&key_path, ".next");
+    let cert_next = temp_path(&cert_path, ".next");
+    match (key_next.exists(), cert_next.exists()) {
+        // The key was renamed, the certificate not yet: finish.
+        (false, true) => {
+            fs::rename(&cert_next, &cert_path).map_err(io("cannot rename", &cert_next))?
+        }
+        // Nothing renamed yet: the old pair is intact.
+        (true, _) => {
+            let _ = fs::remove_file(&key_next);
+            let _ = fs::remove_file(&cert_next);
+        }
+        (false, false) => {}
+    }
+    if !key_path.exists() && !cert_path.exists() {
+        return Ok(None);
+    }
+    let key_text = fs::read_to_string(&key_path).map_err(io("cannot read", &key_path))?;
+    let key = PrivateKey::from_pem(&key_text).map_err(|source| NodeError::Key {
+        path: key_path.clone(),
+        source,
+    })?;
+    let cert_text = fs::read_to_string(&cert_path).map_err(io("cannot read", &cert_path))?;
+    let chain = svid::certs_from_pem(&cert_text);
+    NodeIdentity::new(key, chain)
+        .map(Some)
+        .map_err(|source| NodeError::Cert {
+            path: cert_path,
+            source,
+        })
+}
+
+/// Stores a node identity, replacing the old one atomically.
+pub fn store(state_dir: &Path, identity: &NodeIdentity) -> Result<(), NodeError> {
+    ensure_dir(state_dir)?;
+    let key_path = state_dir.join(KEY_FILE);
+    let cert_path = state_dir.join(CERT_FILE);
+    let key_next = temp_path(&key_path, ".next");
+    let cert_next = temp_path(&cert_path, ".next");
+    write_new(
+        &cert_next,
+        svid::certs_to_pem(&identity.chain).as_bytes(),
+        0o644,
+    )?;
+    write_new(&key_next, identity.key.to_pem().as_bytes(), 0o600)?;
+    sync_parent(&key_path)?;
+    fs::rename(&key_next, &key_path).map_err(io("cannot rename into", &key_path))?;
+    fs::rename(&cert_next, &cert_path).map_err(io("cannot rename into", &cert_path))?;
+    sync_parent(&key_path)
+}
+
+/// The last sync, if one was stored and is readable.
+pub fn load_last_sync(state_dir: &Path) -> Result<Option<SyncResponse>, NodeError> {
+    let path = state_dir.join(LAST_SYNC_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(NodeError::Io {
+                action: "cannot read",
+                path,
+                source,
+            });
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| NodeError::LastSync {
+            path,
+            message: e.to_string(),
+        })
+}
+
+/// Stores the last sync atomically.
+pub fn store_last_sync(state_dir: &Path, sync: &SyncResponse) -> Result<(), NodeError> {
+    let path = state_dir.join(LAST_SYNC_FILE);
+    let bytes = serde_json::to_vec_pretty(sync).map_err(|e| NodeError::LastSync {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&path, &bytes, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, SystemTime};
+
+    use meshcert_protocol::SpiffeId;
+
+    use super::*;
+    use crate::csr;
+    use crate::keys::KeyAlgorithm;
+    use crate::svid::testca::TestCa;
+
+    fn identity(ca: &TestCa) -> NodeIdentity {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let id = SpiffeId::new("spiffe://mesh-a.test/meshcert/node/n1").expect("id");
+        let chain = ca.sign(
+            &csr::build(&key, None).expect("csr"),
+            &id,
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        );
+        NodeIdentity::new(key, chain).expect("matches")
+    }
+
+    #[test]
+    fn store_then_load_with_modes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        assert!(load(&state).expect("empty").is_none());
+        let ca = TestCa::new();
+        let first = identity(&ca);
+        store(&state, &first).expect("store");
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back = load(&state).expect("load").expect("present");
+        assert_eq!(back.chain, first.chain);
+        assert_eq!(back.key.pkcs8_der(), first.key.pkcs8_der());
+
+        let second = identity(&ca);
+        store(&state, &second).expect("replace");
+        let back = load(&state).expect("load").expect("present");
+        assert_eq!(back.info.serial, second.info.serial);
+    }
+
+    #[test]
+    fn interrupted_replacement_is_finished_or_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path();
+        let ca = TestCa::new();
+        let old = identity(&ca);
+        store(state, &old).expect("store");
+        let new = identity(&ca);
+        // Crash after both .next files were written, before any rename: old pair kept.
+        write_new(
+            &state.join("node.pem.next"),
+            svid::certs_to_pem(&new.chain).as_bytes(),
+            0o644,
+        )
+        .expect("write");
+        write_new(
+            &state.join("node.key.next"),
+            new.key.to_pem().as_bytes(),
+            0o600,
+        )
+        .expect("write");
+        let back = load(state).expect("load").expect("present");
+        assert_eq!(back.info.serial, old.info.serial);
+        // Crash between the key rename and the certificate rename: new pair completed.
+        write_new(
+            &state.join("node.pem.next"),
+            svid::certs_to_pem(&new.chain).as_bytes(),
+            0o644,
+        )
+        .expect("write");
+        write_atomic(&state.join(KEY_FILE), new.key.to_pem().as_bytes(), 0o600).expect("write");
+        let back = load(state).expect("load").expect("present");
+        assert_eq!(back.info.serial, new.info.serial);
+    }
+
+    #[test]
+    fn mismatched_pair_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        let a = identity(&ca);
+        let b = identity(&ca);
+        store(dir.path(), &a).expect("store");
+        write_atomic(&dir.path().join(KEY_FILE), b.key.to_pem().as_bytes(), 0o600).expect("w");
+        assert!(matches!(load(dir.path()), Err(NodeError::Cert { .. })));
+    }
+}

@@ -1,0 +1,1619 @@
+//! The rotator: the single writer of the agent's credentials. One task that syncs entries and
+//! bundles, schedules every entry (see [`crate::rotation`]), sends batched CSRs under a cap on
+//! concurrent signing requests, checks and installs what comes back, renews the node SVID,
+//! restores a tampered volume, and publishes every change to the [`Cache`] and the report.
+//!
+//! Network calls run in spawned tasks that send their results back as events; everything that
+//! writes (volume, state folder, cache) happens on this task, one step at a time, so a SIGTERM
+//! is only handled between two complete installs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshcert_protocol::api::{
+    self, AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
+};
+use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, TrustDomain};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::cache::{Cache, InstalledSvid, Snapshot};
+use crate::config::Config;
+use crate::issuer::{Issuer, IssuerError};
+use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
+use crate::node::{self, NodeError, NodeIdentity};
+use crate::rotation::{self, Schedule};
+use crate::svid::{self, LeafInfo};
+use crate::volume::{Contents, Volume};
+use crate::{csr, hook, report, systemd};
+
+/// How often the rotator looks at the wall clock.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How often the volume is compared with memory even without a file event.
+pub const VOLUME_CHECK_EVERY: u32 = 5;
+
+/// Why joining or starting the rotator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotatorError {
+    /// The state folder failed.
+    #[error(transparent)]
+    State(#[from] NodeError),
+    /// A key could not be generated.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A CSR could not be built.
+    #[error(transparent)]
+    Csr(#[from] csr::CsrError),
+    /// The holder refused or could not be reached.
+    #[error(transparent)]
+    Issuer(#[from] IssuerError),
+    /// The holder's answer was not a usable SVID.
+    #[error("the holder's node SVID is unusable: {0}")]
+    Svid(#[from] svid::SvidError),
+    /// The shared volume could not be created.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+}
+
+/// What the daemon asks of the rotator.
+#[derive(Debug)]
+pub enum Command {
+    /// A new, valid configuration (SIGHUP or a change of the file).
+    Reload(Box<Config>),
+    /// Sync with the holder now.
+    SyncNow,
+}
+
+/// Generates a key off the async threads (RSA takes a while).
+async fn generate_key(algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyError> {
+    match tokio::task::spawn_blocking(move || PrivateKey::generate(algorithm)).await {
+        Ok(result) => result,
+        Err(_) => PrivateKey::generate(algorithm),
+    }
+}
+
+/// Joins the holder with a one-time token: a fresh node key, a CSR, the node SVID back; stored
+/// in the state folder and returned.
+pub async fn join<I: Issuer>(
+    issuer: &I,
+    config: &Config,
+    token: &str,
+) -> Result<(NodeIdentity, SyncResponse), RotatorError> {
+    let key = generate_key(config.key_algorithm).await?;
+    let request = AttestRequest {
+        token: token.to_owned(),
+        csr: csr::build(&key, None)?.into(),
+    };
+    let response = issuer.attest(request).await?;
+    let identity = NodeIdentity::new(
+        key,
+        response.svid.chain.iter().map(|c| c.0.clone()).collect(),
+    )?;
+    if response.node != config.node_name || response.mesh != config.mesh {
+        tracing::warn!(
+            holder_node = %response.node,
+            holder_mesh = %response.mesh,
+            node = %config.node_name,
+            mesh = %config.mesh,
+            "the join token was for another node name or mesh than the config says; using the holder's"
+        );
+    }
+    node::store(&config.state_dir, &identity)?;
+    let seed = SyncResponse {
+        node: response.node,
+        mesh: response.mesh,
+        trust_domain: identity.info.spiffe_id.trust_domain().clone(),
+        enforcement: Enforcement::MeshDefault,
+        entries: Vec::new(),
+        bundles: response.bundles,
+    };
+    Ok((identity, seed))
+}
+
+#[derive(Clone)]
+struct Installed {
+    key: PrivateKey,
+    chain: Vec<Vec<u8>>,
+    info: LeafInfo,
+    served: Arc<InstalledSvid>,
+    /// A gateway's second SVID (same key, chained to the shared root), under limited trust.
+    gateway: Option<Gateway>,
+}
+
+#[derive(Clone)]
+struct Gateway {
+    chain: Vec<Vec<u8>>,
+    served: Arc<InstalledSvid>,
+}
+
+/// A chain that passed [`svid::check`], with what the check read from its leaf.
+type CheckedChain = (Vec<Vec<u8>>, LeafInfo);
+
+/// The hint of a gateway's second SVID in the Workload API.
+pub const GATEWAY_HINT: &str = "gateway";
+
+struct Managed {
+    entry: Entry,
+    local: bool,
+    current: Option<Installed>,
+    schedule: Schedule,
+    state: CertState,
+    last_error: Option<String>,
+    attempted: bool,
+    in_flight: Option<u64>,
+}
+
+impl Managed {
+    fn new(entry: Entry, local: bool, now: SystemTime) -> Self {
+        Self {
+            entry,
+            local,
+            current: None,
+            schedule: Schedule::now(now),
+            state: CertState::Pending,
+            last_error: None,
+            attempted: false,
+            in_flight: None,
+        }
+    }
+
+    fn report(&self) -> IdentityReport {
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        IdentityReport {
+            entry_id: self.entry.id.clone(),
+            spiffe_id: self.entry.spiffe_id.clone(),
+            state: self.state,
+            serial: self.current.as_ref().map(|c| c.info.serial.clone()),
+            not_after: self.current.as_ref().and_then(|c| unix(c.info.not_after)),
+            next_rotation: unix(self.schedule.next_at),
+            last_error: self.last_error.clone(),
+            attempts: self.schedule.failures,
+        }
+    }
+}
+
+type SignedBatch = Result<(Vec<(String, PrivateKey, SignOutcome)>, Bundles), IssuerError>;
+
+fn ders(chain: Vec<meshcert_protocol::api::Der>) -> Vec<Vec<u8>> {
+    chain.into_iter().map(|c| c.0).collect()
+}
+
+enum Event {
+    Synced(Result<SyncResponse, IssuerError>),
+    Signed {
+        request: u64,
+        ids: Vec<String>,
+        result: SignedBatch,
+    },
+    Renewed(Result<NodeIdentity, String>),
+    HookDone {
+        entry_id: String,
+        error: Option<String>,
+    },
+}
+
+/// The single writer of credentials; see the module documentation.
+pub struct Rotator<I: Issuer> {
+    issuer: Arc<I>,
+    cache: Cache,
+    volume: Volume,
+    config: Config,
+    node: NodeIdentity,
+    node_schedule: Schedule,
+    node_renewing: bool,
+    last_sync: SyncResponse,
+    have_sync: bool,
+    sync_attempted: bool,
+    sync_in_flight: bool,
+    sync_failures: u32,
+    next_sync: SystemTime,
+    managed: BTreeMap<String, Managed>,
+    order: Vec<String>,
+    semaphore: Arc<Semaphore>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    tasks: JoinSet<()>,
+    reports: watch::Sender<NodeReport>,
+    ca_connected: bool,
+    ca_last_error: Option<String>,
+    requests: u64,
+    ready_sent: bool,
+    node_expired_logged: bool,
+    status_line: String,
+    volume_changed: Arc<Notify>,
+}
+
+fn bundle_map(b: &Bundles) -> BTreeMap<TrustDomain, Vec<Vec<u8>>> {
+    b.trust_domains
+        .iter()
+        .map(|(td, certs)| (td.clone(), certs.iter().map(|c| c.0.clone()).collect()))
+        .collect()
+}
+
+impl<I: Issuer> Rotator<I> {
+    /// A rotator for a joined node. `last_sync` is what the state folder holds (or what the
+    /// join returned): the entries found there are loaded from the volume and served at once
+    /// when they are still valid.
+    pub fn new(
+        issuer: Arc<I>,
+        cache: Cache,
+        config: Config,
+        node: NodeIdentity,
+        last_sync: Option<SyncResponse>,
+        volume_changed: Arc<Notify>,
+    ) -> Self {
+        let now = SystemTime::now();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (reports, _) = watch::channel(NodeReport::default());
+        let node_schedule = Schedule::for_certificate(
+            node.info.not_before,
+            node.info.not_after,
+            &config.rotation,
+            rotation::jitter_for(&node.info.serial, config.rotation.jitter),
+        );
+        let have_sync = last_sync.is_some();
+        let last_sync = last_sync.unwrap_or_else(|| SyncResponse {
+            node: config.node_name.clone(),
+            mesh: config.mesh.clone(),
+            trust_domain: node.info.spiffe_id.trust_domain().clone(),
+            enforcement: Enforcement::MeshDefault,
+            entries: Vec::new(),
+            bundles: Bundles::default(),
+        });
+        let mut rotator = Self {
+            issuer,
+            cache,
+            volume: Volume::new(config.volume_dir.clone()),
+            semaphore: Arc::new(Semaphore::new(config.rotation.max_concurrent_signing)),
+            config,
+            node,
+            node_schedule,
+            node_renewing: false,
+            last_sync,
+            have_sync,
+            sync_attempted: false,
+            sync_in_flight: false,
+            sync_failures: 0,
+            next_sync: now,
+            managed: BTreeMap::new(),
+            order: Vec::new(),
+            events_tx,
+            events_rx,
+            tasks: JoinSet::new(),
+            reports,
+            ca_connected: false,
+            ca_last_error: None,
+            requests: 0,
+            ready_sent: false,
+            node_expired_logged: false,
+            status_line: String::new(),
+            volume_changed,
+        };
+        let seed = rotator.last_sync.clone();
+        rotator.apply_sync(seed, now);
+        rotator
+    }
+
+    /// A receiver of the node report, for [`report::run`].
+    pub fn reports(&self) -> watch::Receiver<NodeReport> {
+        self.reports.subscribe()
+    }
+
+    /// Runs until `shutdown` completes; an install in progress always completes first.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut ticks: u32 = 0;
+        let volume_changed = self.volume_changed.clone();
+        self.on_tick(SystemTime::now(), false);
+        loop {
+            // Wake at the next due moment, and at least every TICK to re-read the wall clock
+            // (a suspend or a clock jump forward makes rotations due at once).
+            let wake = tokio::time::Instant::now() + self.next_wake(SystemTime::now());
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(command) = commands.recv() => self.on_command(command),
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+                () = volume_changed.notified() => self.check_volume(),
+                () = tokio::time::sleep_until(wake) => {
+                    ticks = ticks.wrapping_add(1);
+                    self.on_tick(SystemTime::now(), ticks.is_multiple_of(VOLUME_CHECK_EVERY));
+                }
+            }
+        }
+        self.tasks.abort_all();
+        tracing::info!("rotator stopped");
+    }
+
+    /// How long until something is due (an entry, the node SVID, a sync), at most [`TICK`].
+    fn next_wake(&self, now: SystemTime) -> Duration {
+        let mut next = now + TICK;
+        let can_sign = self.can_sign();
+        for m in self.managed.values() {
+            if can_sign && m.in_flight.is_none() {
+                next = next.min(m.schedule.next_at);
+            }
+        }
+        if !self.node_renewing {
+            next = next.min(self.node_schedule.next_at);
+        }
+        if !self.sync_in_flight {
+            next = next.min(self.next_sync);
+        }
+        next.duration_since(now).unwrap_or_default()
+    }
+
+    fn can_sign(&self) -> bool {
+        self.have_sync || !self.last_sync.bundles.trust_domains.is_empty()
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::SyncNow => {
+                self.next_sync = SystemTime::now();
+                self.on_tick(SystemTime::now(), false);
+            }
+            Command::Reload(config) => self.reload(*config),
+        }
+    }
+
+    fn reload(&mut self, config: Config) {
+        let old = &self.config;
+        for (what, changed) in [
+            ("caAddress", old.ca_address != config.ca_address),
+            ("trustBundle", old.trust_roots != config.trust_roots),
+            ("stateDir", old.state_dir != config.state_dir),
+            ("volumeDir", old.volume_dir != config.volume_dir),
+            (
+                "workloadSocket",
+                old.workload_socket != config.workload_socket,
+            ),
+            ("adminSocket", old.admin_socket != config.admin_socket),
+            ("nodeName", old.node_name != config.node_name),
+            ("mesh", old.mesh != config.mesh),
+        ] {
+            if changed {
+                tracing::warn!(
+                    setting = what,
+                    "changing this setting needs a restart; keeping the running value"
+                );
+            }
+        }
+        let mut next = config;
+        next.ca_address = old.ca_address.clone();
+        next.ca_server_name = old.ca_server_name.clone();
+        next.trust_bundle = old.trust_bundle.clone();
+        next.trust_roots = old.trust_roots.clone();
+        next.state_dir = old.state_dir.clone();
+        next.volume_dir = old.volume_dir.clone();
+        next.workload_socket = old.workload_socket.clone();
+        next.admin_socket = old.admin_socket.clone();
+        next.node_name = old.node_name.clone();
+        next.mesh = old.mesh.clone();
+        if next.rotation.max_concurrent_signing != old.rotation.max_concurrent_signing {
+            self.semaphore = Arc::new(Semaphore::new(next.rotation.max_concurrent_signing));
+        }
+        self.config = next;
+        let seed = self.last_sync.clone();
+        self.apply_sync(seed, SystemTime::now());
+        self.next_sync = SystemTime::now();
+        tracing::info!("configuration reloaded");
+    }
+
+    // ---- sync -------------------------------------------------------------------------
+
+    fn start_sync(&mut self) {
+        self.sync_in_flight = true;
+        let issuer = self.issuer.clone();
+        let tx = self.events_tx.clone();
+        self.tasks.spawn(async move {
+            let result = issuer.sync().await;
+            let _ = tx.send(Event::Synced(result));
+        });
+    }
+
+    fn on_synced(&mut self, result: Result<SyncResponse, IssuerError>, now: SystemTime) {
+        self.sync_in_flight = false;
+        self.sync_attempted = true;
+        match result {
+            Ok(response) => {
+                self.connected(true, None);
+                self.sync_failures = 0;
+                self.next_sync = now + self.config.sync_interval;
+                let changed = !self.have_sync
+                    || serde_json::to_value(&response).ok()
+                        != serde_json::to_value(&self.last_sync).ok();
+                if changed && let Err(e) = node::store_last_sync(&self.config.state_dir, &response)
+                {
+                    tracing::warn!(error = %e, "cannot store the last sync");
+                }
+                self.have_sync = true;
+                self.apply_sync(response, now);
+            }
+            Err(e) => {
+                self.sync_failures = self.sync_failures.saturating_add(1);
+                let wait = rotation::backoff(
+                    self.sync_failures,
+                    self.config.rotation.backoff_initial,
+                    self.config.rotation.backoff_max,
+                    fastrand::f64(),
+                )
+                .min(self.config.sync_interval);
+                self.next_sync = now + wait;
+                self.log_failure("sync", &e, self.sync_failures);
+                self.connected(!e.is_unreachable(), Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Makes the managed entries those of `response` (plus local entries under DISABLED
+    /// enforcement), adopting valid SVIDs already on disk.
+    fn apply_sync(&mut self, response: SyncResponse, now: SystemTime) {
+        let bundles_changed = response.bundles != self.last_sync.bundles;
+        self.last_sync = response;
+        let td = self.last_sync.trust_domain.clone();
+        let mut desired: Vec<(Entry, bool)> = self
+            .last_sync
+            .entries
+            .iter()
+            .map(|e| (e.clone(), false))
+            .collect();
+        if self.last_sync.enforcement == Enforcement::Disabled {
+            let known: BTreeSet<String> = desired.iter().map(|(e, _)| e.id.clone()).collect();
+            for e in &self.config.entries {
+                if known.contains(&e.id) {
+                    tracing::warn!(entry_id = %e.id, "a local entry has the id of a holder entry; the holder's wins");
+                } else if !td.contains(&e.spiffe_id) {
+                    tracing::warn!(entry_id = %e.id, spiffe_id = %e.spiffe_id, "a local entry is outside the node's trust domain; ignored");
+                } else {
+                    desired.push((e.clone(), true));
+                }
+            }
+        }
+        // Two entries cannot share a folder: the first one keeps it.
+        let mut dirs = BTreeSet::new();
+        desired.retain(|(e, _)| {
+            let fresh = dirs.insert(e.dir.clone());
+            if !fresh {
+                tracing::warn!(entry_id = %e.id, dir = %e.dir, "another entry already uses this folder; ignored");
+            }
+            fresh && meshcert_protocol::entry::valid_dir(&e.dir)
+        });
+
+        let wanted: BTreeSet<&str> = desired.iter().map(|(e, _)| e.id.as_str()).collect();
+        let removed: Vec<String> = self
+            .managed
+            .keys()
+            .filter(|id| !wanted.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in removed {
+            if let Some(m) = self.managed.remove(&id) {
+                tracing::info!(entry_id = %id, dir = %m.entry.dir, "entry removed; removing its folder");
+                if let Err(e) = self.volume.remove(&m.entry.dir) {
+                    tracing::warn!(entry_id = %id, error = %e, "cannot remove the folder of a removed entry");
+                }
+            }
+        }
+
+        for (entry, local) in &desired {
+            match self.managed.get_mut(&entry.id) {
+                None => {
+                    let mut m = Managed::new(entry.clone(), *local, now);
+                    self.adopt_from_disk(&mut m, now);
+                    self.managed.insert(entry.id.clone(), m);
+                }
+                Some(m) if m.entry == *entry && !bundles_changed => m.local = *local,
+                Some(m) => {
+                    let old = std::mem::replace(&mut m.entry, entry.clone());
+                    m.local = *local;
+                    if old.spiffe_id != entry.spiffe_id {
+                        tracing::info!(entry_id = %entry.id, "entry's SPIFFE ID changed; issuing a new SVID");
+                        m.current = None;
+                        m.in_flight = None;
+                        m.state = CertState::Pending;
+                        m.schedule = Schedule::now(now);
+                        if old.dir != entry.dir {
+                            let _ = self.volume.remove(&old.dir);
+                        }
+                        continue;
+                    }
+                    if old.dir != entry.dir {
+                        let _ = self.volume.remove(&old.dir);
+                    }
+                    if let Some(current) = m.current.clone() {
+                        // Selectors, folder, owner or bundles changed: the same SVID is served
+                        // under the new entry (and written again where needed).
+                        let gateway = current.gateway.clone().map(|g| Gateway {
+                            served: Arc::new(InstalledSvid {
+                                entry: entry.clone(),
+                                ..(*g.served).clone()
+                            }),
+                            ..g
+                        });
+                        m.current = Some(Installed {
+                            served: Arc::new(InstalledSvid {
+                                entry: entry.clone(),
+                                ..(*current.served).clone()
+                            }),
+                            gateway,
+                            ..current
+                        });
+                    }
+                }
+            }
+        }
+        self.order = desired.into_iter().map(|(e, _)| e.id).collect();
+        if bundles_changed {
+            self.rewrite_all();
+        } else {
+            self.check_volume_quiet();
+        }
+        self.publish();
+    }
+
+    /// Loads a still-valid SVID of `m` from the volume (after a restart), if there is one.
+    fn adopt_from_disk(&self, m: &mut Managed, now: SystemTime) {
+        let roots = self.roots_for(&m.entry);
+        let loaded = match self.volume.load(&m.entry.dir) {
+            Ok(Some(found)) => found,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(entry_id = %m.entry.id, error = %e, "the SVID on disk is unusable; issuing a new one");
+                return;
+            }
+        };
+        let crate::volume::OnDisk {
+            chain,
+            key,
+            gateway_chain,
+        } = loaded;
+        let gateway = match self.check_gateway(&m.entry, &key, gateway_chain, now) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::info!(entry_id = %m.entry.id, error = %e, "the gateway SVID on disk does not check out; issuing a new one");
+                return;
+            }
+        };
+        match svid::check(&chain, &key, &roots, &m.entry.spiffe_id, now) {
+            Ok(info) => {
+                tracing::info!(entry_id = %m.entry.id, serial = %info.serial, "serving the SVID found on disk");
+                m.schedule = Schedule::for_certificate(
+                    info.not_before,
+                    info.not_after,
+                    &self.config.rotation,
+                    rotation::jitter_for(&info.serial, self.config.rotation.jitter),
+                );
+                m.current = Some(self.installed(&m.entry, key, chain, info, gateway));
+                m.state = CertState::Issued;
+                m.attempted = true;
+            }
+            Err(e) => {
+                tracing::info!(entry_id = %m.entry.id, error = %e, "the SVID on disk does not check out; issuing a new one");
+            }
+        }
+    }
+
+    fn roots_for(&self, entry: &Entry) -> Vec<Vec<u8>> {
+        self.last_sync
+            .bundles
+            .trust_domains
+            .get(entry.spiffe_id.trust_domain())
+            .map(|certs| certs.iter().map(|c| c.0.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn installed(
+        &self,
+        entry: &Entry,
+        key: PrivateKey,
+        chain: Vec<Vec<u8>>,
+        info: LeafInfo,
+        gateway: Option<CheckedChain>,
+    ) -> Installed {
+        let key_pkcs8 = Arc::new(zeroize::Zeroizing::new(key.pkcs8_der().to_vec()));
+        let served = Arc::new(InstalledSvid {
+            entry: entry.clone(),
+            spiffe_id: info.spiffe_id.clone(),
+            chain: chain.clone(),
+            key_pkcs8: key_pkcs8.clone(),
+            not_after: info.not_after,
+            hint: entry.id.clone(),
+        });
+        let gateway = gateway.map(|(chain, ginfo)| Gateway {
+            served: Arc::new(InstalledSvid {
+                entry: entry.clone(),
+                spiffe_id: ginfo.spiffe_id.clone(),
+                chain: chain.clone(),
+                key_pkcs8,
+                not_after: ginfo.not_after,
+                hint: GATEWAY_HINT.into(),
+            }),
+            chain,
+        });
+        Installed {
+            key,
+            chain,
+            info,
+            served,
+            gateway,
+        }
+    }
+
+    /// Checks a gateway's second chain against the shared root. `Ok(None)` when the entry needs
+    /// none (not a gateway, or no limited trust).
+    fn check_gateway(
+        &self,
+        entry: &Entry,
+        key: &PrivateKey,
+        chain: Option<Vec<Vec<u8>>>,
+        now: SystemTime,
+    ) -> Result<Option<CheckedChain>, svid::SvidError> {
+        let shared = self.shared_root();
+        if !entry.gateway || shared.is_empty() {
+            return Ok(None);
+        }
+        let chain = chain.ok_or(svid::SvidError::Empty)?;
+        let info = svid::check(&chain, key, &shared, &entry.spiffe_id, now)?;
+        Ok(Some((chain, info)))
+    }
+
+    fn shared_root(&self) -> Vec<Vec<u8>> {
+        self.last_sync
+            .bundles
+            .shared_root
+            .iter()
+            .map(|c| c.0.clone())
+            .collect()
+    }
+
+    // ---- volume -----------------------------------------------------------------------
+
+    fn write(&self, entry: &Entry, current: &Installed) -> Result<(), crate::volume::VolumeError> {
+        let bundle = self.roots_for(entry);
+        let federated = self.federated_for(entry);
+        let shared = self.shared_root();
+        let contents = Contents {
+            chain: &current.chain,
+            key: &current.key,
+            bundle: &bundle,
+            federated: &federated,
+            owner: entry.owner,
+            gateway: current
+                .gateway
+                .as_ref()
+                .map(|g| (g.chain.as_slice(), shared.as_slice())),
+        };
+        let volume = &self.volume;
+        tokio::task::block_in_place(|| volume.install(&entry.dir, &contents, SystemTime::now()))
+    }
+
+    fn federated_for(&self, entry: &Entry) -> BTreeMap<TrustDomain, Vec<Vec<u8>>> {
+        let mut all = bundle_map(&self.last_sync.bundles);
+        all.remove(entry.spiffe_id.trust_domain());
+        all
+    }
+
+    fn matches(&self, entry: &Entry, current: &Installed) -> bool {
+        let bundle = self.roots_for(entry);
+        let federated = self.federated_for(entry);
+        let shared = self.shared_root();
+        let contents = Contents {
+            chain: &current.chain,
+            key: &current.key,
+            bundle: &bundle,
+            federated: &federated,
+            owner: entry.owner,
+            gateway: current
+                .gateway
+                .as_ref()
+                .map(|g| (g.chain.as_slice(), shared.as_slice())),
+        };
+        self.volume.matches(&entry.dir, &contents)
+    }
+
+    fn rewrite_all(&mut self) {
+        for id in self.order.clone() {
+            let Some(m) = self.managed.get(&id) else {
+                continue;
+            };
+            let Some(current) = &m.current else { continue };
+            if let Err(e) = self.write(&m.entry, current) {
+                tracing::warn!(entry_id = %id, error = %e, "cannot rewrite the folder with the new bundles");
+            }
+        }
+    }
+
+    /// Restores every folder whose files differ from memory (deleted, changed, replaced).
+    fn check_volume(&mut self) {
+        let restored = self.restore_volume();
+        if restored > 0 {
+            tracing::warn!(
+                restored,
+                "files of the shared volume were changed or deleted by someone else; restored"
+            );
+        }
+    }
+
+    fn check_volume_quiet(&mut self) {
+        self.restore_volume();
+    }
+
+    fn restore_volume(&mut self) -> usize {
+        let mut restored = 0;
+        for id in &self.order {
+            let Some(m) = self.managed.get(id) else {
+                continue;
+            };
+            let Some(current) = &m.current else { continue };
+            if current.info.not_after <= SystemTime::now() || self.matches(&m.entry, current) {
+                continue;
+            }
+            match self.write(&m.entry, current) {
+                Ok(()) => {
+                    tracing::info!(entry_id = %id, dir = %m.entry.dir, "folder restored from memory");
+                    restored += 1;
+                }
+                Err(e) => tracing::warn!(entry_id = %id, error = %e, "cannot restore the folder"),
+            }
+        }
+        restored
+    }
+
+    // ---- signing ----------------------------------------------------------------------
+
+    fn on_tick(&mut self, now: SystemTime, check_volume: bool) {
+        let mut changed = false;
+        // Expired SVIDs stop being served (their files stay until replaced).
+        for m in self.managed.values_mut() {
+            if m.current.as_ref().is_some_and(|c| c.info.not_after <= now) {
+                tracing::warn!(entry_id = %m.entry.id, "the SVID expired before it could be rotated; no longer served");
+                m.current = None;
+                if m.state == CertState::Issued {
+                    m.state = CertState::Pending;
+                }
+                changed = true;
+            }
+        }
+        if !self.sync_in_flight && self.next_sync <= now {
+            self.start_sync();
+        }
+        if self.node.info.not_after <= now && !self.node_expired_logged {
+            self.node_expired_logged = true;
+            tracing::error!(
+                node = %self.config.node_name,
+                mesh = %self.config.mesh,
+                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with --join-token)"
+            );
+        }
+        if !self.node_renewing && self.node_schedule.is_due(now) {
+            self.start_renew();
+        }
+        // Without a sync there are no bundles to check SVIDs against yet.
+        if self.can_sign() {
+            let due: Vec<String> = self
+                .order
+                .iter()
+                .filter(|id| {
+                    self.managed
+                        .get(*id)
+                        .is_some_and(|m| m.in_flight.is_none() && m.schedule.is_due(now))
+                })
+                .cloned()
+                .collect();
+            for batch in due.chunks(api::MAX_BATCH) {
+                self.start_sign(batch.to_vec());
+                changed = true;
+            }
+        }
+        if check_volume {
+            self.check_volume();
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
+    fn start_sign(&mut self, ids: Vec<String>) {
+        self.requests += 1;
+        let request = self.requests;
+        let mut jobs = Vec::new();
+        for id in &ids {
+            if let Some(m) = self.managed.get_mut(id) {
+                m.in_flight = Some(request);
+                m.state = CertState::Requested;
+                jobs.push((m.entry.clone(), m.local));
+            }
+        }
+        let issuer = self.issuer.clone();
+        let semaphore = self.semaphore.clone();
+        let algorithm = self.config.key_algorithm;
+        let tx = self.events_tx.clone();
+        self.tasks.spawn(async move {
+            let result = sign_batch(&*issuer, &semaphore, algorithm, jobs).await;
+            let _ = tx.send(Event::Signed {
+                request,
+                ids,
+                result,
+            });
+        });
+    }
+
+    fn on_signed(&mut self, request: u64, ids: Vec<String>, result: SignedBatch, now: SystemTime) {
+        match result {
+            Ok((results, bundles)) => {
+                self.connected(true, None);
+                if bundles.version > self.last_sync.bundles.version
+                    && !bundles.trust_domains.is_empty()
+                {
+                    let mut next = self.last_sync.clone();
+                    next.bundles = bundles;
+                    self.apply_sync(next, now);
+                }
+                let mut answered = BTreeSet::new();
+                for (entry_id, key, outcome) in results {
+                    answered.insert(entry_id.clone());
+                    match outcome {
+                        SignOutcome::Issued { svid, gateway_svid } => {
+                            let chain = ders(svid.chain);
+                            let gateway = gateway_svid.map(|g| ders(g.chain));
+                            self.install(&entry_id, request, key, chain, gateway, now);
+                        }
+                        SignOutcome::Refused { error } => {
+                            self.failed(
+                                &entry_id,
+                                request,
+                                format!("refused by the holder: {error}"),
+                                now,
+                            );
+                        }
+                    }
+                }
+                for id in ids.iter().filter(|id| !answered.contains(*id)) {
+                    self.failed(
+                        id,
+                        request,
+                        "the holder's answer has no result for this entry".into(),
+                        now,
+                    );
+                }
+            }
+            Err(e) => {
+                self.connected(!e.is_unreachable(), Some(e.to_string()));
+                for id in &ids {
+                    self.failed(id, request, e.to_string(), now);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn install(
+        &mut self,
+        entry_id: &str,
+        request: u64,
+        key: PrivateKey,
+        chain: Vec<Vec<u8>>,
+        gateway_chain: Option<Vec<Vec<u8>>>,
+        now: SystemTime,
+    ) {
+        let Some(m) = self.managed.get(entry_id) else {
+            return;
+        };
+        if m.in_flight != Some(request) {
+            return;
+        }
+        let entry = m.entry.clone();
+        let roots = self.roots_for(&entry);
+        let info = match svid::check(&chain, &key, &roots, &entry.spiffe_id, now) {
+            Ok(info) => info,
+            Err(e) => {
+                self.failed(
+                    entry_id,
+                    request,
+                    format!("the issued SVID does not check out: {e}"),
+                    now,
+                );
+                return;
+            }
+        };
+        let gateway = match self.check_gateway(&entry, &key, gateway_chain, now) {
+            Ok(g) => g,
+            Err(e) => {
+                self.failed(
+                    entry_id,
+                    request,
+                    format!("the gateway SVID does not check out: {e}"),
+                    now,
+                );
+                return;
+            }
+        };
+        let installed = self.installed(&entry, key, chain, info, gateway);
+        if let Err(e) = self.write(&entry, &installed) {
+            self.failed(entry_id, request, format!("cannot install: {e}"), now);
+            return;
+        }
+        let rotation = self.config.rotation;
+        let Some(m) = self.managed.get_mut(entry_id) else {
+            return;
+        };
+        tracing::info!(
+            entry_id = %entry_id,
+            spiffe_id = %entry.spiffe_id,
+            serial = %installed.info.serial,
+            not_after = installed.info.not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "SVID installed"
+        );
+        m.schedule = Schedule::for_certificate(
+            installed.info.not_before,
+            installed.info.not_after,
+            &rotation,
+            rotation::jitter_for(&installed.info.serial, rotation.jitter),
+        );
+        m.current = Some(installed);
+        m.state = CertState::Issued;
+        m.last_error = None;
+        m.attempted = true;
+        m.in_flight = None;
+        if let Some(h) = entry.hook.clone() {
+            let dir: PathBuf = self.volume.entry_path(&entry.dir);
+            let tx = self.events_tx.clone();
+            let entry_id = entry_id.to_owned();
+            self.tasks.spawn(async move {
+                let error = hook::run(&h, &dir).await.err().map(|e| e.to_string());
+                let _ = tx.send(Event::HookDone { entry_id, error });
+            });
+        }
+    }
+
+    fn failed(&mut self, entry_id: &str, request: u64, error: String, now: SystemTime) {
+        let rotation = self.config.rotation;
+        let Some(m) = self.managed.get_mut(entry_id) else {
+            return;
+        };
+        if m.in_flight != Some(request) {
+            return;
+        }
+        m.in_flight = None;
+        m.attempted = true;
+        m.state = CertState::Failed;
+        let wait = m.schedule.failed(now, &rotation, fastrand::f64());
+        if m.schedule.failures == 1 {
+            tracing::warn!(entry_id = %entry_id, error = %error, retry_in = ?wait, "cannot obtain an SVID");
+        } else {
+            tracing::debug!(entry_id = %entry_id, error = %error, retry_in = ?wait, failures = m.schedule.failures, "cannot obtain an SVID");
+        }
+        m.last_error = Some(error);
+    }
+
+    // ---- node SVID --------------------------------------------------------------------
+
+    fn start_renew(&mut self) {
+        self.node_renewing = true;
+        let issuer = self.issuer.clone();
+        let algorithm = self.config.key_algorithm;
+        let tx = self.events_tx.clone();
+        self.tasks.spawn(async move {
+            let result = async {
+                let key = generate_key(algorithm).await.map_err(|e| e.to_string())?;
+                let csr = csr::build(&key, None).map_err(|e| e.to_string())?;
+                let response = issuer
+                    .renew(RenewRequest { csr: csr.into() })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let chain = response.svid.chain.into_iter().map(|c| c.0).collect();
+                NodeIdentity::new(key, chain).map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = tx.send(Event::Renewed(result));
+        });
+    }
+
+    fn on_renewed(&mut self, result: Result<NodeIdentity, String>, now: SystemTime) {
+        self.node_renewing = false;
+        let stored = result.and_then(|identity| {
+            node::store(&self.config.state_dir, &identity).map_err(|e| e.to_string())?;
+            self.issuer
+                .set_identity(&identity.chain, &identity.key)
+                .map_err(|e| e.to_string())?;
+            Ok(identity)
+        });
+        match stored {
+            Ok(identity) => {
+                tracing::info!(serial = %identity.info.serial, "node SVID renewed");
+                self.node_schedule = Schedule::for_certificate(
+                    identity.info.not_before,
+                    identity.info.not_after,
+                    &self.config.rotation,
+                    rotation::jitter_for(&identity.info.serial, self.config.rotation.jitter),
+                );
+                self.node = identity;
+                self.node_expired_logged = false;
+                self.publish();
+            }
+            Err(e) => {
+                let wait = self
+                    .node_schedule
+                    .failed(now, &self.config.rotation, fastrand::f64());
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot renew the node SVID");
+            }
+        }
+    }
+
+    // ---- events and publication -------------------------------------------------------
+
+    fn on_event(&mut self, event: Event) {
+        let now = SystemTime::now();
+        match event {
+            Event::Synced(result) => self.on_synced(result, now),
+            Event::Signed {
+                request,
+                ids,
+                result,
+            } => self.on_signed(request, ids, result, now),
+            Event::Renewed(result) => self.on_renewed(result, now),
+            Event::HookDone { entry_id, error } => {
+                if let Some(error) = error {
+                    tracing::warn!(entry_id = %entry_id, error = %error, "rotation hook failed");
+                    if let Some(m) = self.managed.get_mut(&entry_id) {
+                        m.last_error = Some(format!("hook: {error}"));
+                    }
+                    self.publish();
+                }
+            }
+        }
+    }
+
+    fn connected(&mut self, connected: bool, error: Option<String>) {
+        if connected && !self.ca_connected {
+            tracing::info!(ca = %self.config.ca_address, "connected to the CA holder");
+        }
+        self.ca_connected = connected;
+        if error.is_some() || connected {
+            self.ca_last_error = error;
+        }
+    }
+
+    fn log_failure(&self, what: &str, e: &IssuerError, failures: u32) {
+        if failures == 1 {
+            tracing::warn!(error = %e, "{what} with the CA holder failed; backing off");
+        } else {
+            tracing::debug!(error = %e, failures, "{what} with the CA holder failed again");
+        }
+    }
+
+    /// Publishes the snapshot, the status, the report and the systemd state.
+    fn publish(&mut self) {
+        let now = SystemTime::now();
+        let bundles = &self.last_sync.bundles;
+        let svids: Vec<Arc<InstalledSvid>> = self
+            .order
+            .iter()
+            .filter_map(|id| self.managed.get(id))
+            .filter_map(|m| m.current.as_ref())
+            .filter(|c| c.info.not_after > now)
+            .flat_map(|c| {
+                let gateway = c
+                    .gateway
+                    .as_ref()
+                    .filter(|g| g.served.not_after > now)
+                    .map(|g| g.served.clone());
+                std::iter::once(c.served.clone()).chain(gateway)
+            })
+            .collect();
+        let snapshot = Snapshot {
+            trust_domain: Some(self.last_sync.trust_domain.clone()),
+            bundle_version: bundles.version,
+            bundles: bundle_map(bundles),
+            shared_root: bundles.shared_root.iter().map(|c| c.0.clone()).collect(),
+            federate: bundles.trust_domains.len() > 1,
+            svids,
+        };
+        self.cache.publish(snapshot);
+
+        let identities: Vec<IdentityReport> = self
+            .order
+            .iter()
+            .filter_map(|id| self.managed.get(id))
+            .map(Managed::report)
+            .collect();
+        let all_attempted = self.sync_attempted && self.managed.values().all(|m| m.attempted);
+        let node_not_after = self
+            .node
+            .info
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        let (node, mesh) = (self.last_sync.node.clone(), self.last_sync.mesh.clone());
+        let ca_address = self.config.ca_address.clone();
+        let (ca_connected, ca_last_error) = (self.ca_connected, self.ca_last_error.clone());
+        let bundle_version = bundles.version;
+        let status_identities = identities.clone();
+        self.cache.update_status(|s| {
+            s.node = Some(node);
+            s.mesh = Some(mesh);
+            s.ca_address = ca_address;
+            s.ca_connected = ca_connected;
+            s.ca_last_error = ca_last_error;
+            s.node_svid_not_after = node_not_after;
+            s.bundle_version = bundle_version;
+            s.all_attempted = all_attempted;
+            s.identities = status_identities;
+        });
+        let next = report::build(
+            bundle_version,
+            Some(self.last_sync.enforcement),
+            &identities,
+        );
+        self.reports.send_if_modified(|current| {
+            if *current == next {
+                false
+            } else {
+                *current = next;
+                true
+            }
+        });
+
+        let issued = identities.iter().filter(|i| i.not_after.is_some()).count();
+        let line = format!("{issued}/{} SVIDs issued", identities.len());
+        if !self.ready_sent && all_attempted {
+            self.ready_sent = true;
+            tracing::info!(status = %line, "ready");
+            systemd::ready(&line);
+            self.status_line = line;
+        } else if line != self.status_line {
+            systemd::status(&line);
+            self.status_line = line;
+        }
+    }
+}
+
+async fn sign_batch<I: Issuer>(
+    issuer: &I,
+    semaphore: &Semaphore,
+    algorithm: KeyAlgorithm,
+    jobs: Vec<(Entry, bool)>,
+) -> SignedBatch {
+    let mut keys = Vec::new();
+    let mut csrs = Vec::new();
+    for (entry, local) in jobs {
+        let key = generate_key(algorithm)
+            .await
+            .map_err(|e| IssuerError::Setup(e.to_string()))?;
+        let der = csr::build(&key, Some(&entry.spiffe_id))
+            .map_err(|e| IssuerError::Setup(e.to_string()))?;
+        csrs.push(CsrRequest {
+            entry_id: entry.id.clone(),
+            csr: der.into(),
+            local: local.then(|| entry.clone()),
+        });
+        keys.push((entry.id, key));
+    }
+    let _permit = semaphore
+        .acquire()
+        .await
+        .map_err(|_| IssuerError::Setup("signing closed".into()))?;
+    let response = issuer.sign(SignRequest { csrs }).await?;
+    let mut keys: BTreeMap<String, PrivateKey> = keys.into_iter().collect();
+    let results = response
+        .results
+        .into_iter()
+        .filter_map(|r| keys.remove(&r.entry_id).map(|k| (r.entry_id, k, r.outcome)))
+        .collect();
+    Ok((results, response.bundles))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use meshcert_protocol::api::{
+        ApiError, Der, ErrorCode, NodeSvidResponse, SignResponse, SignResult, Svid,
+    };
+    use meshcert_protocol::{NodeReport, SpiffeId};
+
+    use super::*;
+    use crate::config::Rotation;
+    use crate::svid::testca::TestCa;
+
+    const TD: &str = "mesh-a.test";
+
+    struct FakeState {
+        entries: Vec<Entry>,
+        refuse: BTreeSet<String>,
+        down: bool,
+        signed: u32,
+        ttl: Duration,
+    }
+
+    /// A holder in memory: signs with a test CA, can refuse entries or be "down".
+    struct FakeIssuer {
+        ca: TestCa,
+        /// Signs gateways' second SVIDs (limited trust).
+        shared: TestCa,
+        state: Mutex<FakeState>,
+    }
+
+    impl FakeIssuer {
+        fn new(entries: Vec<Entry>) -> Self {
+            Self {
+                ca: TestCa::new(),
+                shared: TestCa::new(),
+                state: Mutex::new(FakeState {
+                    entries,
+                    refuse: BTreeSet::new(),
+                    down: false,
+                    signed: 0,
+                    ttl: Duration::from_secs(3600),
+                }),
+            }
+        }
+        fn bundles(&self) -> Bundles {
+            Bundles {
+                version: 1,
+                trust_domains: BTreeMap::from([(
+                    TrustDomain::new(TD).expect("td"),
+                    vec![Der(self.ca.root.clone())],
+                )]),
+                shared_root: vec![Der(self.shared.root.clone())],
+            }
+        }
+        fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+            f(&mut self.state.lock().expect("lock"))
+        }
+        fn check_up(&self) -> Result<(), IssuerError> {
+            if self.with(|s| s.down) {
+                return Err(IssuerError::Http("connection refused".into()));
+            }
+            Ok(())
+        }
+        fn node_identity(&self) -> NodeIdentity {
+            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+            let id = SpiffeId::new("spiffe://mesh-a.test/meshcert/node/n1").expect("id");
+            let chain = self.ca.sign(
+                &csr::build(&key, None).expect("csr"),
+                &id,
+                SystemTime::now(),
+                Duration::from_secs(3600),
+            );
+            NodeIdentity::new(key, chain).expect("node")
+        }
+    }
+
+    impl Issuer for FakeIssuer {
+        async fn attest(&self, _: AttestRequest) -> Result<NodeSvidResponse, IssuerError> {
+            Err(IssuerError::Api(ApiError::new(
+                ErrorCode::TokenUsed,
+                "used",
+            )))
+        }
+        async fn renew(&self, _: RenewRequest) -> Result<NodeSvidResponse, IssuerError> {
+            Err(IssuerError::Api(ApiError::new(
+                ErrorCode::Unavailable,
+                "later",
+            )))
+        }
+        async fn sync(&self) -> Result<SyncResponse, IssuerError> {
+            self.check_up()?;
+            Ok(SyncResponse {
+                node: "n1".into(),
+                mesh: "mesh-a".into(),
+                trust_domain: TrustDomain::new(TD).expect("td"),
+                enforcement: Enforcement::Enabled,
+                entries: self.with(|s| s.entries.clone()),
+                bundles: self.bundles(),
+            })
+        }
+        async fn sign(&self, request: SignRequest) -> Result<SignResponse, IssuerError> {
+            self.check_up()?;
+            let (entries, refuse, ttl) =
+                self.with(|s| (s.entries.clone(), s.refuse.clone(), s.ttl));
+            let mut results = Vec::new();
+            for c in request.csrs {
+                let entry = entries.iter().find(|e| e.id == c.entry_id);
+                let outcome = match entry {
+                    Some(e) if !refuse.contains(&e.id) => {
+                        self.with(|s| s.signed += 1);
+                        let chain = self.ca.sign(&c.csr.0, &e.spiffe_id, SystemTime::now(), ttl);
+                        let gateway_svid = e.gateway.then(|| Svid {
+                            spiffe_id: e.spiffe_id.clone(),
+                            chain: self
+                                .shared
+                                .sign(&c.csr.0, &e.spiffe_id, SystemTime::now(), ttl)
+                                .into_iter()
+                                .map(Der)
+                                .collect(),
+                        });
+                        SignOutcome::Issued {
+                            svid: Svid {
+                                spiffe_id: e.spiffe_id.clone(),
+                                chain: chain.into_iter().map(Der).collect(),
+                            },
+                            gateway_svid,
+                        }
+                    }
+                    _ => SignOutcome::Refused {
+                        error: ApiError::new(ErrorCode::NotAssigned, "not yours"),
+                    },
+                };
+                results.push(SignResult {
+                    entry_id: c.entry_id,
+                    outcome,
+                });
+            }
+            Ok(SignResponse {
+                results,
+                bundles: self.bundles(),
+            })
+        }
+        async fn report(&self, _: NodeReport) -> Result<(), IssuerError> {
+            self.check_up()
+        }
+        fn set_identity(&self, _: &[Vec<u8>], _: &PrivateKey) -> Result<(), IssuerError> {
+            Ok(())
+        }
+    }
+
+    fn entry(id: &str) -> Entry {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "spiffeId": format!("spiffe://{TD}/{id}"),
+            "nodes": ["n1"],
+            "dir": id,
+        }))
+        .expect("entry")
+    }
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            ca_address: "127.0.0.1:1".into(),
+            ca_server_name: "127.0.0.1".into(),
+            trust_bundle: dir.join("bundle.pem"),
+            trust_roots: Vec::new(),
+            node_name: "n1".into(),
+            mesh: "mesh-a".into(),
+            state_dir: dir.join("state"),
+            volume_dir: dir.join("svids"),
+            workload_socket: dir.join("workload.sock"),
+            workload_socket_mode: 0o666,
+            admin_socket: dir.join("admin.sock"),
+            key_algorithm: KeyAlgorithm::EcdsaP256,
+            rotation: Rotation {
+                backoff_initial: Duration::from_millis(100),
+                backoff_max: Duration::from_millis(300),
+                ..Rotation::default()
+            },
+            sync_interval: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(30),
+            entries: Vec::new(),
+        }
+    }
+
+    struct Running {
+        cache: Cache,
+        commands: mpsc::Sender<Command>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(fake: &Arc<FakeIssuer>, config: &Config, node: &NodeIdentity) -> Running {
+        node::ensure_dir(&config.state_dir).expect("state");
+        let cache = Cache::new();
+        let last = node::load_last_sync(&config.state_dir).expect("last sync");
+        let rotator = Rotator::new(
+            fake.clone(),
+            cache.clone(),
+            config.clone(),
+            node.clone(),
+            last,
+            Arc::new(Notify::new()),
+        );
+        let (commands, rx) = mpsc::channel(8);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut stop_rx2 = stop_rx.clone();
+        let task = tokio::spawn(rotator.run(rx, async move {
+            let _ = stop_rx2.wait_for(|s| *s).await;
+        }));
+        drop(stop_rx);
+        Running {
+            cache,
+            commands,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until the status satisfies `f`; an error (not a timed assertion) after a deadline.
+    async fn until(cache: &Cache, what: &str, f: impl Fn(&crate::cache::AgentStatus) -> bool) {
+        let mut rx = cache.subscribe_status();
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if f(&rx.borrow_and_update()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "never reached: {what}; status {:?}",
+            cache.status()
+        );
+    }
+
+    fn all_issued(n: usize) -> impl Fn(&crate::cache::AgentStatus) -> bool {
+        move |s| {
+            s.identities.len() == n && s.identities.iter().all(|i| i.state == CertState::Issued)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn issues_installs_removes_and_restarts_without_reissue() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web"), entry("db")]));
+        let node = fake.node_identity();
+
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "both issued", all_issued(2)).await;
+        let snapshot = run.cache.current();
+        assert_eq!(snapshot.svids.len(), 2);
+        let volume = Volume::new(&config.volume_dir);
+        for id in ["web", "db"] {
+            let disk = volume.load(id).expect("load").expect("installed");
+            let (chain, key) = (disk.chain, disk.key);
+            let want = SpiffeId::new(&format!("spiffe://{TD}/{id}")).expect("id");
+            svid::check(
+                &chain,
+                &key,
+                std::slice::from_ref(&fake.ca.root),
+                &want,
+                SystemTime::now(),
+            )
+            .expect("valid pair on disk");
+        }
+        assert!(run.cache.status().all_attempted);
+
+        // The holder drops `db`: its folder goes, `web` stays.
+        fake.with(|s| s.entries.retain(|e| e.id != "db"));
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "db removed", all_issued(1)).await;
+        assert!(!volume.entry_path("db").exists());
+        assert!(volume.entry_path("web").exists());
+        let signed = fake.with(|s| s.signed);
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+
+        // Restart with the holder down: the SVID on disk is served at once, not re-issued.
+        fake.with(|s| s.down = true);
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "served from disk", all_issued(1)).await;
+        assert_eq!(run.cache.current().svids.len(), 1);
+        fake.with(|s| s.down = false);
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "connected", |s| s.ca_connected).await;
+        assert_eq!(fake.with(|s| s.signed), signed, "nothing re-issued");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_back_off_and_are_reported() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web"), entry("other")]));
+        fake.with(|s| {
+            s.refuse.insert("other".into());
+        });
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "refusal counted twice", |s| {
+            s.identities
+                .iter()
+                .any(|i| i.entry_id == "other" && i.state == CertState::Failed && i.attempts >= 2)
+        })
+        .await;
+        let status = run.cache.status();
+        let other = status
+            .identities
+            .iter()
+            .find(|i| i.entry_id == "other")
+            .expect("other");
+        assert!(
+            other
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("not_assigned")
+        );
+        assert!(!volume_has(&config, "other"));
+        assert_eq!(run.cache.current().svids.len(), 1, "only web is served");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    fn volume_has(config: &Config, dir: &str) -> bool {
+        config.volume_dir.join(dir).join("..data").exists()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_lived_svids_rotate_and_deleted_files_come_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        fake.with(|s| s.ttl = Duration::from_secs(2));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        let first = run.cache.status().identities[0].serial.clone();
+        until(&run.cache, "rotated", |s| {
+            s.identities.first().and_then(|i| i.serial.clone()) != first
+                && s.identities.iter().all(|i| i.state == CertState::Issued)
+        })
+        .await;
+        // Deleted by someone else: restored on the next check.
+        let link = config.volume_dir.join("web").join("svid.pem");
+        std::fs::remove_file(&link).expect("rm");
+        run.commands.send(Command::SyncNow).await.expect("send");
+        let restored = tokio::time::timeout(Duration::from_secs(20), async {
+            while !link.exists() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(restored.is_ok(), "svid.pem was not restored");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gateways_get_a_second_svid_to_the_shared_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let mut gw = entry("gw");
+        gw.gateway = true;
+        let fake = Arc::new(FakeIssuer::new(vec![gw, entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "both issued", all_issued(2)).await;
+        let snapshot = run.cache.current();
+        let hints: Vec<&str> = snapshot.svids.iter().map(|s| s.hint.as_str()).collect();
+        assert_eq!(hints, ["gw", GATEWAY_HINT, "web"]);
+        let gateway = &snapshot.svids[1];
+        svid::check(
+            &gateway.chain,
+            &PrivateKey::from_pkcs8(gateway.key_pkcs8.to_vec()).expect("key"),
+            std::slice::from_ref(&fake.shared.root),
+            &gateway.spiffe_id,
+            SystemTime::now(),
+        )
+        .expect("the second SVID chains to the shared root");
+        let disk = Volume::new(&config.volume_dir)
+            .load("gw")
+            .expect("load")
+            .expect("present");
+        assert_eq!(disk.gateway_chain.as_ref(), Some(&gateway.chain));
+        assert!(
+            Volume::new(&config.volume_dir)
+                .load("web")
+                .expect("load")
+                .expect("present")
+                .gateway_chain
+                .is_none()
+        );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+}
