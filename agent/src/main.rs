@@ -92,12 +92,30 @@ struct RunArgs {
         allow_hyphen_values = true
     )]
     join_token: Option<String>,
-    /// File holding the join token.
-    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    /// File holding the join token (a missing file is fine once the node has joined);
+    /// --join-token wins when both are given.
+    #[arg(long, env = "MESHCERT_JOIN_TOKEN_FILE", value_name = "FILE")]
     join_token_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Check {
+    /// The agent answers (liveness).
+    Healthz,
+    /// The node SVID is valid and every entry holds an issued SVID (readiness).
+    Readyz,
+}
+
+impl Check {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Healthz => "/healthz",
+            Self::Readyz => "/readyz",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +123,9 @@ struct StatusArgs {
     /// Output format: `json` for the raw status.
     #[arg(short = 'o', long = "output", value_name = "FORMAT")]
     output: Option<String>,
+    /// Only probe health or readiness (for Kubernetes probes): exit 0 when it holds, else 1.
+    #[arg(long, value_enum, conflicts_with = "output")]
+    check: Option<Check>,
     /// The admin socket.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
@@ -152,6 +173,8 @@ fn main() -> ExitCode {
                 (Some(t), _) => Some(t.trim().to_owned()),
                 (None, Some(path)) => match std::fs::read_to_string(path) {
                     Ok(t) => Some(t.trim().to_owned()),
+                    // Deleted after the join: the node identity in the state folder is used.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => {
                         tracing::error!(path = %path.display(), error = %e, "cannot read the join token file");
                         return ExitCode::from(EXIT_USAGE);
@@ -195,6 +218,22 @@ fn main() -> ExitCode {
             }
         },
         Command::Status(args) => {
+            if let Some(check) = args.check {
+                return match runtime.block_on(probe(&args.admin_socket, check.path())) {
+                    Ok((true, body)) => {
+                        print!("{body}");
+                        ExitCode::SUCCESS
+                    }
+                    Ok((false, body)) => {
+                        print!("{body}");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("meshcert-agent: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             let json = match args.output.as_deref() {
                 None | Some("table") | Some("text") => false,
                 Some("json") => true,
@@ -215,4 +254,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// GETs `path` from the admin socket: whether the answer is 200, and its body.
+async fn probe(socket: &std::path::Path, path: &str) -> anyhow::Result<(bool, String)> {
+    use anyhow::Context as _;
+    use http_body_util::{BodyExt as _, Empty};
+
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to the admin socket {}", socket.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let ok = response.status() == http::StatusCode::OK;
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    Ok((ok, String::from_utf8_lossy(&body).into_owned()))
 }

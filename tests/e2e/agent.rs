@@ -547,6 +547,15 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
     agent
         .wait_for_file(&agent.volume_dir().join("web/svid.pem"))
         .expect("issued");
+    // The probes Kubernetes runs.
+    for (check, want) in [("healthz", Some(0)), ("readyz", Some(0))] {
+        let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["status", "--check", check, "--admin-socket"])
+            .arg(agent.admin_socket())
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), want, "{check}: {out:?}");
+    }
     let status = agent.terminate().expect("stops");
     assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
 
@@ -875,4 +884,39 @@ fn a_gateway_under_limited_trust_gets_a_second_svid_to_the_shared_root() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn the_join_token_file_is_read_once_and_may_go_away() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token_file = tmp.path().join("join-token");
+    std::fs::write(
+        &token_file,
+        format!("{}\n", ca.token(NODE, MESH).expect("token")),
+    )
+    .expect("write");
+    let file = token_file.display().to_string();
+    let mut agent = Agent::spawn_with_env(
+        &ca,
+        NODE,
+        MESH,
+        "",
+        None,
+        &[("MESHCERT_JOIN_TOKEN_FILE", file.as_str())],
+    )
+    .expect("spawn");
+    agent
+        .wait_joined()
+        .expect("joined with the token from the file");
+    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    // Provisioning removes the used token: restarts go on with the node identity.
+    std::fs::remove_file(&token_file).expect("remove");
+    agent.restart().expect("restarts without the file");
+    wait_until("ready again", WAIT, || {
+        agent.log().matches("rotator: ready").count() >= 2
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    assert!(agent.try_exit().expect("status").is_none());
 }
