@@ -1,12 +1,16 @@
 //! The admin socket: HTTP/JSON on a Unix socket (curl-able with `--unix-socket`), for root and
 //! the agent's own user only (kernel peer credentials, else 403; the file is 0600 as well).
 //!
-//! - `GET /v1/status`: the [`AgentStatus`] as JSON.
+//! - `GET /v1/status`: the [`AgentStatus`] as JSON, plus `metricsAddress` when the plaintext
+//!   metrics listener is on.
 //! - `GET /healthz`: 200 while the agent is alive.
 //! - `GET /readyz`: 200 once the node SVID is valid and every entry holds an issued SVID, else
 //!   503 with the reason.
+//! - `GET /metrics`: the Prometheus metrics (see [`crate::metrics`]), for a node-local scraper
+//!   that needs no port.
 //!
-//! [`print_status`] is the client behind `meshcert-agent status [-o json]`.
+//! [`print_status`] is the client behind `meshcert-agent status [-o json]`, [`probe`] the one
+//! behind `meshcert-agent status --check healthz|readyz` (Kubernetes exec probes).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cache::{AgentStatus, Cache};
+use crate::metrics::Metrics;
 use crate::workload::socket::{self, SocketError};
 
 /// The admin socket's mode: the agent's user only.
@@ -80,10 +85,21 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(socket::bind(path, MODE)?)
 }
 
-/// Serves the admin API until `shutdown` completes.
+/// Serves the admin API until `shutdown` completes, with metrics of its own (for callers that
+/// do not keep any: `/metrics` then shows the gauges read from the status only).
 pub async fn serve(
     listener: UnixListener,
     cache: Cache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    serve_with_metrics(listener, cache, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// Serves the admin API until `shutdown` completes; `GET /metrics` renders `metrics`.
+pub async fn serve_with_metrics(
+    listener: UnixListener,
+    cache: Cache,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
     let own_uid = nix::unistd::geteuid().as_raw();
@@ -114,15 +130,17 @@ pub async fn serve(
             tracing::info!(uid = ?peer_uid, "admin socket: caller is neither root nor the agent's user");
         }
         let cache = cache.clone();
+        let metrics = metrics.clone();
         connections.spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let now = unix_now(SystemTime::now());
+                let now = unix_now_secs();
                 let response = respond(
                     request.method(),
                     request.uri().path(),
                     allowed,
                     &cache.status(),
+                    &metrics,
                     now,
                 );
                 async move { Ok::<_, Infallible>(response) }
@@ -145,12 +163,30 @@ fn unix_now(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The answer to one admin request (pure: the status and `now` are given).
+/// The wall clock in Unix seconds (what every admin and metrics answer is computed at).
+pub(crate) fn unix_now_secs() -> u64 {
+    unix_now(SystemTime::now())
+}
+
+/// The status JSON: the [`AgentStatus`], plus `metricsAddress` when the listener is on.
+fn status_json(status: &AgentStatus, metrics: &Metrics) -> Result<Vec<u8>, serde_json::Error> {
+    let mut value = serde_json::to_value(status)?;
+    if let (Some(address), Some(object)) = (metrics.address(), value.as_object_mut()) {
+        object.insert(
+            "metricsAddress".to_owned(),
+            serde_json::Value::String(address.to_string()),
+        );
+    }
+    serde_json::to_vec_pretty(&value)
+}
+
+/// The answer to one admin request (pure: the status, the metrics and `now` are given).
 fn respond(
     method: &Method,
     path: &str,
     allowed: bool,
     status: &AgentStatus,
+    metrics: &Metrics,
     now_unix: u64,
 ) -> Response<Full<Bytes>> {
     if !allowed {
@@ -163,7 +199,7 @@ fn respond(
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
     match path {
-        "/v1/status" => match serde_json::to_vec_pretty(status) {
+        "/v1/status" => match status_json(status, metrics) {
             Ok(body) => Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/json")
@@ -182,9 +218,10 @@ fn respond(
                 &format!("not ready: {reason}\n"),
             ),
         },
+        "/metrics" => metrics.response(status, now_unix),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /v1/status, /healthz or /readyz\n",
+            "not found; try /v1/status, /healthz, /readyz or /metrics\n",
         ),
     }
 }
@@ -233,8 +270,59 @@ pub async fn print_status(socket: &Path, json: bool) -> Result<(), AdminError> {
     Ok(())
 }
 
+/// What `meshcert-agent status --check` asks the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The agent answers (liveness): `GET /healthz`.
+    Healthz,
+    /// The node SVID is valid and every entry holds an issued SVID: `GET /readyz`.
+    Readyz,
+}
+
+impl Check {
+    /// The admin path that answers it.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Healthz => "/healthz",
+            Self::Readyz => "/readyz",
+        }
+    }
+}
+
+/// The agent's answer to a [`Check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// Whether the check holds (the agent answered 200).
+    pub ok: bool,
+    /// What the agent said (`ok`, `ready`, or `not ready: <reason>`).
+    pub body: String,
+}
+
+/// Asks the agent behind `socket` whether `check` holds: the client of Kubernetes exec probes
+/// (`meshcert-agent status --check healthz|readyz`). An agent that cannot be reached is an
+/// error; one that answers "not ready" is `Ok` with `ok: false`.
+pub async fn probe(socket: &Path, check: Check) -> Result<ProbeResult, AdminError> {
+    let (status, body) = get(socket, check.path()).await?;
+    Ok(ProbeResult {
+        ok: status == StatusCode::OK,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// GETs `path` from the admin socket; the body of a 200 answer.
 async fn fetch(socket: &Path, path: &str) -> Result<Bytes, AdminError> {
+    let (status, body) = get(socket, path).await?;
+    if status != StatusCode::OK {
+        return Err(AdminError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        });
+    }
+    Ok(body)
+}
+
+/// GETs `path` from the admin socket: the status and the body, whatever the status.
+async fn get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), AdminError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| AdminError::Connect {
@@ -252,13 +340,7 @@ async fn fetch(socket: &Path, path: &str) -> Result<Bytes, AdminError> {
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     driver.abort();
-    if status != StatusCode::OK {
-        return Err(AdminError::Status {
-            status,
-            body: String::from_utf8_lossy(&body).trim().to_owned(),
-        });
-    }
-    Ok(body)
+    Ok((status, body))
 }
 
 /// The status as `meshcert-agent status` reads it back.
@@ -272,6 +354,7 @@ struct StatusView {
     ca_last_error: Option<String>,
     node_svid_not_after: Option<u64>,
     bundle_version: u64,
+    metrics_address: Option<String>,
     identities: Vec<IdentityReport>,
 }
 
@@ -300,7 +383,12 @@ fn render(view: &StatusView, now: SystemTime) -> String {
         }
     };
     out.push_str(&format!("CA:         {} ({ca})\n", view.ca_address));
-    out.push_str(&format!("Bundle:     version {}\n\n", view.bundle_version));
+    out.push_str(&format!("Bundle:     version {}\n", view.bundle_version));
+    let metrics = match &view.metrics_address {
+        Some(address) => format!("http://{address}/metrics (and GET /metrics on the admin socket)"),
+        None => "GET /metrics on the admin socket".to_owned(),
+    };
+    out.push_str(&format!("Metrics:    {metrics}\n\n"));
     if view.identities.is_empty() {
         out.push_str("No identities assigned to this node.\n");
         return out;
@@ -404,6 +492,7 @@ mod tests {
             vec![identity("spiffe://a.org/web", Some(5_000))],
         );
         let unready = status(Some(2_000), vec![identity("spiffe://a.org/db", None)]);
+        let metrics = Metrics::new();
         let cases: &[(Method, &str, bool, &AgentStatus, StatusCode)] = &[
             (Method::GET, "/healthz", true, &unready, StatusCode::OK),
             (Method::GET, "/readyz", true, &ready, StatusCode::OK),
@@ -436,11 +525,44 @@ mod tests {
                 &ready,
                 StatusCode::METHOD_NOT_ALLOWED,
             ),
+            (Method::GET, "/metrics", true, &ready, StatusCode::OK),
+            (
+                Method::GET,
+                "/metrics",
+                false,
+                &ready,
+                StatusCode::FORBIDDEN,
+            ),
             (Method::GET, "/nope", true, &ready, StatusCode::NOT_FOUND),
         ];
         for (method, path, allowed, status, want) in cases {
-            let got = respond(method, path, *allowed, status, now).status();
+            let got = respond(method, path, *allowed, status, &metrics, now).status();
             assert_eq!(got, *want, "{method} {path} allowed={allowed}");
+        }
+    }
+
+    #[test]
+    fn the_status_names_the_metrics_address_when_there_is_one() {
+        let status = status(Some(2_000_000_000), vec![]);
+        let metrics = Metrics::new();
+        let at = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        for (address, json_has, table_has) in [
+            (None, None, "Metrics:    GET /metrics on the admin socket\n"),
+            (
+                Some("127.0.0.1:9090"),
+                Some("127.0.0.1:9090"),
+                "Metrics:    http://127.0.0.1:9090/metrics (and GET /metrics on the admin socket)\n",
+            ),
+        ] {
+            if let Some(a) = address {
+                metrics.set_address(a.parse().expect("address"));
+            }
+            let json = status_json(&status, &metrics).expect("encodes");
+            let value: serde_json::Value = serde_json::from_slice(&json).expect("json");
+            assert_eq!(value["metricsAddress"].as_str(), json_has);
+            let view: StatusView = serde_json::from_value(value).expect("decodes");
+            let table = render(&view, at);
+            assert!(table.contains(table_has), "{table}");
         }
     }
 

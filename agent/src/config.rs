@@ -1,7 +1,12 @@
 //! The agent's configuration: the YAML file (camelCase), command-line overrides for what differs
 //! per node, defaults, and validation that lists every problem at once.
+//!
+//! Most settings are [`Config`] and take effect on reload. The listeners bound once at start
+//! (`metricsListen`) are [`Listeners`]: a reload checks them but cannot move them, so changing
+//! them needs a restart.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -71,6 +76,8 @@ pub struct FileConfig {
     pub workload_socket_mode: Option<ModeText>,
     /// The admin socket.
     pub admin_socket: Option<PathBuf>,
+    /// Plaintext Prometheus listener (`GET /metrics`), `address:port`; off when absent.
+    pub metrics_listen: Option<String>,
     /// Algorithm of every key the agent generates.
     pub key_algorithm: Option<KeyAlgorithm>,
     /// Rotation settings.
@@ -171,6 +178,16 @@ pub struct Overrides {
     pub workload_socket: Option<PathBuf>,
     /// `--admin-socket`.
     pub admin_socket: Option<PathBuf>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The listeners bound once at start (a change needs a restart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Listeners {
+    /// Plaintext Prometheus listener (`GET /metrics`); off when `None`. Port 0 picks a free
+    /// port, shown as `metricsAddress` in the admin status.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A complete, validated configuration.
@@ -212,6 +229,14 @@ pub struct Config {
 
 /// Reads and validates the config file with `overrides` applied.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    load_with_listeners(path, overrides).map(|(config, _)| config)
+}
+
+/// [`load`], and the [`Listeners`] the file and `overrides` ask for.
+pub fn load_with_listeners(
+    path: &Path,
+    overrides: &Overrides,
+) -> Result<(Config, Listeners), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -220,7 +245,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         message,
     })?;
-    resolve(file, overrides)
+    resolve_with_listeners(file, overrides)
 }
 
 /// Parses config YAML (an empty file is an empty config).
@@ -241,7 +266,29 @@ pub fn host_of(address: &str) -> Option<&str> {
 
 /// Applies overrides and defaults and checks every value, listing every problem.
 pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+    resolve_with_listeners(file, o).map(|(config, _)| config)
+}
+
+/// [`resolve`], and the [`Listeners`]; a bad listener address is one more listed problem.
+pub fn resolve_with_listeners(
+    file: FileConfig,
+    o: &Overrides,
+) -> Result<(Config, Listeners), ConfigError> {
     let mut problems = Vec::new();
+
+    let metrics_listen = match (o.metrics_listen, &file.metrics_listen) {
+        (Some(address), _) => Some(address),
+        (None, None) => None,
+        (None, Some(text)) => match text.trim().parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                problems.push(format!(
+                    "metricsListen `{text}` is not an address:port such as 127.0.0.1:9090"
+                ));
+                None
+            }
+        },
+    };
 
     let ca_address = o.ca_address.clone().or(file.ca_address).unwrap_or_default();
     let mut ca_server_name = file.ca_server_name.unwrap_or_default();
@@ -376,7 +423,7 @@ pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
-    Ok(Config {
+    let config = Config {
         ca_address,
         ca_server_name,
         trust_bundle,
@@ -409,7 +456,8 @@ pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         sync_interval,
         heartbeat,
         entries: file.entries,
-    })
+    };
+    Ok((config, Listeners { metrics_listen }))
 }
 
 #[cfg(test)]
@@ -440,6 +488,69 @@ mod tests {
         assert_eq!(c.rotation, Rotation::default());
         assert_eq!(c.sync_interval, Duration::from_secs(30));
         assert_eq!(c.trust_roots.len(), 1);
+        let (_, listeners) =
+            resolve_with_listeners(parse(&yaml).expect("parse"), &Overrides::default())
+                .expect("valid");
+        assert_eq!(listeners.metrics_listen, None, "metrics are off by default");
+    }
+
+    #[test]
+    fn metrics_listen_from_the_file_or_the_flag() {
+        let (_dir, bundle) = bundle_file();
+        let base = format!(
+            "caAddress: 127.0.0.1:8443\ntrustBundle: {}\nmesh: mesh-a\nnodeName: node-1\n",
+            bundle.display()
+        );
+        let flag: SocketAddr = "127.0.0.1:9100".parse().expect("address");
+        type Case<'a> = (
+            &'a str,
+            Option<SocketAddr>,
+            Result<Option<&'a str>, &'a str>,
+        );
+        let cases: &[Case] = &[
+            ("", None, Ok(None)),
+            (
+                "metricsListen: 0.0.0.0:9090\n",
+                None,
+                Ok(Some("0.0.0.0:9090")),
+            ),
+            ("metricsListen: \"[::1]:0\"\n", None, Ok(Some("[::1]:0"))),
+            (
+                "metricsListen: 0.0.0.0:9090\n",
+                Some(flag),
+                Ok(Some("127.0.0.1:9100")),
+            ),
+            ("", Some(flag), Ok(Some("127.0.0.1:9100"))),
+            (
+                "metricsListen: localhost:9090\n",
+                None,
+                Err("metricsListen `localhost:9090`"),
+            ),
+            (
+                "metricsListen: \"9090\"\n",
+                None,
+                Err("metricsListen `9090`"),
+            ),
+        ];
+        for (yaml, flag, want) in cases {
+            let o = Overrides {
+                metrics_listen: *flag,
+                ..Overrides::default()
+            };
+            let got = resolve_with_listeners(parse(&format!("{base}{yaml}")).expect("parse"), &o);
+            match (got, want) {
+                (Ok((_, l)), Ok(want)) => assert_eq!(
+                    l.metrics_listen.map(|a| a.to_string()).as_deref(),
+                    *want,
+                    "{yaml} {flag:?}"
+                ),
+                (Err(ConfigError::Invalid(problems)), Err(needle)) => assert!(
+                    problems.iter().any(|p| p.contains(needle)),
+                    "{yaml}: {problems:?}"
+                ),
+                (got, want) => panic!("{yaml} {flag:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `meshcert-agent run`: the only place that wires the agent's tasks together and handles
 //! signals. It loads the config, joins (or reuses the node identity), starts the rotator, the
-//! reporter, the Workload API and admin sockets and the file watchers, and turns SIGHUP or a
-//! change of the config file into a reload, SIGTERM/SIGINT into a clean stop.
+//! reporter, the Workload API and admin sockets, the optional metrics listener and the file
+//! watchers, and turns SIGHUP or a change of the config file into a reload, SIGTERM/SIGINT into
+//! a clean stop.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,14 +13,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cache::Cache;
-use crate::config::{self, Config, ConfigError, Overrides};
+use crate::config::{self, Config, ConfigError, Listeners, Overrides};
 use crate::issuer::{HttpsIssuer, Issuer, IssuerError};
+use crate::metrics::{Metrics, TimedIssuer};
 use crate::node::{self, NodeError};
 use crate::rotation;
 use crate::rotator::{self, Command, Rotator, RotatorError};
 use crate::volume::Volume;
 use crate::workload::WorkloadConfig;
-use crate::{admin, report, systemd, workload};
+use crate::{admin, metrics, report, systemd, workload};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,15 @@ pub enum DaemonError {
     /// A socket could not be bound.
     #[error("{0}")]
     Socket(String),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen for metrics on {address}: {source}")]
+    MetricsListen {
+        /// The address from `metricsListen` / `--metrics-listen`.
+        address: std::net::SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A signal handler could not be installed.
     #[error("cannot install a signal handler: {0}")]
     Signal(#[source] std::io::Error),
@@ -105,15 +116,20 @@ fn stop_future(
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
-    let config = config::load(&options.config_path, &options.overrides)?;
+    let (config, listeners) =
+        config::load_with_listeners(&options.config_path, &options.overrides)?;
     node::ensure_dir(&config.state_dir)?;
     let volume = Volume::new(config.volume_dir.clone());
     volume.ensure_root()?;
-    let issuer = Arc::new(HttpsIssuer::new(
-        &config.ca_address,
-        &config.ca_server_name,
-        &config.trust_roots,
-    )?);
+    let metrics = Arc::new(Metrics::new());
+    let issuer = Arc::new(TimedIssuer::new(
+        HttpsIssuer::new(
+            &config.ca_address,
+            &config.ca_server_name,
+            &config.trust_roots,
+        )?,
+        metrics.clone(),
+    ));
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
@@ -130,6 +146,23 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         workload::bind(&workload_config).map_err(|e| DaemonError::Socket(e.to_string()))?;
     let admin_listener =
         admin::bind(&config.admin_socket).map_err(|e| DaemonError::Socket(e.to_string()))?;
+    let metrics_listener = match listeners.metrics_listen {
+        Some(address) => {
+            let bind_error = |source| DaemonError::MetricsListen { address, source };
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(bind_error)?;
+            metrics.set_address(listener.local_addr().map_err(bind_error)?);
+            Some(listener)
+        }
+        None => None,
+    };
+    tracing::info!(
+        workload_socket = %config.workload_socket.display(),
+        admin_socket = %config.admin_socket.display(),
+        metrics = ?metrics.address(),
+        "listening"
+    );
     cache.update_status(|s| {
         s.node = Some(config.node_name.clone());
         s.mesh = Some(config.mesh.clone());
@@ -141,13 +174,31 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         cache.clone(),
         stop_future(&stop_rx),
     ));
-    let admin_task = tokio::spawn(admin::serve(
+    let admin_task = tokio::spawn(admin::serve_with_metrics(
         admin_listener,
         cache.clone(),
+        metrics.clone(),
+        stop_future(&stop_rx),
+    ));
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            cache.clone(),
+            stop_future(&stop_rx),
+        ))
+    });
+    let status_task = tokio::spawn(metrics::watch_status(
+        metrics.clone(),
+        cache.subscribe_status(),
         stop_future(&stop_rx),
     ));
     let stop_servers = |stop_tx: watch::Sender<bool>| async move {
         let _ = stop_tx.send(true);
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        let _ = status_task.await;
         if let Ok(Err(e)) = workload_task.await {
             tracing::warn!(error = %e, "the Workload API server stopped with an error");
         }
@@ -224,7 +275,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             _ = rewatch.tick() => volume_watch.renew_if_replaced(),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                reload(&options, &commands_tx).await;
+                reload(&options, listeners, &commands_tx).await;
             }
             () = config_changed.notified() => {
                 // Editors write in several steps: let the file settle.
@@ -232,7 +283,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
                 // Events of the same write that arrived meanwhile need no second reload.
                 let _ = tokio::time::timeout(Duration::ZERO, config_changed.notified()).await;
                 tracing::info!(path = %options.config_path.display(), "config file changed: reloading");
-                reload(&options, &commands_tx).await;
+                reload(&options, listeners, &commands_tx).await;
             }
         }
     }
@@ -247,10 +298,17 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     Ok(())
 }
 
-async fn reload(options: &RunOptions, commands: &mpsc::Sender<Command>) {
+async fn reload(options: &RunOptions, running: Listeners, commands: &mpsc::Sender<Command>) {
     systemd::reloading();
-    match config::load(&options.config_path, &options.overrides) {
-        Ok(config) => {
+    match config::load_with_listeners(&options.config_path, &options.overrides) {
+        Ok((config, listeners)) => {
+            if listeners != running {
+                tracing::warn!(
+                    running = ?running.metrics_listen,
+                    configured = ?listeners.metrics_listen,
+                    "metricsListen changed: it takes effect at the next restart"
+                );
+            }
             let _ = commands.send(Command::Reload(Box::new(config))).await;
         }
         Err(e) => {

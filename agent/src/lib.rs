@@ -23,7 +23,8 @@
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
-//! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness.
+//! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness, metrics.
+//! - [`metrics`]: Prometheus metrics, on the admin socket and an optional plaintext listener.
 
 pub mod admin;
 pub mod cache;
@@ -33,6 +34,7 @@ pub mod daemon;
 pub mod hook;
 pub mod issuer;
 pub mod keys;
+pub mod metrics;
 pub mod node;
 pub mod report;
 pub mod rotation;

@@ -3,10 +3,12 @@
 //! Exit codes: 0 success, 64 bad arguments, 78 bad configuration, 1 runtime failure.
 
 use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshcert_agent::admin;
 use meshcert_agent::config::{self, Overrides};
 use meshcert_agent::daemon::{self, RunOptions};
 
@@ -14,6 +16,9 @@ use meshcert_agent::daemon::{self, RunOptions};
 #[derive(Debug, Parser)]
 #[command(name = "meshcert-agent", version)]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +68,10 @@ struct ConfigArgs {
     /// The admin socket.
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics in plaintext at http://ADDRESS/metrics (e.g. 0.0.0.0:9090;
+    /// port 0 picks a free port). Off by default; `GET /metrics` on the admin socket always works.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl ConfigArgs {
@@ -76,6 +85,7 @@ impl ConfigArgs {
             volume_dir: self.volume_dir.clone(),
             workload_socket: self.workload_socket.clone(),
             admin_socket: self.admin_socket.clone(),
+            metrics_listen: self.metrics_listen,
         }
     }
 }
@@ -96,9 +106,6 @@ struct RunArgs {
     /// --join-token wins when both are given.
     #[arg(long, env = "MESHCERT_JOIN_TOKEN_FILE", value_name = "FILE")]
     join_token_file: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -109,11 +116,11 @@ enum Check {
     Readyz,
 }
 
-impl Check {
-    fn path(self) -> &'static str {
-        match self {
-            Self::Healthz => "/healthz",
-            Self::Readyz => "/readyz",
+impl From<Check> for admin::Check {
+    fn from(check: Check) -> Self {
+        match check {
+            Check::Healthz => Self::Healthz,
+            Check::Readyz => Self::Readyz,
         }
     }
 }
@@ -139,11 +146,11 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Colours only for a person at a terminal, never into a file or the journal.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.with_ansi(false).json().init(),
     }
 }
 
@@ -168,7 +175,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            init_logging(args.log_format);
+            init_logging(cli.log_format);
             let join_token = match (&args.join_token, &args.join_token_file) {
                 (Some(t), _) => Some(t.trim().to_owned()),
                 (None, Some(path)) => match std::fs::read_to_string(path) {
@@ -195,38 +202,46 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig(args) => match config::load(&args.config, &args.overrides()) {
-            Ok(c) => {
-                println!("config OK");
-                println!(
-                    "caAddress: {} (TLS name {})",
-                    c.ca_address, c.ca_server_name
-                );
-                println!("nodeName: {}", c.node_name);
-                println!("mesh: {}", c.mesh);
-                println!("stateDir: {}", c.state_dir.display());
-                println!("volumeDir: {}", c.volume_dir.display());
-                println!("workloadSocket: {}", c.workload_socket.display());
-                println!("adminSocket: {}", c.admin_socket.display());
-                println!("keyAlgorithm: {}", c.key_algorithm);
-                println!("local entries: {}", c.entries.len());
-                ExitCode::SUCCESS
+        Command::CheckConfig(args) => {
+            match config::load_with_listeners(&args.config, &args.overrides()) {
+                Ok((c, listeners)) => {
+                    println!("config OK");
+                    println!(
+                        "caAddress: {} (TLS name {})",
+                        c.ca_address, c.ca_server_name
+                    );
+                    println!("nodeName: {}", c.node_name);
+                    println!("mesh: {}", c.mesh);
+                    println!("stateDir: {}", c.state_dir.display());
+                    println!("volumeDir: {}", c.volume_dir.display());
+                    println!("workloadSocket: {}", c.workload_socket.display());
+                    println!("adminSocket: {}", c.admin_socket.display());
+                    println!(
+                        "metricsListen: {}",
+                        listeners
+                            .metrics_listen
+                            .map_or_else(|| "off".to_owned(), |a| a.to_string())
+                    );
+                    println!("keyAlgorithm: {}", c.key_algorithm);
+                    println!("local entries: {}", c.entries.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshcert-agent: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-            Err(e) => {
-                eprintln!("meshcert-agent: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        }
         Command::Status(args) => {
             if let Some(check) = args.check {
-                return match runtime.block_on(probe(&args.admin_socket, check.path())) {
-                    Ok((true, body)) => {
-                        print!("{body}");
-                        ExitCode::SUCCESS
-                    }
-                    Ok((false, body)) => {
-                        print!("{body}");
-                        ExitCode::FAILURE
+                return match runtime.block_on(admin::probe(&args.admin_socket, check.into())) {
+                    Ok(answer) => {
+                        print!("{}", answer.body);
+                        if answer.ok {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
                     }
                     Err(e) => {
                         eprintln!("meshcert-agent: {e}");
@@ -242,10 +257,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            match runtime.block_on(meshcert_agent::admin::print_status(
-                &args.admin_socket,
-                json,
-            )) {
+            match runtime.block_on(admin::print_status(&args.admin_socket, json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("meshcert-agent: {e}");
@@ -256,23 +268,100 @@ fn main() -> ExitCode {
     }
 }
 
-/// GETs `path` from the admin socket: whether the answer is 200, and its body.
-async fn probe(socket: &std::path::Path, path: &str) -> anyhow::Result<(bool, String)> {
-    use anyhow::Context as _;
-    use http_body_util::{BodyExt as _, Empty};
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize as _;
 
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot connect to the admin socket {}", socket.display()))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, "localhost")
-        .body(Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    let ok = response.status() == http::StatusCode::OK;
-    let body = response.into_body().collect().await?.to_bytes();
-    driver.abort();
-    Ok((ok, String::from_utf8_lossy(&body).into_owned()))
+    use super::*;
+
+    /// The documents of the shipped Kubernetes manifest of the agent.
+    fn manifest() -> Vec<serde_json::Value> {
+        let text = include_str!("../../deploy/kubernetes/agent.yaml");
+        serde_norway::Deserializer::from_str(text)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("a YAML document"))
+            .collect()
+    }
+
+    fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in the manifest"))
+    }
+
+    fn strings(value: &serde_json::Value) -> Vec<String> {
+        value
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s.as_str().expect("a string").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_daemonset_command_and_probes_are_real_flags() {
+        let docs = manifest();
+        let container = &of_kind(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+        let mut run = strings(&container["command"]);
+        run.extend(strings(&container["args"]));
+        let run: Vec<String> = run
+            .into_iter()
+            .map(|a| a.replace("$(MESHCERT_NODE_NAME)", "node-1"))
+            .collect();
+        let cli = Cli::try_parse_from(&run).unwrap_or_else(|e| panic!("{run:?}: {e}"));
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        let Command::Run(args) = cli.command else {
+            panic!("{run:?} is not `run`");
+        };
+        assert_eq!(args.config.node_name.as_deref(), Some("node-1"));
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let argv = strings(&container[probe]["exec"]["command"]);
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{probe}: {e}"));
+            assert!(
+                matches!(
+                    cli.command,
+                    Command::Status(StatusArgs { check: Some(_), .. })
+                ),
+                "{probe}: {argv:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_configmap_config_is_valid_and_its_metrics_port_is_exposed() {
+        let docs = manifest();
+        let text = of_kind(&docs, "ConfigMap")["data"]["agent.yaml"]
+            .as_str()
+            .expect("agent.yaml in the ConfigMap");
+        let file = config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bundle.pem");
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.self_signed(&rcgen::KeyPair::generate()?))
+            .expect("a test root");
+        std::fs::write(&bundle, root.pem()).expect("write");
+        let overrides = Overrides {
+            trust_bundle: Some(bundle),
+            node_name: Some("node-1".into()),
+            ..Overrides::default()
+        };
+        let (_, listeners) =
+            config::resolve_with_listeners(file, &overrides).unwrap_or_else(|e| panic!("{e}"));
+        let port = listeners
+            .metrics_listen
+            .expect("metricsListen is set")
+            .port();
+        let template = &of_kind(&docs, "DaemonSet")["spec"]["template"];
+        let ports = &template["spec"]["containers"][0]["ports"];
+        assert!(
+            ports
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["containerPort"] == port)),
+            "port {port} not in {ports}"
+        );
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    }
 }

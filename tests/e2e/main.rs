@@ -4,5 +4,6 @@
 mod agent;
 mod ca;
 mod faults;
+mod operations;
 mod virtualmesh;
 mod workload;

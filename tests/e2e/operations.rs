@@ -1,0 +1,478 @@
+//! Operating the agent the way operators do: scraped by Prometheus, probed by Kubernetes,
+//! supervised by systemd (`NOTIFY_SOCKET` pointing at a datagram socket the test owns), and
+//! logging JSON lines for a collector.
+//!
+//! The plain systemd lifecycles are elsewhere and not repeated here: the agent's READY,
+//! RELOADING with MONOTONIC_USEC, READY, STOPPING and exit 0 in
+//! `agent::systemd_hears_ready_reloading_and_stopping`, the holder's in
+//! `ca::systemd_hears_ready_then_stopping` and
+//! `virtualmesh::systemd_hears_reloading_with_monotonic_usec_then_ready`.
+
+use std::fs::File;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshcert_tests::agent::{Agent, WAIT, wait_until};
+use meshcert_tests::ca::{CaHolder, EXAMPLE_CONFIG};
+use nix::sys::signal::Signal;
+
+const NODE: &str = "node-1";
+const MESH: &str = "mesh-a";
+/// The labels of the example entry `web` in the agent's per-identity metrics.
+const WEB: &str = r#"{spiffe_id="spiffe://mesh-a.test/web",entry_id="web"}"#;
+
+/// The example holder config with `web`'s TTL set to `ttl`.
+fn holder_config(ttl: &str) -> String {
+    let text = EXAMPLE_CONFIG.replace(
+        "    ttl: 1h\n    dir: web\n",
+        &format!("    ttl: {ttl}\n    dir: web\n"),
+    );
+    assert!(
+        text.contains(&format!("ttl: {ttl}")),
+        "the example config changed shape"
+    );
+    text
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as f64
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): the response head and body.
+fn exchange(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (String, String) {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write the request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read the answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (head.to_owned(), body.to_owned())
+}
+
+/// `GET /metrics` from the plaintext listener, as Prometheus scrapes it.
+fn scrape(address: &str) -> String {
+    let stream = std::net::TcpStream::connect(address).expect("connect to metricsListen");
+    let (head, body) = exchange(stream, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body
+}
+
+/// `GET path` on the agent's admin socket.
+fn admin_get(socket: &Path, path: &str) -> (String, String) {
+    exchange(
+        UnixStream::connect(socket).expect("connect to the admin socket"),
+        path,
+    )
+}
+
+/// The value of the sample `name` + `labels` (`""` for none) in an exposition.
+fn sample(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{labels} ");
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
+#[test]
+fn metrics_show_each_identity_expiry_and_count_rotations_and_failures() {
+    const TTL: f64 = 4.0;
+    let mut ca = CaHolder::start(&holder_config("4s")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "metricsListen: 127.0.0.1:0\n").expect("agent");
+    agent
+        .wait_for_file(&agent.volume_dir().join("web/svid.pem"))
+        .expect("issued");
+
+    // Port 0 picks a free port; the status tells which.
+    let status = agent.status_json().expect("status");
+    let address = status["metricsAddress"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no metricsAddress in {status}"))
+        .to_owned();
+    assert!(
+        address.starts_with("127.0.0.1:") && !address.ends_with(":0"),
+        "{address}"
+    );
+
+    // The per-identity expiry gauge appears once the SVID is installed.
+    let mut text = String::new();
+    wait_until("the expiry gauge of web", WAIT, || {
+        text = scrape(&address);
+        sample(&text, "meshcert_agent_svid_expiry_seconds", WEB).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    let t0 = now_unix();
+    let left0 = sample(&text, "meshcert_agent_svid_expiry_seconds", WEB).expect("gauge");
+    assert!(left0 > 0.0 && left0 <= TTL + 1.0, "{left0} s left:\n{text}");
+    let rotations0 = sample(&text, "meshcert_agent_rotations_total", WEB).unwrap_or(0.0);
+    for (name, check) in [
+        ("meshcert_agent_ca_connected", 1.0),
+        ("meshcert_agent_bundle_version", 1.0),
+        ("meshcert_agent_signing_duration_seconds_count", 1.0),
+    ] {
+        let v = sample(&text, name, "").unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        assert!(v >= check, "{name} = {v}:\n{text}");
+    }
+    let node_left = sample(&text, "meshcert_agent_node_svid_expiry_seconds", "").expect("node");
+    assert!(node_left > 0.0, "{text}");
+
+    // The same metrics on the admin socket, for a node-local scraper without a port.
+    let (head, body) = admin_get(&agent.admin_socket(), "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(
+        sample(&body, "meshcert_agent_svid_expiry_seconds", WEB).is_some(),
+        "{body}"
+    );
+
+    // Rotations move the counter, and the expiry moves later with the new SVIDs (the holder
+    // backdates by 10 s, so a 4 s SVID is due at once and the agent rotates back to back).
+    let expiry0 = t0 + left0;
+    let mut expiry1 = expiry0;
+    wait_until("rotations and a later expiry", WAIT, || {
+        text = scrape(&address);
+        let t = now_unix();
+        let rotated =
+            sample(&text, "meshcert_agent_rotations_total", WEB).unwrap_or(0.0) >= rotations0 + 2.0;
+        if let Some(left) = sample(&text, "meshcert_agent_svid_expiry_seconds", WEB) {
+            expiry1 = t + left;
+        }
+        rotated && expiry1 > expiry0
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: expiry {expiry0} then {expiry1}:\n{text}\nagent log:\n{}",
+            tail(&agent.log())
+        )
+    });
+    assert_eq!(
+        sample(&text, "meshcert_agent_rotation_failures_total", WEB),
+        None,
+        "no failures while the holder answers:\n{text}"
+    );
+
+    // The holder goes away: failed rotations are counted and the holder shows as disconnected.
+    ca.kill9();
+    wait_until("failures counted", WAIT, || {
+        text = scrape(&address);
+        sample(&text, "meshcert_agent_rotation_failures_total", WEB).unwrap_or(0.0) >= 1.0
+            && sample(&text, "meshcert_agent_ca_connected", "") == Some(0.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{text}\nagent log:\n{}", tail(&agent.log())));
+}
+
+/// `meshcert-agent status --check <check>` against `socket`.
+fn probe(socket: &Path, check: &str) -> Output {
+    Command::new(meshcert_tests::bin_path("meshcert-agent"))
+        .args(["status", "--check", check, "--admin-socket"])
+        .arg(socket)
+        .output()
+        .expect("runs")
+}
+
+#[test]
+fn probes_tell_a_live_agent_from_a_ready_one() {
+    let mut ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder");
+    let token = ca.token(NODE, MESH).expect("token");
+    // The holder is down while the agent starts: alive, not ready.
+    ca.kill9();
+    let mut agent = Agent::spawn(
+        &ca,
+        NODE,
+        MESH,
+        "rotation:\n  backoffMax: 2s\n",
+        Some(&token),
+    )
+    .expect("agent");
+    let socket = agent.admin_socket();
+    wait_until("the admin socket", WAIT, || socket.exists())
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    let live = probe(&socket, "healthz");
+    assert_eq!(live.status.code(), Some(0), "{live:?}");
+    assert_eq!(String::from_utf8_lossy(&live.stdout), "ok\n");
+    let ready = probe(&socket, "readyz");
+    assert_eq!(ready.status.code(), Some(1), "{ready:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&ready.stdout),
+        "not ready: the node has no SVID yet (not joined)\n"
+    );
+
+    // The holder is back: the agent joins, issues, and turns ready.
+    ca.restart().expect("holder restarts on its port");
+    agent
+        .wait_for_file(&agent.volume_dir().join("web/svid.pem"))
+        .expect("issued");
+    wait_until("readyz passes", WAIT, || {
+        probe(&socket, "readyz").status.code() == Some(0)
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+
+    // Nobody behind the socket: the probe fails and says why on stderr.
+    assert_eq!(agent.terminate().expect("stops").code(), Some(0));
+    let gone = probe(&socket, "healthz");
+    assert_eq!(gone.status.code(), Some(1), "{gone:?}");
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("admin socket"),
+        "{gone:?}"
+    );
+}
+
+/// Everything systemd has been told so far, in order.
+struct Notifications {
+    socket: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Notifications {
+    fn bind(path: &Path) -> Self {
+        let socket = UnixDatagram::bind(path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        Self {
+            socket,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a message containing `what` arrives after message number `after`; its index.
+    fn wait_for(&mut self, what: &str, after: usize) -> usize {
+        let found = |seen: &[String]| {
+            seen.iter()
+                .enumerate()
+                .skip(after)
+                .find(|(_, m)| m.contains(what))
+                .map(|(i, _)| i)
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = found(&self.seen) {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} after message {after}: {:?}",
+                self.seen
+            );
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.seen
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+}
+
+/// The `MONOTONIC_USEC=` value of a notification.
+fn monotonic_usec(message: &str) -> u64 {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {message:?}"))
+        .parse()
+        .expect("MONOTONIC_USEC is a number")
+}
+
+#[test]
+fn a_broken_reload_still_tells_systemd_ready_and_keeps_serving() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("notify.sock");
+    let mut notify = Notifications::bind(&path);
+    let token = ca.token(NODE, MESH).expect("token");
+    let notify_socket = path.display().to_string();
+    let mut agent = Agent::spawn_with_env(
+        &ca,
+        NODE,
+        MESH,
+        "",
+        Some(&token),
+        &[("NOTIFY_SOCKET", notify_socket.as_str())],
+    )
+    .expect("agent");
+    let ready = notify.wait_for("READY=1", 0);
+    let pair = agent.volume_dir().join("web/svid.pem");
+    assert!(pair.exists(), "READY before the SVID is on disk");
+    let before = std::fs::read(&pair).expect("read the SVID");
+
+    // A broken edit, then SIGHUP (twice): each reload is RELOADING=1 with a later
+    // MONOTONIC_USEC, then READY=1 again, or systemd would wait in "reloading" forever.
+    let config = std::fs::read_to_string(agent.config_path()).expect("config");
+    std::fs::write(
+        agent.config_path(),
+        format!("{config}rotation: {{fraction: 2}}\n"),
+    )
+    .expect("break the config");
+    let mut after = ready + 1;
+    let mut stamps = Vec::new();
+    for _ in 0..2 {
+        agent.signal(Signal::SIGHUP).expect("SIGHUP");
+        let reloading = notify.wait_for("RELOADING=1", after);
+        stamps.push(monotonic_usec(&notify.seen[reloading]));
+        after = notify.wait_for("READY=1", reloading + 1) + 1;
+    }
+    assert!(stamps[0] > 0 && stamps[1] > stamps[0], "{stamps:?}");
+    assert!(
+        agent.log().contains("keeping the running one"),
+        "log:\n{}",
+        tail(&agent.log())
+    );
+    assert!(agent.try_exit().expect("status").is_none(), "still running");
+    assert_eq!(
+        probe(&agent.admin_socket(), "readyz").status.code(),
+        Some(0)
+    );
+    assert_eq!(std::fs::read(&pair).expect("read the SVID"), before);
+
+    agent.signal(Signal::SIGTERM).expect("SIGTERM");
+    notify.wait_for("STOPPING=1", after);
+    assert_eq!(agent.wait_exit(WAIT).expect("exits").code(), Some(0));
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every line of `log` as a JSON object (panics on the first line that is not one).
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\nlog:\n{log}"));
+            assert!(
+                v["timestamp"].is_string() && v["level"].is_string(),
+                "no timestamp or level: {l}"
+            );
+            assert!(v["fields"]["message"].is_string(), "no message: {l}");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_and_text_is_the_default() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder");
+    let token = ca.token(NODE, MESH).expect("token");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let config = root.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "caAddress: {}\ncaServerName: localhost\ntrustBundle: {}\nnodeName: {NODE}\nmesh: {MESH}\n\
+             stateDir: {}\nvolumeDir: {}\nworkloadSocket: {}\nadminSocket: {}\n",
+            ca.addr(),
+            ca.bundle_pem_path().display(),
+            root.join("state").display(),
+            root.join("svids").display(),
+            root.join("workload.sock").display(),
+            root.join("admin.sock").display(),
+        ),
+    )
+    .expect("write the config");
+    let log_path = root.join("agent.log");
+    let agent = |args: &[&str], stderr: Stdio| {
+        let mut cmd = Command::new(meshcert_tests::bin_path("meshcert-agent"));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("MESHCERT_JOIN_TOKEN")
+            .env_remove("MESHCERT_JOIN_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd
+    };
+    let config_arg = config.display().to_string();
+    let token_arg = format!("--join-token={token}");
+    let mut running = Running(
+        agent(
+            &[
+                "run",
+                "--log-format",
+                "json",
+                "--config",
+                &config_arg,
+                &token_arg,
+            ],
+            Stdio::from(File::create(&log_path).expect("log file")),
+        )
+        .spawn()
+        .expect("start the agent"),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let svid = root.join("svids/web/svid.pem");
+    wait_until("the SVID", WAIT, || svid.exists())
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(running.0.id()).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = running.0.wait().expect("exits");
+    assert_eq!(status.code(), Some(0), "log:\n{}", log());
+
+    let lines = json_lines(&log());
+    let installed = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "SVID installed");
+    let installed = installed.unwrap_or_else(|| panic!("no install logged:\n{}", log()));
+    assert_eq!(installed["level"], "INFO");
+    assert_eq!(installed["fields"]["spiffe_id"], "spiffe://mesh-a.test/web");
+    assert!(lines.iter().any(|v| v["fields"]["message"] == "stopped"));
+
+    // An invalid config: exit 78 either way, for people by default, JSON on request.
+    let bad = root.join("bad.yaml");
+    std::fs::write(&bad, "caAddress: nope\n").expect("write");
+    let bad_arg = bad.display().to_string();
+    let text = agent(&["run", "--config", &bad_arg], Stdio::piped())
+        .output()
+        .expect("runs");
+    assert_eq!(text.status.code(), Some(78), "{text:?}");
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        stderr.contains("ERROR") && stderr.contains("caAddress"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()),
+        "text logs by default:\n{stderr}"
+    );
+    let json = agent(
+        &["--log-format", "json", "run", "--config", &bad_arg],
+        Stdio::piped(),
+    )
+    .output()
+    .expect("runs");
+    assert_eq!(json.status.code(), Some(78), "{json:?}");
+    let lines = json_lines(&String::from_utf8_lossy(&json.stderr));
+    assert!(
+        lines.iter().any(|v| v["level"] == "ERROR"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("caAddress"))),
+        "{lines:?}"
+    );
+}
