@@ -244,7 +244,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing(cli.log_format, matches!(cli.command, Command::Run { .. }));
+    let daemon = matches!(cli.command, Command::Run { .. });
+    init_tracing(cli.log_format, daemon);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -259,7 +260,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("meshcert-ca: {}", f.message);
+                if daemon {
+                    // The daemon's last word goes where its logs go, in their format.
+                    tracing::error!(code = f.code, "{}", f.message);
+                } else {
+                    eprintln!("meshcert-ca: {}", f.message);
+                }
             }
             ExitCode::from(f.code)
         }
@@ -272,6 +278,7 @@ fn init_tracing(format: LogFormat, daemon: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
