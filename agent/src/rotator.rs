@@ -143,6 +143,10 @@ struct Managed {
     last_error: Option<String>,
     attempted: bool,
     in_flight: Option<u64>,
+    /// An agent-local entry the holder refused by policy (`policy_denied`,
+    /// `outside_trust_domain`): not asked for again until the entry or the enforcement mode
+    /// changes (the status keeps showing the refusal).
+    denied: bool,
 }
 
 impl Managed {
@@ -156,6 +160,7 @@ impl Managed {
             last_error: None,
             attempted: false,
             in_flight: None,
+            denied: false,
         }
     }
 
@@ -452,28 +457,31 @@ impl<I: Issuer> Rotator<I> {
         }
     }
 
-    /// Makes the managed entries those of `response` (plus local entries under DISABLED
-    /// enforcement), adopting valid SVIDs already on disk.
+    /// Makes the managed entries those of `response` plus the config's local entries inside
+    /// the trust domain (signed only under DISABLED; see [`Self::apply_enforcement`]), adopting
+    /// valid SVIDs already on disk. New bundles are written into every folder at once, and an
+    /// SVID that no longer verifies against them is issued again.
     fn apply_sync(&mut self, response: SyncResponse, now: SystemTime) {
         let bundles_changed = response.bundles != self.last_sync.bundles;
+        let enforcement_changed = response.enforcement != self.last_sync.enforcement;
         self.last_sync = response;
         let td = self.last_sync.trust_domain.clone();
+        let local_allowed = self.last_sync.enforcement == Enforcement::Disabled;
         let mut desired: Vec<(Entry, bool)> = self
             .last_sync
             .entries
             .iter()
             .map(|e| (e.clone(), false))
             .collect();
-        if self.last_sync.enforcement == Enforcement::Disabled {
-            let known: BTreeSet<String> = desired.iter().map(|(e, _)| e.id.clone()).collect();
-            for e in &self.config.entries {
-                if known.contains(&e.id) {
-                    tracing::warn!(entry_id = %e.id, "a local entry has the id of a holder entry; the holder's wins");
-                } else if !td.contains(&e.spiffe_id) {
-                    tracing::warn!(entry_id = %e.id, spiffe_id = %e.spiffe_id, "a local entry is outside the node's trust domain; ignored");
-                } else {
-                    desired.push((e.clone(), true));
-                }
+        // Local entries are asked for under every mode, once per mode: the holder signs them
+        // under DISABLED when they are inside the node's trust domain and refuses them
+        // otherwise (`policy_denied`, `outside_trust_domain`), and the status shows which.
+        let known: BTreeSet<String> = desired.iter().map(|(e, _)| e.id.clone()).collect();
+        for e in &self.config.entries {
+            if known.contains(&e.id) {
+                tracing::warn!(entry_id = %e.id, "a local entry has the id of a holder entry; the holder's wins");
+            } else {
+                desired.push((e.clone(), true));
             }
         }
         // Two entries cannot share a folder: the first one keeps it.
@@ -506,13 +514,27 @@ impl<I: Issuer> Rotator<I> {
             match self.managed.get_mut(&entry.id) {
                 None => {
                     let mut m = Managed::new(entry.clone(), *local, now);
-                    self.adopt_from_disk(&mut m, now);
+                    let outside = *local && !td.contains(&entry.spiffe_id);
+                    if outside {
+                        tracing::warn!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, trust_domain = %td, "a local entry is outside the node's trust domain: the holder refuses it under every mode");
+                    }
+                    if outside || (*local && !local_allowed) {
+                        // Enforced: a local SVID left on disk is not served.
+                        if let Err(e) = self.volume.remove(&entry.dir) {
+                            tracing::warn!(entry_id = %entry.id, error = %e, "cannot remove the folder of a local entry");
+                        }
+                    } else {
+                        self.adopt_from_disk(&mut m, now);
+                    }
                     self.managed.insert(entry.id.clone(), m);
                 }
                 Some(m) if m.entry == *entry && !bundles_changed => m.local = *local,
                 Some(m) => {
                     let old = std::mem::replace(&mut m.entry, entry.clone());
                     m.local = *local;
+                    if old != *entry {
+                        m.denied = false;
+                    }
                     if old.spiffe_id != entry.spiffe_id {
                         tracing::info!(entry_id = %entry.id, "entry's SPIFFE ID changed; issuing a new SVID");
                         m.current = None;
@@ -550,12 +572,71 @@ impl<I: Issuer> Rotator<I> {
             }
         }
         self.order = desired.into_iter().map(|(e, _)| e.id).collect();
+        if enforcement_changed {
+            self.apply_enforcement(local_allowed, now);
+        }
         if bundles_changed {
+            self.reissue_unverifiable(now);
             self.rewrite_all();
         } else {
             self.check_volume_quiet();
         }
         self.publish();
+    }
+
+    /// A new enforcement mode for the local entries: under DISABLED they are asked for at once
+    /// (again, if the holder refused them before); otherwise their SVIDs stop being served and
+    /// their folders go at once (the node reports the mode applied only once it is), and the
+    /// holder is asked once more so the status shows its answer (`policy_denied`).
+    fn apply_enforcement(&mut self, local_allowed: bool, now: SystemTime) {
+        for m in self.managed.values_mut().filter(|m| m.local) {
+            m.denied = false;
+            // An answer to a request sent under the previous mode is not used.
+            m.in_flight = None;
+            if !local_allowed && m.current.take().is_some() {
+                tracing::info!(entry_id = %m.entry.id, dir = %m.entry.dir, "access control is enforced: the local entry's SVID is no longer served");
+                if let Err(e) = self.volume.remove(&m.entry.dir) {
+                    tracing::warn!(entry_id = %m.entry.id, error = %e, "cannot remove the folder of a local entry");
+                }
+                m.state = CertState::Pending;
+            }
+            if m.current.is_none() {
+                m.schedule = Schedule::now(now);
+            }
+        }
+    }
+
+    /// After a bundle change, every SVID that no longer verifies against its trust domain's
+    /// new roots (a mesh root replaced) is issued again at once; the old one is served until
+    /// then.
+    fn reissue_unverifiable(&mut self, now: SystemTime) {
+        let stale: Vec<String> = self
+            .managed
+            .values()
+            .filter(|m| {
+                m.current.as_ref().is_some_and(|c| {
+                    let roots = self.roots_for(&m.entry);
+                    let main = svid::check(&c.chain, &c.key, &roots, &m.entry.spiffe_id, now);
+                    let gateway = c.gateway.as_ref().map(|g| {
+                        svid::check(
+                            &g.chain,
+                            &c.key,
+                            &self.shared_root(),
+                            &m.entry.spiffe_id,
+                            now,
+                        )
+                    });
+                    main.is_err() || gateway.is_some_and(|g| g.is_err())
+                })
+            })
+            .map(|m| m.entry.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(m) = self.managed.get_mut(&id) {
+                tracing::info!(entry_id = %id, "the SVID does not verify against the new bundle; issuing a new one");
+                m.schedule = Schedule::now(now);
+            }
+        }
     }
 
     /// Loads a still-valid SVID of `m` from the volume (after a restart), if there is one.
@@ -801,9 +882,9 @@ impl<I: Issuer> Rotator<I> {
                 .order
                 .iter()
                 .filter(|id| {
-                    self.managed
-                        .get(*id)
-                        .is_some_and(|m| m.in_flight.is_none() && m.schedule.is_due(now))
+                    self.managed.get(*id).is_some_and(|m| {
+                        m.in_flight.is_none() && !m.denied && m.schedule.is_due(now)
+                    })
                 })
                 .cloned()
                 .collect();
@@ -866,6 +947,18 @@ impl<I: Issuer> Rotator<I> {
                             self.install(&entry_id, request, key, chain, gateway, now);
                         }
                         SignOutcome::Refused { error } => {
+                            let denied = matches!(
+                                error.code,
+                                api::ErrorCode::PolicyDenied | api::ErrorCode::OutsideTrustDomain
+                            );
+                            if denied
+                                && let Some(m) = self.managed.get_mut(&entry_id)
+                                && m.local
+                                && m.in_flight == Some(request)
+                            {
+                                tracing::info!(entry_id = %entry_id, code = %error.code, "the holder refuses this local entry: not asked for again until the entry or the enforcement mode changes");
+                                m.denied = true;
+                            }
                             self.failed(
                                 &entry_id,
                                 request,
@@ -1233,11 +1326,19 @@ mod tests {
         down: bool,
         signed: u32,
         ttl: Duration,
+        /// The effective enforcement the holder sends and decides local entries by.
+        enforcement: Enforcement,
+        /// CSRs received for agent-local entries.
+        local_requests: u32,
+        /// The mesh root was replaced: `rotated_ca` signs, and is the bundle.
+        rotated: bool,
     }
 
     /// A holder in memory: signs with a test CA, can refuse entries or be "down".
     struct FakeIssuer {
         ca: TestCa,
+        /// The mesh's CA after a root change.
+        rotated_ca: TestCa,
         /// Signs gateways' second SVIDs (limited trust).
         shared: TestCa,
         state: Mutex<FakeState>,
@@ -1247,6 +1348,7 @@ mod tests {
         fn new(entries: Vec<Entry>) -> Self {
             Self {
                 ca: TestCa::new(),
+                rotated_ca: TestCa::new(),
                 shared: TestCa::new(),
                 state: Mutex::new(FakeState {
                     entries,
@@ -1254,15 +1356,26 @@ mod tests {
                     down: false,
                     signed: 0,
                     ttl: Duration::from_secs(3600),
+                    enforcement: Enforcement::Enabled,
+                    local_requests: 0,
+                    rotated: false,
                 }),
+            }
+        }
+        /// The CA signing the mesh's SVIDs now.
+        fn mesh_ca(&self) -> &TestCa {
+            if self.with(|s| s.rotated) {
+                &self.rotated_ca
+            } else {
+                &self.ca
             }
         }
         fn bundles(&self) -> Bundles {
             Bundles {
-                version: 1,
+                version: if self.with(|s| s.rotated) { 2 } else { 1 },
                 trust_domains: BTreeMap::from([(
                     TrustDomain::new(TD).expect("td"),
-                    vec![Der(self.ca.root.clone())],
+                    vec![Der(self.mesh_ca().root.clone())],
                 )]),
                 shared_root: vec![Der(self.shared.root.clone())],
             }
@@ -1308,7 +1421,7 @@ mod tests {
                 node: "n1".into(),
                 mesh: "mesh-a".into(),
                 trust_domain: TrustDomain::new(TD).expect("td"),
-                enforcement: Enforcement::Enabled,
+                enforcement: self.with(|s| s.enforcement),
                 entries: self.with(|s| s.entries.clone()),
                 bundles: self.bundles(),
             })
@@ -1319,11 +1432,40 @@ mod tests {
                 self.with(|s| (s.entries.clone(), s.refuse.clone(), s.ttl));
             let mut results = Vec::new();
             for c in request.csrs {
+                if let Some(local) = &c.local {
+                    let enforcement = self.with(|s| {
+                        s.local_requests += 1;
+                        s.enforcement
+                    });
+                    let outcome = if enforcement == Enforcement::Disabled {
+                        let chain =
+                            self.mesh_ca()
+                                .sign(&c.csr.0, &local.spiffe_id, SystemTime::now(), ttl);
+                        SignOutcome::Issued {
+                            svid: Svid {
+                                spiffe_id: local.spiffe_id.clone(),
+                                chain: chain.into_iter().map(Der).collect(),
+                            },
+                            gateway_svid: None,
+                        }
+                    } else {
+                        SignOutcome::Refused {
+                            error: ApiError::new(ErrorCode::PolicyDenied, "enforced"),
+                        }
+                    };
+                    results.push(SignResult {
+                        entry_id: c.entry_id,
+                        outcome,
+                    });
+                    continue;
+                }
                 let entry = entries.iter().find(|e| e.id == c.entry_id);
                 let outcome = match entry {
                     Some(e) if !refuse.contains(&e.id) => {
                         self.with(|s| s.signed += 1);
-                        let chain = self.ca.sign(&c.csr.0, &e.spiffe_id, SystemTime::now(), ttl);
+                        let chain =
+                            self.mesh_ca()
+                                .sign(&c.csr.0, &e.spiffe_id, SystemTime::now(), ttl);
                         let gateway_svid = e.gateway.then(|| Svid {
                             spiffe_id: e.spiffe_id.clone(),
                             chain: self
@@ -1613,6 +1755,94 @@ mod tests {
                 .gateway_chain
                 .is_none()
         );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_entries_follow_the_holders_enforcement_mode() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut config = config(tmp.path());
+        let mut tool = entry("tool");
+        tool.nodes = vec![];
+        config.entries = vec![tool];
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        fake.with(|s| s.enforcement = Enforcement::Disabled);
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "web and the local entry issued", all_issued(2)).await;
+        assert!(volume_has(&config, "tool"));
+
+        // ENABLED: the local SVID stops being served at once, and the holder's refusal shows.
+        fake.with(|s| s.enforcement = Enforcement::Enabled);
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "the local entry refused", |s| {
+            s.identities.iter().any(|i| {
+                i.entry_id == "tool"
+                    && i.state == CertState::Failed
+                    && i.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("policy_denied"))
+            })
+        })
+        .await;
+        assert!(!volume_has(&config, "tool"));
+        let served: Vec<String> = run
+            .cache
+            .current()
+            .svids
+            .iter()
+            .map(|s| s.hint.clone())
+            .collect();
+        assert_eq!(served, ["web"]);
+        // Not asked again while the mode stays (the backoff would have retried by now).
+        let asked = fake.with(|s| s.local_requests);
+        for _ in 0..3 {
+            run.commands.send(Command::SyncNow).await.expect("send");
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        assert_eq!(fake.with(|s| s.local_requests), asked);
+
+        // DISABLED again: asked for at once and served.
+        fake.with(|s| s.enforcement = Enforcement::Disabled);
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "the local entry issued again", all_issued(2)).await;
+        assert!(volume_has(&config, "tool"));
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replaced_mesh_root_has_every_svid_issued_again() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        let first = run.cache.status().identities[0].serial.clone();
+
+        fake.with(|s| s.rotated = true);
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "issued again under the new root", |s| {
+            s.bundle_version == 2
+                && s.identities
+                    .first()
+                    .is_some_and(|i| i.serial != first && i.state == CertState::Issued)
+        })
+        .await;
+        let disk = Volume::new(&config.volume_dir)
+            .load("web")
+            .expect("load")
+            .expect("installed");
+        svid::check(
+            &disk.chain,
+            &disk.key,
+            std::slice::from_ref(&fake.rotated_ca.root),
+            &SpiffeId::new(&format!("spiffe://{TD}/web")).expect("id"),
+            SystemTime::now(),
+        )
+        .expect("the SVID on disk verifies against the new root");
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
     }

@@ -1,21 +1,28 @@
 //! The VirtualMesh end to end on the holder side: shared and limited trust proven with real
 //! mTLS handshakes between workloads (tokio-rustls on loopback, SVIDs and bundles exactly as the
 //! holder returned them), federation and bundle versions, enforcement of agent-local entries,
-//! live reload, the status document and the metrics listener.
+//! live reload, the status document and the metrics listener; then the same proofs through
+//! real agents (their volumes and Workload API), bundle changes reaching open streams and
+//! `federated/`, and enforcement switched by a live edit of the holder's config.
 //!
 //! The workloads' SVIDs carry only a URI SAN, so the usual DNS-name check cannot apply: the
 //! client side verifies the chain with rustls' webpki (`verify_server_cert_signed_by_trust_anchor`)
 //! and then the SPIFFE ID by hand; the server side uses the plain `WebPkiClientVerifier` (no
 //! name check) and checks the client's SPIFFE ID by hand after the handshake.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
 
 use meshcert_protocol::api::{
     ApiError, AttestRequest, Bundles, CsrRequest, Der, ErrorCode, NodeSvidResponse, SignOutcome,
     SignRequest, SignResponse, SyncResponse,
 };
 use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, SpiffeId};
+use meshcert_tests::agent::{Agent, WAIT, wait_until};
 use meshcert_tests::ca::{CaHolder, ClientIdentity};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -970,4 +977,513 @@ fn the_limited_trust_example_config_is_valid() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("ACCEPTED"), "{stdout}");
+}
+
+// ---- the VirtualMesh through real agents ----------------------------------------------------
+//
+// The same proofs with real `meshcert-agent` processes: the SVIDs, keys and bundles are the
+// files the agents wrote into their volumes (or what their Workload API serves), not the
+// holder's answers.
+
+/// [`config`] with every entry served to this test process's uid on the Workload API.
+fn agent_config(spec_tail: &str) -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    config(spec_tail).replace(
+        "    dir: ",
+        &format!("    selectors: [\"unix:uid:{uid}\"]\n    dir: "),
+    )
+}
+
+/// Agent config lines: sync every second, so a holder-side change reaches the agent at once
+/// (agents pull; the default interval is 30 s).
+const FAST_SYNC: &str = "syncInterval: 1s\n";
+
+/// Every PEM block labelled `label` in `path`, as DER.
+fn pem_blocks(path: &Path, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
+        let block = block.with_context(|| format!("{} is not PEM", path.display()))?;
+        if block.label == label {
+            out.push(block.contents);
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no {label} in {}", path.display());
+    Ok(out)
+}
+
+/// Waits (bounded by [`WAIT`]) until an agent has written `dir`'s SVID; the folder.
+fn wait_svid(agent: &Agent, dir: &str) -> PathBuf {
+    let path = agent.volume_dir().join(dir);
+    agent
+        .wait_for_file(&path.join("svid.pem"))
+        .unwrap_or_else(|e| panic!("{dir} was not installed: {e}"));
+    path
+}
+
+/// A workload set up from its folder as its agent wrote it: `svid.pem`, `svid.key`, and what
+/// it trusts, `bundle.pem` for its own trust domain and `federated/<td>.pem` for the others.
+fn workload_from_volume(dir: &Path) -> anyhow::Result<Workload> {
+    let chain = pem_blocks(&dir.join("svid.pem"), "CERTIFICATE")?;
+    let key_pkcs8 = pem_blocks(&dir.join("svid.key"), "PRIVATE KEY")?.remove(0);
+    let own = spiffe_id_of(&chain[0]).map_err(anyhow::Error::msg)?;
+    let mut roots = pem_blocks(&dir.join("bundle.pem"), "CERTIFICATE")?;
+    let mut domains = vec![own.trust_domain().to_string()];
+    let federated = dir.join("federated");
+    if federated.exists() {
+        for file in std::fs::read_dir(&federated)? {
+            let path = file?.path();
+            let td = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pem"))
+                .with_context(|| format!("{} is not <td>.pem", path.display()))?
+                .to_owned();
+            roots.extend(pem_blocks(&path, "CERTIFICATE")?);
+            domains.push(td);
+        }
+    }
+    Ok(Workload {
+        chain,
+        key_pkcs8,
+        roots,
+        domains,
+    })
+}
+
+/// A gateway's second identity from its folder: `gateway-svid.pem` over the same `svid.key`,
+/// trusting `gateway-bundle.pem` (the shared root) for every mesh's gateways.
+fn gateway_from_volume(dir: &Path, domains: &[&str]) -> anyhow::Result<Workload> {
+    Ok(Workload {
+        chain: pem_blocks(&dir.join("gateway-svid.pem"), "CERTIFICATE")?,
+        key_pkcs8: pem_blocks(&dir.join("svid.key"), "PRIVATE KEY")?.remove(0),
+        roots: pem_blocks(&dir.join("gateway-bundle.pem"), "CERTIFICATE")?,
+        domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+    })
+}
+
+/// The trust domains named under `federated/` in a folder.
+fn federated_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir.join("federated"))
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn agents_of_two_meshes_under_shared_trust_hand_their_workloads_svids_that_complete_an_mtls_handshake()
+ {
+    let ca = CaHolder::start(&agent_config(
+        "  shared: {}\n  federation: {mode: PERMISSIVE}\n  enforceAccessControl: ENABLED\n",
+    ))
+    .expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", "").expect("agent a");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", "").expect("agent b");
+    let web_dir = wait_svid(&agent_a, "web");
+    let api_dir = wait_svid(&agent_b, "api");
+    let web = workload_from_volume(&web_dir).expect("web's folder");
+    let api = workload_from_volume(&api_dir).expect("api's folder");
+    // PERMISSIVE: each workload's folder trusts the other mesh through `federated/`.
+    assert_eq!(web.domains, ["mesh-a.test", "mesh-b.test"]);
+    assert_eq!(api.domains, ["mesh-b.test", "mesh-a.test"]);
+
+    let (client_saw, server_saw) = handshake(&api, &web).expect("the mTLS handshake succeeds");
+    assert_eq!(client_saw, "spiffe://mesh-b.test/api");
+    assert_eq!(server_saw, "spiffe://mesh-a.test/web");
+    let (client_saw, server_saw) = handshake(&web, &api).expect("and the other way round");
+    assert_eq!(client_saw, "spiffe://mesh-a.test/web");
+    assert_eq!(server_saw, "spiffe://mesh-b.test/api");
+
+    // What the Workload API serves is what the volume holds: the same SVID, and the other
+    // mesh's bundle as a federated bundle.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let endpoint = format!("unix://{}", agent_a.workload_socket().display());
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        let svid = client
+            .fetch_x509_svid()
+            .await
+            .expect("an SVID for this uid");
+        assert_eq!(svid.spiffe_id().to_string(), "spiffe://mesh-a.test/web");
+        assert_eq!(svid.leaf().as_bytes(), web.chain[0].as_slice());
+        let bundles = client.fetch_x509_bundles().await.expect("bundles");
+        let b = bundles
+            .get(&spiffe::TrustDomain::new("mesh-b.test").expect("td"))
+            .expect("mesh-b.test is federated");
+        let served: Vec<&[u8]> = b.authorities().iter().map(|c| c.as_bytes()).collect();
+        let on_disk = pem_blocks(&web_dir.join("federated/mesh-b.test.pem"), "CERTIFICATE")
+            .expect("federated file");
+        assert_eq!(
+            served,
+            on_disk.iter().map(Vec::as_slice).collect::<Vec<_>>()
+        );
+    });
+}
+
+#[test]
+fn agents_under_limited_trust_separate_plain_workloads_and_join_their_gateways() {
+    let ca = CaHolder::start(&agent_config(
+        "  limited: {}\n  enforceAccessControl: ENABLED\n",
+    ))
+    .expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", "").expect("agent a");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", "").expect("agent b");
+    let web_dir = wait_svid(&agent_a, "web");
+    let api_dir = wait_svid(&agent_b, "api");
+    let gw_a_dir = wait_svid(&agent_a, "gw-a");
+    let gw_b_dir = wait_svid(&agent_b, "gw-b");
+
+    let web = workload_from_volume(&web_dir).expect("web's folder");
+    let api = workload_from_volume(&api_dir).expect("api's folder");
+    // Without federation a plain workload trusts its own mesh only.
+    assert_eq!(web.domains, ["mesh-a.test"]);
+    assert!(federated_names(&web_dir).is_empty());
+    assert!(
+        !web_dir.join("gateway-svid.pem").exists(),
+        "web is no gateway"
+    );
+    // Even accepting both trust domains' IDs, the other mesh's chain does not verify.
+    let accept_both = |mut w: Workload| {
+        w.domains = vec!["mesh-a.test".into(), "mesh-b.test".into()];
+        w
+    };
+    let err = handshake(&accept_both(api.clone()), &accept_both(web.clone()))
+        .expect_err("plain workloads of two meshes must not authenticate each other");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "the chain is what fails: {err}"
+    );
+    // A gateway's first SVID is a plain workload's of its mesh: it works inside its mesh.
+    let gw_a_plain = workload_from_volume(&gw_a_dir).expect("gw-a's folder");
+    handshake(&web, &gw_a_plain).expect("same-mesh workloads authenticate each other");
+
+    // The gateways' second SVIDs, as the agents wrote them, chain to the shared root.
+    let both = ["mesh-a.test", "mesh-b.test"];
+    let gw_a = gateway_from_volume(&gw_a_dir, &both).expect("gw-a's gateway files");
+    let gw_b = gateway_from_volume(&gw_b_dir, &both).expect("gw-b's gateway files");
+    assert_eq!(gw_a.roots, gw_b.roots, "one shared root");
+    assert_ne!(gw_a.roots, web.roots, "not mesh-a's root");
+    let (client_saw, server_saw) =
+        handshake(&gw_b, &gw_a).expect("gateways of two meshes authenticate each other");
+    assert_eq!(client_saw, "spiffe://mesh-b.test/gateway");
+    assert_eq!(server_saw, "spiffe://mesh-a.test/gateway");
+    // A plain workload's SVID does not pass a gateway's trust, nor the other way round.
+    let web_to_gateway = Workload {
+        roots: gw_b.roots.clone(),
+        ..accept_both(web.clone())
+    };
+    handshake(&gw_b, &web_to_gateway).expect_err("a plain SVID is not a gateway's");
+    handshake(&accept_both(web), &gw_b).expect_err("a plain workload does not trust gateways");
+
+    // The Workload API serves the gateway's second SVID under the hint `gateway`.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let endpoint = format!("unix://{}", agent_a.workload_socket().display());
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        let svids = client.fetch_all_x509_svids().await.expect("svids");
+        let gateway = svids
+            .iter()
+            .find(|s| s.leaf().as_bytes() == gw_a.chain[0].as_slice())
+            .expect("the gateway SVID is served");
+        assert_eq!(gateway.hint(), Some("gateway"));
+        assert_eq!(
+            gateway.spiffe_id().to_string(),
+            "spiffe://mesh-a.test/gateway"
+        );
+    });
+}
+
+/// The holder's federation status: (bundle version, acknowledged of nodes per mesh in order).
+fn federation(status: &serde_json::Value) -> (u64, Vec<(u64, u64)>) {
+    let f = &status["federationStatus"];
+    let meshes = f["meshes"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    (
+                        m["acknowledged"].as_u64().unwrap_or(0),
+                        m["nodes"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (f["bundleVersion"].as_u64().unwrap_or(0), meshes)
+}
+
+#[test]
+fn a_bundle_change_reaches_open_workload_streams_and_the_volumes_and_every_node_acknowledges_it() {
+    // `web` also runs on node-a2, a second node of mesh-a that is down while the bundles change.
+    let two = agent_config("  limited: {}\n  federation: {mode: PERMISSIVE}\n").replace(
+        "spiffe://mesh-a.test/web\n    nodes: [node-a]\n",
+        "spiffe://mesh-a.test/web\n    nodes: [node-a, node-a2]\n",
+    );
+    assert!(two.contains("node-a2"), "the config changed shape");
+    let ca = CaHolder::start(&two).expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent a");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
+    let mut agent_a2 = Agent::start(&ca, "node-a2", "mesh-a", FAST_SYNC).expect("agent a2");
+    let web_dir = wait_svid(&agent_a, "web");
+    let api_dir = wait_svid(&agent_b, "api");
+    wait_svid(&agent_a2, "web");
+    assert_eq!(
+        federated_names(&web_dir),
+        BTreeSet::from(["mesh-b.test.pem".to_owned()])
+    );
+    let status = ca
+        .wait_for_status("every node acknowledges the first bundle version", |s| {
+            s["federationStatus"]["state"] == "ACCEPTED"
+        })
+        .expect("acknowledged");
+    let (v1, meshes) = federation(&status);
+    assert_eq!(meshes, [(2, 2), (1, 1)], "{status:#}");
+    agent_a2.kill9();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let endpoint = format!("unix://{}", agent_a.workload_socket().display());
+    let mesh_c = spiffe::TrustDomain::new("mesh-c.test").expect("td");
+    // An application watching its identity: an open stream that sees every update.
+    let source = rt
+        .block_on(spiffe::X509SourceBuilder::new().endpoint(&endpoint).build())
+        .expect("an X509Source on agent a");
+    assert!(source.try_bundle_for_trust_domain(&mesh_c).is_none());
+    let mut updates = source.updated();
+
+    // A live edit adds a third mesh: its root joins every workload's federated bundles.
+    let three = two.replace(
+        "      type: generic\n",
+        "      type: generic\n    - name: mesh-c\n      trustDomain: mesh-c.test\n",
+    );
+    let edited = Instant::now();
+    ca.write_config(&three).expect("edit");
+    rt.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            while source.try_bundle_for_trust_domain(&mesh_c).is_none() {
+                updates.changed().await.expect("the source keeps watching");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "mesh-c.test never reached the open stream; agent log:\n{}",
+                agent_a.log()
+            )
+        });
+    });
+    let on_stream = edited.elapsed();
+    for (agent, dir) in [(&agent_a, &web_dir), (&agent_b, &api_dir)] {
+        wait_until("federated/mesh-c.test.pem", WAIT, || {
+            federated_names(dir).contains("mesh-c.test.pem")
+        })
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    }
+    let in_volumes = edited.elapsed();
+    // The bundle on the stream, on a fresh FetchX509Bundles and in the volume are one root.
+    let on_disk = pem_blocks(&web_dir.join("federated/mesh-c.test.pem"), "CERTIFICATE")
+        .expect("mesh-c's federated bundle");
+    let streamed = source
+        .try_bundle_for_trust_domain(&mesh_c)
+        .expect("on the stream");
+    let streamed: Vec<Vec<u8>> = streamed
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    assert_eq!(streamed, on_disk);
+    let fetched = rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        client.fetch_x509_bundles().await.expect("bundles")
+    });
+    let fetched: Vec<Vec<u8>> = fetched
+        .get(&mesh_c)
+        .expect("FetchX509Bundles carries mesh-c.test")
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    assert_eq!(fetched, on_disk);
+    // A new mesh under limited trust has its own root.
+    assert_ne!(
+        on_disk,
+        pem_blocks(&web_dir.join("bundle.pem"), "CERTIFICATE").expect("bundle")
+    );
+
+    // The running agents report the new version: federated to 1 of 2 nodes of mesh-a (the
+    // node that is down lags) and 1 of 1 of mesh-b.
+    let status = ca
+        .wait_for_status(
+            "the running nodes acknowledge the new bundle version",
+            |s| {
+                let (v, meshes) = federation(s);
+                v > v1 && meshes.get(..2) == Some(&[(1, 2), (1, 1)][..])
+            },
+        )
+        .expect("acknowledged");
+    let acknowledged = edited.elapsed();
+    let (v2, meshes) = federation(&status);
+    assert_eq!(meshes, [(1, 2), (1, 1), (0, 0)], "{status:#}");
+    let f = &status["federationStatus"];
+    assert_eq!(f["state"], "PENDING");
+    assert_eq!(f["meshes"][0]["lagging"], serde_json::json!(["node-a2"]));
+    let table = String::from_utf8_lossy(&ca.ctl(&["status"]).expect("status").stdout).to_string();
+    assert!(table.contains(&format!("v{v2} 1/2")), "{table}");
+    assert!(table.contains(&format!("v{v2} 1/1")), "{table}");
+
+    // The node that was down catches up when it comes back: 2 of 2.
+    agent_a2.restart().expect("agent a2 restarts");
+    let status = ca
+        .wait_for_status("every node acknowledges the new bundle version", |s| {
+            s["federationStatus"]["state"] == "ACCEPTED"
+        })
+        .expect("acknowledged");
+    assert_eq!(federation(&status), (v2, vec![(2, 2), (1, 1), (0, 0)]));
+    let a2_web = agent_a2.volume_dir().join("web");
+    wait_until("node-a2's federated/mesh-c.test.pem", WAIT, || {
+        federated_names(&a2_web).contains("mesh-c.test.pem")
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent_a2.log()));
+    // Not an assertion: what an operator can expect with `syncInterval: 1s`.
+    eprintln!(
+        "bundle v{v1} → v{v2}: on the open stream after {on_stream:?}, in both running nodes' \
+         volumes after {in_volumes:?}, acknowledged by them after {acknowledged:?}"
+    );
+    rt.block_on(source.shutdown());
+}
+
+/// The agent's status entry for `entry_id`, if it has one.
+fn agent_identity(agent: &Agent, entry_id: &str) -> Option<serde_json::Value> {
+    agent.status_json().ok().and_then(|s| {
+        s["identities"]
+            .as_array()
+            .and_then(|ids| ids.iter().find(|i| i["entryId"] == entry_id).cloned())
+    })
+}
+
+/// The holder's enforcement status of mesh-a: (effective mode, applied, nodes).
+fn enforcement_a(status: &serde_json::Value) -> (String, u64, u64) {
+    let m = &status["accessControlEnforcementStatus"]["meshes"][0];
+    (
+        m["effective"].as_str().unwrap_or("").to_owned(),
+        m["applied"].as_u64().unwrap_or(0),
+        m["nodes"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Agent config lines declaring the local entry `tool` inside mesh-a's trust domain.
+const LOCAL_TOOL: &str =
+    "entries:\n  - id: tool\n    spiffeId: spiffe://mesh-a.test/tool\n    dir: tool\n    ttl: 1h\n";
+
+/// A local entry (list item) in mesh-b's trust domain, which node-a may never hold.
+const LOCAL_SNEAKY: &str =
+    "  - id: sneaky\n    spiffeId: spiffe://mesh-b.test/tool\n    dir: sneaky\n    ttl: 1h\n";
+
+/// Whether the agent's status shows `entry_id` FAILED with `code` in its last error.
+fn refused_with(agent: &Agent, entry_id: &str, code: &str) -> bool {
+    agent_identity(agent, entry_id).is_some_and(|i| {
+        i["state"] == "FAILED" && i["lastError"].as_str().is_some_and(|e| e.contains(code))
+    })
+}
+
+#[test]
+fn an_agent_local_entry_is_signed_under_disabled_and_refused_under_enabled_by_a_live_edit() {
+    let disabled = agent_config("  shared: {}\n  enforceAccessControl: DISABLED\n");
+    let ca = CaHolder::start(&disabled).expect("holder starts");
+    let agent = Agent::start(
+        &ca,
+        "node-a",
+        "mesh-a",
+        &format!("{FAST_SYNC}{LOCAL_TOOL}{LOCAL_SNEAKY}"),
+    )
+    .expect("agent");
+    let tool_dir = wait_svid(&agent, "tool");
+    // Outside the node's trust domain: refused even under DISABLED, and the status says why.
+    wait_until("sneaky refused with outside_trust_domain", WAIT, || {
+        refused_with(&agent, "sneaky", "outside_trust_domain")
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    assert!(!agent.volume_dir().join("sneaky").exists());
+    let first = workload_from_volume(&tool_dir).expect("tool's folder");
+    assert_eq!(
+        spiffe_id_of(&first.chain[0]).expect("id").to_string(),
+        "spiffe://mesh-a.test/tool"
+    );
+    wait_svid(&agent, "web");
+    let status = ca
+        .wait_for_status("DISABLED applied on node-a", |s| {
+            enforcement_a(s) == ("DISABLED".into(), 1, 1)
+        })
+        .expect("applied");
+    assert_eq!(
+        status["accessControlEnforcementStatus"]["state"],
+        "ACCEPTED"
+    );
+
+    // ENABLED by a live edit: the agent stops serving the local SVID, and the holder refuses
+    // it; the agent's status says so.
+    ca.write_config(&disabled.replace("DISABLED", "ENABLED"))
+        .expect("edit");
+    wait_until("tool refused with policy_denied", WAIT, || {
+        refused_with(&agent, "tool", "policy_denied")
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    assert!(!tool_dir.exists(), "the local entry's folder is gone");
+    assert!(
+        agent.volume_dir().join("web/svid.pem").exists(),
+        "the holder's entry stays"
+    );
+    let status = ca
+        .wait_for_status("ENABLED applied on node-a", |s| {
+            enforcement_a(s) == ("ENABLED".into(), 1, 1)
+        })
+        .expect("applied");
+    assert_eq!(
+        status["accessControlEnforcementStatus"]["state"],
+        "ACCEPTED"
+    );
+    let table = String::from_utf8_lossy(&ca.ctl(&["status"]).expect("status").stdout).to_string();
+    assert!(table.contains("ENABLED 1/1"), "{table}");
+    let table = String::from_utf8_lossy(
+        &std::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["status", "--admin-socket"])
+            .arg(agent.admin_socket())
+            .output()
+            .expect("agent status")
+            .stdout,
+    )
+    .to_string();
+    assert!(table.contains("policy_denied"), "{table}");
+
+    // DISABLED again: signed again at once, with a new key.
+    ca.write_config(&disabled).expect("edit");
+    let tool_dir = wait_svid(&agent, "tool");
+    let again = workload_from_volume(&tool_dir).expect("tool's folder");
+    assert_ne!(again.key_pkcs8, first.key_pkcs8);
+    wait_until("tool issued", WAIT, || {
+        agent_identity(&agent, "tool").is_some_and(|i| i["state"] == "ISSUED")
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+    ca.wait_for_status("DISABLED applied again", |s| {
+        enforcement_a(s) == ("DISABLED".into(), 1, 1)
+    })
+    .expect("applied");
 }
