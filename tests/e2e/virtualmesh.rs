@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::StreamExt as _;
 
 use meshcert_protocol::api::{
     ApiError, AttestRequest, Bundles, CsrRequest, Der, ErrorCode, NodeSvidResponse, SignOutcome,
@@ -1266,6 +1267,23 @@ fn a_bundle_change_reaches_open_workload_streams_and_the_volumes_and_every_node_
         .expect("an X509Source on agent a");
     assert!(source.try_bundle_for_trust_domain(&mesh_c).is_none());
     let mut updates = source.updated();
+    // And a plain open FetchX509Bundles stream: its first message comes at once, without mesh-c.
+    let (_client, mut bundle_stream) = rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .expect("connect");
+        let stream = client
+            .stream_x509_bundles()
+            .await
+            .expect("FetchX509Bundles opens a stream");
+        (client, Box::pin(stream))
+    });
+    let first = rt
+        .block_on(async { tokio::time::timeout(WAIT, bundle_stream.next()).await })
+        .expect("the first FetchX509Bundles message comes at once")
+        .expect("the stream stays open")
+        .expect("a bundle set");
+    assert!(first.get(&mesh_c).is_none());
 
     // A live edit adds a third mesh: its root joins every workload's federated bundles.
     let three = two.replace(
@@ -1289,6 +1307,26 @@ fn a_bundle_change_reaches_open_workload_streams_and_the_volumes_and_every_node_
         });
     });
     let on_stream = edited.elapsed();
+    let on_bundle_stream = rt.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let set = bundle_stream
+                    .next()
+                    .await
+                    .expect("the FetchX509Bundles stream stays open")
+                    .expect("a bundle set");
+                if let Some(bundle) = set.get(&mesh_c) {
+                    break bundle
+                        .authorities()
+                        .iter()
+                        .map(|c| c.as_bytes().to_vec())
+                        .collect::<Vec<Vec<u8>>>();
+                }
+            }
+        })
+        .await
+        .expect("mesh-c.test reaches the open FetchX509Bundles stream")
+    });
     for (agent, dir) in [(&agent_a, &web_dir), (&agent_b, &api_dir)] {
         wait_until("federated/mesh-c.test.pem", WAIT, || {
             federated_names(dir).contains("mesh-c.test.pem")
@@ -1308,6 +1346,7 @@ fn a_bundle_change_reaches_open_workload_streams_and_the_volumes_and_every_node_
         .map(|c| c.as_bytes().to_vec())
         .collect();
     assert_eq!(streamed, on_disk);
+    assert_eq!(on_bundle_stream, on_disk);
     let fetched = rt.block_on(async {
         let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
             .await
