@@ -10,21 +10,8 @@ use meshcert_protocol::api::{
 };
 use meshcert_protocol::{CertState, IdentityReport, NodeReport, SpiffeId};
 use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG, HttpAnswer};
-use rcgen::{CertificateParams, KeyPair, SanType};
+use meshcert_tests::pki::{csr, p256};
 use x509_parser::prelude::*;
-
-fn p256() -> KeyPair {
-    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key generation")
-}
-
-fn csr(key: &KeyPair, uris: &[&str]) -> Der {
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = uris
-        .iter()
-        .map(|u| SanType::URI((*u).try_into().expect("ia5 string")))
-        .collect();
-    Der(p.serialize_request(key).expect("csr").der().to_vec())
-}
 
 /// A request body as JSON bytes.
 macro_rules! body {

@@ -25,7 +25,8 @@ use meshcert_protocol::api::{
 use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, SpiffeId};
 use meshcert_tests::agent::{Agent, WAIT, wait_until};
 use meshcert_tests::ca::{CaHolder, ClientIdentity};
-use rcgen::{CertificateParams, KeyPair, SanType};
+use meshcert_tests::pki::{csr, p256};
+use rcgen::KeyPair;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -79,19 +80,6 @@ entries:
 
 fn config(spec_tail: &str) -> String {
     TWO_MESHES.replace("TRUST\n", spec_tail)
-}
-
-fn p256() -> KeyPair {
-    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key generation")
-}
-
-fn csr(key: &KeyPair, uris: &[&str]) -> Der {
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = uris
-        .iter()
-        .map(|u| SanType::URI((*u).try_into().expect("ia5 string")))
-        .collect();
-    Der(p.serialize_request(key).expect("csr").der().to_vec())
 }
 
 /// A request body as JSON bytes.
@@ -319,6 +307,26 @@ fn root_store(roots: &[Vec<u8>]) -> RootCertStore {
     store
 }
 
+/// `w`, accepting the IDs of both test meshes: only the chain can then refuse a peer.
+fn accept_both_domains(mut w: Workload) -> Workload {
+    w.domains = vec!["mesh-a.test".into(), "mesh-b.test".into()];
+    w
+}
+
+/// Plain workloads of two meshes under limited trust: each trusts only its mesh's root, so even
+/// accepting the other trust domain's IDs, the other mesh's chain does not verify.
+fn assert_chains_do_not_cross_meshes(a: &Workload, b: &Workload) {
+    let err = handshake(
+        &accept_both_domains(a.clone()),
+        &accept_both_domains(b.clone()),
+    )
+    .expect_err("plain workloads of two meshes must not authenticate each other");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "the chain is what fails: {err}"
+    );
+}
+
 /// One mTLS exchange on loopback, `client` → `server`, each verifying the other with what it
 /// trusts. Ok((the ID the client saw, the ID the server saw)) when both sides accepted.
 fn handshake(server: &Workload, client: &Workload) -> Result<(String, String), String> {
@@ -501,16 +509,7 @@ fn limited_trust_separates_workloads_and_joins_gateways() {
     );
     // Plain workloads of two meshes: each trusts only its mesh's root. Even accepting the
     // other trust domain's IDs, the other mesh's chain does not verify.
-    let accept_both = |mut w: Workload| {
-        w.domains = vec!["mesh-a.test".into(), "mesh-b.test".into()];
-        w
-    };
-    let err = handshake(&accept_both(api.clone()), &accept_both(web.clone()))
-        .expect_err("plain workloads of two meshes must not authenticate each other");
-    assert!(
-        err.contains("invalid peer certificate: UnknownIssuer"),
-        "the chain is what fails: {err}"
-    );
+    assert_chains_do_not_cross_meshes(&api, &web);
     // Each still talks to its own mesh.
     let (web2, _, _, _) = issue(&ca, &node_a, "web", "spiffe://mesh-a.test/web");
     handshake(&web2, &web).expect("same-mesh workloads authenticate each other");
@@ -549,7 +548,7 @@ fn limited_trust_separates_workloads_and_joins_gateways() {
     // A plain workload's SVID does not pass a gateway's trust.
     let web_to_gateway = Workload {
         roots: gw_b.roots.clone(),
-        ..accept_both(web)
+        ..accept_both_domains(web)
     };
     let err = handshake(&gw_b, &web_to_gateway).expect_err("a plain SVID is not a gateway's");
     assert!(
@@ -1151,17 +1150,7 @@ fn agents_under_limited_trust_separate_plain_workloads_and_join_their_gateways()
         !web_dir.join("gateway-svid.pem").exists(),
         "web is no gateway"
     );
-    // Even accepting both trust domains' IDs, the other mesh's chain does not verify.
-    let accept_both = |mut w: Workload| {
-        w.domains = vec!["mesh-a.test".into(), "mesh-b.test".into()];
-        w
-    };
-    let err = handshake(&accept_both(api.clone()), &accept_both(web.clone()))
-        .expect_err("plain workloads of two meshes must not authenticate each other");
-    assert!(
-        err.contains("invalid peer certificate: UnknownIssuer"),
-        "the chain is what fails: {err}"
-    );
+    assert_chains_do_not_cross_meshes(&api, &web);
     // A gateway's first SVID is a plain workload's of its mesh: it works inside its mesh.
     let gw_a_plain = workload_from_volume(&gw_a_dir).expect("gw-a's folder");
     handshake(&web, &gw_a_plain).expect("same-mesh workloads authenticate each other");
@@ -1179,10 +1168,11 @@ fn agents_under_limited_trust_separate_plain_workloads_and_join_their_gateways()
     // A plain workload's SVID does not pass a gateway's trust, nor the other way round.
     let web_to_gateway = Workload {
         roots: gw_b.roots.clone(),
-        ..accept_both(web.clone())
+        ..accept_both_domains(web.clone())
     };
     handshake(&gw_b, &web_to_gateway).expect_err("a plain SVID is not a gateway's");
-    handshake(&accept_both(web), &gw_b).expect_err("a plain workload does not trust gateways");
+    handshake(&accept_both_domains(web), &gw_b)
+        .expect_err("a plain workload does not trust gateways");
 
     // The Workload API serves the gateway's second SVID under the hint `gateway`.
     let rt = tokio::runtime::Builder::new_current_thread()
