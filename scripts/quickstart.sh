@@ -74,7 +74,7 @@ addr=""
 for _ in $(seq 1 300); do
   if [ -S "$MESHCERT_CA_ADMIN_SOCKET" ]; then
     addr=$("$bin/meshcert-ca" status -o json 2>/dev/null \
-      | python3 -c 'import json,sys; print(json.load(sys.stdin).get("listenAddress",""))' 2>/dev/null || true)
+      | sed -n 's/^  "listenAddress": *"\([^"]*\)".*/\1/p' || true)
     [ -n "$addr" ] && break
   fi
   sleep 0.1
