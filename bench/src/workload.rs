@@ -1,0 +1,317 @@
+//! Scenario 4: the Workload API. Time to the first `FetchX509SVID` message for a new client
+//! (connect included) with 1 and 64 concurrent clients, and the time from a published rotation
+//! to the update on open streams.
+//!
+//! The server is the agent's own Workload API (`meshcert_agent::workload::serve`) on a real
+//! Unix socket in this process, fed by the agent's [`Cache`] with SVIDs made here; the clients
+//! are the upstream `spiffe` crate. The per-uid rate limit is raised for the run (every client
+//! here has the same uid); everything else is the agent's default.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use meshcert_agent::cache::{Cache, InstalledSvid, Snapshot};
+use meshcert_agent::workload::{self, WorkloadConfig};
+use meshcert_protocol::{Entry, Selector, SpiffeId, TrustDomain};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use spiffe::WorkloadApiClient;
+use tokio_stream::StreamExt as _;
+
+use crate::figures::{Samples, Table, ms};
+use crate::process::{AgentProc, Bins, EntrySpec, Holder, link_time};
+
+/// How long any single wait may take.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sizes of the Workload API scenario.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Concurrent clients, one run each.
+    pub clients: Vec<usize>,
+    /// First-message samples per run (spread over the clients).
+    pub fetches: usize,
+    /// Rotations published per stream run.
+    pub rotations: usize,
+    /// Rotations of the real agent watched on one stream.
+    pub real_rotations: usize,
+}
+
+/// A root and an intermediate for `spiffe://bench.test`.
+struct Pki {
+    root: CertifiedIssuer<'static, KeyPair>,
+    intermediate: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Pki> {
+        let ca = |name: &str| -> anyhow::Result<CertificateParams> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.distinguished_name.push(DnType::CommonName, name);
+            Ok(params)
+        };
+        let root = CertifiedIssuer::self_signed(ca("bench root")?, KeyPair::generate()?)?;
+        let intermediate =
+            CertifiedIssuer::signed_by(ca("bench intermediate")?, KeyPair::generate()?, &root)?;
+        Ok(Pki { root, intermediate })
+    }
+
+    fn svid(&self) -> anyhow::Result<Arc<InstalledSvid>> {
+        let id = "spiffe://bench.test/web";
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let not_after = SystemTime::from(params.not_after);
+        let leaf = params.signed_by(&key, &self.intermediate)?;
+        let spiffe_id = SpiffeId::new(id)?;
+        Ok(Arc::new(InstalledSvid {
+            entry: Entry {
+                id: "web".into(),
+                spiffe_id: spiffe_id.clone(),
+                nodes: vec!["node-1".into()],
+                mesh: None,
+                selectors: vec![Selector::Uid(nix::unistd::geteuid().as_raw())],
+                ttl: Duration::from_secs(3600),
+                dir: "web".into(),
+                owner: None,
+                hook: None,
+                gateway: false,
+            },
+            spiffe_id,
+            chain: vec![leaf.der().to_vec(), self.intermediate.der().to_vec()],
+            key_pkcs8: Arc::new(key.serialize_der().into()),
+            not_after,
+            hint: String::new(),
+        }))
+    }
+
+    fn snapshot(&self, version: u64) -> anyhow::Result<Snapshot> {
+        let td = TrustDomain::new("bench.test")?;
+        Ok(Snapshot {
+            trust_domain: Some(td.clone()),
+            bundle_version: version,
+            bundles: BTreeMap::from([(td, vec![self.root.der().to_vec()])]),
+            svids: vec![self.svid()?],
+            ..Snapshot::default()
+        })
+    }
+}
+
+/// `per_client` new clients in a row on each of `clients` tasks, all started together: the
+/// time from connecting to the first message, each.
+async fn first_messages(
+    endpoint: &str,
+    clients: usize,
+    per_client: usize,
+) -> anyhow::Result<Samples> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let endpoint = endpoint.to_owned();
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            let mut samples = Samples::new();
+            barrier.wait().await;
+            for _ in 0..per_client {
+                let started = Instant::now();
+                let client = WorkloadApiClient::connect_to(&endpoint).await?;
+                client.fetch_x509_svid().await?;
+                samples.push(started.elapsed());
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut all = Samples::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    Ok(all)
+}
+
+/// `streams` open streams; `rotations` snapshots published one after another: the time from
+/// each publish to its arrival on each stream.
+async fn rotation_updates(
+    endpoint: &str,
+    cache: &Cache,
+    pki: &Pki,
+    streams: usize,
+    rotations: usize,
+) -> anyhow::Result<Samples> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let endpoint = endpoint.to_owned();
+        let tx = tx.clone();
+        let ready = ready_tx.clone();
+        tasks.spawn(async move {
+            let client = WorkloadApiClient::connect_to(&endpoint).await?;
+            let mut stream = client.stream_x509_svids().await?;
+            // The first message is the current SVID.
+            stream.next().await.context("stream ended")??;
+            let _ = ready.send(());
+            while let Some(update) = stream.next().await {
+                update?;
+                if tx.send(Instant::now()).is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    drop(tx);
+    for _ in 0..streams {
+        tokio::time::timeout(PATIENCE, ready_rx.recv())
+            .await
+            .context("a stream did not open")?;
+    }
+    let mut samples = Samples::new();
+    for version in 0..rotations {
+        let snapshot = pki.snapshot(version as u64 + 2)?;
+        let published = Instant::now();
+        cache.publish(snapshot);
+        for _ in 0..streams {
+            let arrived = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .context("an update did not arrive")?
+                .context("a stream ended")?;
+            samples.push(arrived.saturating_duration_since(published));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    Ok(samples)
+}
+
+/// Against a real agent process (default limits): `fetches` new clients one after another,
+/// then `rotations` rotations of a short-lived SVID watched on one open stream, each timed from
+/// the swap of its `..data` symlink (the install) to its arrival on the stream.
+async fn real_agent(
+    bins: &Bins,
+    fetches: usize,
+    rotations: usize,
+) -> anyhow::Result<(Samples, Samples)> {
+    // 14 s lives 24 s (backdated 10 s): rotated about every 2 s.
+    let holder = Holder::start(bins, &[EntrySpec::for_node("web", "node-1", "14s")], "")?;
+    let mut agent = AgentProc::start(bins, &holder, "node-1", "", "warn")?;
+    agent.wait_all_installed(&["web".to_owned()], PATIENCE)?;
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
+    let first = first_messages(&endpoint, 1, fetches).await?;
+    let data = agent.volume_dir().join("web").join("..data");
+    let client = WorkloadApiClient::connect_to(&endpoint).await?;
+    let mut stream = client.stream_x509_svids().await?;
+    stream.next().await.context("stream ended")??;
+    let mut updates = Samples::new();
+    while updates.len() < rotations {
+        agent.check_alive()?;
+        let next = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .context("no rotation reached the stream")?
+            .context("the stream ended")??;
+        let arrived = SystemTime::now();
+        let installed = link_time(&data)?;
+        let serial_on_disk = meshcert_tests::ca::read_pem_certs(&data.join("svid.pem"))?;
+        // Count only updates that match what is on disk now (a later swap would skew it).
+        if serial_on_disk.first().map(Vec::as_slice) == Some(next.leaf().as_bytes()) {
+            updates.push(arrived.duration_since(installed).unwrap_or_default());
+        }
+    }
+    Ok((first, updates))
+}
+
+/// Runs the scenario and prints its table.
+pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(1)?);
+    let dir = tempfile::tempdir()?;
+    let config = WorkloadConfig {
+        socket: dir.path().join("workload.sock"),
+        rate_per_uid: 1e9,
+        burst_per_uid: u32::MAX,
+        ..WorkloadConfig::default()
+    };
+    let listener = workload::bind(&config)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(workload::serve(
+        listener,
+        config.clone(),
+        cache.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let endpoint = format!("unix://{}", config.socket.display());
+
+    // Warm up (first connection, lazy statics).
+    first_messages(&endpoint, 1, 5).await?;
+
+    let mut table = Table::new(
+        "Workload API: new client → first FetchX509SVID message, and published rotation → update on open streams (target p99 < 1 ms)",
+        &["what", "clients", "samples", "p50 ms", "p99 ms", "max ms"],
+    );
+    for &clients in &opts.clients {
+        eprintln!("workload: {clients} clients, first message");
+        let per_client = opts.fetches.div_ceil(clients).max(1);
+        let s = first_messages(&endpoint, clients, per_client).await?;
+        table.row(vec![
+            "first message".into(),
+            clients.to_string(),
+            s.len().to_string(),
+            ms(s.percentile(50.0)),
+            ms(s.percentile(99.0)),
+            ms(s.max()),
+        ]);
+    }
+    for &clients in &opts.clients {
+        eprintln!("workload: {clients} open streams, rotations");
+        let s = rotation_updates(&endpoint, &cache, &pki, clients, opts.rotations).await?;
+        table.row(vec![
+            "rotation → stream".into(),
+            clients.to_string(),
+            s.len().to_string(),
+            ms(s.percentile(50.0)),
+            ms(s.percentile(99.0)),
+            ms(s.max()),
+        ]);
+    }
+    eprintln!("workload: real agent");
+    let (first, updates) = real_agent(bins, opts.fetches.min(90), opts.real_rotations).await?;
+    for (what, s) in [
+        ("first message, real agent", first),
+        ("installed rotation → stream, real agent", updates),
+    ] {
+        table.row(vec![
+            what.into(),
+            "1".into(),
+            s.len().to_string(),
+            ms(s.percentile(50.0)),
+            ms(s.percentile(99.0)),
+            ms(s.max()),
+        ]);
+    }
+    table.note(
+        "\"first message\" = connect (new gRPC channel over the Unix socket, kernel peer attestation) + FetchX509SVID until the \
+         first response is parsed by the upstream `spiffe` client. Clients and server share this process and its 2 cores. \
+         \"rotation → stream\" = Cache::publish (what the rotator calls once an install is on disk) until the new SVID is parsed \
+         on each open stream. \"real agent\" rows: a meshcert-agent process with its default limits (20 calls/s per uid, burst 100, \
+         so at most 90 sequential clients); the rotation is timed from the mtime of the `..data` symlink the agent swapped to the \
+         moment the new SVID is parsed on the open stream.",
+    );
+    table.print();
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(PATIENCE, server).await;
+    Ok(())
+}
