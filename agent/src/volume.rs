@@ -211,11 +211,7 @@ impl Volume {
 
     /// Creates the root folder (0755) if needed.
     pub fn ensure_root(&self) -> Result<(), VolumeError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&self.root)
-            .map_err(io("cannot create the volume folder", &self.root))
+        create_traversable(&self.root)
     }
 
     /// Writes `contents` into a fresh data folder of `dir` and swaps `..data` to it.
@@ -227,11 +223,7 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         check_dir(dir)?;
         let entry = self.entry_path(dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&entry)
-            .map_err(io("cannot create", &entry))?;
+        create_traversable(&entry)?;
         let rendered = contents.render();
         let data_name = data_folder_name(&entry, now);
         let data = entry.join(&data_name);
@@ -442,6 +434,24 @@ fn fsync_dir(dir: &Path) -> Result<(), VolumeError> {
         .map_err(io("cannot fsync", dir))
 }
 
+/// Creates `dir` (and its parents) if needed and makes it 0755 whatever the umask: workloads of
+/// other users must traverse the volume and entry folders to reach their files. (A systemd
+/// `UMask=0077` would otherwise leave them 0700 and owned by the agent.) Folders hold no secret;
+/// the files in them are created with their own final modes.
+fn create_traversable(dir: &Path) -> Result<(), VolumeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io("cannot create", dir))?;
+    let meta = fs::metadata(dir).map_err(io("cannot read", dir))?;
+    if meta.permissions().mode() & 0o7777 != 0o755 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+            .map_err(io("cannot set the mode of", dir))?;
+    }
+    Ok(())
+}
+
 /// Points `entry/name` at `target` with one rename of a fresh temporary symlink.
 fn replace_symlink(entry: &Path, name: &str, target: &Path) -> Result<(), VolumeError> {
     let tmp = entry.join(format!("..{name}.tmp"));
@@ -496,6 +506,25 @@ mod tests {
     use crate::csr;
     use crate::keys::KeyAlgorithm;
     use crate::svid::testca::TestCa;
+
+    #[test]
+    fn folders_stay_traversable_whatever_the_umask() {
+        // What a `UMask=0077` leaves behind: a 0700 folder. Workloads of other users must still
+        // reach their files, so the volume and entry folders end up 0755.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let entry = tmp.path().join("svids").join("web");
+        fs::create_dir_all(&entry).expect("mkdir");
+        for dir in [tmp.path().join("svids"), entry.clone()] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
+        let volume = Volume::new(tmp.path().join("svids"));
+        volume.ensure_root().expect("root");
+        create_traversable(&entry).expect("entry");
+        for dir in [tmp.path().join("svids"), entry] {
+            let mode = fs::metadata(&dir).expect("meta").permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o755, "{}", dir.display());
+        }
+    }
 
     struct Fixture {
         ca: TestCa,
