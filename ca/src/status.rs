@@ -491,9 +491,21 @@ impl Status {
                 enf
             );
         }
+        // One column wide enough for node names and indented SPIFFE IDs alike.
+        let first = c
+            .nodes
+            .iter()
+            .map(|n| n.name.len())
+            .chain(
+                c.nodes
+                    .iter()
+                    .flat_map(|n| &n.identities)
+                    .map(|i| i.spiffe_id.to_string().len() + 2),
+            )
+            .fold("NODE / IDENTITY".len(), usize::max);
         let _ = writeln!(
             out,
-            "\n{:<24} {:<12} {:<9} {:<8} {:<22} LAST REPORT",
+            "\n{:<first$} {:<12} {:<9} {:<8} {:<22} LAST REPORT / LAST ERROR",
             "NODE / IDENTITY", "MESH", "STATE", "BUNDLE", "NOT AFTER"
         );
         for n in &c.nodes {
@@ -506,7 +518,7 @@ impl Status {
             };
             let _ = writeln!(
                 out,
-                "{:<24} {:<12} {:<9} {:<8} {:<22} {}",
+                "{:<first$} {:<12} {:<9} {:<8} {:<22} {}",
                 n.name,
                 n.mesh,
                 state,
@@ -520,13 +532,14 @@ impl Status {
                 });
                 let _ = writeln!(
                     out,
-                    "  {:<22} {:<12} {:<9} {:<8} {:<22} {}",
+                    "  {:<width$} {:<12} {:<9} {:<8} {:<22} {}",
                     i.spiffe_id.to_string(),
                     "",
                     i.state.as_str(),
                     "",
                     not_after,
-                    i.last_error.as_deref().unwrap_or("")
+                    i.last_error.as_deref().unwrap_or(""),
+                    width = first - 2
                 );
             }
         }
