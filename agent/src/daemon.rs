@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cache::Cache;
+use crate::changes::{Changes, Classifier, Verdict};
 use crate::config::{self, Config, ConfigError, Listeners, Overrides};
 use crate::issuer::{HttpsIssuer, Issuer, IssuerError};
 use crate::metrics::{Metrics, TimedIssuer};
@@ -241,7 +242,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         }
     };
 
-    let volume_changed = Arc::new(Notify::new());
+    let volume_changed = Arc::new(Changes::new());
     let rotator = Rotator::new(
         issuer.clone(),
         cache.clone(),
@@ -381,13 +382,13 @@ async fn identity<I: Issuer>(
 /// (inotify watches the old folder's inode, which is gone).
 struct VolumeWatch {
     root: PathBuf,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
     watcher: Option<notify::RecommendedWatcher>,
     inode: Option<u64>,
 }
 
 impl VolumeWatch {
-    fn start(root: &Path, changed: Arc<Notify>) -> Self {
+    fn start(root: &Path, changed: Arc<Changes>) -> Self {
         let mut watch = Self {
             root: root.to_owned(),
             changed,
@@ -404,7 +405,7 @@ impl VolumeWatch {
         if inode.is_some() && (inode != self.inode || self.watcher.is_none()) {
             if self.inode.is_some() {
                 tracing::warn!(path = %self.root.display(), "the volume folder was replaced; watching the new one");
-                self.changed.notify_one();
+                self.changed.all();
             }
             self.watcher = watch_volume(&self.root, self.changed.clone());
             self.inode = inode;
@@ -412,14 +413,39 @@ impl VolumeWatch {
     }
 }
 
-fn watch_volume(root: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-        {
-            changed.notify_one();
-        }
-    })
+/// Watches the volume; events of the agent's own installs are left out (see [`Classifier`]),
+/// others mark their entry folder in `changed`.
+fn watch_volume(root: &Path, changed: Arc<Changes>) -> Option<notify::RecommendedWatcher> {
+    let mut classifier = Classifier::new();
+    let base = root.to_owned();
+    let mut watcher = crate::changes::volume_watcher(
+        move |event: notify::Result<notify::Event>| {
+            let event = match event {
+                Ok(event) => event,
+                // Events were lost (queue overflow): anything may have changed.
+                Err(_) => return changed.all(),
+            };
+            if event.need_rescan() {
+                return changed.all();
+            }
+            // A rename seen from both sides: its `From` and `To` events came before it.
+            if matches!(
+                event.kind,
+                notify::EventKind::Modify(notify::event::ModifyKind::Name(
+                    notify::event::RenameMode::Both
+                ))
+            ) {
+                return;
+            }
+            for path in &event.paths {
+                match classifier.classify(&base, &event.kind, path) {
+                    Verdict::Ignore => {}
+                    Verdict::Dir(dir) => changed.dir(&dir),
+                    Verdict::All => changed.all(),
+                }
+            }
+        },
+    )
     .map_err(
         |e| tracing::warn!(error = %e, "cannot watch the volume; checking it periodically only"),
     )

@@ -2,14 +2,19 @@
 //! and [`HttpsIssuer`], its implementation over HTTPS (hyper 1 on tokio-rustls). Calls after the
 //! join authenticate with the node SVID as client certificate; the holder is trusted through
 //! the configured trust bundle.
+//!
+//! Connections are kept alive and reused (a small pool of idle HTTP/1.1 connections), so a
+//! rotation does not pay a TCP and mTLS handshake on the holder. A pooled connection belongs
+//! to the TLS settings it was opened with: a new node SVID retires every older connection.
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
@@ -27,6 +32,15 @@ use crate::keys::PrivateKey;
 
 /// How long one call to the holder may take, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Idle connections kept for reuse (as many as the default signing concurrency).
+const MAX_IDLE: usize = 4;
+/// How long a connection may stay idle before it is dropped: under the holder's 10 s limit
+/// for the next request's headers, so the holder never closes one as we start using it.
+const IDLE_FOR: Duration = Duration::from_secs(5);
+/// How long a connection is used at most: well under the holder's 600 s connection lifetime,
+/// so it is not cut in the middle of a call.
+const MAX_AGE: Duration = Duration::from_secs(300);
 
 /// Why a call to the holder failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +152,34 @@ pub struct HttpsIssuer {
     server_name: ServerName<'static>,
     anonymous: Arc<ClientConfig>,
     roots: Arc<RootCertStore>,
-    mtls: RwLock<Option<Arc<ClientConfig>>>,
+    /// The mTLS settings with their generation (1 for the first identity; 0 is anonymous).
+    mtls: RwLock<Option<(u64, Arc<ClientConfig>)>>,
+    /// Idle connections, newest last.
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// One open HTTP/1.1 connection to the holder.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    /// The generation of the TLS settings it was opened with.
+    generation: u64,
+    opened: Instant,
+}
+
+/// A connection waiting in the pool.
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idle")
+            .field("generation", &self.conn.generation)
+            .field("opened", &self.conn.opened)
+            .field("since", &self.since)
+            .finish()
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -169,10 +210,11 @@ impl HttpsIssuer {
             anonymous: Arc::new(anonymous),
             roots,
             mtls: RwLock::new(None),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
-    fn mtls_config(&self) -> Result<Arc<ClientConfig>, IssuerError> {
+    fn mtls_config(&self) -> Result<(u64, Arc<ClientConfig>), IssuerError> {
         self.mtls
             .read()
             .map_err(|_| IssuerError::Setup("identity lock poisoned".into()))?
@@ -180,18 +222,94 @@ impl HttpsIssuer {
             .ok_or(IssuerError::NoIdentity)
     }
 
+    /// An idle connection opened with settings `generation`, still open and young enough;
+    /// drops every one that is not.
+    fn take_idle(&self, generation: u64) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        let now = Instant::now();
+        idle.retain(|i| {
+            !i.conn.sender.is_closed()
+                && now.duration_since(i.since) < IDLE_FOR
+                && now.duration_since(i.conn.opened) < MAX_AGE
+        });
+        let at = idle.iter().rposition(|i| i.conn.generation == generation)?;
+        Some(idle.swap_remove(at).conn)
+    }
+
+    /// Keeps `conn` for the next call, unless it is closed, old, or of older settings.
+    fn put_idle(&self, conn: Conn) {
+        let current = self
+            .mtls
+            .read()
+            .ok()
+            .and_then(|m| m.as_ref().map(|(g, _)| *g))
+            .unwrap_or(0);
+        if conn.sender.is_closed()
+            || conn.opened.elapsed() >= MAX_AGE
+            || (conn.generation != 0 && conn.generation != current)
+        {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Opens a new connection: TCP, TLS with `config`, HTTP/1.1.
+    async fn connect(
+        &self,
+        generation: u64,
+        config: Arc<ClientConfig>,
+    ) -> Result<Conn, IssuerError> {
+        let tcp =
+            TcpStream::connect(&self.address)
+                .await
+                .map_err(|source| IssuerError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(config)
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| IssuerError::Tls {
+                address: self.address.clone(),
+                source,
+            })?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        // Runs until the holder closes the connection or every sender is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection to the CA holder ended");
+            }
+        });
+        Ok(Conn {
+            sender,
+            generation,
+            opened: Instant::now(),
+        })
+    }
+
     async fn call<B: Serialize, R: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
-        config: Arc<ClientConfig>,
+        (generation, config): (u64, Arc<ClientConfig>),
     ) -> Result<R, IssuerError> {
         let body = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| IssuerError::Decode(e.to_string()))?,
             None => Vec::new(),
         };
-        let exchange = self.exchange(method, path, body, config);
+        let exchange = self.exchange(method, path, body, generation, config);
         let bytes = tokio::time::timeout(CALL_TIMEOUT, exchange)
             .await
             .map_err(|_| IssuerError::Timeout {
@@ -211,31 +329,10 @@ impl HttpsIssuer {
         method: Method,
         path: &str,
         body: Vec<u8>,
+        generation: u64,
         config: Arc<ClientConfig>,
     ) -> Result<Bytes, IssuerError> {
-        let tcp =
-            TcpStream::connect(&self.address)
-                .await
-                .map_err(|source| IssuerError::Connect {
-                    address: self.address.clone(),
-                    source,
-                })?;
-        let tls = TlsConnector::from(config)
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|source| IssuerError::Tls {
-                address: self.address.clone(),
-                source,
-            })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| IssuerError::Http(e.to_string()))?;
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection to the CA holder ended");
-            }
-        });
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, &self.address)
@@ -243,17 +340,38 @@ impl HttpsIssuer {
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| IssuerError::Http(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        let mut pooled = self.take_idle(generation);
+        let (conn, response) = loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => self.connect(generation, config.clone()).await?,
+            };
+            if let Err(e) = conn.sender.ready().await {
+                if reused {
+                    // Closed by the holder while idle: open a new one.
+                    continue;
+                }
+                return Err(IssuerError::Http(e.to_string()));
+            }
+            match conn.sender.try_send_request(request).await {
+                Ok(response) => break (conn, response),
+                Err(mut e) => match e.take_message() {
+                    // Never sent (the holder had closed the connection): safe to send again.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(IssuerError::Http(e.into_error().to_string())),
+                },
+            }
+        };
         let status = response.status();
         let bytes = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
             .collect()
             .await
             .map_err(|e| IssuerError::Http(e.to_string()))?
             .to_bytes();
-        driver.abort();
+        // The whole answer was read: the connection can carry the next call (checked with
+        // `ready` when it is taken again).
+        self.put_idle(conn);
         if status.is_success() {
             return Ok(bytes);
         }
@@ -277,7 +395,7 @@ impl Issuer for HttpsIssuer {
             Method::POST,
             api::PATH_ATTEST,
             Some(&request),
-            self.anonymous.clone(),
+            (0, self.anonymous.clone()),
         )
         .await
     }
@@ -320,11 +438,17 @@ impl Issuer for HttpsIssuer {
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(certs, key)
             .map_err(|e| IssuerError::Setup(format!("node SVID: {e}")))?;
-        *self
+        let mut mtls = self
             .mtls
             .write()
-            .map_err(|_| IssuerError::Setup("identity lock poisoned".into()))? =
-            Some(Arc::new(config));
+            .map_err(|_| IssuerError::Setup("identity lock poisoned".into()))?;
+        let generation = mtls.as_ref().map_or(0, |(g, _)| *g) + 1;
+        *mtls = Some((generation, Arc::new(config)));
+        drop(mtls);
+        // Connections opened with the previous node SVID are not used again.
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|i| i.conn.generation == 0);
+        }
         Ok(())
     }
 }
@@ -390,5 +514,92 @@ mod tests {
             .expect_err("nobody listens");
         assert!(err.is_retryable() && err.is_unreachable(), "{err}");
         assert!(matches!(issuer.sync().await, Err(IssuerError::NoIdentity)));
+    }
+    /// A TLS holder stand-in on 127.0.0.1 that refuses every call with `token_used`; returns
+    /// its address, its root, and the count of connections it accepted.
+    async fn refusing_holder(
+        keep_alive: bool,
+    ) -> (String, Vec<u8>, Arc<std::sync::atomic::AtomicUsize>) {
+        use hyper::service::service_fn;
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+        let ca_key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&ca_key).expect("root");
+        let issuer = rcgen::Issuer::new(params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+        let tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(|_req| async {
+                        let body = serde_json::to_vec(&ApiError::new(ErrorCode::TokenUsed, "used"))
+                            .expect("json");
+                        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() = StatusCode::UNAUTHORIZED;
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (address, root.der().to_vec(), accepted)
+    }
+
+    async fn refused_calls(keep_alive: bool, calls: usize) -> usize {
+        let (address, root, accepted) = refusing_holder(keep_alive).await;
+        let issuer = HttpsIssuer::new(&address, "127.0.0.1", &[root]).expect("issuer");
+        for call in 0..calls {
+            let err = issuer
+                .attest(AttestRequest {
+                    token: "t".into(),
+                    csr: vec![1].into(),
+                })
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(&err, IssuerError::Api(e) if e.code == ErrorCode::TokenUsed),
+                "call {call}: {err}"
+            );
+        }
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn calls_reuse_one_connection() {
+        assert_eq!(refused_calls(true, 3).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_holder_closed_is_replaced() {
+        assert_eq!(refused_calls(false, 3).await, 3);
     }
 }

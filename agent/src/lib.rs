@@ -16,6 +16,8 @@
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
+//! - [`changes`]: which entry folders of the volume someone else changed (the watcher's events
+//!   without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
 //! - [`report`]: the state sent upward to the holder.
 //! - [`systemd`]: `sd_notify` messages.
@@ -28,6 +30,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod changes;
 pub mod config;
 pub mod csr;
 pub mod daemon;

@@ -16,7 +16,7 @@ use meshcert_protocol::api::{
     self, AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
 };
 use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, TrustDomain};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::cache::{Cache, InstalledSvid, Snapshot};
@@ -66,12 +66,46 @@ pub enum Command {
     SyncNow,
 }
 
-/// Generates a key off the async threads (RSA takes a while).
+/// Blocking tasks one batch of keys is split into (RSA keys take a while: two cores).
+const KEYGEN_TASKS: usize = 2;
+
+/// Generates a key (RSA keys off the async threads: they take a while).
 async fn generate_key(algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyError> {
-    match tokio::task::spawn_blocking(move || PrivateKey::generate(algorithm)).await {
-        Ok(result) => result,
-        Err(_) => PrivateKey::generate(algorithm),
+    let mut keys = generate_keys(algorithm, 1).await?;
+    keys.pop()
+        .map_or_else(|| PrivateKey::generate(algorithm), Ok)
+}
+
+/// Generates `count` keys: ECDSA keys at once, RSA keys (slow) off the async threads in at
+/// most [`KEYGEN_TASKS`] blocking tasks (not one per key), so that a batch of 256 rotations
+/// does not spread over a large blocking pool, each thread of which keeps its own malloc arena.
+async fn generate_keys(algorithm: KeyAlgorithm, count: usize) -> Result<Vec<PrivateKey>, KeyError> {
+    let some = move |n: usize| {
+        (0..n)
+            .map(|_| PrivateKey::generate(algorithm))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if matches!(algorithm, KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384) {
+        // Tens of µs each: made on this thread, the keys (which live as long as their SVID)
+        // stay in this thread's malloc arena instead of pinning one per blocking thread.
+        return some(count);
     }
+    let per_task = count.div_ceil(KEYGEN_TASKS).max(1);
+    let mut tasks = Vec::with_capacity(KEYGEN_TASKS);
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(per_task);
+        left -= n;
+        tasks.push((n, tokio::task::spawn_blocking(move || some(n))));
+    }
+    let mut keys = Vec::with_capacity(count);
+    for (n, task) in tasks {
+        keys.extend(match task.await {
+            Ok(result) => result?,
+            Err(_) => some(n)?,
+        });
+    }
+    Ok(keys)
 }
 
 /// Joins the holder with a one-time token: a fresh node key, a CSR, the node SVID back; stored
@@ -227,7 +261,7 @@ pub struct Rotator<I: Issuer> {
     ready_sent: bool,
     node_expired_logged: bool,
     status_line: String,
-    volume_changed: Arc<Notify>,
+    volume_changed: Arc<crate::changes::Changes>,
 }
 
 fn bundle_map(b: &Bundles) -> BTreeMap<TrustDomain, Vec<Vec<u8>>> {
@@ -247,7 +281,7 @@ impl<I: Issuer> Rotator<I> {
         config: Config,
         node: NodeIdentity,
         last_sync: Option<SyncResponse>,
-        volume_changed: Arc<Notify>,
+        volume_changed: Arc<crate::changes::Changes>,
     ) -> Self {
         let now = SystemTime::now();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -325,7 +359,7 @@ impl<I: Issuer> Rotator<I> {
                 () = &mut shutdown => break,
                 Some(command) = commands.recv() => self.on_command(command),
                 Some(event) = self.events_rx.recv() => self.on_event(event),
-                () = volume_changed.notified() => self.check_volume(),
+                () = volume_changed.changed() => self.on_volume_changes(),
                 () = tokio::time::sleep_until(wake) => {
                     ticks = ticks.wrapping_add(1);
                     self.on_tick(SystemTime::now(), ticks.is_multiple_of(VOLUME_CHECK_EVERY));
@@ -822,16 +856,41 @@ impl<I: Issuer> Rotator<I> {
         }
     }
 
+    /// Checks what the volume watcher saw changed by someone else: only those entry folders.
+    fn on_volume_changes(&mut self) {
+        match self.volume_changed.take() {
+            None => {}
+            Some(crate::changes::Check::All) => self.check_volume(),
+            Some(crate::changes::Check::Dirs(dirs)) => {
+                let restored = self.restore_volume_dirs(Some(&dirs));
+                if restored > 0 {
+                    tracing::warn!(
+                        restored,
+                        "files of the shared volume were changed or deleted by someone else; restored"
+                    );
+                }
+            }
+        }
+    }
+
     fn check_volume_quiet(&mut self) {
         self.restore_volume();
     }
 
     fn restore_volume(&mut self) -> usize {
+        self.restore_volume_dirs(None)
+    }
+
+    /// Restores the folders (of `dirs` only, when given) whose files differ from memory.
+    fn restore_volume_dirs(&mut self, dirs: Option<&BTreeSet<String>>) -> usize {
         let mut restored = 0;
         for id in &self.order {
             let Some(m) = self.managed.get(id) else {
                 continue;
             };
+            if dirs.is_some_and(|d| !d.contains(&m.entry.dir)) {
+                continue;
+            }
             let Some(current) = &m.current else { continue };
             if current.info.not_after <= SystemTime::now() || self.matches(&m.entry, current) {
                 continue;
@@ -1275,12 +1334,12 @@ async fn sign_batch<I: Issuer>(
     algorithm: KeyAlgorithm,
     jobs: Vec<(Entry, bool)>,
 ) -> SignedBatch {
-    let mut keys = Vec::new();
-    let mut csrs = Vec::new();
-    for (entry, local) in jobs {
-        let key = generate_key(algorithm)
-            .await
-            .map_err(|e| IssuerError::Setup(e.to_string()))?;
+    let mut keys = Vec::with_capacity(jobs.len());
+    let mut csrs = Vec::with_capacity(jobs.len());
+    let generated = generate_keys(algorithm, jobs.len())
+        .await
+        .map_err(|e| IssuerError::Setup(e.to_string()))?;
+    for ((entry, local), key) in jobs.into_iter().zip(generated) {
         let der = csr::build(&key, Some(&entry.spiffe_id))
             .map_err(|e| IssuerError::Setup(e.to_string()))?;
         csrs.push(CsrRequest {
@@ -1557,7 +1616,7 @@ mod tests {
             config.clone(),
             node.clone(),
             last,
-            Arc::new(Notify::new()),
+            Arc::new(crate::changes::Changes::new()),
         );
         let (commands, rx) = mpsc::channel(8);
         let (stop, stop_rx) = watch::channel(false);

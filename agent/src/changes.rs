@@ -1,0 +1,456 @@
+//! Changes of the shared volume seen by its watcher: which entry folders someone else changed.
+//!
+//! The agent's own installs also raise inotify events (a new data folder filled, `..data`
+//! swapped, old data folders removed). Checking the whole volume on each of them made every
+//! rotation cost O(entries) reads. [`Classifier`] follows the event stream of each entry
+//! folder, in the kernel's order, and recognises the steps of an install by
+//! [`crate::volume::Volume::install`]: events inside a data folder that is still being filled
+//! (before its `..data` swap), the swap of `..data` from `....data.tmp`, symlinks renamed from
+//! their `..NAME.tmp`, removals of data folders that `..data` no longer points to. Everything
+//! else (a visible file or `..data` deleted, a file of the served data folder written, the
+//! folder moved away) marks that entry folder only, and [`Changes`] hands the set to the
+//! rotator, which compares just those folders with memory.
+//!
+//! When in doubt (a folder whose history the watcher did not see, such as after a restart),
+//! an event counts as foreign: the cost is one folder's check, never a missed change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Component, Path};
+use std::sync::Mutex;
+
+use notify::EventKind;
+use notify::event::{ModifyKind, RenameMode};
+use tokio::sync::Notify;
+
+use crate::volume::DATA_LINK;
+
+/// Entry folders to check, filled by the watcher and taken by the rotator.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    all: bool,
+    dirs: BTreeSet<String>,
+}
+
+/// What the rotator should check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Every entry folder (the volume folder itself changed, or an event could not be placed).
+    All,
+    /// These entry folders only.
+    Dirs(BTreeSet<String>),
+}
+
+impl Changes {
+    /// No changes yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Entry folder `dir` was changed by someone else.
+    pub fn dir(&self, dir: &str) {
+        if let Ok(mut p) = self.pending.lock()
+            && !p.all
+        {
+            p.dirs.insert(dir.to_owned());
+        }
+        self.notify.notify_one();
+    }
+
+    /// Something changed that may concern every entry folder.
+    pub fn all(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.all = true;
+            p.dirs.clear();
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits until something was recorded (at once when something is pending).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Takes what was recorded; `None` when nothing was.
+    pub fn take(&self) -> Option<Check> {
+        let mut p = self.pending.lock().ok()?;
+        let taken = std::mem::take(&mut *p);
+        if taken.all {
+            Some(Check::All)
+        } else if taken.dirs.is_empty() {
+            None
+        } else {
+            Some(Check::Dirs(taken.dirs))
+        }
+    }
+}
+
+/// A watcher for the volume that does not follow symlinks: `..data` and the visible names
+/// are symlinks into the data folder, and following them would report events under the link's
+/// name instead of the real path (inotify gives one watch per folder, whatever its name).
+pub fn volume_watcher<F: notify::EventHandler>(
+    handler: F,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )
+}
+
+/// What one event means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A step of the agent's own install, or nothing that can alter a served file.
+    Ignore,
+    /// Entry folder `0` may have been changed by someone else.
+    Dir(String),
+    /// The volume folder itself, or a path outside it.
+    All,
+}
+
+/// What the watcher saw of one entry folder since it started.
+#[derive(Debug, Default)]
+struct Folder {
+    /// The data folder created last and not yet swapped in (being filled).
+    filling: Option<String>,
+    /// The data folder `..data` was last swapped to by an install (unknown before one).
+    current: Option<String>,
+    /// Names whose `..NAME.tmp` symlink was created and not yet renamed into place.
+    staged: BTreeSet<String>,
+}
+
+/// Follows the watcher's event stream and tells the agent's own install steps from foreign
+/// changes. Feed it every event in the order received.
+#[derive(Debug, Default)]
+pub struct Classifier {
+    folders: HashMap<String, Folder>,
+}
+
+/// The `..NAME.tmp` name of a symlink staged by an install, as `NAME` (`....data.tmp` is
+/// the staged `..data`).
+fn staged_name(name: &str) -> Option<&str> {
+    name.strip_prefix("..")?.strip_suffix(".tmp")
+}
+
+fn is_data_folder(name: &str) -> bool {
+    name.starts_with("..") && name != DATA_LINK && staged_name(name).is_none()
+}
+
+impl Classifier {
+    /// A classifier that has seen nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Classifies an event of kind `kind` on `path` (under the volume folder `root`). Events
+    /// with several paths (a rename seen from both sides) are classified path by path.
+    pub fn classify(&mut self, root: &Path, kind: &EventKind, path: &Path) -> Verdict {
+        let verdict = self.follow(root, kind, path);
+        // Creating a name never alters a served file: replacing one first deletes or renames
+        // it, and writing into one is a modification.
+        if matches!(kind, EventKind::Create(_)) && matches!(verdict, Verdict::Dir(_)) {
+            return Verdict::Ignore;
+        }
+        verdict
+    }
+
+    fn follow(&mut self, root: &Path, kind: &EventKind, path: &Path) -> Verdict {
+        if matches!(kind, EventKind::Access(_)) {
+            return Verdict::Ignore;
+        }
+        let Ok(rel) = path.strip_prefix(root) else {
+            return Verdict::All;
+        };
+        let names: Vec<&str> = rel
+            .components()
+            .map(|c| match c {
+                Component::Normal(n) => n.to_str(),
+                _ => None,
+            })
+            .collect::<Option<_>>()
+            .unwrap_or_default();
+        let Some((&dir, rest)) = names.split_first() else {
+            return Verdict::All;
+        };
+        if !meshcert_protocol::entry::valid_dir(dir) {
+            // Not an entry folder (nothing the agent serves).
+            return Verdict::Ignore;
+        }
+        let foreign = Verdict::Dir(dir.to_owned());
+        let Some((&name, inside)) = rest.split_first() else {
+            // The entry folder itself: created by the first install; anything else is foreign.
+            return if matches!(kind, EventKind::Create(_)) {
+                Verdict::Ignore
+            } else {
+                self.folders.remove(dir);
+                foreign
+            };
+        };
+        let folder = self.folders.entry(dir.to_owned()).or_default();
+        let arrives = matches!(
+            kind,
+            EventKind::Create(_)
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        );
+        if let Some(staged) = staged_name(name) {
+            // A temporary symlink: never served.
+            if matches!(kind, EventKind::Create(_)) {
+                folder.staged.insert(staged.to_owned());
+            }
+            return Verdict::Ignore;
+        }
+        if !inside.is_empty() {
+            // Inside a data folder.
+            return if !is_data_folder(name) {
+                foreign
+            } else if folder.filling.as_deref() == Some(name) {
+                Verdict::Ignore
+            } else if folder.current.as_deref().is_some_and(|c| c != name) {
+                // An older data folder: no longer served.
+                Verdict::Ignore
+            } else {
+                foreign
+            };
+        }
+        if name == DATA_LINK {
+            return if arrives && folder.staged.remove(DATA_LINK) {
+                folder.current = folder.filling.take();
+                Verdict::Ignore
+            } else {
+                foreign
+            };
+        }
+        if is_data_folder(name) {
+            return if matches!(kind, EventKind::Create(_)) {
+                folder.filling = Some(name.to_owned());
+                Verdict::Ignore
+            } else if folder.filling.as_deref() == Some(name)
+                || folder.current.as_deref().is_some_and(|c| c != name)
+            {
+                // Its mode set while filled, or an older one removed.
+                Verdict::Ignore
+            } else {
+                foreign
+            };
+        }
+        // A visible name.
+        if arrives && folder.staged.remove(name) {
+            Verdict::Ignore
+        } else {
+            foreign
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+
+    use super::*;
+
+    const CREATE: EventKind = EventKind::Create(CreateKind::Any);
+    const WRITE: EventKind = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+    const MODE: EventKind = EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any));
+    const FROM: EventKind = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+    const TO: EventKind = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+    const REMOVE: EventKind = EventKind::Remove(RemoveKind::Any);
+
+    fn root() -> PathBuf {
+        PathBuf::from("/run/meshcert/svids")
+    }
+
+    /// The events of one install of `web` into data folder `data`, replacing `old`.
+    fn install(data: &str, old: Option<&str>, first: bool) -> Vec<(EventKind, String)> {
+        let mut events = Vec::new();
+        if first {
+            events.push((CREATE, "web".to_owned()));
+        }
+        events.push((CREATE, format!("web/{data}")));
+        for f in ["svid.pem", "svid.key", "federated"] {
+            events.push((CREATE, format!("web/{data}/{f}")));
+            events.push((WRITE, format!("web/{data}/{f}")));
+        }
+        events.push((MODE, format!("web/{data}")));
+        events.push((CREATE, "web/....data.tmp".to_owned()));
+        events.push((FROM, "web/....data.tmp".to_owned()));
+        events.push((TO, "web/..data".to_owned()));
+        if first {
+            for f in ["svid.pem", "svid.key"] {
+                events.push((CREATE, format!("web/..{f}.tmp")));
+                events.push((FROM, format!("web/..{f}.tmp")));
+                events.push((TO, format!("web/{f}")));
+            }
+        }
+        if let Some(old) = old {
+            events.push((REMOVE, format!("web/{old}/svid.pem")));
+            events.push((REMOVE, format!("web/{old}")));
+        }
+        events
+    }
+
+    fn feed(c: &mut Classifier, events: &[(EventKind, String)]) -> Vec<Verdict> {
+        events
+            .iter()
+            .map(|(kind, rel)| c.classify(&root(), kind, &root().join(rel)))
+            .collect()
+    }
+
+    #[test]
+    fn the_agents_own_installs_are_ignored() {
+        let mut c = Classifier::new();
+        let mut events = install("..2026_1", None, true);
+        events.extend(install("..2026_2", Some("..2026_1"), false));
+        events.extend(install("..2026_3", Some("..2026_2"), false));
+        for (verdict, (kind, rel)) in feed(&mut c, &events).into_iter().zip(&events) {
+            assert_eq!(verdict, Verdict::Ignore, "{kind:?} {rel}");
+        }
+    }
+
+    #[test]
+    fn foreign_changes_mark_their_folder() {
+        let web = Verdict::Dir("web".to_owned());
+        let cases: Vec<(&str, EventKind, &str, Verdict)> = vec![
+            ("visible link deleted", REMOVE, "web/svid.pem", web.clone()),
+            ("..data deleted", REMOVE, "web/..data", web.clone()),
+            (
+                "served key written",
+                WRITE,
+                "web/..2026_1/svid.key",
+                web.clone(),
+            ),
+            ("served folder removed", REMOVE, "web/..2026_1", web.clone()),
+            ("..data replaced by a rename", TO, "web/..data", web.clone()),
+            (
+                "link replaced by a rename",
+                TO,
+                "web/bundle.pem",
+                web.clone(),
+            ),
+            ("folder moved away", FROM, "web", web.clone()),
+            ("the volume folder itself", REMOVE, "", Verdict::All),
+            ("not an entry folder", CREATE, ".hidden/x", Verdict::Ignore),
+            ("a new entry folder", CREATE, "db", Verdict::Ignore),
+        ];
+        for (name, kind, rel, want) in cases {
+            let mut c = Classifier::new();
+            feed(&mut c, &install("..2026_1", None, true));
+            let got = c.classify(&root(), &kind, &root().join(rel));
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_history_counts_as_foreign() {
+        // A watcher started after the last install (agent restart): no current data folder.
+        let mut c = Classifier::new();
+        let got = c.classify(&root(), &REMOVE, &root().join("web/..2026_1"));
+        assert_eq!(got, Verdict::Dir("web".to_owned()));
+        let got = c.classify(&root(), &WRITE, &root().join("web/..2026_1/svid.key"));
+        assert_eq!(got, Verdict::Dir("web".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn changes_collect_folders_until_taken() {
+        let changes = Changes::new();
+        assert_eq!(changes.take(), None);
+        changes.dir("web");
+        changes.dir("db");
+        changes.changed().await;
+        assert_eq!(
+            changes.take(),
+            Some(Check::Dirs(["db".to_owned(), "web".to_owned()].into()))
+        );
+        changes.dir("web");
+        changes.all();
+        changes.dir("db");
+        assert_eq!(changes.take(), Some(Check::All));
+        assert_eq!(changes.take(), None);
+    }
+    /// The real sequence: installs by [`crate::volume::Volume::install`] seen through a real
+    /// inotify watcher leave no mark; the foreign deletion after them marks the folder.
+    #[test]
+    fn real_installs_leave_no_mark_and_a_deletion_does() {
+        use std::collections::BTreeMap;
+        use std::sync::mpsc;
+        use std::time::{Duration, SystemTime};
+
+        use meshcert_protocol::SpiffeId;
+        use notify::{RecursiveMode, Watcher};
+
+        use crate::keys::{KeyAlgorithm, PrivateKey};
+        use crate::svid::testca::TestCa;
+        use crate::volume::{Contents, Volume};
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("svids");
+        let volume = Volume::new(&root);
+        volume.ensure_root().expect("root");
+        let (tx, rx) = mpsc::channel();
+        let mut classifier = Classifier::new();
+        let base = root.clone();
+        let mut watcher = volume_watcher(move |event: notify::Result<notify::Event>| {
+            let event = event.expect("event");
+            if matches!(
+                event.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+            ) {
+                return;
+            }
+            for path in &event.paths {
+                let verdict = classifier.classify(&base, &event.kind, path);
+                if verdict != Verdict::Ignore {
+                    let _ = tx.send((verdict, event.kind, path.clone()));
+                }
+            }
+        })
+        .expect("watcher");
+
+        let ca = TestCa::new();
+        let id = SpiffeId::new("spiffe://mesh-a.test/web").expect("id");
+        let bundle = vec![ca.root.clone()];
+        let federated = BTreeMap::new();
+        // The first install happens before the watcher starts (an agent restarted).
+        for round in 0..6 {
+            if round == 1 {
+                watcher
+                    .watch(&root, RecursiveMode::Recursive)
+                    .expect("watch");
+            }
+            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+            let chain = ca.sign(
+                &crate::csr::build(&key, Some(&id)).expect("csr"),
+                &id,
+                SystemTime::now(),
+                Duration::from_secs(3600),
+            );
+            let contents = Contents {
+                chain: &chain,
+                key: &key,
+                bundle: &bundle,
+                federated: &federated,
+                owner: None,
+                gateway: None,
+            };
+            volume
+                .install("web", &contents, SystemTime::now())
+                .expect("install");
+        }
+        let svid = volume.entry_path("web").join(crate::volume::SVID_FILE);
+        std::fs::remove_file(&svid).expect("delete");
+        // Events arrive in order: the first mark must be the deletion.
+        let (verdict, kind, path) = rx.recv_timeout(Duration::from_secs(30)).expect("a mark");
+        assert_eq!(
+            (verdict, path.as_path()),
+            (Verdict::Dir("web".to_owned()), svid.as_path()),
+            "{kind:?}"
+        );
+    }
+}
