@@ -791,10 +791,24 @@ impl<I: Issuer> Rotator<I> {
     // ---- volume -----------------------------------------------------------------------
 
     fn write(&self, entry: &Entry, current: &Installed) -> Result<(), crate::volume::VolumeError> {
+        let volume = &self.volume;
+        self.with_contents(entry, current, |contents| {
+            tokio::task::block_in_place(|| volume.install(&entry.dir, contents, SystemTime::now()))
+        })
+    }
+
+    /// What `entry`'s folder holds while `current` is served: the one description both writing
+    /// and checking the volume use.
+    fn with_contents<R>(
+        &self,
+        entry: &Entry,
+        current: &Installed,
+        f: impl FnOnce(&Contents<'_>) -> R,
+    ) -> R {
         let bundle = self.roots_for(entry);
         let federated = self.federated_for(entry);
         let shared = self.shared_root();
-        let contents = Contents {
+        f(&Contents {
             chain: &current.chain,
             key: &current.key,
             bundle: &bundle,
@@ -804,9 +818,7 @@ impl<I: Issuer> Rotator<I> {
                 .gateway
                 .as_ref()
                 .map(|g| (g.chain.as_slice(), shared.as_slice())),
-        };
-        let volume = &self.volume;
-        tokio::task::block_in_place(|| volume.install(&entry.dir, &contents, SystemTime::now()))
+        })
     }
 
     fn federated_for(&self, entry: &Entry) -> BTreeMap<TrustDomain, Vec<Vec<u8>>> {
@@ -816,21 +828,9 @@ impl<I: Issuer> Rotator<I> {
     }
 
     fn matches(&self, entry: &Entry, current: &Installed) -> bool {
-        let bundle = self.roots_for(entry);
-        let federated = self.federated_for(entry);
-        let shared = self.shared_root();
-        let contents = Contents {
-            chain: &current.chain,
-            key: &current.key,
-            bundle: &bundle,
-            federated: &federated,
-            owner: entry.owner,
-            gateway: current
-                .gateway
-                .as_ref()
-                .map(|g| (g.chain.as_slice(), shared.as_slice())),
-        };
-        self.volume.matches(&entry.dir, &contents)
+        self.with_contents(entry, current, |contents| {
+            self.volume.matches(&entry.dir, contents)
+        })
     }
 
     fn rewrite_all(&mut self) {
