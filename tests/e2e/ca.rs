@@ -680,15 +680,7 @@ fn systemd_hears_ready_then_stopping() {
         .expect("timeout");
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, EXAMPLE_CONFIG).expect("write");
-    let mut child = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("admin.sock"))
-        .args(["--listen", "127.0.0.1:0"])
+    let mut child = meshcert_tests::ca::run_command(&config, dir.path())
         .env("NOTIFY_SOCKET", &notify)
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -854,15 +854,7 @@ fn systemd_hears_reloading_with_monotonic_usec_then_ready() {
     let config_path = dir.path().join("config.yaml");
     let text = config("  shared: {}\n");
     std::fs::write(&config_path, &text).expect("write");
-    let mut child = std::process::Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("admin.sock"))
-        .args(["--listen", "127.0.0.1:0"])
+    let mut child = meshcert_tests::ca::run_command(&config_path, dir.path())
         .env("NOTIFY_SOCKET", &notify)
         .stderr(std::process::Stdio::null())
         .spawn()

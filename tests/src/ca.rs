@@ -54,6 +54,23 @@ entries:
 /// How long the holder may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `meshcert-ca run --config CONFIG` with its state folder and admin socket in `dir` and a free
+/// loopback port, for tests that watch the process itself (systemd notifications, exit codes)
+/// rather than go through [`CaHolder`].
+pub fn run_command(config: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(crate::bin_path("meshcert-ca"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// A running `meshcert-ca run`; dropping it kills the process.
 pub struct CaHolder {
     dir: tempfile::TempDir,
