@@ -155,10 +155,11 @@ pub fn load(state_dir: &Path) -> Result<Option<NodeIdentity>, NodeError> {
         (false, true) => {
             fs::rename(&cert_next, &cert_path).map_err(io("cannot rename", &cert_next))?
         }
-        // Nothing renamed yet: the old pair is intact.
+        // Nothing renamed yet: the old pair is intact. The certificate goes first, for the same
+        // reason `store` writes the key first.
         (true, _) => {
-            let _ = fs::remove_file(&key_next);
             let _ = fs::remove_file(&cert_next);
+            let _ = fs::remove_file(&key_next);
         }
         (false, false) => {}
     }
@@ -187,12 +188,14 @@ pub fn store(state_dir: &Path, identity: &NodeIdentity) -> Result<(), NodeError>
     let cert_path = state_dir.join(CERT_FILE);
     let key_next = temp_path(&key_path, ".next");
     let cert_next = temp_path(&cert_path, ".next");
+    // The key first: a `cert.next` without a `key.next` must only ever mean "the key was
+    // renamed already" (see `load`), never "the key was not written yet".
+    write_new(&key_next, identity.key.to_pem().as_bytes(), 0o600)?;
     write_new(
         &cert_next,
         svid::certs_to_pem(&identity.chain).as_bytes(),
         0o644,
     )?;
-    write_new(&key_next, identity.key.to_pem().as_bytes(), 0o600)?;
     sync_parent(&key_path)?;
     fs::rename(&key_next, &key_path).map_err(io("cannot rename into", &key_path))?;
     fs::rename(&cert_next, &cert_path).map_err(io("cannot rename into", &cert_path))?;
@@ -286,6 +289,15 @@ mod tests {
         let old = identity(&ca);
         store(state, &old).expect("store");
         let new = identity(&ca);
+        // Crash after the new key was written, before the certificate: old pair kept.
+        write_new(
+            &state.join("node.key.next"),
+            new.key.to_pem().as_bytes(),
+            0o600,
+        )
+        .expect("write");
+        let back = load(state).expect("load").expect("present");
+        assert_eq!(back.info.serial, old.info.serial);
         // Crash after both .next files were written, before any rename: old pair kept.
         write_new(
             &state.join("node.pem.next"),
