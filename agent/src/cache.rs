@@ -176,6 +176,11 @@ impl Cache {
         self.status.borrow().clone()
     }
 
+    /// Replaces the whole status and wakes every reader (no copy of the previous one is made).
+    pub fn set_status(&self, status: AgentStatus) {
+        self.status.send_replace(Arc::new(status));
+    }
+
     /// Changes the status with `f` and wakes every reader.
     pub fn update_status(&self, f: impl FnOnce(&mut AgentStatus)) {
         self.status.send_modify(|current| {
@@ -183,5 +188,35 @@ impl Cache {
             f(&mut next);
             *current = Arc::new(next);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_status_replaces_the_whole_status_and_wakes_readers() {
+        let cache = Cache::new();
+        cache.update_status(|s| {
+            s.ca_address = "127.0.0.1:1".into();
+            s.ca_last_error = Some("down".into());
+        });
+        let mut rx = cache.subscribe_status();
+        rx.borrow_and_update();
+        cache.set_status(AgentStatus {
+            node: Some("n1".into()),
+            bundle_version: 3,
+            ..AgentStatus::default()
+        });
+        assert!(rx.has_changed().expect("open"));
+        let status = cache.status();
+        assert_eq!(status.node.as_deref(), Some("n1"));
+        assert_eq!(status.bundle_version, 3);
+        assert_eq!(
+            status.ca_address, "",
+            "nothing of the previous status is kept"
+        );
+        assert_eq!(status.ca_last_error, None);
     }
 }

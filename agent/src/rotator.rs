@@ -19,7 +19,7 @@ use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeRepor
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::cache::{Cache, InstalledSvid, Snapshot};
+use crate::cache::{AgentStatus, Cache, InstalledSvid, Snapshot};
 use crate::config::Config;
 use crate::issuer::{Issuer, IssuerError};
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
@@ -146,19 +146,19 @@ pub async fn join<I: Issuer>(
     Ok((identity, seed))
 }
 
+/// An installed SVID. Its chain is held once, in `served` (shared with the snapshots).
 #[derive(Clone)]
 struct Installed {
     key: PrivateKey,
-    chain: Vec<Vec<u8>>,
     info: LeafInfo,
     served: Arc<InstalledSvid>,
     /// A gateway's second SVID (same key, chained to the shared root), under limited trust.
     gateway: Option<Gateway>,
 }
 
+/// A gateway's second SVID; its chain is `served.chain`.
 #[derive(Clone)]
 struct Gateway {
-    chain: Vec<Vec<u8>>,
     served: Arc<InstalledSvid>,
 }
 
@@ -262,6 +262,26 @@ pub struct Rotator<I: Issuer> {
     node_expired_logged: bool,
     status_line: String,
     volume_changed: Arc<crate::changes::Changes>,
+}
+
+/// Whether two sync answers are equal, field by field (without building two JSON trees of
+/// every entry, as comparing their serialized forms would).
+fn same_sync(a: &SyncResponse, b: &SyncResponse) -> bool {
+    // Destructured so that a field added to the contract cannot be left out here.
+    let SyncResponse {
+        node,
+        mesh,
+        trust_domain,
+        enforcement,
+        entries,
+        bundles,
+    } = a;
+    *node == b.node
+        && *mesh == b.mesh
+        && *trust_domain == b.trust_domain
+        && *enforcement == b.enforcement
+        && *entries == b.entries
+        && *bundles == b.bundles
 }
 
 fn bundle_map(b: &Bundles) -> BTreeMap<TrustDomain, Vec<Vec<u8>>> {
@@ -465,9 +485,7 @@ impl<I: Issuer> Rotator<I> {
                 self.connected(true, None);
                 self.sync_failures = 0;
                 self.next_sync = now + self.config.sync_interval;
-                let changed = !self.have_sync
-                    || serde_json::to_value(&response).ok()
-                        != serde_json::to_value(&self.last_sync).ok();
+                let changed = !self.have_sync || !same_sync(&response, &self.last_sync);
                 if changed && let Err(e) = node::store_last_sync(&self.config.state_dir, &response)
                 {
                     tracing::warn!(error = %e, "cannot store the last sync");
@@ -591,7 +609,6 @@ impl<I: Issuer> Rotator<I> {
                                 entry: entry.clone(),
                                 ..(*g.served).clone()
                             }),
-                            ..g
                         });
                         m.current = Some(Installed {
                             served: Arc::new(InstalledSvid {
@@ -650,10 +667,11 @@ impl<I: Issuer> Rotator<I> {
             .filter(|m| {
                 m.current.as_ref().is_some_and(|c| {
                     let roots = self.roots_for(&m.entry);
-                    let main = svid::check(&c.chain, &c.key, &roots, &m.entry.spiffe_id, now);
+                    let main =
+                        svid::check(&c.served.chain, &c.key, &roots, &m.entry.spiffe_id, now);
                     let gateway = c.gateway.as_ref().map(|g| {
                         svid::check(
-                            &g.chain,
+                            &g.served.chain,
                             &c.key,
                             &self.shared_root(),
                             &m.entry.spiffe_id,
@@ -736,7 +754,7 @@ impl<I: Issuer> Rotator<I> {
         let served = Arc::new(InstalledSvid {
             entry: entry.clone(),
             spiffe_id: info.spiffe_id.clone(),
-            chain: chain.clone(),
+            chain,
             key_pkcs8: key_pkcs8.clone(),
             not_after: info.not_after,
             hint: entry.id.clone(),
@@ -745,16 +763,14 @@ impl<I: Issuer> Rotator<I> {
             served: Arc::new(InstalledSvid {
                 entry: entry.clone(),
                 spiffe_id: ginfo.spiffe_id.clone(),
-                chain: chain.clone(),
+                chain,
                 key_pkcs8,
                 not_after: ginfo.not_after,
                 hint: GATEWAY_HINT.into(),
             }),
-            chain,
         });
         Installed {
             key,
-            chain,
             info,
             served,
             gateway,
@@ -809,7 +825,7 @@ impl<I: Issuer> Rotator<I> {
         let federated = self.federated_for(entry);
         let shared = self.shared_root();
         f(&Contents {
-            chain: &current.chain,
+            chain: &current.served.chain,
             key: &current.key,
             bundle: &bundle,
             federated: &federated,
@@ -817,7 +833,7 @@ impl<I: Issuer> Rotator<I> {
             gateway: current
                 .gateway
                 .as_ref()
-                .map(|g| (g.chain.as_slice(), shared.as_slice())),
+                .map(|g| (g.served.chain.as_slice(), shared.as_slice())),
         })
     }
 
@@ -1284,27 +1300,27 @@ impl<I: Issuer> Rotator<I> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .ok();
-        let (node, mesh) = (self.last_sync.node.clone(), self.last_sync.mesh.clone());
-        let ca_address = self.config.ca_address.clone();
-        let (ca_connected, ca_last_error) = (self.ca_connected, self.ca_last_error.clone());
         let bundle_version = bundles.version;
-        let status_identities = identities.clone();
-        self.cache.update_status(|s| {
-            s.node = Some(node);
-            s.mesh = Some(mesh);
-            s.ca_address = ca_address;
-            s.ca_connected = ca_connected;
-            s.ca_last_error = ca_last_error;
-            s.node_svid_not_after = node_not_after;
-            s.bundle_version = bundle_version;
-            s.all_attempted = all_attempted;
-            s.identities = status_identities;
-        });
+        // One copy of the identities goes to the report, the list itself to the status: the
+        // status is replaced whole (every field is the rotator's), not cloned and then changed.
         let next = report::build(
             bundle_version,
             Some(self.last_sync.enforcement),
             &identities,
         );
+        let issued = identities.iter().filter(|i| i.not_after.is_some()).count();
+        let total = identities.len();
+        self.cache.set_status(AgentStatus {
+            node: Some(self.last_sync.node.clone()),
+            mesh: Some(self.last_sync.mesh.clone()),
+            ca_address: self.config.ca_address.clone(),
+            ca_connected: self.ca_connected,
+            ca_last_error: self.ca_last_error.clone(),
+            node_svid_not_after: node_not_after,
+            bundle_version,
+            all_attempted,
+            identities,
+        });
         self.reports.send_if_modified(|current| {
             if *current == next {
                 false
@@ -1314,8 +1330,7 @@ impl<I: Issuer> Rotator<I> {
             }
         });
 
-        let issued = identities.iter().filter(|i| i.not_after.is_some()).count();
-        let line = format!("{issued}/{} SVIDs issued", identities.len());
+        let line = format!("{issued}/{total} SVIDs issued");
         if !self.ready_sent && all_attempted {
             self.ready_sent = true;
             tracing::info!(status = %line, "ready");
