@@ -7,18 +7,14 @@
 //! are the upstream `spiffe` crate. The per-uid rate limit is raised for the run (every client
 //! here has the same uid); everything else is the agent's default.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use meshcert_agent::cache::{Cache, InstalledSvid, Snapshot};
+use meshcert_agent::cache::{Cache, Snapshot};
 use meshcert_agent::workload::{self, WorkloadConfig};
-use meshcert_protocol::{Entry, Selector, SpiffeId, TrustDomain};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use meshcert_protocol::Selector;
+use meshcert_tests::pki::TestPki;
 use spiffe::WorkloadApiClient;
 use tokio_stream::StreamExt as _;
 
@@ -41,72 +37,15 @@ pub struct Options {
     pub real_rotations: usize,
 }
 
-/// A root and an intermediate for `spiffe://bench.test`.
-struct Pki {
-    root: CertifiedIssuer<'static, KeyPair>,
-    intermediate: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> anyhow::Result<Pki> {
-        let ca = |name: &str| -> anyhow::Result<CertificateParams> {
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.distinguished_name.push(DnType::CommonName, name);
-            Ok(params)
-        };
-        let root = CertifiedIssuer::self_signed(ca("bench root")?, KeyPair::generate()?)?;
-        let intermediate =
-            CertifiedIssuer::signed_by(ca("bench intermediate")?, KeyPair::generate()?, &root)?;
-        Ok(Pki { root, intermediate })
-    }
-
-    fn svid(&self) -> anyhow::Result<Arc<InstalledSvid>> {
-        let id = "spiffe://bench.test/web";
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let not_after = SystemTime::from(params.not_after);
-        let leaf = params.signed_by(&key, &self.intermediate)?;
-        let spiffe_id = SpiffeId::new(id)?;
-        Ok(Arc::new(InstalledSvid {
-            entry: Entry {
-                id: "web".into(),
-                spiffe_id: spiffe_id.clone(),
-                nodes: vec!["node-1".into()],
-                mesh: None,
-                selectors: vec![Selector::Uid(nix::unistd::geteuid().as_raw())],
-                ttl: Duration::from_secs(3600),
-                dir: "web".into(),
-                owner: None,
-                hook: None,
-                gateway: false,
-            },
-            spiffe_id,
-            chain: vec![leaf.der().to_vec(), self.intermediate.der().to_vec()],
-            key_pkcs8: Arc::new(key.serialize_der().into()),
-            not_after,
-            hint: String::new(),
-        }))
-    }
-
-    fn snapshot(&self, version: u64) -> anyhow::Result<Snapshot> {
-        let td = TrustDomain::new("bench.test")?;
-        Ok(Snapshot {
-            trust_domain: Some(td.clone()),
-            bundle_version: version,
-            bundles: BTreeMap::from([(td, vec![self.root.der().to_vec()])]),
-            svids: vec![self.svid()?],
-            ..Snapshot::default()
-        })
-    }
+/// The snapshot of bundle `version`: a fresh SVID for `spiffe://bench.test/web`, served to
+/// this process's uid (every client here).
+fn snapshot(pki: &TestPki, version: u64) -> anyhow::Result<Snapshot> {
+    let me = Selector::Uid(nix::unistd::geteuid().as_raw());
+    let web = pki.svid("spiffe://bench.test/web", &[me], "")?;
+    Ok(Snapshot {
+        bundle_version: version,
+        ..pki.snapshot(&[&web])
+    })
 }
 
 /// `per_client` new clients in a row on each of `clients` tasks, all started together: the
@@ -145,7 +84,7 @@ async fn first_messages(
 async fn rotation_updates(
     endpoint: &str,
     cache: &Cache,
-    pki: &Pki,
+    pki: &TestPki,
     streams: usize,
     rotations: usize,
 ) -> anyhow::Result<Samples> {
@@ -179,7 +118,7 @@ async fn rotation_updates(
     }
     let mut samples = Samples::new();
     for version in 0..rotations {
-        let snapshot = pki.snapshot(version as u64 + 2)?;
+        let snapshot = snapshot(pki, version as u64 + 2)?;
         let published = Instant::now();
         cache.publish(snapshot);
         for _ in 0..streams {
@@ -233,9 +172,9 @@ async fn real_agent(
 
 /// Runs the scenario and prints its table.
 pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("bench.test")?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(1)?);
+    cache.publish(snapshot(&pki, 1)?);
     let dir = tempfile::tempdir()?;
     let config = WorkloadConfig {
         socket: dir.path().join("workload.sock"),

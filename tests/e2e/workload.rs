@@ -3,23 +3,18 @@
 //! leaves with one URI SAN); the clients are the upstream `spiffe` crate (in-process, and as
 //! another user through the `workload-probe` binary) and a raw gRPC client without the header.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use meshcert_agent::cache::{Cache, InstalledSvid, Snapshot};
+use meshcert_agent::cache::Cache;
 use meshcert_agent::workload::proto::X509svidRequest;
 use meshcert_agent::workload::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshcert_agent::workload::{self, WorkloadConfig};
 use meshcert_agent::{admin, cache::AgentStatus};
-use meshcert_protocol::{CertState, Entry, IdentityReport, Selector, SpiffeId, TrustDomain};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use meshcert_protocol::{CertState, IdentityReport, Selector, SpiffeId};
+use meshcert_tests::pki::TestPki;
 use spiffe::{WorkloadApiClient, X509SourceBuilder};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -28,82 +23,6 @@ use tokio::sync::oneshot;
 const OTHER_UID: u32 = 65534;
 /// A bound on every wait, so a broken server fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A root and an intermediate that sign leaves for `spiffe://example.org`.
-struct Pki {
-    root: CertifiedIssuer<'static, KeyPair>,
-    intermediate: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Result<Self> {
-        let ca = |name: &str| -> Result<CertificateParams> {
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.use_authority_key_identifier_extension = true;
-            Ok(params)
-        };
-        let root = CertifiedIssuer::self_signed(ca("test root")?, KeyPair::generate()?)?;
-        let intermediate =
-            CertifiedIssuer::signed_by(ca("test intermediate")?, KeyPair::generate()?, &root)?;
-        Ok(Self { root, intermediate })
-    }
-
-    fn root_der(&self) -> Vec<u8> {
-        self.root.der().to_vec()
-    }
-
-    /// A fresh SVID (new key, new certificate) for `id`, served to callers matching
-    /// `selectors`.
-    fn svid(&self, id: &str, selectors: &[Selector], hint: &str) -> Result<Arc<InstalledSvid>> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let not_after = SystemTime::from(params.not_after);
-        let leaf = params.signed_by(&key, &self.intermediate)?;
-        let spiffe_id = SpiffeId::new(id)?;
-        Ok(Arc::new(InstalledSvid {
-            entry: Entry {
-                id: id.rsplit('/').next().unwrap_or("entry").to_owned(),
-                spiffe_id: spiffe_id.clone(),
-                nodes: vec!["node-1".into()],
-                mesh: None,
-                selectors: selectors.to_vec(),
-                ttl: Duration::from_secs(3600),
-                dir: "svid".into(),
-                owner: None,
-                hook: None,
-                gateway: false,
-            },
-            spiffe_id,
-            chain: vec![leaf.der().to_vec(), self.intermediate.der().to_vec()],
-            key_pkcs8: Arc::new(key.serialize_der().into()),
-            not_after,
-            hint: hint.to_owned(),
-        }))
-    }
-
-    /// What the agent serves: these SVIDs and the root as `example.org`'s bundle.
-    fn snapshot(&self, svids: &[&Arc<InstalledSvid>]) -> Result<Snapshot> {
-        let td = TrustDomain::new("example.org")?;
-        Ok(Snapshot {
-            trust_domain: Some(td.clone()),
-            bundle_version: 1,
-            bundles: BTreeMap::from([(td, vec![self.root_der()])]),
-            svids: svids.iter().map(|s| Arc::clone(s)).collect(),
-            ..Snapshot::default()
-        })
-    }
-}
 
 /// The Workload API server on a temporary socket; stops when dropped.
 struct Server {
@@ -174,7 +93,7 @@ async fn probe_as_other_user(args: &[&str]) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("example.org")?;
     let me = Selector::Uid(own_uid());
     let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "web")?;
     let not_mine = pki.svid(
@@ -188,7 +107,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
         "admin",
     )?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web, &not_mine, &admin_id])?);
+    cache.publish(pki.snapshot(&[&web, &not_mine, &admin_id]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
 
     let client = WorkloadApiClient::connect_to(server.endpoint()).await?;
@@ -231,7 +150,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
     let mut rotated = web.clone();
     for _ in 0..2 {
         rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "web")?;
-        cache.publish(pki.snapshot(&[&rotated, &not_mine, &admin_id])?);
+        cache.publish(pki.snapshot(&[&rotated, &not_mine, &admin_id]));
         tokio::time::timeout(PATIENCE, updates.changed())
             .await
             .context("no update on the open stream")??;
@@ -251,14 +170,14 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("example.org")?;
     let root_only = pki.svid(
         "spiffe://example.org/root-only",
         &[Selector::Uid(own_uid())],
         "",
     )?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&root_only])?);
+    cache.publish(pki.snapshot(&[&root_only]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let endpoint = server.endpoint();
 
@@ -270,7 +189,7 @@ async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> R
         &[Selector::Uid(OTHER_UID), Selector::User("nobody".into())],
         "",
     )?;
-    cache.publish(pki.snapshot(&[&root_only, &nobody])?);
+    cache.publish(pki.snapshot(&[&root_only, &nobody]));
     let out = probe_as_other_user(&["svids", &endpoint]).await?;
     assert_eq!(out.trim(), "svid spiffe://example.org/nobody");
     server.stop().await?;
@@ -279,10 +198,10 @@ async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("example.org")?;
     let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web])?);
+    cache.publish(pki.snapshot(&[&web]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
 
     // A plain gRPC client (no interceptor adds `workload.spiffe.io: true`).
@@ -309,7 +228,7 @@ async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_streams_stay_served_while_another_workload_churns_connections() -> Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("example.org")?;
     let me = Selector::Uid(own_uid());
     let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
     let noisy = pki.svid(
@@ -318,7 +237,7 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
         "",
     )?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web, &noisy])?);
+    cache.publish(pki.snapshot(&[&web, &noisy]));
     let config = WorkloadConfig {
         rate_per_uid: 5.0,
         burst_per_uid: 200,
@@ -341,7 +260,7 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
         // stream (opened in the background), the second only as an update on the open stream.
         for _ in 0..2 {
             let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
-            cache.publish(pki.snapshot(&[&rotated, &noisy])?);
+            cache.publish(pki.snapshot(&[&rotated, &noisy]));
             for update in &mut updates {
                 tokio::time::timeout(PATIENCE, update.changed())
                     .await
@@ -382,11 +301,11 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()> {
-    let pki = Pki::new()?;
+    let pki = TestPki::new("example.org")?;
     let me = Selector::Uid(own_uid());
     let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
     let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web])?);
+    cache.publish(pki.snapshot(&[&web]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let endpoint = server.endpoint();
     let source = X509SourceBuilder::new().endpoint(&endpoint).build().await?;
@@ -404,7 +323,7 @@ async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()>
 
     // The watching application reconnected: it receives the next rotation.
     let rotated = pki.svid("spiffe://example.org/web", &[me], "")?;
-    cache.publish(pki.snapshot(&[&rotated])?);
+    cache.publish(pki.snapshot(&[&rotated]));
     let svid = tokio::time::timeout(PATIENCE, async {
         loop {
             updates.changed().await?;
