@@ -42,6 +42,9 @@ const IDLE_FOR: Duration = Duration::from_secs(5);
 /// so it is not cut in the middle of a call.
 const MAX_AGE: Duration = Duration::from_secs(300);
 
+/// The most a connection's read buffer holds (hyper's minimum is 8 KiB).
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Why a call to the holder failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -282,7 +285,11 @@ impl HttpsIssuer {
                 address: self.address.clone(),
                 source,
             })?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        // Signing answers are read in pieces of at most READ_BUFFER (hyper's default lets the
+        // buffer of each pooled connection grow to about 400 KB and keeps it).
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(READ_BUFFER)
+            .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| IssuerError::Http(e.to_string()))?;
         // Runs until the holder closes the connection or every sender is dropped.

@@ -22,6 +22,7 @@
 //! - [`report`]: the state sent upward to the holder.
 //! - [`systemd`]: `sd_notify` messages.
 //! - [`sys`]: every `nix` call of the agent core.
+//! - [`heap`]: the C allocator's settings (one arena, freed pages returned after bursts).
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
@@ -34,6 +35,7 @@ pub mod changes;
 pub mod config;
 pub mod csr;
 pub mod daemon;
+pub mod heap;
 pub mod hook;
 pub mod issuer;
 pub mod keys;

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshcert_agent::admin;
 use meshcert_agent::config::{self, Overrides};
 use meshcert_agent::daemon::{self, RunOptions};
+use meshcert_agent::heap;
 
 /// The meshcert node agent: keeps every SVID on this node fresh.
 #[derive(Debug, Parser)]
@@ -142,15 +143,31 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let filter = log_filter(tracing::level_filters::LevelFilter::INFO);
     match format {
         // Colours only for a person at a terminal, never into a file or the journal.
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.with_ansi(false).json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(filter)
+            .init(),
+        LogFormat::Json => builder.with_ansi(false).json().finish().with(filter).init(),
+    }
+}
+
+/// `RUST_LOG` as `target=level` directives (`info,meshcert_agent=debug`), or `default`.
+/// (Plain targets rather than `EnvFilter`: no regular-expression engine in the agent.)
+fn log_filter(default: tracing::level_filters::LevelFilter) -> tracing_subscriber::filter::Targets {
+    let fallback = || tracing_subscriber::filter::Targets::new().with_default(default);
+    match std::env::var("RUST_LOG") {
+        Ok(text) if !text.trim().is_empty() => text.parse().unwrap_or_else(|e| {
+            eprintln!("meshcert-agent: RUST_LOG ignored ({e}); logging at {default}");
+            fallback()
+        }),
+        _ => fallback(),
     }
 }
 
@@ -169,6 +186,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Before any thread exists: one malloc arena (see `heap`).
+    heap::use_one_arena();
     // A small, fixed runtime: every thread that allocates gets its own glibc arena, and a
     // default runtime (one worker per core, up to 512 blocking threads) multiplied them with
     // the entries (42 threads and 69 MB anonymous at 1000 entries).

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshcert_protocol::api::{
     self, AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::cache::{AgentStatus, Cache, InstalledSvid, Snapshot};
 use crate::config::Config;
+use crate::heap::Trimmer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
 use crate::node::{self, NodeError, NodeIdentity};
@@ -33,6 +34,8 @@ use crate::{csr, hook, report, systemd};
 pub const TICK: Duration = Duration::from_secs(1);
 /// How often the volume is compared with memory even without a file event.
 pub const VOLUME_CHECK_EVERY: u32 = 5;
+/// The heap's free pages go back to the kernel at most this often (after a publish).
+const HEAP_TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Why joining or starting the rotator failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,11 @@ pub enum Command {
     /// Sync with the holder now.
     SyncNow,
 }
+
+/// CSRs per signing request. The holder takes up to [`api::MAX_BATCH`]; smaller batches keep
+/// the agent's peak memory (keys, CSRs, request and answer bodies of the batches in flight,
+/// `rotation.maxConcurrentSigning` of them) low, for a few more round trips.
+const SIGN_BATCH: usize = 64;
 
 /// Blocking tasks one batch of keys is split into (RSA keys take a while: two cores).
 const KEYGEN_TASKS: usize = 2;
@@ -262,6 +270,7 @@ pub struct Rotator<I: Issuer> {
     node_expired_logged: bool,
     status_line: String,
     volume_changed: Arc<crate::changes::Changes>,
+    heap: Trimmer,
 }
 
 /// Whether two sync answers are equal, field by field (without building two JSON trees of
@@ -349,6 +358,7 @@ impl<I: Issuer> Rotator<I> {
             node_expired_logged: false,
             status_line: String::new(),
             volume_changed,
+            heap: Trimmer::new(HEAP_TRIM_EVERY),
         };
         let seed = rotator.last_sync.clone();
         rotator.apply_sync(seed, now);
@@ -963,7 +973,7 @@ impl<I: Issuer> Rotator<I> {
                 })
                 .cloned()
                 .collect();
-            for batch in due.chunks(api::MAX_BATCH) {
+            for batch in due.chunks(SIGN_BATCH) {
                 self.start_sign(batch.to_vec());
                 changed = true;
             }
@@ -1329,6 +1339,8 @@ impl<I: Issuer> Rotator<I> {
                 true
             }
         });
+        // A publish ends a burst (a batch, a sync): its buffers are freed now.
+        self.heap.after_burst(Instant::now());
 
         let line = format!("{issued}/{total} SVIDs issued");
         if !self.ready_sent && all_attempted {
@@ -1349,6 +1361,12 @@ async fn sign_batch<I: Issuer>(
     algorithm: KeyAlgorithm,
     jobs: Vec<(Entry, bool)>,
 ) -> SignedBatch {
+    // The permit first: only the batches being signed hold their fresh keys, CSRs and
+    // bodies in memory, not every due entry at once.
+    let _permit = semaphore
+        .acquire()
+        .await
+        .map_err(|_| IssuerError::Setup("signing closed".into()))?;
     let mut keys = Vec::with_capacity(jobs.len());
     let mut csrs = Vec::with_capacity(jobs.len());
     let generated = generate_keys(algorithm, jobs.len())
@@ -1364,11 +1382,9 @@ async fn sign_batch<I: Issuer>(
         });
         keys.push((entry.id, key));
     }
-    let _permit = semaphore
-        .acquire()
-        .await
-        .map_err(|_| IssuerError::Setup("signing closed".into()))?;
-    let response = issuer.sign(SignRequest { csrs }).await?;
+    // Boxed: a batch waiting for its permit stays a small task, not one the size of a whole
+    // HTTPS exchange.
+    let response = Box::pin(issuer.sign(SignRequest { csrs })).await?;
     let mut keys: BTreeMap<String, PrivateKey> = keys.into_iter().collect();
     let results = response
         .results

@@ -102,6 +102,10 @@ struct WorkloadArgs {
     /// First-message samples per run.
     #[arg(long, default_value_t = 640)]
     fetches: usize,
+    /// Mean time between one client's new connections in the paced runs (each client waits
+    /// a random, exponentially distributed time before each connect).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
     /// Rotations published per stream run.
     #[arg(long, default_value_t = 50)]
     rotations: usize,
@@ -187,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &workload::Options {
                 clients: a.clients,
                 fetches: a.fetches,
+                interval: a.interval,
                 rotations: a.rotations,
                 real_rotations: a.real_rotations,
             },

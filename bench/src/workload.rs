@@ -31,6 +31,8 @@ pub struct Options {
     pub clients: Vec<usize>,
     /// First-message samples per run (spread over the clients).
     pub fetches: usize,
+    /// Mean time between one client's connects in the paced runs.
+    pub interval: Duration,
     /// Rotations published per stream run.
     pub rotations: usize,
     /// Rotations of the real agent watched on one stream.
@@ -64,6 +66,41 @@ async fn first_messages(
             let mut samples = Samples::new();
             barrier.wait().await;
             for _ in 0..per_client {
+                let started = Instant::now();
+                let client = WorkloadApiClient::connect_to(&endpoint).await?;
+                client.fetch_x509_svid().await?;
+                samples.push(started.elapsed());
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut all = Samples::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    Ok(all)
+}
+
+/// `clients` tasks, each making `per_client` new clients one after another, each after a
+/// random pause (exponential, mean `interval`): clients that overlap the way independent
+/// workloads do, rather than all at the same instant. The time from connecting to the first
+/// message, each.
+async fn paced_first_messages(
+    endpoint: &str,
+    clients: usize,
+    per_client: usize,
+    interval: Duration,
+) -> anyhow::Result<Samples> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let endpoint = endpoint.to_owned();
+        tasks.spawn(async move {
+            let mut rng = fastrand::Rng::new();
+            let mut samples = Samples::new();
+            for _ in 0..per_client {
+                // 1 - U lies in (0, 1]: its logarithm is finite.
+                let pause = -(1.0 - rng.f64()).ln() * interval.as_secs_f64();
+                tokio::time::sleep(Duration::from_secs_f64(pause)).await;
                 let started = Instant::now();
                 let client = WorkloadApiClient::connect_to(&endpoint).await?;
                 client.fetch_x509_svid().await?;
@@ -204,15 +241,31 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     for &clients in &opts.clients {
         eprintln!("workload: {clients} clients, first message");
         let per_client = opts.fetches.div_ceil(clients).max(1);
-        let s = first_messages(&endpoint, clients, per_client).await?;
-        table.row(vec![
-            "first message".into(),
-            clients.to_string(),
-            s.len().to_string(),
-            ms(s.percentile(50.0)),
-            ms(s.percentile(99.0)),
-            ms(s.max()),
-        ]);
+        let paced = paced_first_messages(&endpoint, clients, per_client, opts.interval).await?;
+        let rate = clients as f64 / opts.interval.as_secs_f64();
+        let burst = first_messages(&endpoint, clients, per_client).await?;
+        for (what, s) in [
+            (
+                format!(
+                    "first message, each client every ~{} ({rate:.0} connects/s)",
+                    humantime::format_duration(opts.interval)
+                ),
+                paced,
+            ),
+            (
+                "first message, all clients at once, back to back".to_owned(),
+                burst,
+            ),
+        ] {
+            table.row(vec![
+                what,
+                clients.to_string(),
+                s.len().to_string(),
+                ms(s.percentile(50.0)),
+                ms(s.percentile(99.0)),
+                ms(s.max()),
+            ]);
+        }
     }
     for &clients in &opts.clients {
         eprintln!("workload: {clients} open streams, rotations");
@@ -244,6 +297,10 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     table.note(
         "\"first message\" = connect (new gRPC channel over the Unix socket, kernel peer attestation) + FetchX509SVID until the \
          first response is parsed by the upstream `spiffe` client. Clients and server share this process and its 2 cores. \
+         \"every ~T\": each client pauses a random time (exponential, mean T) before each new connection, so clients overlap as \
+         independent workloads do. \"all at once, back to back\": every client starts at the same instant and connects again as \
+         soon as it has its answer, so the clients are always queued behind each other: p50 ≈ clients × the CPU time of one \
+         connect (client + server) / cores. \
          \"rotation → stream\" = Cache::publish (what the rotator calls once an install is on disk) until the new SVID is parsed \
          on each open stream. \"real agent\" rows: a meshcert-agent process with its default limits (20 calls/s per uid, burst 100, \
          so at most 90 sequential clients); the rotation is timed from the mtime of the `..data` symlink the agent swapped to the \

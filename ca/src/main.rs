@@ -273,16 +273,29 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat, daemon: bool) {
-    let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let default = if daemon {
+        LevelFilter::INFO
+    } else {
+        LevelFilter::WARN
+    };
+    let fallback = || tracing_subscriber::filter::Targets::new().with_default(default);
+    // `RUST_LOG` as `target=level` directives (`info,meshcert_ca=debug`).
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(text) if !text.trim().is_empty() => text.parse().unwrap_or_else(|e| {
+            eprintln!("meshcert-ca: RUST_LOG ignored ({e}); logging at {default}");
+            fallback()
+        }),
+        _ => fallback(),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.finish().with(filter).init(),
+        LogFormat::Json => builder.json().finish().with(filter).init(),
     }
 }
 

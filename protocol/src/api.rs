@@ -84,11 +84,23 @@ impl Serialize for Der {
 
 impl<'de> Deserialize<'de> for Der {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD
-            .decode(text.as_bytes())
-            .map(Der)
-            .map_err(serde::de::Error::custom)
+        d.deserialize_str(DerVisitor)
+    }
+}
+
+/// Decodes the base64 text where the deserializer holds it (borrowed from the input when it
+/// has no escapes), without a copy of the text first: a signing answer carries hundreds.
+struct DerVisitor;
+
+impl serde::de::Visitor<'_> for DerVisitor {
+    type Value = Der;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("base64 DER")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Der, E> {
+        STANDARD.decode(text.as_bytes()).map(Der).map_err(E::custom)
     }
 }
 

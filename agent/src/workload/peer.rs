@@ -20,8 +20,10 @@
 //! agent may not inspect it) the caller keeps only its uid and primary gid: selectors on the
 //! path or on supplementary groups then do not match, which fails closed.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Group, SysconfVar, Uid, User, sysconf};
 
@@ -84,8 +86,19 @@ pub fn since_boot() -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
-/// Identifies the caller behind `cred`, reading `/proc/<pid>` (blocking: a few small reads).
+/// Identifies the caller behind `cred`: its process facts, then the names of its user and
+/// groups looked up afresh (blocking).
 pub fn identify(cred: Credentials) -> Result<PeerInfo, PeerError> {
+    let mut info = identify_process(cred)?;
+    let (user, groups) = look_up_names(&info);
+    info.user = user;
+    info.group_names = groups;
+    Ok(info)
+}
+
+/// The caller's process facts from `/proc/<pid>` (groups, executable), with the pid-reuse
+/// guards; no names yet. A few reads of `/proc`, which never wait for a disk.
+pub fn identify_process(cred: Credentials) -> Result<PeerInfo, PeerError> {
     let mut info = PeerInfo {
         pid: cred.pid,
         uid: cred.uid,
@@ -95,18 +108,115 @@ pub fn identify(cred: Credentials) -> Result<PeerInfo, PeerError> {
     if cred.pid > 0 {
         read_proc(cred, &mut info)?;
     }
-    info.user = User::from_uid(Uid::from_raw(info.uid))
+    Ok(info)
+}
+
+/// The primary gid, then the supplementary groups without it.
+fn all_gids(info: &PeerInfo) -> impl Iterator<Item = u32> + '_ {
+    std::iter::once(info.gid).chain(info.groups.iter().copied().filter(|g| *g != info.gid))
+}
+
+/// The user name of the caller's uid and the names of its groups, from the user and group
+/// databases (blocking: NSS may ask a remote directory).
+fn look_up_names(info: &PeerInfo) -> (Option<String>, Vec<String>) {
+    let user = user_name(info.uid);
+    let groups = all_gids(info).filter_map(group_name).collect();
+    (user, groups)
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    User::from_uid(Uid::from_raw(uid))
         .ok()
         .flatten()
-        .map(|u| u.name);
-    let mut gids = vec![info.gid];
-    gids.extend(info.groups.iter().copied().filter(|g| *g != info.gid));
-    info.group_names = gids
-        .into_iter()
-        .filter_map(|g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
+        .map(|u| u.name)
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    Group::from_gid(Gid::from_raw(gid))
+        .ok()
+        .flatten()
         .map(|g| g.name)
-        .collect();
-    Ok(info)
+}
+
+/// Most ids [`Names`] remembers of each kind; past it, it starts afresh.
+const NAMES_REMEMBERED: usize = 4096;
+
+/// The user and group names of recent callers, each looked up at most once per `ttl`.
+///
+/// A workload reconnecting (or many workloads of one user) then costs no database lookup
+/// and no hop to a blocking thread; a renamed user or group is seen within `ttl`.
+#[derive(Debug)]
+pub struct Names {
+    ttl: Duration,
+    users: Mutex<HashMap<u32, (Option<String>, Instant)>>,
+    groups: Mutex<HashMap<u32, (Option<String>, Instant)>>,
+}
+
+impl Names {
+    /// Remembers names for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            users: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fills `info`'s user and group names from memory; `false` (and `info` unchanged) when
+    /// one of them is unknown or older than the ttl.
+    pub fn fill_remembered(&self, info: &mut PeerInfo, now: Instant) -> bool {
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < self.ttl;
+        let user = {
+            let users = lock(&self.users);
+            match users.get(&info.uid) {
+                Some((name, at)) if fresh(at) => name.clone(),
+                _ => return false,
+            }
+        };
+        let mut names = Vec::new();
+        {
+            let groups = lock(&self.groups);
+            for gid in all_gids(info) {
+                match groups.get(&gid) {
+                    Some((name, at)) if fresh(at) => names.extend(name.iter().cloned()),
+                    _ => return false,
+                }
+            }
+        }
+        info.user = user;
+        info.group_names = names;
+        true
+    }
+
+    /// Looks `info`'s names up in the databases (blocking), fills them in and remembers them.
+    pub fn look_up(&self, info: &mut PeerInfo, now: Instant) {
+        let user = user_name(info.uid);
+        let gids: Vec<u32> = all_gids(info).collect();
+        let names: Vec<(u32, Option<String>)> = gids.iter().map(|g| (*g, group_name(*g))).collect();
+        {
+            let mut users = lock(&self.users);
+            if users.len() >= NAMES_REMEMBERED {
+                users.clear();
+            }
+            users.insert(info.uid, (user.clone(), now));
+        }
+        {
+            let mut groups = lock(&self.groups);
+            if groups.len() + names.len() > NAMES_REMEMBERED {
+                groups.clear();
+            }
+            for (gid, name) in &names {
+                groups.insert(*gid, (name.clone(), now));
+            }
+        }
+        info.user = user;
+        info.group_names = names.into_iter().filter_map(|(_, n)| n).collect();
+    }
+}
+
+/// A poisoned lock still holds a usable map of names (no invariant spans two entries).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Fills the groups and executable from `/proc/<pid>` with the pid-reuse guards.
@@ -227,6 +337,47 @@ mod tests {
             .flatten()
             .map(|u| u.name);
         assert_eq!(info.user, name);
+    }
+
+    #[test]
+    fn names_are_remembered_for_their_ttl_only() {
+        let pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let cred = Credentials {
+            pid,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            accepted_since_boot: since_boot(),
+        };
+        let fresh = identify(cred).expect("identify");
+        let names = Names::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let mut info = identify_process(cred).expect("process facts");
+        assert_eq!((info.user.clone(), info.group_names.len()), (None, 0));
+        assert!(
+            !names.fill_remembered(&mut info, start),
+            "nothing known yet"
+        );
+        names.look_up(&mut info, start);
+        assert_eq!(info, fresh, "a lookup fills what identify() finds");
+
+        let mut again = identify_process(cred).expect("process facts");
+        assert!(names.fill_remembered(&mut again, start + Duration::from_secs(9)));
+        assert_eq!(again, fresh, "remembered names are the same");
+
+        let mut late = identify_process(cred).expect("process facts");
+        assert!(
+            !names.fill_remembered(&mut late, start + Duration::from_secs(10)),
+            "names older than the ttl are looked up again"
+        );
+        assert_eq!(late.user, None);
+
+        // Another uid (no lookup done for it) is not taken from the first one's names.
+        let mut other = PeerInfo {
+            uid: cred.uid.wrapping_add(1),
+            ..again.clone()
+        };
+        other.user = None;
+        assert!(!names.fill_remembered(&mut other, start));
     }
 
     #[test]

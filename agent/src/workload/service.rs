@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::limits::{CallGuard, ConnInfo, RateLimiter};
-use super::peer::{self, PeerInfo};
+use super::peer::{self, Names, PeerError, PeerInfo};
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -27,6 +27,9 @@ pub const HEADER_MISSING: &str = "security header missing from request";
 /// The answer to a caller entitled to nothing (clients match this text).
 pub const NO_IDENTITY: &str = "no identity issued";
 
+/// How long the user and group names of a caller are reused before they are looked up again.
+const NAMES_TTL: Duration = Duration::from_secs(30);
+
 /// A message stream to one caller.
 pub type Updates<T> = ReceiverStream<Result<T, Status>>;
 
@@ -36,6 +39,7 @@ pub struct WorkloadService {
     cache: Cache,
     rate: Arc<RateLimiter>,
     streams: Arc<Semaphore>,
+    names: Arc<Names>,
     stop: watch::Receiver<bool>,
 }
 
@@ -58,6 +62,7 @@ impl WorkloadService {
             cache,
             rate: Arc::new(rate),
             streams: Arc::new(Semaphore::new(max_streams.max(1))),
+            names: Arc::new(Names::new(NAMES_TTL)),
             stop,
         }
     }
@@ -79,13 +84,22 @@ impl WorkloadService {
                 "too many requests from this user; retry later",
             ));
         }
-        let peer = tokio::task::spawn_blocking(move || peer::identify(cred))
+        let refused = |e: PeerError| {
+            tracing::info!(uid = cred.uid, pid = cred.pid, rpc, error = %e, "caller refused");
+            Status::permission_denied(e.to_string())
+        };
+        // The process facts are a few reads of /proc, done here; the names come from memory,
+        // or from the user and group databases on a blocking thread (NSS may be remote).
+        let mut peer = peer::identify_process(cred).map_err(refused)?;
+        if !self.names.fill_remembered(&mut peer, Instant::now()) {
+            let names = self.names.clone();
+            peer = tokio::task::spawn_blocking(move || {
+                names.look_up(&mut peer, Instant::now());
+                peer
+            })
             .await
-            .map_err(|_| Status::internal("caller identification failed"))?
-            .map_err(|e| {
-                tracing::info!(uid = cred.uid, pid = cred.pid, rpc, error = %e, "caller refused");
-                Status::permission_denied(e.to_string())
-            })?;
+            .map_err(|_| Status::internal("caller identification failed"))?;
+        }
         tracing::debug!(
             uid = peer.uid,
             gid = peer.gid,
