@@ -7,13 +7,14 @@
 //! # Pid reuse
 //!
 //! `SO_PEERCRED` records the pid of the process that called `connect()`. That process may exit
-//! and its pid be given to another process before we read `/proc/<pid>`. Two guards:
+//! and its pid be given to another process before we read `/proc/<pid>`. The guards:
 //!
 //! - the process start time (`/proc/<pid>/stat`, field 22, clock ticks since boot) must not be
-//!   later than the moment we accepted the connection (read from `/proc/uptime` at accept): a
-//!   process that started after the connection cannot be the one that connected;
-//! - the start time is read before and after `/proc/<pid>/status` and `/proc/<pid>/exe`, and
-//!   must be unchanged, so both reads describe the same process;
+//!   later than the moment we accepted the connection (`CLOCK_BOOTTIME` at accept): a process
+//!   that started after the connection cannot be the one that connected;
+//! - `stat`, `status` and `exe` are read through one handle on the `/proc/<pid>` folder,
+//!   opened first: the handle stands for that process, and reads through it fail once it has
+//!   exited, so all three describe the same process;
 //! - the uid and gid in `/proc/<pid>/status` must equal the kernel's `SO_PEERCRED` values.
 //!
 //! When `/proc/<pid>` cannot be read (pid 0: the caller lives in another pid namespace, or the
@@ -25,6 +26,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::io::Read as _;
+use std::os::fd::OwnedFd;
+
+use nix::fcntl::{OFlag, open, openat, readlinkat};
+use nix::sys::stat::Mode;
+use nix::time::{ClockId, clock_gettime};
 use nix::unistd::{Gid, Group, SysconfVar, Uid, User, sysconf};
 
 /// Why a caller could not be identified.
@@ -79,11 +86,12 @@ pub struct PeerInfo {
     pub exe: Option<PathBuf>,
 }
 
-/// Reads the time since boot (`/proc/uptime`), taken when a connection is accepted.
+/// The time since boot (`CLOCK_BOOTTIME`, the clock of process start times), taken when a
+/// connection is accepted.
 pub fn since_boot() -> Option<Duration> {
-    let text = std::fs::read_to_string("/proc/uptime").ok()?;
-    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
-    Duration::try_from_secs_f64(secs).ok()
+    let now = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
+    let nanos = u32::try_from(now.tv_nsec()).ok()?;
+    Some(Duration::new(u64::try_from(now.tv_sec()).ok()?, nanos))
 }
 
 /// Identifies the caller behind `cred`: its process facts, then the names of its user and
@@ -221,11 +229,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Fills the groups and executable from `/proc/<pid>` with the pid-reuse guards.
 /// An unreadable `/proc/<pid>` leaves them empty (fails closed).
+///
+/// Every file is read through one handle on the `/proc/<pid>` folder, opened first: once
+/// open it stands for that process only, and reads through it fail if the process exits,
+/// even if its pid is given to another process meanwhile.
 fn read_proc(cred: Credentials, info: &mut PeerInfo) -> Result<(), PeerError> {
     let pid = cred.pid;
-    let dir = PathBuf::from(format!("/proc/{pid}"));
-    let Some(start) = start_ticks(pid) else {
+    let Ok(dir) = open(
+        format!("/proc/{pid}").as_str(),
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
         // Gone already, or hidden from us (`hidepid`): keep the kernel's uid and gid only.
+        return Ok(());
+    };
+    let Some(start) = read_at(&dir, "stat").as_deref().and_then(parse_start_ticks) else {
         return Ok(());
     };
     if let (Some(accepted), Some(tck)) = (cred.accepted_since_boot, ticks_per_second()) {
@@ -235,20 +253,26 @@ fn read_proc(cred: Credentials, info: &mut PeerInfo) -> Result<(), PeerError> {
             return Err(PeerError::PidReused { pid });
         }
     }
-    let status = std::fs::read_to_string(dir.join("status")).ok();
-    let exe = std::fs::read_link(dir.join("exe")).ok();
-    if start_ticks(pid) != Some(start) {
+    let Some(status) = read_at(&dir, "status") else {
+        // The process exited after we opened its folder.
         return Err(PeerError::PidReused { pid });
+    };
+    let exe = readlinkat(&dir, "exe").ok().map(PathBuf::from);
+    let fields = parse_status(&status);
+    if fields.uid.is_some_and(|u| u != cred.uid) || fields.gid.is_some_and(|g| g != cred.gid) {
+        return Err(PeerError::Mismatch { pid });
     }
-    if let Some(status) = status {
-        let fields = parse_status(&status);
-        if fields.uid.is_some_and(|u| u != cred.uid) || fields.gid.is_some_and(|g| g != cred.gid) {
-            return Err(PeerError::Mismatch { pid });
-        }
-        info.groups = fields.groups;
-    }
+    info.groups = fields.groups;
     info.exe = exe;
     Ok(())
+}
+
+/// A small file of a `/proc/<pid>` folder, read through the folder's handle.
+fn read_at(dir: &OwnedFd, name: &str) -> Option<String> {
+    let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+    let mut text = String::new();
+    std::fs::File::from(fd).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// Rounding slack between `/proc/uptime` (centiseconds) and the tick-based start time.
@@ -259,12 +283,6 @@ fn ticks_per_second() -> Option<i64> {
         .ok()
         .flatten()
         .filter(|t| *t > 0)
-}
-
-/// The process start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_ticks(&stat)
 }
 
 /// Field 22 of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may hold
@@ -378,6 +396,27 @@ mod tests {
         };
         other.user = None;
         assert!(!names.fill_remembered(&mut other, start));
+    }
+
+    #[test]
+    fn a_proc_handle_stops_reading_once_its_process_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let dir = open(
+            format!("/proc/{pid}").as_str(),
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open /proc/<pid>");
+        assert!(read_at(&dir, "status").is_some(), "alive: readable");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Whatever process gets this pid next, the handle no longer reads anything.
+        assert!(read_at(&dir, "status").is_none(), "exited: unreadable");
+        assert!(readlinkat(&dir, "exe").is_err());
     }
 
     #[test]
