@@ -34,8 +34,6 @@ use crate::{csr, hook, report, systemd};
 pub const TICK: Duration = Duration::from_secs(1);
 /// How often the volume is compared with memory even without a file event.
 pub const VOLUME_CHECK_EVERY: u32 = 5;
-/// The status and report are rebuilt at most this often while batches land.
-const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// The heap's free pages go back to the kernel at most this often (after a publish).
 const HEAP_TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -273,9 +271,6 @@ pub struct Rotator<I: Issuer> {
     status_line: String,
     volume_changed: Arc<crate::changes::Changes>,
     heap: Trimmer,
-    /// When the status and report were last rebuilt, and whether they are behind.
-    status_built: Option<Instant>,
-    status_behind: bool,
 }
 
 /// Whether two sync answers are equal, field by field (without building two JSON trees of
@@ -364,8 +359,6 @@ impl<I: Issuer> Rotator<I> {
             status_line: String::new(),
             volume_changed,
             heap: Trimmer::new(HEAP_TRIM_EVERY),
-            status_built: None,
-            status_behind: false,
         };
         let seed = rotator.last_sync.clone();
         rotator.apply_sync(seed, now);
@@ -942,7 +935,7 @@ impl<I: Issuer> Rotator<I> {
     // ---- signing ----------------------------------------------------------------------
 
     fn on_tick(&mut self, now: SystemTime, check_volume: bool) {
-        let mut changed = self.status_behind;
+        let mut changed = false;
         // Expired SVIDs stop being served (their files stay until replaced).
         for m in self.managed.values_mut() {
             if m.current.as_ref().is_some_and(|c| c.info.not_after <= now) {
@@ -1302,19 +1295,6 @@ impl<I: Issuer> Rotator<I> {
             svids,
         };
         self.cache.publish(snapshot);
-
-        // The status and the report list every entry: with many entries and batches landing
-        // back to back they are rebuilt at most every STATUS_EVERY (the tick catches up).
-        let started = Instant::now();
-        let recent = self
-            .status_built
-            .is_some_and(|t| started.saturating_duration_since(t) < STATUS_EVERY);
-        if recent && self.ready_sent {
-            self.status_behind = true;
-            return;
-        }
-        self.status_built = Some(started);
-        self.status_behind = false;
 
         let identities: Vec<IdentityReport> = self
             .order
