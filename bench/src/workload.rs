@@ -50,12 +50,24 @@ fn snapshot(pki: &TestPki, version: u64) -> anyhow::Result<Snapshot> {
     })
 }
 
-/// `per_client` new clients in a row on each of `clients` tasks, all started together: the
+/// How the clients of a first-message run start their connections.
+#[derive(Debug, Clone, Copy)]
+enum Pacing {
+    /// All clients start at the same instant and connect again as soon as they have their
+    /// answer: they are always queued behind each other.
+    AllAtOnce,
+    /// Each client pauses a random time (exponential, this mean) before each connection, so
+    /// clients overlap the way independent workloads do.
+    Random(Duration),
+}
+
+/// `per_client` new clients in a row on each of `clients` tasks, started as `pacing` says: the
 /// time from connecting to the first message, each.
 async fn first_messages(
     endpoint: &str,
     clients: usize,
     per_client: usize,
+    pacing: Pacing,
 ) -> anyhow::Result<Samples> {
     let barrier = Arc::new(tokio::sync::Barrier::new(clients));
     let mut tasks = tokio::task::JoinSet::new();
@@ -63,44 +75,15 @@ async fn first_messages(
         let endpoint = endpoint.to_owned();
         let barrier = barrier.clone();
         tasks.spawn(async move {
+            let mut rng = fastrand::Rng::new();
             let mut samples = Samples::new();
             barrier.wait().await;
             for _ in 0..per_client {
-                let started = Instant::now();
-                let client = WorkloadApiClient::connect_to(&endpoint).await?;
-                client.fetch_x509_svid().await?;
-                samples.push(started.elapsed());
-            }
-            anyhow::Ok(samples)
-        });
-    }
-    let mut all = Samples::new();
-    while let Some(done) = tasks.join_next().await {
-        all.extend(done??);
-    }
-    Ok(all)
-}
-
-/// `clients` tasks, each making `per_client` new clients one after another, each after a
-/// random pause (exponential, mean `interval`): clients that overlap the way independent
-/// workloads do, rather than all at the same instant. The time from connecting to the first
-/// message, each.
-async fn paced_first_messages(
-    endpoint: &str,
-    clients: usize,
-    per_client: usize,
-    interval: Duration,
-) -> anyhow::Result<Samples> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
-        let endpoint = endpoint.to_owned();
-        tasks.spawn(async move {
-            let mut rng = fastrand::Rng::new();
-            let mut samples = Samples::new();
-            for _ in 0..per_client {
-                // 1 - U lies in (0, 1]: its logarithm is finite.
-                let pause = -(1.0 - rng.f64()).ln() * interval.as_secs_f64();
-                tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+                if let Pacing::Random(mean) = pacing {
+                    // 1 - U lies in (0, 1]: its logarithm is finite.
+                    let pause = -(1.0 - rng.f64()).ln() * mean.as_secs_f64();
+                    tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+                }
                 let started = Instant::now();
                 let client = WorkloadApiClient::connect_to(&endpoint).await?;
                 client.fetch_x509_svid().await?;
@@ -184,7 +167,7 @@ async fn real_agent(
     let mut agent = AgentProc::start(bins, &holder, "node-1", "", "warn")?;
     agent.wait_all_installed(&["web".to_owned()], PATIENCE)?;
     let endpoint = format!("unix://{}", agent.workload_socket().display());
-    let first = first_messages(&endpoint, 1, fetches).await?;
+    let first = first_messages(&endpoint, 1, fetches, Pacing::AllAtOnce).await?;
     let data = agent.volume_dir().join("web").join("..data");
     let client = WorkloadApiClient::connect_to(&endpoint).await?;
     let mut stream = client.stream_x509_svids().await?;
@@ -232,7 +215,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let endpoint = format!("unix://{}", config.socket.display());
 
     // Warm up (first connection, lazy statics).
-    first_messages(&endpoint, 1, 5).await?;
+    first_messages(&endpoint, 1, 5, Pacing::AllAtOnce).await?;
 
     let mut table = Table::new(
         "Workload API: new client → first FetchX509SVID message, and published rotation → update on open streams (target p99 < 1 ms)",
@@ -241,9 +224,15 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     for &clients in &opts.clients {
         eprintln!("workload: {clients} clients, first message");
         let per_client = opts.fetches.div_ceil(clients).max(1);
-        let paced = paced_first_messages(&endpoint, clients, per_client, opts.interval).await?;
+        let paced = first_messages(
+            &endpoint,
+            clients,
+            per_client,
+            Pacing::Random(opts.interval),
+        )
+        .await?;
         let rate = clients as f64 / opts.interval.as_secs_f64();
-        let burst = first_messages(&endpoint, clients, per_client).await?;
+        let burst = first_messages(&endpoint, clients, per_client, Pacing::AllAtOnce).await?;
         for (what, s) in [
             (
                 format!(
