@@ -16,8 +16,9 @@ use zeroize::Zeroizing;
 /// An SVID the agent has installed and may serve.
 #[derive(Clone)]
 pub struct InstalledSvid {
-    /// The entry it was issued for (selectors decide who may receive it).
-    pub entry: Entry,
+    /// The entry it was issued for (selectors decide who may receive it), shared with the
+    /// rotator's copy.
+    pub entry: Arc<Entry>,
     /// The identity in the leaf.
     pub spiffe_id: SpiffeId,
     /// DER certificates, leaf first, then intermediates.

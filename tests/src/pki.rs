@@ -84,7 +84,7 @@ impl TestPki {
         let spiffe_id = SpiffeId::new(id)?;
         let name = id.rsplit('/').next().unwrap_or("entry").to_owned();
         Ok(Arc::new(InstalledSvid {
-            entry: Entry {
+            entry: Arc::new(Entry {
                 id: name.clone(),
                 spiffe_id: spiffe_id.clone(),
                 nodes: vec!["node-1".into()],
@@ -95,7 +95,7 @@ impl TestPki {
                 owner: None,
                 hook: None,
                 gateway: false,
-            },
+            }),
             spiffe_id,
             chain: vec![leaf.der().to_vec(), self.intermediate.der().to_vec()],
             key_pkcs8: Arc::new(key.serialize_der().into()),

@@ -94,7 +94,7 @@ mod tests {
     fn svid(id: &str, hint: &str) -> Arc<InstalledSvid> {
         let spiffe_id = SpiffeId::new(id).expect("valid test id");
         Arc::new(InstalledSvid {
-            entry: Entry {
+            entry: Arc::new(Entry {
                 id: "e".into(),
                 spiffe_id: spiffe_id.clone(),
                 nodes: vec![],
@@ -105,7 +105,7 @@ mod tests {
                 owner: None,
                 hook: None,
                 gateway: false,
-            },
+            }),
             spiffe_id,
             chain: vec![vec![0xa1], vec![0xa2]],
             key_pkcs8: Arc::new(Zeroizing::new(vec![0xbb])),

@@ -121,7 +121,7 @@ mod tests {
     fn installed(id: &str, selectors: &[&str], not_after: SystemTime) -> Arc<InstalledSvid> {
         let spiffe_id = SpiffeId::new(id).expect("valid test id");
         Arc::new(InstalledSvid {
-            entry: Entry {
+            entry: Arc::new(Entry {
                 id: id.rsplit('/').next().unwrap_or_default().to_owned(),
                 spiffe_id: spiffe_id.clone(),
                 nodes: vec![],
@@ -132,7 +132,7 @@ mod tests {
                 owner: None,
                 hook: None,
                 gateway: false,
-            },
+            }),
             spiffe_id,
             chain: vec![vec![1]],
             key_pkcs8: Arc::new(Zeroizing::new(vec![2])),
