@@ -365,6 +365,9 @@ impl AgentProc {
             }
             None => Command::new(bins.path("meshcert-agent")),
         };
+        // Its own process group: a wrapper script (heaptrack) does not pass signals on, so
+        // the whole group is signalled when the agent is dropped.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .arg("run")
             .arg("--log-format")
@@ -457,20 +460,23 @@ impl AgentProc {
 }
 
 impl Drop for AgentProc {
-    /// SIGTERM first (a profiler wrapper writes its output on exit), SIGKILL after 10 s.
+    /// SIGTERM to the agent's process group first (a profiler wrapper writes its output on
+    /// exit), SIGKILL to the group after 10 s.
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
         if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let group = nix::unistd::Pid::from_raw(pid);
+            let _ = killpg(group, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    // The wrapper is gone; whatever it left in the group goes too.
+                    let _ = killpg(group, Signal::SIGKILL);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = killpg(group, Signal::SIGKILL);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
