@@ -21,8 +21,11 @@ pub struct InstalledSvid {
     pub entry: Arc<Entry>,
     /// The identity in the leaf.
     pub spiffe_id: SpiffeId,
-    /// DER certificates, leaf first, then intermediates.
-    pub chain: Vec<Vec<u8>>,
+    /// The leaf certificate (DER).
+    pub leaf: Vec<u8>,
+    /// The intermediates after the leaf (DER), one list shared by every SVID issued under the
+    /// same ones.
+    pub intermediates: Arc<[Vec<u8>]>,
     /// Unencrypted PKCS#8 DER of the private key. Never logged, never sent off the node.
     pub key_pkcs8: Arc<Zeroizing<Vec<u8>>>,
     /// The leaf's expiry.
@@ -36,11 +39,54 @@ impl fmt::Debug for InstalledSvid {
         f.debug_struct("InstalledSvid")
             .field("entry_id", &self.entry.id)
             .field("spiffe_id", &self.spiffe_id)
-            .field("chain_len", &self.chain.len())
+            .field("chain_len", &(1 + self.intermediates.len()))
             .field("key_pkcs8", &"<redacted>")
             .field("not_after", &self.not_after)
             .field("hint", &self.hint)
             .finish()
+    }
+}
+
+impl InstalledSvid {
+    /// The chain, leaf first, one DER certificate each (a copy).
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.leaf.clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect()
+    }
+
+    /// The chain as concatenated DER, leaf first (as the Workload API sends it).
+    pub fn chain_der(&self) -> Vec<u8> {
+        let mut der = self.leaf.clone();
+        for cert in self.intermediates.iter() {
+            der.extend_from_slice(cert);
+        }
+        der
+    }
+}
+
+/// One shared copy of each list of intermediates in use: the SVIDs of a node are mostly
+/// issued under the same intermediate, and a copy of it in each would cost its size per SVID.
+#[derive(Debug, Default)]
+pub struct Intermediates {
+    known: std::sync::Mutex<Vec<Arc<[Vec<u8>]>>>,
+}
+
+impl Intermediates {
+    /// The shared copy of `certs`, remembered if new. Lists no SVID uses any more are
+    /// forgotten when a new one comes.
+    pub fn share(&self, certs: Vec<Vec<u8>>) -> Arc<[Vec<u8>]> {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(same) = known.iter().find(|k| ***k == *certs) {
+            return same.clone();
+        }
+        known.retain(|k| Arc::strong_count(k) > 1);
+        let shared: Arc<[Vec<u8>]> = certs.into();
+        known.push(shared.clone());
+        shared
     }
 }
 
@@ -195,6 +241,51 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_intermediates_are_shared_and_unused_ones_forgotten() {
+        let known = Intermediates::default();
+        let a = known.share(vec![vec![1, 2], vec![3]]);
+        let b = known.share(vec![vec![1, 2], vec![3]]);
+        assert!(Arc::ptr_eq(&a, &b), "one copy for equal lists");
+        let other = known.share(vec![vec![9]]);
+        assert!(!Arc::ptr_eq(&a, &other));
+        drop((a, b));
+        // The first list is no longer used: a new list makes room by forgetting it.
+        let _third = known.share(vec![vec![7]]);
+        let lists = known
+            .known
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|k| k.to_vec())
+            .collect::<Vec<_>>();
+        assert_eq!(lists, vec![vec![vec![9]], vec![vec![7]]]);
+        assert_eq!(
+            InstalledSvid {
+                entry: Arc::new(Entry {
+                    id: "e".into(),
+                    spiffe_id: SpiffeId::new("spiffe://td.test/e").expect("id"),
+                    nodes: vec![],
+                    mesh: None,
+                    selectors: vec![],
+                    ttl: std::time::Duration::from_secs(60),
+                    dir: "e".into(),
+                    owner: None,
+                    hook: None,
+                    gateway: false,
+                }),
+                spiffe_id: SpiffeId::new("spiffe://td.test/e").expect("id"),
+                leaf: vec![0xa1],
+                intermediates: known.share(vec![vec![0xb1], vec![0xc1]]),
+                key_pkcs8: Arc::new(Zeroizing::new(vec![])),
+                not_after: SystemTime::UNIX_EPOCH,
+                hint: String::new(),
+            }
+            .chain_der(),
+            vec![0xa1, 0xb1, 0xc1]
+        );
+    }
 
     #[test]
     fn set_status_replaces_the_whole_status_and_wakes_readers() {

@@ -19,7 +19,7 @@ use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeRepor
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::cache::{AgentStatus, Cache, InstalledSvid, Snapshot};
+use crate::cache::{AgentStatus, Cache, InstalledSvid, Intermediates, Snapshot};
 use crate::config::Config;
 use crate::heap::Trimmer;
 use crate::issuer::{Issuer, IssuerError};
@@ -272,6 +272,7 @@ pub struct Rotator<I: Issuer> {
     status_line: String,
     volume_changed: Arc<crate::changes::Changes>,
     heap: Trimmer,
+    intermediates: Intermediates,
 }
 
 /// Whether two sync answers are equal, field by field (without building two JSON trees of
@@ -360,6 +361,7 @@ impl<I: Issuer> Rotator<I> {
             status_line: String::new(),
             volume_changed,
             heap: Trimmer::new(HEAP_TRIM_EVERY),
+            intermediates: Intermediates::default(),
         };
         let seed = rotator.last_sync.clone();
         rotator.apply_sync(seed, now);
@@ -686,10 +688,10 @@ impl<I: Issuer> Rotator<I> {
                 m.current.as_ref().is_some_and(|c| {
                     let roots = self.roots_for(&m.entry);
                     let main =
-                        svid::check(&c.served.chain, &c.key, &roots, &m.entry.spiffe_id, now);
+                        svid::check(&c.served.chain(), &c.key, &roots, &m.entry.spiffe_id, now);
                     let gateway = c.gateway.as_ref().map(|g| {
                         svid::check(
-                            &g.served.chain,
+                            &g.served.chain(),
                             &c.key,
                             &self.shared_root(),
                             &m.entry.spiffe_id,
@@ -760,6 +762,13 @@ impl<I: Issuer> Rotator<I> {
             .unwrap_or_default()
     }
 
+    /// The leaf, and the intermediates after it as the shared copy.
+    fn split_chain(&self, chain: Vec<Vec<u8>>) -> (Vec<u8>, Arc<[Vec<u8>]>) {
+        let mut certs = chain.into_iter();
+        let leaf = certs.next().unwrap_or_default();
+        (leaf, self.intermediates.share(certs.collect()))
+    }
+
     fn installed(
         &self,
         entry: &Arc<Entry>,
@@ -769,23 +778,29 @@ impl<I: Issuer> Rotator<I> {
         gateway: Option<CheckedChain>,
     ) -> Installed {
         let key_pkcs8 = Arc::new(zeroize::Zeroizing::new(key.pkcs8_der().to_vec()));
+        let (leaf, intermediates) = self.split_chain(chain);
         let served = Arc::new(InstalledSvid {
             entry: entry.clone(),
             spiffe_id: info.spiffe_id.clone(),
-            chain,
+            leaf,
+            intermediates,
             key_pkcs8: key_pkcs8.clone(),
             not_after: info.not_after,
             hint: entry.id.clone(),
         });
-        let gateway = gateway.map(|(chain, ginfo)| Gateway {
-            served: Arc::new(InstalledSvid {
-                entry: entry.clone(),
-                spiffe_id: ginfo.spiffe_id.clone(),
-                chain,
-                key_pkcs8,
-                not_after: ginfo.not_after,
-                hint: GATEWAY_HINT.into(),
-            }),
+        let gateway = gateway.map(|(chain, ginfo)| {
+            let (leaf, intermediates) = self.split_chain(chain);
+            Gateway {
+                served: Arc::new(InstalledSvid {
+                    entry: entry.clone(),
+                    spiffe_id: ginfo.spiffe_id.clone(),
+                    leaf,
+                    intermediates,
+                    key_pkcs8,
+                    not_after: ginfo.not_after,
+                    hint: GATEWAY_HINT.into(),
+                }),
+            }
         });
         Installed {
             key,
@@ -842,16 +857,15 @@ impl<I: Issuer> Rotator<I> {
         let bundle = self.roots_for(entry);
         let federated = self.federated_for(entry);
         let shared = self.shared_root();
+        let chain = current.served.chain();
+        let gateway_chain = current.gateway.as_ref().map(|g| g.served.chain());
         f(&Contents {
-            chain: &current.served.chain,
+            chain: &chain,
             key: &current.key,
             bundle: &bundle,
             federated: &federated,
             owner: entry.owner,
-            gateway: current
-                .gateway
-                .as_ref()
-                .map(|g| (g.served.chain.as_slice(), shared.as_slice())),
+            gateway: gateway_chain.as_deref().map(|g| (g, shared.as_slice())),
         })
     }
 
@@ -1880,7 +1894,7 @@ mod tests {
         assert_eq!(hints, ["gw", GATEWAY_HINT, "web"]);
         let gateway = &snapshot.svids[1];
         svid::check(
-            &gateway.chain,
+            &gateway.chain(),
             &PrivateKey::from_pkcs8(gateway.key_pkcs8.to_vec()).expect("key"),
             std::slice::from_ref(&fake.shared.root),
             &gateway.spiffe_id,
@@ -1891,7 +1905,7 @@ mod tests {
             .load("gw")
             .expect("load")
             .expect("present");
-        assert_eq!(disk.gateway_chain.as_ref(), Some(&gateway.chain));
+        assert_eq!(disk.gateway_chain.as_ref(), Some(&gateway.chain()));
         assert!(
             Volume::new(&config.volume_dir)
                 .load("web")

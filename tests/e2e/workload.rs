@@ -113,7 +113,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
     let client = WorkloadApiClient::connect_to(server.endpoint()).await?;
     let svid = client.fetch_x509_svid().await?;
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
-    assert_eq!(svid.leaf().as_bytes(), web.chain[0].as_slice());
+    assert_eq!(svid.leaf().as_bytes(), web.leaf.as_slice());
     assert_eq!(svid.cert_chain().len(), 2, "leaf and intermediate");
     assert_eq!(svid.private_key().as_bytes(), web.key_pkcs8.as_slice());
 
@@ -142,7 +142,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
         .endpoint(server.endpoint())
         .build()
         .await?;
-    assert_eq!(source.svid()?.leaf().as_bytes(), web.chain[0].as_slice());
+    assert_eq!(source.svid()?.leaf().as_bytes(), web.leaf.as_slice());
     let mut updates = source.updated();
     // The source syncs once, then opens its watching stream in the background: the first
     // rotation may reach it as that stream's first message; the second can only come as an
@@ -154,10 +154,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
         tokio::time::timeout(PATIENCE, updates.changed())
             .await
             .context("no update on the open stream")??;
-        assert_eq!(
-            source.svid()?.leaf().as_bytes(),
-            rotated.chain[0].as_slice()
-        );
+        assert_eq!(source.svid()?.leaf().as_bytes(), rotated.leaf.as_slice());
     }
     assert_eq!(
         source.svid()?.private_key().as_bytes(),
@@ -267,10 +264,7 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
                     .context("a stream went unserved")??;
             }
             for source in &sources {
-                assert_eq!(
-                    source.svid()?.leaf().as_bytes(),
-                    rotated.chain[0].as_slice()
-                );
+                assert_eq!(source.svid()?.leaf().as_bytes(), rotated.leaf.as_slice());
             }
         }
         anyhow::Ok(())
@@ -318,7 +312,7 @@ async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()>
     let client = WorkloadApiClient::connect_to(&endpoint).await?;
     assert_eq!(
         client.fetch_x509_svid().await?.leaf().as_bytes(),
-        web.chain[0].as_slice()
+        web.leaf.as_slice()
     );
 
     // The watching application reconnected: it receives the next rotation.
@@ -328,7 +322,7 @@ async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()>
         loop {
             updates.changed().await?;
             let svid = source.svid()?;
-            if svid.leaf().as_bytes() == rotated.chain[0].as_slice() {
+            if svid.leaf().as_bytes() == rotated.leaf.as_slice() {
                 return anyhow::Ok(svid);
             }
         }

@@ -27,7 +27,7 @@ pub fn x509_svid_response(snapshot: &Snapshot, svids: &[&Arc<InstalledSvid>]) ->
             };
             X509svid {
                 spiffe_id: svid.spiffe_id.to_string(),
-                x509_svid: svid.chain.concat(),
+                x509_svid: svid.chain_der(),
                 x509_svid_key: svid.key_pkcs8.to_vec(),
                 bundle: bundle_for(snapshot, svid),
                 hint,
@@ -107,7 +107,8 @@ mod tests {
                 gateway: false,
             }),
             spiffe_id,
-            chain: vec![vec![0xa1], vec![0xa2]],
+            leaf: vec![0xa1],
+            intermediates: vec![vec![0xa2]].into(),
             key_pkcs8: Arc::new(Zeroizing::new(vec![0xbb])),
             not_after: SystemTime::UNIX_EPOCH,
             hint: hint.into(),
