@@ -43,7 +43,7 @@ const IDLE_FOR: Duration = Duration::from_secs(5);
 const MAX_AGE: Duration = Duration::from_secs(300);
 
 /// The most a connection's read buffer holds (hyper's minimum is 8 KiB).
-const READ_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Why a call to the holder failed.
 #[derive(Debug, thiserror::Error)]
