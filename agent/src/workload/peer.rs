@@ -94,16 +94,6 @@ pub fn since_boot() -> Option<Duration> {
     Some(Duration::new(u64::try_from(now.tv_sec()).ok()?, nanos))
 }
 
-/// Identifies the caller behind `cred`: its process facts, then the names of its user and
-/// groups looked up afresh (blocking).
-pub fn identify(cred: Credentials) -> Result<PeerInfo, PeerError> {
-    let mut info = identify_process(cred)?;
-    let (user, groups) = look_up_names(&info);
-    info.user = user;
-    info.group_names = groups;
-    Ok(info)
-}
-
 /// The caller's process facts from `/proc/<pid>` (groups, executable), with the pid-reuse
 /// guards; no names yet. A few reads of `/proc`, which never wait for a disk.
 pub fn identify_process(cred: Credentials) -> Result<PeerInfo, PeerError> {
@@ -122,14 +112,6 @@ pub fn identify_process(cred: Credentials) -> Result<PeerInfo, PeerError> {
 /// The primary gid, then the supplementary groups without it.
 fn all_gids(info: &PeerInfo) -> impl Iterator<Item = u32> + '_ {
     std::iter::once(info.gid).chain(info.groups.iter().copied().filter(|g| *g != info.gid))
-}
-
-/// The user name of the caller's uid and the names of its groups, from the user and group
-/// databases (blocking: NSS may ask a remote directory).
-fn look_up_names(info: &PeerInfo) -> (Option<String>, Vec<String>) {
-    let user = user_name(info.uid);
-    let groups = all_gids(info).filter_map(group_name).collect();
-    (user, groups)
 }
 
 fn user_name(uid: u32) -> Option<String> {
@@ -327,6 +309,14 @@ fn parse_status(status: &str) -> StatusFields {
 mod tests {
     use super::*;
 
+    /// The caller's process facts and its names looked up afresh, as a call's identification
+    /// with nothing remembered.
+    fn identify(cred: Credentials) -> Result<PeerInfo, PeerError> {
+        let mut info = identify_process(cred)?;
+        Names::new(Duration::ZERO).look_up(&mut info, Instant::now());
+        Ok(info)
+    }
+
     #[test]
     fn identifies_the_test_process_itself() {
         let uid = nix::unistd::geteuid().as_raw();
@@ -366,7 +356,17 @@ mod tests {
             gid: nix::unistd::getegid().as_raw(),
             accepted_since_boot: since_boot(),
         };
-        let fresh = identify(cred).expect("identify");
+        // The names straight from the user and group databases.
+        let mut fresh = identify_process(cred).expect("process facts");
+        fresh.user = User::from_uid(Uid::from_raw(cred.uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        fresh.group_names = std::iter::once(cred.gid)
+            .chain(fresh.groups.iter().copied().filter(|g| *g != cred.gid))
+            .filter_map(|g| Group::from_gid(Gid::from_raw(g)).ok().flatten())
+            .map(|g| g.name)
+            .collect();
         let names = Names::new(Duration::from_secs(10));
         let start = Instant::now();
         let mut info = identify_process(cred).expect("process facts");
@@ -376,7 +376,7 @@ mod tests {
             "nothing known yet"
         );
         names.look_up(&mut info, start);
-        assert_eq!(info, fresh, "a lookup fills what identify() finds");
+        assert_eq!(info, fresh, "a lookup fills in the databases' names");
 
         let mut again = identify_process(cred).expect("process facts");
         assert!(names.fill_remembered(&mut again, start + Duration::from_secs(9)));
