@@ -478,7 +478,8 @@ fn ski_of(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
         })
 }
 
-fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+/// The URI SANs of `cert`, in order (none when it has no SAN).
+pub(crate) fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
     match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value

@@ -12,7 +12,7 @@ use meshcert_protocol::api::{
     valid_node_name,
 };
 use meshcert_protocol::{NodeReport, SpiffeId};
-use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::authority::{Authority, AuthorityError, rfc3339, unix};
 use crate::config::{Config, TrustModel};
@@ -373,14 +373,10 @@ impl Holder {
             )
         };
         let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| unknown())?;
-        let uri = match cert.subject_alternative_name() {
-            Ok(Some(san)) => san.value.general_names.iter().find_map(|g| match g {
-                GeneralName::URI(u) => Some((*u).to_owned()),
-                _ => None,
-            }),
-            _ => None,
-        }
-        .ok_or_else(unknown)?;
+        let uri = crate::authority::uri_sans(&cert)
+            .into_iter()
+            .next()
+            .ok_or_else(unknown)?;
         let id = SpiffeId::new(&uri).map_err(|_| unknown())?;
         let name = node_name(&id).ok_or_else(unknown)?;
         let record = self
