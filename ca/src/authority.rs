@@ -479,7 +479,7 @@ fn ski_of(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
 }
 
 /// The URI SANs of `cert`, in order (none when it has no SAN).
-pub(crate) fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
     match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value

@@ -87,14 +87,10 @@ fn pair_of(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Pair> {
         "the key does not match the certificate (serial {})",
         leaf.raw_serial_as_string()
     );
-    let spiffe_id = leaf
-        .subject_alternative_name()?
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::URI(u) => Some(u.to_string()),
-                _ => None,
-            })
-        })
+    leaf.subject_alternative_name()?;
+    let spiffe_id = meshcert_tests::pki::uri_sans(&leaf)
+        .into_iter()
+        .next()
         .unwrap_or_default();
     Ok(Pair {
         serial: leaf.raw_serial_as_string(),

@@ -10,7 +10,7 @@ use meshcert_protocol::api::{
 };
 use meshcert_protocol::{CertState, IdentityReport, NodeReport, SpiffeId};
 use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG, HttpAnswer};
-use meshcert_tests::pki::{csr, p256};
+use meshcert_tests::pki::{csr, p256, uri_sans};
 use x509_parser::prelude::*;
 
 /// A request body as JSON bytes.
@@ -96,17 +96,8 @@ fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> 
 /// Checks a leaf against the X509-SVID rules with x509-parser.
 fn assert_x509_svid(der: &[u8], id: &str) {
     let (_, c) = X509Certificate::from_der(der).expect("leaf parses");
-    let san = c.subject_alternative_name().expect("ok").expect("SAN");
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|g| match g {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(uris, vec![id]);
+    c.subject_alternative_name().expect("ok").expect("SAN");
+    assert_eq!(uri_sans(&c), vec![id]);
     let bc = c
         .basic_constraints()
         .expect("ok")

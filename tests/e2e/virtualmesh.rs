@@ -25,7 +25,7 @@ use meshcert_protocol::api::{
 use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, SpiffeId};
 use meshcert_tests::agent::{Agent, WAIT, wait_until};
 use meshcert_tests::ca::{CaHolder, ClientIdentity};
-use meshcert_tests::pki::{csr, p256};
+use meshcert_tests::pki::{csr, p256, uri_sans};
 use rcgen::KeyPair;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -203,20 +203,10 @@ fn issue(
 /// The one URI SAN of a certificate, as a SPIFFE ID.
 fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
     let (_, c) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let san = c
-        .subject_alternative_name()
+    c.subject_alternative_name()
         .map_err(|e| e.to_string())?
         .ok_or("no SAN")?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|g| match g {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
+    match uri_sans(&c).as_slice() {
         [one] => SpiffeId::new(one).map_err(|e| e.to_string()),
         other => Err(format!("{} URI SANs", other.len())),
     }
