@@ -63,14 +63,7 @@ pub fn bench(bins: &Bins, sizes: &[usize]) -> anyhow::Result<()> {
         "\"joined\": node.pem written (process start, join token attestation included). Each entry's time is the mtime of its \
          `..data` symlink minus the moment just before the process was spawned; p50/p99 are over the entries.",
     );
-    table.note(format!(
-        "Agent volumes in {}.",
-        bins.volume_base
-            .as_ref()
-            .map_or("the agent's temporary folder".to_owned(), |p| p
-                .display()
-                .to_string())
-    ));
+    table.note(bins.volume_note());
     table.print();
     Ok(())
 }

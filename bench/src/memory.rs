@@ -97,14 +97,7 @@ pub fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
          7 MB of machine code, mapped by fault-around, shared and reclaimable: RssFile); threads = the runtime's workers plus \
          its blocking pool (key generation, volume writes).",
     );
-    table.note(format!(
-        "Agent volumes in {}.",
-        bins.volume_base
-            .as_ref()
-            .map_or("the agent's temporary folder".to_owned(), |p| p
-                .display()
-                .to_string())
-    ));
+    table.note(bins.volume_note());
     table.print();
     Ok(())
 }

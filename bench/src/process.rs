@@ -25,6 +25,18 @@ pub struct Bins {
 }
 
 impl Bins {
+    /// The table note that says where agents' volumes were.
+    pub fn volume_note(&self) -> String {
+        format!(
+            "Agent volumes in {}.",
+            self.volume_base
+                .as_ref()
+                .map_or("the agent's temporary folder".to_owned(), |p| p
+                    .display()
+                    .to_string())
+        )
+    }
+
     /// The binaries beside this one (`target/<profile>/`). When run through `cargo run` (and
     /// unless `no_build`), builds them first with the same profile so the figures never come
     /// from stale binaries.
