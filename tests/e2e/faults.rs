@@ -864,7 +864,14 @@ fn arbitrary_bytes_into_the_workload_api_get_an_answer_and_break_nothing() {
         .wait_for_file(&agent.volume_dir().join("me/..data"))
         .expect("issued");
     let socket = agent.workload_socket();
-    let expected = workload_serial(&socket).expect("served before the garbage");
+    // The install reaches the disk a moment before the snapshot is published: wait for it.
+    let mut expected = None;
+    wait_until("the SVID served before the garbage", WAIT, || {
+        expected = workload_serial(&socket).ok();
+        expected.is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", tail(&agent.log())));
+    let expected = expected.expect("served before the garbage");
 
     let paths = [
         "/SpiffeWorkloadAPI/FetchX509SVID",
