@@ -13,6 +13,8 @@ use meshcert_agent::config::{self, Overrides};
 use meshcert_agent::daemon::{self, RunOptions};
 use meshcert_agent::heap;
 
+mod math;
+
 /// The meshcert node agent: keeps every SVID on this node fresh.
 #[derive(Debug, Parser)]
 #[command(name = "meshcert-agent", version)]
