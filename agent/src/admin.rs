@@ -479,7 +479,7 @@ mod tests {
             ca_connected: true,
             node_svid_not_after: node_not_after,
             bundle_version: 3,
-            identities,
+            identities: identities.into(),
             ..AgentStatus::default()
         }
     }

@@ -150,8 +150,8 @@ pub struct AgentStatus {
     pub bundle_version: u64,
     /// Whether every entry has been attempted at least once since start.
     pub all_attempted: bool,
-    /// Every identity the agent manages, with its state.
-    pub identities: Vec<IdentityReport>,
+    /// Every identity the agent manages, with its state (shared with the upward report).
+    pub identities: Arc<[IdentityReport]>,
 }
 
 impl AgentStatus {

@@ -177,7 +177,7 @@ impl Metrics {
     pub fn observe(&self, status: &AgentStatus) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let mut next = BTreeMap::new();
-        for i in &status.identities {
+        for i in status.identities.iter() {
             let labels = labels(&i.spiffe_id.to_string(), &i.entry_id);
             let now = Seen {
                 serial: i.serial.clone(),
@@ -229,7 +229,7 @@ impl Metrics {
         self.expiry.clear();
         self.identities.clear();
         let mut states: BTreeMap<&str, i64> = BTreeMap::new();
-        for i in &status.identities {
+        for i in status.identities.iter() {
             if let Some(t) = i.not_after {
                 self.expiry
                     .get_or_create(&labels(&i.spiffe_id.to_string(), &i.entry_id))
@@ -414,7 +414,7 @@ mod tests {
             node_svid_not_after: Some(5_000),
             bundle_version: 7,
             ca_connected: true,
-            identities,
+            identities: identities.into(),
             ..AgentStatus::default()
         }
     }

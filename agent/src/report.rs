@@ -22,12 +22,12 @@ pub const RETRY_MAX: Duration = Duration::from_secs(10);
 pub fn build(
     bundle_version: u64,
     enforcement: Option<Enforcement>,
-    identities: &[IdentityReport],
+    identities: Arc<[IdentityReport]>,
 ) -> NodeReport {
     NodeReport {
         bundle_version,
         enforcement,
-        identities: identities.to_vec(),
+        identities,
     }
 }
 
@@ -158,7 +158,7 @@ mod tests {
     async fn latest_state_is_sent_on_change_and_after_an_outage() {
         let recorder = Arc::new(Recorder::default());
         let cache = Cache::new();
-        let (tx, rx) = watch::channel(build(1, None, &[]));
+        let (tx, rx) = watch::channel(build(1, None, Arc::default()));
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             recorder.clone(),
@@ -172,14 +172,14 @@ mod tests {
         until_reported(&recorder, 1).await;
         // A burst of changes: the latest one arrives.
         for v in 2..=5 {
-            tx.send_replace(build(v, None, &[]));
+            tx.send_replace(build(v, None, Arc::default()));
         }
         until_reported(&recorder, 5).await;
         assert!(recorder.got.lock().expect("lock").len() <= 5);
 
         // The holder is down while the state changes; once it is back, the latest goes.
         *recorder.down.lock().expect("lock") = true;
-        tx.send_replace(build(6, None, &[]));
+        tx.send_replace(build(6, None, Arc::default()));
         tokio::time::sleep(DEBOUNCE * 2).await;
         *recorder.down.lock().expect("lock") = false;
         cache.update_status(|s| s.ca_connected = true);
@@ -200,9 +200,9 @@ mod tests {
             last_error: Some("refused".into()),
             attempts: 2,
         }];
-        let r = build(7, Some(Enforcement::Enabled), &ids);
+        let r = build(7, Some(Enforcement::Enabled), ids.clone().into());
         assert_eq!(r.bundle_version, 7);
-        assert_eq!(r.identities, ids);
+        assert_eq!(*r.identities, *ids);
         assert_eq!(r.enforcement, Some(Enforcement::Enabled));
     }
 }

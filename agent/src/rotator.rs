@@ -193,9 +193,9 @@ struct Managed {
 }
 
 impl Managed {
-    fn new(entry: Entry, local: bool, now: SystemTime) -> Self {
+    fn new(entry: Arc<Entry>, local: bool, now: SystemTime) -> Self {
         Self {
-            entry: Arc::new(entry),
+            entry,
             local,
             current: None,
             schedule: Schedule::now(now),
@@ -251,7 +251,11 @@ pub struct Rotator<I: Issuer> {
     node: NodeIdentity,
     node_schedule: Schedule,
     node_renewing: bool,
+    /// The last sync answer without its entries (they are in `holder_entries`).
     last_sync: SyncResponse,
+    /// The holder's entries of the last sync, in its order; each is shared with `managed`, so
+    /// that 1000 entries are held once, not twice.
+    holder_entries: Vec<Arc<Entry>>,
     have_sync: bool,
     sync_attempted: bool,
     sync_in_flight: bool,
@@ -275,9 +279,10 @@ pub struct Rotator<I: Issuer> {
     intermediates: Intermediates,
 }
 
-/// Whether two sync answers are equal, field by field (without building two JSON trees of
-/// every entry, as comparing their serialized forms would).
-fn same_sync(a: &SyncResponse, b: &SyncResponse) -> bool {
+/// Whether a sync answer equals the last one (`b`, whose entries are `b_entries`), field by
+/// field (without building two JSON trees of every entry, as comparing their serialized forms
+/// would).
+fn same_sync(a: &SyncResponse, b: &SyncResponse, b_entries: &[Arc<Entry>]) -> bool {
     // Destructured so that a field added to the contract cannot be left out here.
     let SyncResponse {
         node,
@@ -291,7 +296,8 @@ fn same_sync(a: &SyncResponse, b: &SyncResponse) -> bool {
         && *mesh == b.mesh
         && *trust_domain == b.trust_domain
         && *enforcement == b.enforcement
-        && *entries == b.entries
+        && entries.len() == b_entries.len()
+        && entries.iter().zip(b_entries).all(|(a, b)| *a == **b)
         && *bundles == b.bundles
 }
 
@@ -342,6 +348,7 @@ impl<I: Issuer> Rotator<I> {
             node_schedule,
             node_renewing: false,
             last_sync,
+            holder_entries: Vec::new(),
             have_sync,
             sync_attempted: false,
             sync_in_flight: false,
@@ -363,8 +370,14 @@ impl<I: Issuer> Rotator<I> {
             heap: Trimmer::new(HEAP_TRIM_EVERY),
             intermediates: Intermediates::default(),
         };
-        let seed = rotator.last_sync.clone();
-        rotator.apply_sync(seed, now);
+        let seed = std::mem::take(&mut rotator.last_sync.entries);
+        rotator.apply_sync(
+            SyncResponse {
+                entries: seed,
+                ..rotator.last_sync.clone()
+            },
+            now,
+        );
         rotator
     }
 
@@ -477,8 +490,7 @@ impl<I: Issuer> Rotator<I> {
             self.semaphore = Arc::new(Semaphore::new(next.rotation.max_concurrent_signing));
         }
         self.config = next;
-        let seed = self.last_sync.clone();
-        self.apply_sync(seed, SystemTime::now());
+        self.reapply(self.last_sync.clone(), SystemTime::now());
         self.next_sync = SystemTime::now();
         tracing::info!("configuration reloaded");
     }
@@ -503,7 +515,8 @@ impl<I: Issuer> Rotator<I> {
                 self.connected(true, None);
                 self.sync_failures = 0;
                 self.next_sync = now + self.config.sync_interval;
-                let changed = !self.have_sync || !same_sync(&response, &self.last_sync);
+                let changed =
+                    !self.have_sync || !same_sync(&response, &self.last_sync, &self.holder_entries);
                 if changed && let Err(e) = node::store_last_sync(&self.config.state_dir, &response)
                 {
                     tracing::warn!(error = %e, "cannot store the last sync");
@@ -531,15 +544,30 @@ impl<I: Issuer> Rotator<I> {
     /// the trust domain (signed only under DISABLED; see [`Self::apply_enforcement`]), adopting
     /// valid SVIDs already on disk. New bundles are written into every folder at once, and an
     /// SVID that no longer verifies against them is issued again.
-    fn apply_sync(&mut self, response: SyncResponse, now: SystemTime) {
-        let bundles_changed = response.bundles != self.last_sync.bundles;
-        let enforcement_changed = response.enforcement != self.last_sync.enforcement;
-        self.last_sync = response;
+    fn apply_sync(&mut self, mut response: SyncResponse, now: SystemTime) {
+        // An entry equal to the one already managed keeps that one's allocation.
+        let entries = std::mem::take(&mut response.entries)
+            .into_iter()
+            .map(|e| match self.managed.get(&e.id) {
+                Some(m) if *m.entry == e => m.entry.clone(),
+                _ => Arc::new(e),
+            })
+            .collect();
+        self.holder_entries = entries;
+        self.reapply(response, now);
+    }
+
+    /// [`Self::apply_sync`] with `header` (a sync answer without its entries) and the holder's
+    /// entries already held (after a reload, or new bundles from a signing answer).
+    fn reapply(&mut self, header: SyncResponse, now: SystemTime) {
+        debug_assert!(header.entries.is_empty());
+        let bundles_changed = header.bundles != self.last_sync.bundles;
+        let enforcement_changed = header.enforcement != self.last_sync.enforcement;
+        self.last_sync = header;
         let td = self.last_sync.trust_domain.clone();
         let local_allowed = self.last_sync.enforcement == Enforcement::Disabled;
-        let mut desired: Vec<(Entry, bool)> = self
-            .last_sync
-            .entries
+        let mut desired: Vec<(Arc<Entry>, bool)> = self
+            .holder_entries
             .iter()
             .map(|e| (e.clone(), false))
             .collect();
@@ -551,7 +579,7 @@ impl<I: Issuer> Rotator<I> {
             if known.contains(&e.id) {
                 tracing::warn!(entry_id = %e.id, "a local entry has the id of a holder entry; the holder's wins");
             } else {
-                desired.push((e.clone(), true));
+                desired.push((Arc::new(e.clone()), true));
             }
         }
         // Two entries cannot share a folder: the first one keeps it.
@@ -598,11 +626,11 @@ impl<I: Issuer> Rotator<I> {
                     }
                     self.managed.insert(entry.id.clone(), m);
                 }
-                Some(m) if *m.entry == *entry && !bundles_changed => m.local = *local,
+                Some(m) if *m.entry == **entry && !bundles_changed => m.local = *local,
                 Some(m) => {
-                    let old = std::mem::replace(&mut m.entry, Arc::new(entry.clone()));
+                    let old = std::mem::replace(&mut m.entry, entry.clone());
                     m.local = *local;
-                    if *old != *entry {
+                    if *old != **entry {
                         m.denied = false;
                     }
                     if old.spiffe_id != entry.spiffe_id {
@@ -1043,7 +1071,7 @@ impl<I: Issuer> Rotator<I> {
                 {
                     let mut next = self.last_sync.clone();
                     next.bundles = bundles;
-                    self.apply_sync(next, now);
+                    self.reapply(next, now);
                 }
                 let mut answered = BTreeSet::new();
                 for (entry_id, key, outcome) in results {
@@ -1333,7 +1361,7 @@ impl<I: Issuer> Rotator<I> {
         };
         self.cache.publish(snapshot);
 
-        let identities: Vec<IdentityReport> = self
+        let identities: Arc<[IdentityReport]> = self
             .order
             .iter()
             .filter_map(|id| self.managed.get(id))
@@ -1348,12 +1376,12 @@ impl<I: Issuer> Rotator<I> {
             .map(|d| d.as_secs())
             .ok();
         let bundle_version = bundles.version;
-        // One copy of the identities goes to the report, the list itself to the status: the
-        // status is replaced whole (every field is the rotator's), not cloned and then changed.
+        // The report and the status share one list of the identities. The status is replaced
+        // whole (every field is the rotator's), not cloned and then changed.
         let next = report::build(
             bundle_version,
             Some(self.last_sync.enforcement),
-            &identities,
+            identities.clone(),
         );
         let issued = identities.iter().filter(|i| i.not_after.is_some()).count();
         let total = identities.len();

@@ -410,7 +410,7 @@ pub fn node_statuses(
                 bundle_version: report.map(|r| r.report.bundle_version),
                 enforcement: report.and_then(|r| r.report.enforcement),
                 identities: report
-                    .map(|r| r.report.identities.clone())
+                    .map(|r| r.report.identities.to_vec())
                     .unwrap_or_default(),
             }
         })
@@ -604,7 +604,7 @@ mod tests {
             report: NodeReport {
                 bundle_version: version,
                 enforcement,
-                identities: vec![],
+                identities: Vec::new().into(),
             },
             received_at: 0,
         }

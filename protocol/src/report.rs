@@ -1,6 +1,8 @@
 //! What agents report upward: per-identity certificate states and the bundle version they hold;
 //! and the issuance modes those states are produced under.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::id::SpiffeId;
@@ -80,8 +82,8 @@ pub struct NodeReport {
     /// The enforcement mode the agent applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
-    /// Every identity the agent manages.
-    pub identities: Vec<IdentityReport>,
+    /// Every identity the agent manages (shared with the agent's own status).
+    pub identities: Arc<[IdentityReport]>,
 }
 
 #[cfg(test)]
@@ -102,7 +104,8 @@ mod tests {
                 next_rotation: Some(1_799_998_200),
                 last_error: None,
                 attempts: 0,
-            }],
+            }]
+            .into(),
         };
         let json = serde_json::to_value(&r).expect("ser");
         assert_eq!(json["identities"][0]["state"], "ISSUED");

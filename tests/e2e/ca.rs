@@ -375,7 +375,8 @@ fn reports_reach_the_status() {
             next_rotation: None,
             last_error: None,
             attempts: 0,
-        }],
+        }]
+        .into(),
     };
     let a = ca
         .https("POST", "/v1/report", Some(&body!(report)), Some(&node))

@@ -665,7 +665,7 @@ fn agent_local_entries_are_signed_under_disabled_and_refused_under_enabled() {
         &NodeReport {
             bundle_version: signed.bundles.version,
             enforcement: Some(Enforcement::Disabled),
-            identities: vec![],
+            identities: vec![].into(),
         },
     );
     let status = ca.status().expect("status");
@@ -762,7 +762,8 @@ fn bundle_versions_grow_with_bundle_changes_and_federation_status_counts_acknowl
                     next_rotation: None,
                     last_error: None,
                     attempts: 0,
-                }],
+                }]
+                .into(),
             },
         )
     };
@@ -917,7 +918,7 @@ fn metrics_count_signed_and_refused_csrs_and_nodes() {
         &NodeReport {
             bundle_version: signed.bundles.version,
             enforcement: Some(Enforcement::Enabled),
-            identities: vec![],
+            identities: vec![].into(),
         },
     );
     let body = scrape(&addr);

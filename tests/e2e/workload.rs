@@ -373,7 +373,8 @@ async fn admin_socket_answers_status_and_readiness_to_its_user_only() -> Result<
             next_rotation: Some(now + 1800),
             last_error: None,
             attempts: 0,
-        }];
+        }]
+        .into();
     });
     assert_eq!(get("/readyz").await?.0, 200);
     let (code, body) = get("/v1/status").await?;
