@@ -1,25 +1,35 @@
-//! Changes of the shared volume seen by its watcher: which entry folders someone else changed.
+//! The volume's watcher, and the changes it sees: which entry folders someone else changed.
 //!
-//! The agent's own installs also raise inotify events (a new data folder filled, `..data`
-//! swapped, old data folders removed). Checking the whole volume on each of them made every
-//! rotation cost O(entries) reads. [`Classifier`] follows the event stream of each entry
-//! folder, in the kernel's order, and recognises the steps of an install by
-//! [`crate::volume::Volume::install`]: events inside a data folder that is still being filled
-//! (before its `..data` swap), the swap of `..data` from `....data.tmp`, symlinks renamed from
-//! their `..NAME.tmp`, removals of data folders that `..data` no longer points to. Everything
-//! else (a visible file or `..data` deleted, a file of the served data folder written, the
-//! folder moved away) marks that entry folder only, and [`Changes`] hands the set to the
-//! rotator, which compares just those folders with memory.
+//! [`VolumeWatch`] watches the volume folder and each entry folder, one level each, not the
+//! data folders inside them: deleting, renaming or replacing a visible file, `..data` or a
+//! data folder is seen at once. A write into a file of the served data folder (through its
+//! visible symlink) is not an event here; the rotator's periodic check of every folder
+//! (every [`crate::rotator::VOLUME_CHECK_EVERY`] ticks) finds and restores it. Watching the
+//! data folders too cost more than the rest of the agent together at 1000 entries: every
+//! install created and removed a watched folder, each removal made notify scan all its
+//! watches, and every read of a served file was an event.
+//!
+//! The agent's own installs also raise events (a new data folder created, `..data` swapped,
+//! old data folders removed). Checking the whole volume on each of them made every rotation
+//! cost O(entries) reads. [`Classifier`] follows the event stream of each entry folder, in
+//! the kernel's order, and recognises the steps of an install by
+//! [`crate::volume::Volume::install`]: a data folder created and its mode set before its
+//! `..data` swap, the swap of `..data` from `....data.tmp`, symlinks renamed from their
+//! `..NAME.tmp`, removals of data folders that `..data` no longer points to. Everything else
+//! (a visible file or `..data` deleted, the served data folder removed, the folder moved
+//! away) marks that entry folder only, and [`Changes`] hands the set to the rotator, which
+//! compares just those folders with memory.
 //!
 //! When in doubt (a folder whose history the watcher did not see, such as after a restart),
 //! an event counts as foreign: the cost is one folder's check, never a missed change.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Component, Path};
-use std::sync::Mutex;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use notify::EventKind;
+use notify::event::CreateKind;
 use notify::event::{ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
 use crate::volume::DATA_LINK;
@@ -90,13 +100,172 @@ impl Changes {
     }
 }
 
+/// Entry folders that appeared in the volume folder since last taken: each needs a watch of
+/// its own, which [`VolumeWatch::follow_new_folders`] adds (not the watcher's own thread,
+/// which is the one that would have to answer).
+#[derive(Debug, Default)]
+pub struct NewFolders {
+    pending: Mutex<BTreeSet<String>>,
+    notify: Notify,
+}
+
+impl NewFolders {
+    fn add(&self, dir: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(dir.to_owned());
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits until a folder appeared (at once when one is pending).
+    pub async fn appeared(&self) {
+        self.notify.notified().await;
+    }
+
+    fn take(&self) -> BTreeSet<String> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+}
+
+/// The entry folder that `path` creates (or moves in) right under `root`, if it does.
+fn new_entry_folder<'a>(root: &Path, kind: &EventKind, path: &'a Path) -> Option<&'a str> {
+    let arrives = matches!(
+        kind,
+        EventKind::Create(CreateKind::Folder | CreateKind::Any)
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Any))
+    );
+    if !arrives || path.parent() != Some(root) {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?;
+    meshcert_protocol::entry::valid_dir(name).then_some(name)
+}
+
+/// The volume's watcher: the volume folder and each entry folder (see the module
+/// documentation). It starts again when the volume folder itself was removed and recreated
+/// (inotify watches the old folder's inode, which is gone).
+pub struct VolumeWatch {
+    root: PathBuf,
+    changed: Arc<Changes>,
+    new_folders: Arc<NewFolders>,
+    watcher: Option<notify::RecommendedWatcher>,
+    inode: Option<u64>,
+}
+
+impl VolumeWatch {
+    /// Watches `root` (when it exists; see [`Self::renew_if_replaced`]) and reports what
+    /// others change into `changed`.
+    pub fn start(root: &Path, changed: Arc<Changes>) -> Self {
+        let mut watch = Self {
+            root: root.to_owned(),
+            changed,
+            new_folders: Arc::new(NewFolders::default()),
+            watcher: None,
+            inode: None,
+        };
+        watch.renew_if_replaced();
+        watch
+    }
+
+    /// Entry folders that appeared: call [`Self::follow_new_folders`] when there are some.
+    pub fn new_folders(&self) -> Arc<NewFolders> {
+        self.new_folders.clone()
+    }
+
+    /// Watches the entry folders that appeared since the last call.
+    pub fn follow_new_folders(&mut self) {
+        for dir in self.new_folders.take() {
+            self.follow(&dir);
+        }
+    }
+
+    /// Starts watching again when the volume folder was replaced (or appeared); call it
+    /// periodically.
+    pub fn renew_if_replaced(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::metadata(&self.root).ok().map(|m| m.ino());
+        if inode.is_some() && (inode != self.inode || self.watcher.is_none()) {
+            if self.inode.is_some() {
+                tracing::warn!(path = %self.root.display(), "the volume folder was replaced; watching the new one");
+                self.changed.all();
+            }
+            self.watcher = self.watch_root();
+            self.inode = inode;
+            // Folders that were there before the watch have raised no event.
+            if let Ok(list) = std::fs::read_dir(&self.root) {
+                for dir in list.flatten() {
+                    if let Some(name) = dir.file_name().to_str()
+                        && meshcert_protocol::entry::valid_dir(name)
+                        && dir.file_type().is_ok_and(|t| t.is_dir())
+                    {
+                        self.follow(name);
+                    }
+                }
+            }
+        }
+    }
+
+    fn follow(&mut self, dir: &str) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        // Gone again already: nothing to watch (its removal was an event of the volume folder).
+        if let Err(e) = watcher.watch(&self.root.join(dir), RecursiveMode::NonRecursive) {
+            tracing::debug!(dir, error = %e, "cannot watch an entry folder");
+        }
+    }
+
+    fn watch_root(&self) -> Option<notify::RecommendedWatcher> {
+        let mut classifier = Classifier::new();
+        let base = self.root.clone();
+        let changed = self.changed.clone();
+        let new_folders = self.new_folders.clone();
+        let mut watcher = volume_watcher(move |event: notify::Result<notify::Event>| {
+            let event = match event {
+                Ok(event) => event,
+                // Events were lost (queue overflow): anything may have changed.
+                Err(_) => return changed.all(),
+            };
+            if event.need_rescan() {
+                return changed.all();
+            }
+            // A rename seen from both sides: its `From` and `To` events came before it.
+            if matches!(
+                event.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+            ) {
+                return;
+            }
+            for path in &event.paths {
+                if let Some(dir) = new_entry_folder(&base, &event.kind, path) {
+                    new_folders.add(dir);
+                }
+                match classifier.classify(&base, &event.kind, path) {
+                    Verdict::Ignore => {}
+                    Verdict::Dir(dir) => changed.dir(&dir),
+                    Verdict::All => changed.all(),
+                }
+            }
+        })
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume; checking it periodically only"))
+        .ok()?;
+        watcher
+            .watch(&self.root, RecursiveMode::NonRecursive)
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume; checking it periodically only"))
+            .ok()?;
+        Some(watcher)
+    }
+}
+
 /// A watcher for the volume that does not follow symlinks: `..data` and the visible names
 /// are symlinks into the data folder, and following them would report events under the link's
 /// name instead of the real path (inotify gives one watch per folder, whatever its name).
-pub fn volume_watcher<F: notify::EventHandler>(
+fn volume_watcher<F: notify::EventHandler>(
     handler: F,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
     notify::RecommendedWatcher::new(
         handler,
         notify::Config::default().with_follow_symlinks(false),
@@ -374,16 +543,15 @@ mod tests {
         assert_eq!(changes.take(), Some(Check::All));
         assert_eq!(changes.take(), None);
     }
-    /// The real sequence: installs by [`crate::volume::Volume::install`] seen through a real
-    /// inotify watcher leave no mark; the foreign deletion after them marks the folder.
-    #[test]
-    fn real_installs_leave_no_mark_and_a_deletion_does() {
+    /// The real sequence: installs by [`crate::volume::Volume::install`] seen through the real
+    /// [`VolumeWatch`] leave no mark; a folder that appears later is watched too; foreign
+    /// deletions mark their folder.
+    #[tokio::test]
+    async fn real_installs_leave_no_mark_and_deletions_do() {
         use std::collections::BTreeMap;
-        use std::sync::mpsc;
         use std::time::{Duration, SystemTime};
 
         use meshcert_protocol::SpiffeId;
-        use notify::{RecursiveMode, Watcher};
 
         use crate::keys::{KeyAlgorithm, PrivateKey};
         use crate::svid::testca::TestCa;
@@ -393,37 +561,12 @@ mod tests {
         let root = tmp.path().join("svids");
         let volume = Volume::new(&root);
         volume.ensure_root().expect("root");
-        let (tx, rx) = mpsc::channel();
-        let mut classifier = Classifier::new();
-        let base = root.clone();
-        let mut watcher = volume_watcher(move |event: notify::Result<notify::Event>| {
-            let event = event.expect("event");
-            if matches!(
-                event.kind,
-                EventKind::Modify(ModifyKind::Name(RenameMode::Both))
-            ) {
-                return;
-            }
-            for path in &event.paths {
-                let verdict = classifier.classify(&base, &event.kind, path);
-                if verdict != Verdict::Ignore {
-                    let _ = tx.send((verdict, event.kind, path.clone()));
-                }
-            }
-        })
-        .expect("watcher");
-
+        let changes = Arc::new(Changes::new());
         let ca = TestCa::new();
         let id = SpiffeId::new("spiffe://mesh-a.test/web").expect("id");
         let bundle = vec![ca.root.clone()];
         let federated = BTreeMap::new();
-        // The first install happens before the watcher starts (an agent restarted).
-        for round in 0..6 {
-            if round == 1 {
-                watcher
-                    .watch(&root, RecursiveMode::Recursive)
-                    .expect("watch");
-            }
+        let install = || {
             let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
             let chain = ca.sign(
                 &crate::csr::build(&key, Some(&id)).expect("csr"),
@@ -442,15 +585,45 @@ mod tests {
             volume
                 .install("web", &contents, SystemTime::now())
                 .expect("install");
+        };
+        let settle = Duration::from_secs(10);
+
+        // The first install happens before the watcher starts (an agent restarted).
+        install();
+        let mut watch = VolumeWatch::start(&root, changes.clone());
+        let new_folders = watch.new_folders();
+        for _ in 0..5 {
+            install();
         }
-        let svid = volume.entry_path("web").join(crate::volume::SVID_FILE);
-        std::fs::remove_file(&svid).expect("delete");
-        // Events arrive in order: the first mark must be the deletion.
-        let (verdict, kind, path) = rx.recv_timeout(Duration::from_secs(30)).expect("a mark");
+        // Events are handled in order: once the new folder is seen, so were the installs.
+        std::fs::create_dir(root.join("db")).expect("new folder");
+        tokio::time::timeout(settle, new_folders.appeared())
+            .await
+            .expect("the new folder is seen");
         assert_eq!(
-            (verdict, path.as_path()),
-            (Verdict::Dir("web".to_owned()), svid.as_path()),
-            "{kind:?}"
+            changes.take(),
+            None,
+            "the agent's own installs leave no mark"
         );
+
+        watch.follow_new_folders();
+        let file = root.join("db").join("svid.pem");
+        std::fs::write(&file, "x").expect("write");
+        std::fs::remove_file(&file).expect("delete");
+        tokio::time::timeout(settle, changes.changed())
+            .await
+            .expect("a mark");
+        assert_eq!(
+            changes.take(),
+            Some(Check::Dirs(["db".to_owned()].into())),
+            "a folder that appeared is watched"
+        );
+
+        std::fs::remove_file(volume.entry_path("web").join(crate::volume::SVID_FILE))
+            .expect("delete");
+        tokio::time::timeout(settle, changes.changed())
+            .await
+            .expect("a mark");
+        assert_eq!(changes.take(), Some(Check::Dirs(["web".to_owned()].into())));
     }
 }

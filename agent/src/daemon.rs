@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cache::Cache;
-use crate::changes::{Changes, Classifier, Verdict};
+use crate::changes::{Changes, VolumeWatch};
 use crate::config::{self, Config, ConfigError, Listeners, Overrides};
 use crate::issuer::{HttpsIssuer, Issuer, IssuerError};
 use crate::metrics::{Metrics, TimedIssuer};
@@ -266,6 +266,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     // File watchers: the volume (restore what others change) and the config file (reload).
     let config_changed = Arc::new(Notify::new());
     let mut volume_watch = VolumeWatch::start(&config.volume_dir, volume_changed);
+    let new_folders = volume_watch.new_folders();
     let _config_watcher = watch_config(&options.config_path, config_changed.clone());
     let mut rewatch = tokio::time::interval(Duration::from_secs(5));
 
@@ -274,6 +275,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = rewatch.tick() => volume_watch.renew_if_replaced(),
+            () = new_folders.appeared() => volume_watch.follow_new_folders(),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 reload(&options, listeners, &commands_tx).await;
@@ -376,85 +378,6 @@ async fn identity<I: Issuer>(
             Err(e) => return Err(DaemonError::Join(e)),
         }
     }
-}
-
-/// The volume watcher, started again when the volume folder itself was removed and recreated
-/// (inotify watches the old folder's inode, which is gone).
-struct VolumeWatch {
-    root: PathBuf,
-    changed: Arc<Changes>,
-    watcher: Option<notify::RecommendedWatcher>,
-    inode: Option<u64>,
-}
-
-impl VolumeWatch {
-    fn start(root: &Path, changed: Arc<Changes>) -> Self {
-        let mut watch = Self {
-            root: root.to_owned(),
-            changed,
-            watcher: None,
-            inode: None,
-        };
-        watch.renew_if_replaced();
-        watch
-    }
-
-    fn renew_if_replaced(&mut self) {
-        use std::os::unix::fs::MetadataExt as _;
-        let inode = std::fs::metadata(&self.root).ok().map(|m| m.ino());
-        if inode.is_some() && (inode != self.inode || self.watcher.is_none()) {
-            if self.inode.is_some() {
-                tracing::warn!(path = %self.root.display(), "the volume folder was replaced; watching the new one");
-                self.changed.all();
-            }
-            self.watcher = watch_volume(&self.root, self.changed.clone());
-            self.inode = inode;
-        }
-    }
-}
-
-/// Watches the volume; events of the agent's own installs are left out (see [`Classifier`]),
-/// others mark their entry folder in `changed`.
-fn watch_volume(root: &Path, changed: Arc<Changes>) -> Option<notify::RecommendedWatcher> {
-    let mut classifier = Classifier::new();
-    let base = root.to_owned();
-    let mut watcher = crate::changes::volume_watcher(
-        move |event: notify::Result<notify::Event>| {
-            let event = match event {
-                Ok(event) => event,
-                // Events were lost (queue overflow): anything may have changed.
-                Err(_) => return changed.all(),
-            };
-            if event.need_rescan() {
-                return changed.all();
-            }
-            // A rename seen from both sides: its `From` and `To` events came before it.
-            if matches!(
-                event.kind,
-                notify::EventKind::Modify(notify::event::ModifyKind::Name(
-                    notify::event::RenameMode::Both
-                ))
-            ) {
-                return;
-            }
-            for path in &event.paths {
-                match classifier.classify(&base, &event.kind, path) {
-                    Verdict::Ignore => {}
-                    Verdict::Dir(dir) => changed.dir(&dir),
-                    Verdict::All => changed.all(),
-                }
-            }
-        },
-    )
-    .map_err(
-        |e| tracing::warn!(error = %e, "cannot watch the volume; checking it periodically only"),
-    )
-    .ok()?;
-    watcher
-        .watch(root, RecursiveMode::Recursive)
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume; checking it periodically only"))
-        .ok()?;
-    Some(watcher)
 }
 
 fn watch_config(path: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
