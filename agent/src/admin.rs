@@ -400,10 +400,10 @@ fn render(view: &StatusView, now: SystemTime) -> String {
             [
                 i.spiffe_id.to_string(),
                 i.state.as_str().to_owned(),
-                i.serial.clone().unwrap_or_else(|| "-".into()),
+                i.serial.as_deref().unwrap_or("-").to_owned(),
                 time(i.not_after),
                 time(i.next_rotation),
-                i.last_error.clone().unwrap_or_else(|| "-".into()),
+                i.last_error.as_deref().unwrap_or("-").to_owned(),
             ]
         })
         .collect();

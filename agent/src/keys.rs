@@ -2,6 +2,7 @@
 //! newtype that zeroizes on drop and never prints its bytes.
 
 use std::fmt;
+use std::sync::Arc;
 
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256, RsaKeySize};
 use serde::{Deserialize, Serialize};
@@ -69,9 +70,10 @@ impl fmt::Display for KeyAlgorithm {
 }
 
 /// A private key: unencrypted PKCS#8 DER, wiped from memory on drop, redacted in `Debug`.
+/// Clones share one copy of the bytes (the rotator and the served SVID hold the same key).
 #[derive(Clone)]
 pub struct PrivateKey {
-    pkcs8: Zeroizing<Vec<u8>>,
+    pkcs8: Arc<Zeroizing<Vec<u8>>>,
 }
 
 impl fmt::Debug for PrivateKey {
@@ -92,14 +94,14 @@ impl PrivateKey {
         };
         let pair = generated.map_err(|source| KeyError::Generate { algorithm, source })?;
         Ok(Self {
-            pkcs8: Zeroizing::new(pair.serialize_der()),
+            pkcs8: Arc::new(Zeroizing::new(pair.serialize_der())),
         })
     }
 
     /// Takes PKCS#8 DER, checking that it parses.
     pub fn from_pkcs8(der: Vec<u8>) -> Result<Self, KeyError> {
         let key = Self {
-            pkcs8: Zeroizing::new(der),
+            pkcs8: Arc::new(Zeroizing::new(der)),
         };
         key.key_pair()?;
         Ok(key)
@@ -120,12 +122,18 @@ impl PrivateKey {
         &self.pkcs8
     }
 
+    /// The PKCS#8 DER bytes, shared (not copied) with this key.
+    pub fn shared_pkcs8(&self) -> Arc<Zeroizing<Vec<u8>>> {
+        self.pkcs8.clone()
+    }
+
     /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), in a buffer that is wiped on drop.
     pub fn to_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            self.pkcs8.to_vec(),
-        )))
+        let block = pem::Pem::new("PRIVATE KEY", self.pkcs8.to_vec());
+        let text = Zeroizing::new(pem::encode(&block));
+        // The copy the PEM encoder was given is wiped too.
+        drop(Zeroizing::new(block.into_contents()));
+        text
     }
 
     /// The rcgen key pair, to sign a CSR with.

@@ -56,8 +56,18 @@ type Labels = Vec<(String, String)>;
 /// What was last seen of one identity: its serial and its failed attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
-    serial: Option<String>,
+    serial: Option<Arc<str>>,
     attempts: u32,
+    /// The round of [`Metrics::observe`] that last saw it.
+    round: bool,
+}
+
+/// Per entry id, what the last observed status held; updated in place, as statuses come
+/// after every batch of rotations.
+#[derive(Debug, Default)]
+struct Observed {
+    entries: BTreeMap<Arc<str>, Seen>,
+    round: bool,
 }
 
 /// The agent's metrics: one handle, shared by the status watcher, the signing timer and the
@@ -73,7 +83,7 @@ pub struct Metrics {
     bundle_version: Gauge,
     ca_connected: Gauge,
     /// Per entry id, what the last observed status held; also serialises renders.
-    seen: Mutex<BTreeMap<String, Seen>>,
+    seen: Mutex<Observed>,
     address: Mutex<Option<SocketAddr>>,
 }
 
@@ -166,7 +176,7 @@ impl Metrics {
             node_expiry,
             bundle_version,
             ca_connected,
-            seen: Mutex::new(BTreeMap::new()),
+            seen: Mutex::new(Observed::default()),
             address: Mutex::new(None),
         }
     }
@@ -176,34 +186,43 @@ impl Metrics {
     /// growing number of attempts is that many failures (attempts restart from 0 on success).
     pub fn observe(&self, status: &AgentStatus) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut next = BTreeMap::new();
+        let seen = &mut *seen;
+        seen.round = !seen.round;
+        let round = seen.round;
         for i in status.identities.iter() {
-            let labels = labels(&i.spiffe_id.to_string(), &i.entry_id);
-            let now = Seen {
-                serial: i.serial.clone(),
-                attempts: i.attempts,
-            };
-            let before = seen.get(&i.entry_id);
-            if let Some(before) = before
-                && now.serial.is_some()
-                && now.serial != before.serial
-            {
-                self.rotations.get_or_create(&labels).inc();
-            }
-            let before_attempts = before.map_or(0, |b| b.attempts);
-            let failed = if now.attempts >= before_attempts {
-                now.attempts - before_attempts
+            let labels = || labels(&i.spiffe_id.to_string(), &i.entry_id);
+            let before = seen.entries.get_mut(&i.entry_id);
+            let before_attempts = before.as_ref().map_or(0, |b| b.attempts);
+            let failed = if i.attempts >= before_attempts {
+                i.attempts - before_attempts
             } else {
-                now.attempts
+                i.attempts
             };
             if failed > 0 {
                 self.failures
-                    .get_or_create(&labels)
+                    .get_or_create(&labels())
                     .inc_by(u64::from(failed));
             }
-            next.insert(i.entry_id.clone(), now);
+            match before {
+                Some(before) => {
+                    if i.serial.is_some() && i.serial != before.serial {
+                        self.rotations.get_or_create(&labels()).inc();
+                        before.serial = i.serial.clone();
+                    }
+                    before.attempts = i.attempts;
+                    before.round = round;
+                }
+                None => {
+                    let now = Seen {
+                        serial: i.serial.clone(),
+                        attempts: i.attempts,
+                        round,
+                    };
+                    seen.entries.insert(i.entry_id.clone(), now);
+                }
+            }
         }
-        *seen = next;
+        seen.entries.retain(|_, s| s.round == round);
     }
 
     /// One signing request answered (or failed) after `took`.
@@ -401,7 +420,7 @@ mod tests {
             } else {
                 CertState::Issued
             },
-            serial: serial.map(str::to_owned),
+            serial: serial.map(Into::into),
             not_after,
             next_rotation: None,
             last_error: None,

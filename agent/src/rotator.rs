@@ -179,11 +179,13 @@ pub const GATEWAY_HINT: &str = "gateway";
 struct Managed {
     /// Shared with the served SVIDs (`InstalledSvid::entry`) and the signing jobs.
     entry: Arc<Entry>,
+    /// The entry's id, shared with every status and report that lists it.
+    id: Arc<str>,
     local: bool,
     current: Option<Installed>,
     schedule: Schedule,
     state: CertState,
-    last_error: Option<String>,
+    last_error: Option<Arc<str>>,
     attempted: bool,
     in_flight: Option<u64>,
     /// An agent-local entry the holder refused by policy (`policy_denied`,
@@ -195,6 +197,7 @@ struct Managed {
 impl Managed {
     fn new(entry: Arc<Entry>, local: bool, now: SystemTime) -> Self {
         Self {
+            id: entry.id.as_str().into(),
             entry,
             local,
             current: None,
@@ -210,7 +213,7 @@ impl Managed {
     fn report(&self) -> IdentityReport {
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
         IdentityReport {
-            entry_id: self.entry.id.clone(),
+            entry_id: self.id.clone(),
             spiffe_id: self.entry.spiffe_id.clone(),
             state: self.state,
             serial: self.current.as_ref().map(|c| c.info.serial.clone()),
@@ -805,7 +808,7 @@ impl<I: Issuer> Rotator<I> {
         info: LeafInfo,
         gateway: Option<CheckedChain>,
     ) -> Installed {
-        let key_pkcs8 = Arc::new(zeroize::Zeroizing::new(key.pkcs8_der().to_vec()));
+        let key_pkcs8 = key.shared_pkcs8();
         let (leaf, intermediates) = self.split_chain(chain);
         let served = Arc::new(InstalledSvid {
             entry: entry.clone(),
@@ -1219,7 +1222,7 @@ impl<I: Issuer> Rotator<I> {
         } else {
             tracing::debug!(entry_id = %entry_id, error = %error, retry_in = ?wait, failures = m.schedule.failures, "cannot obtain an SVID");
         }
-        m.last_error = Some(error);
+        m.last_error = Some(error.into());
     }
 
     // ---- node SVID --------------------------------------------------------------------
@@ -1306,7 +1309,7 @@ impl<I: Issuer> Rotator<I> {
                 if let Some(error) = error {
                     tracing::warn!(entry_id = %entry_id, error = %error, "rotation hook failed");
                     if let Some(m) = self.managed.get_mut(&entry_id) {
-                        m.last_error = Some(format!("hook: {error}"));
+                        m.last_error = Some(format!("hook: {error}").into());
                     }
                     self.publish();
                 }
@@ -1819,14 +1822,14 @@ mod tests {
         until(&run.cache, "refusal counted twice", |s| {
             s.identities
                 .iter()
-                .any(|i| i.entry_id == "other" && i.state == CertState::Failed && i.attempts >= 2)
+                .any(|i| &*i.entry_id == "other" && i.state == CertState::Failed && i.attempts >= 2)
         })
         .await;
         let status = run.cache.status();
         let other = status
             .identities
             .iter()
-            .find(|i| i.entry_id == "other")
+            .find(|i| &*i.entry_id == "other")
             .expect("other");
         assert!(
             other
@@ -1965,7 +1968,7 @@ mod tests {
         run.commands.send(Command::SyncNow).await.expect("send");
         until(&run.cache, "the local entry refused", |s| {
             s.identities.iter().any(|i| {
-                i.entry_id == "tool"
+                &*i.entry_id == "tool"
                     && i.state == CertState::Failed
                     && i.last_error
                         .as_deref()

@@ -2,6 +2,8 @@
 //! bundle, the leaf carries exactly the expected SPIFFE ID, and the key matches the leaf.
 //! Also the PEM encoding of certificate chains.
 
+use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshcert_protocol::SpiffeId;
@@ -56,8 +58,8 @@ pub enum SvidError {
 pub struct LeafInfo {
     /// Its identity.
     pub spiffe_id: SpiffeId,
-    /// Serial number, lowercase hex.
-    pub serial: String,
+    /// Serial number, lowercase hex (shared with the statuses that show it).
+    pub serial: Arc<str>,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -88,18 +90,17 @@ pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, SvidError> {
         return Err(SvidError::NoSpiffeId);
     };
     let spiffe_id = SpiffeId::new(uri).map_err(|_| SvidError::NoSpiffeId)?;
-    let serial = cert
-        .raw_serial()
-        .iter()
-        .skip_while(|b| **b == 0)
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let mut serial = String::with_capacity(2 * cert.raw_serial().len());
+    for b in cert.raw_serial().iter().skip_while(|b| **b == 0) {
+        // Writing into a String cannot fail.
+        let _ = write!(serial, "{b:02x}");
+    }
     Ok(LeafInfo {
         spiffe_id,
         serial: if serial.is_empty() {
             "00".into()
         } else {
-            serial
+            serial.into()
         },
         not_before: unix(cert.validity().not_before.timestamp()),
         not_after: unix(cert.validity().not_after.timestamp()),

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,14 +54,14 @@ pub enum IdError {
 /// A SPIFFE trust domain, such as `mesh-a.example.org`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct TrustDomain(String);
+pub struct TrustDomain(Arc<str>);
 
 impl TrustDomain {
     /// Parses a bare trust domain name (`example.org`) or its ID form (`spiffe://example.org`).
     pub fn new(name: &str) -> Result<Self, IdError> {
         let name = name.strip_prefix(SCHEME).unwrap_or(name);
         validate_trust_domain(name)?;
-        Ok(Self(name.to_owned()))
+        Ok(Self(name.into()))
     }
 
     /// The bare name, without scheme.
@@ -108,7 +109,7 @@ impl TryFrom<String> for TrustDomain {
 
 impl From<TrustDomain> for String {
     fn from(td: TrustDomain) -> String {
-        td.0
+        td.0.as_ref().to_owned()
     }
 }
 
@@ -117,8 +118,9 @@ impl From<TrustDomain> for String {
 #[serde(try_from = "String", into = "String")]
 pub struct SpiffeId {
     trust_domain: TrustDomain,
-    /// Empty, or starts with `/`.
-    path: String,
+    /// Empty, or starts with `/`. (Both parts are shared on clone: an agent copies each
+    /// identity into its status, its report and its served SVIDs.)
+    path: Arc<str>,
 }
 
 impl SpiffeId {
@@ -137,8 +139,8 @@ impl SpiffeId {
         validate_trust_domain(td)?;
         validate_path(path)?;
         Ok(Self {
-            trust_domain: TrustDomain(td.to_owned()),
-            path: path.to_owned(),
+            trust_domain: TrustDomain(td.into()),
+            path: path.into(),
         })
     }
 
@@ -147,7 +149,7 @@ impl SpiffeId {
         validate_path(path)?;
         let id = Self {
             trust_domain: trust_domain.clone(),
-            path: path.to_owned(),
+            path: path.into(),
         };
         if id.to_string().len() > MAX_ID_LEN {
             return Err(IdError::TooLong);

@@ -51,14 +51,14 @@ pub enum Enforcement {
 #[serde(rename_all = "camelCase")]
 pub struct IdentityReport {
     /// The entry.
-    pub entry_id: String,
+    pub entry_id: Arc<str>,
     /// Its identity.
     pub spiffe_id: SpiffeId,
     /// Where it stands.
     pub state: CertState,
     /// Serial of the SVID being served, lowercase hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial: Option<String>,
+    pub serial: Option<Arc<str>>,
     /// Expiry of the SVID being served, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<u64>,
@@ -67,7 +67,7 @@ pub struct IdentityReport {
     pub next_rotation: Option<u64>,
     /// The last failure, if the last attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    pub last_error: Option<Arc<str>>,
     /// Attempts since the last success.
     #[serde(default)]
     pub attempts: u32,

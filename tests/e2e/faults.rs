@@ -94,7 +94,7 @@ fn installed_pair(entry: &Path, id: &str) -> anyhow::Result<Installed> {
     let at = leaf.not_before + Duration::from_secs(10);
     let info = svid::check(&chain, &key, &roots, &SpiffeId::new(id)?, at)?;
     Ok(Installed {
-        serial: info.serial,
+        serial: info.serial.to_string(),
         not_after: info.not_after,
     })
 }
@@ -344,7 +344,7 @@ fn workload_serial(socket: &Path) -> anyhow::Result<String> {
         let client =
             spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await?;
         let svid = client.fetch_x509_svid().await?;
-        Ok(svid::leaf_info(svid.leaf().as_bytes())?.serial)
+        Ok(svid::leaf_info(svid.leaf().as_bytes())?.serial.to_string())
     })
 }
 
