@@ -32,8 +32,9 @@ use crate::{csr, hook, report, systemd};
 
 /// How often the rotator looks at the wall clock.
 pub const TICK: Duration = Duration::from_secs(1);
-/// How often the volume is compared with memory even without a file event.
-pub const VOLUME_CHECK_EVERY: u32 = 5;
+/// How often the volume is compared with memory even without a file event (the watcher does
+/// not see writes into served files: see [`crate::changes`]).
+pub const VOLUME_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// The heap's free pages go back to the kernel at most this often (after a publish).
 const HEAP_TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -398,7 +399,9 @@ impl<I: Issuer> Rotator<I> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> usize {
         tokio::pin!(shutdown);
-        let mut ticks: u32 = 0;
+        // By the clock, not by wake-ups: while rotations run back to back the rotator wakes far
+        // more often than once per TICK, and a check reads every folder.
+        let mut next_check = tokio::time::Instant::now() + VOLUME_CHECK_EVERY;
         let volume_changed = self.volume_changed.clone();
         self.on_tick(SystemTime::now(), false);
         loop {
@@ -412,8 +415,11 @@ impl<I: Issuer> Rotator<I> {
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 () = volume_changed.changed() => self.on_volume_changes(),
                 () = tokio::time::sleep_until(wake) => {
-                    ticks = ticks.wrapping_add(1);
-                    self.on_tick(SystemTime::now(), ticks.is_multiple_of(VOLUME_CHECK_EVERY));
+                    let check = tokio::time::Instant::now() >= next_check;
+                    if check {
+                        next_check = tokio::time::Instant::now() + VOLUME_CHECK_EVERY;
+                    }
+                    self.on_tick(SystemTime::now(), check);
                 }
             }
         }
