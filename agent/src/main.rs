@@ -188,7 +188,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    // Before any thread exists: one malloc arena (see `heap`).
+    // Before any thread exists: the daemon runs with its allocator tunables (this may start
+    // the program again, in place) and one malloc arena (see `heap`).
+    let tunables = match cli.command {
+        Command::Run(_) => heap::restart_with_tunables(),
+        _ => Ok(()),
+    };
     heap::use_one_arena();
     // A small, fixed runtime: every thread that allocates gets its own glibc arena, and a
     // default runtime (one worker per core, up to 512 blocking threads) multiplied them with
@@ -209,6 +214,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             init_logging(cli.log_format);
+            if let Err(e) = tunables {
+                tracing::warn!(error = %e, tunables = heap::TUNABLES, "cannot start again with the allocator's tunables; going on with glibc's defaults");
+            }
             let join_token = match (&args.join_token, &args.join_token_file) {
                 (Some(t), _) => Some(t.trim().to_owned()),
                 (None, Some(path)) => match std::fs::read_to_string(path) {

@@ -222,6 +222,54 @@ fn openssl_verify(chain: &[Vec<u8>], root: &Path) -> std::process::Output {
     cmd.arg(&leaf).output().expect("openssl runs")
 }
 
+/// The environment of process `pid`, one `NAME=value` per item.
+fn environ(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    raw.split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// `run` starts its program again in place (same process id) with the allocator's tunables,
+/// and works as before; an operator's own `GLIBC_TUNABLES` is kept as given.
+#[test]
+fn run_restarts_in_place_with_the_allocator_tunables_unless_the_operator_set_them() {
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let pid = agent.pid().expect("running");
+    let env = environ(pid);
+    let tunables: Vec<&String> = env
+        .iter()
+        .filter(|v| v.starts_with("GLIBC_TUNABLES="))
+        .collect();
+    assert_eq!(tunables, ["GLIBC_TUNABLES=glibc.malloc.tcache_count=0"]);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("run\0--config"),
+        "the same arguments: {cmdline:?}"
+    );
+    wait_pair(&agent, &agent.volume_dir().join("web"), "issued", |_| true).expect("issued");
+
+    let token = ca.token("node-2", MESH).expect("token");
+    let mut own = Agent::spawn_with_env(
+        &ca,
+        "node-2",
+        MESH,
+        "",
+        Some(&token),
+        &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")],
+    )
+    .expect("agent");
+    own.wait_joined().expect("joined");
+    let env = environ(own.pid().expect("running"));
+    let tunables: Vec<&String> = env
+        .iter()
+        .filter(|v| v.starts_with("GLIBC_TUNABLES="))
+        .collect();
+    assert_eq!(tunables, ["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
+}
+
 #[test]
 fn first_issuance_writes_a_verifiable_svid_with_the_right_modes_and_owner() {
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");

@@ -118,6 +118,7 @@ impl Agent {
             .env("RUST_LOG", "info,meshcert_agent=debug")
             .env_remove("MESHCERT_JOIN_TOKEN")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("GLIBC_TUNABLES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
