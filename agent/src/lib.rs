@@ -16,18 +16,22 @@
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
-//! - [`changes`]: which entry folders of the volume someone else changed (the watcher's events
-//!   without the agent's own installs).
+//! - [`changes`]: the volume's watcher, and which entry folders someone else changed (its
+//!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
 //! - [`report`]: the state sent upward to the holder.
 //! - [`systemd`]: `sd_notify` messages.
 //! - [`sys`]: every `nix` call of the agent core.
-//! - [`heap`]: the C allocator's settings (one arena, freed pages returned after bursts).
+//! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
+//!   freed pages returned after bursts).
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
 //! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness, metrics.
 //! - [`metrics`]: Prometheus metrics, on the admin socket and an optional plaintext listener.
+//!
+//! The binary (`main.rs`) adds `math.rs`: the C math functions it defines itself, so that it
+//! does not load `libm.so.6`.
 
 pub mod admin;
 pub mod cache;
