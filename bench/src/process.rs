@@ -495,6 +495,39 @@ impl Drop for AgentProc {
     }
 }
 
+/// One `SVID installed` event of an agent's JSON log (logged once the files are on disk,
+/// before the SVID is published to the Workload API).
+#[derive(Debug, Clone)]
+pub struct LoggedInstall {
+    /// The entry.
+    pub entry_id: String,
+    /// The new SVID's serial, lowercase hex.
+    pub serial: String,
+    /// The log line's timestamp (µs).
+    pub at: SystemTime,
+    /// The SVID's not-after, Unix seconds.
+    pub not_after: u64,
+}
+
+/// Every `SVID installed` event of an agent's JSON log, in order.
+pub fn logged_installs(log: &str) -> Vec<LoggedInstall> {
+    log.lines()
+        .filter_map(|line| {
+            let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            let fields = &v["fields"];
+            if fields["message"] != "SVID installed" {
+                return None;
+            }
+            Some(LoggedInstall {
+                entry_id: fields["entry_id"].as_str()?.to_owned(),
+                serial: fields["serial"].as_str()?.to_owned(),
+                at: humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok()?,
+                not_after: fields["not_after"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
 /// When a symlink (such as `..data`) was last replaced: its own modification time.
 pub fn link_time(path: &Path) -> anyhow::Result<SystemTime> {
     Ok(std::fs::symlink_metadata(path)

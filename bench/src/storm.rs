@@ -19,7 +19,7 @@ use meshcert_protocol::SpiffeId;
 use meshcert_protocol::api::{AttestRequest, CsrRequest, Der, SignOutcome, SignRequest};
 
 use crate::figures::{Samples, Table, ms};
-use crate::process::{AgentProc, Bins, EntrySpec, Holder, cpu_time};
+use crate::process::{AgentProc, Bins, EntrySpec, Holder, cpu_time, logged_installs};
 
 /// Sizes of the storm.
 #[derive(Debug, Clone)]
@@ -43,31 +43,14 @@ struct Install {
 
 fn installs(log: &str) -> BTreeMap<String, Vec<Install>> {
     let mut out: BTreeMap<String, Vec<Install>> = BTreeMap::new();
-    for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let fields = &v["fields"];
-        if fields["message"] != "SVID installed" {
-            continue;
-        }
-        let (Some(ts), Some(entry), Some(not_after)) = (
-            v["timestamp"].as_str(),
-            fields["entry_id"].as_str(),
-            fields["not_after"].as_u64(),
-        ) else {
-            continue;
-        };
-        let Ok(at) = humantime::parse_rfc3339_weak(ts) else {
-            continue;
-        };
-        let at = at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        out.entry(entry.to_owned()).or_default().push(Install {
-            at,
-            not_after: not_after as f64,
+    for logged in logged_installs(log) {
+        out.entry(logged.entry_id).or_default().push(Install {
+            at: logged
+                .at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            not_after: logged.not_after as f64,
         });
     }
     out
