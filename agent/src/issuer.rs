@@ -97,6 +97,9 @@ pub enum IssuerError {
     /// The TLS settings could not be built.
     #[error("cannot set up TLS to the CA holder: {0}")]
     Setup(String),
+    /// The agent's own task for the call failed (it panicked: a bug); tried again later.
+    #[error("the agent's task for this call failed: {0}")]
+    Internal(String),
 }
 
 impl IssuerError {
@@ -107,7 +110,8 @@ impl IssuerError {
             | Self::Tls { .. }
             | Self::Http(_)
             | Self::Timeout { .. }
-            | Self::Decode(_) => true,
+            | Self::Decode(_)
+            | Self::Internal(_) => true,
             Self::Api(e) => e.code.is_retryable(),
             Self::Status { status, .. } => *status >= 500,
             Self::NoIdentity | Self::Setup(_) => false,

@@ -8,10 +8,12 @@
 //! is only handled between two complete installs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt as _;
 use meshcert_protocol::api::{
     self, AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
 };
@@ -224,6 +226,15 @@ impl Managed {
             attempts: self.schedule.failures,
         }
     }
+}
+
+/// What a panicking task said, for the error that replaces its result.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".to_owned())
 }
 
 type SignedBatch = Result<(Vec<(String, PrivateKey, SignOutcome)>, Bundles), IssuerError>;
@@ -511,7 +522,10 @@ impl<I: Issuer> Rotator<I> {
         let issuer = self.issuer.clone();
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
-            let result = issuer.sync().await;
+            let result = AssertUnwindSafe(issuer.sync())
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(IssuerError::Internal(panic_message(&*panic))));
             let _ = tx.send(Event::Synced(result));
         });
     }
@@ -1062,7 +1076,11 @@ impl<I: Issuer> Rotator<I> {
         let algorithm = self.config.key_algorithm;
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
-            let result = sign_batch(&*issuer, &semaphore, algorithm, jobs).await;
+            // A panic inside becomes a failed batch: its entries must not stay in flight.
+            let result = AssertUnwindSafe(sign_batch(&*issuer, &semaphore, algorithm, jobs))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(IssuerError::Internal(panic_message(&*panic))));
             let _ = tx.send(Event::Signed {
                 request,
                 ids,
@@ -1239,7 +1257,7 @@ impl<I: Issuer> Rotator<I> {
         let algorithm = self.config.key_algorithm;
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
-            let result = async {
+            let renewal = async {
                 let key = generate_key(algorithm).await.map_err(|e| e.to_string())?;
                 let csr = csr::build(&key, None).map_err(|e| e.to_string())?;
                 let response = issuer
@@ -1248,8 +1266,13 @@ impl<I: Issuer> Rotator<I> {
                     .map_err(|e| e.to_string())?;
                 let chain = response.svid.chain.into_iter().map(|c| c.0).collect();
                 NodeIdentity::new(key, chain).map_err(|e| e.to_string())
-            }
-            .await;
+            };
+            let result = AssertUnwindSafe(renewal)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(IssuerError::Internal(panic_message(&*panic)).to_string())
+                });
             let _ = tx.send(Event::Renewed(result));
         });
     }
@@ -1496,6 +1519,8 @@ mod tests {
         local_requests: u32,
         /// The mesh root was replaced: `rotated_ca` signs, and is the bundle.
         rotated: bool,
+        /// The next this many syncs and signing calls panic (a bug in the agent's task).
+        panics: u32,
     }
 
     /// A holder in memory: signs with a test CA, can refuse entries or be "down".
@@ -1523,6 +1548,7 @@ mod tests {
                     enforcement: Enforcement::Enabled,
                     local_requests: 0,
                     rotated: false,
+                    panics: 0,
                 }),
             }
         }
@@ -1548,6 +1574,12 @@ mod tests {
             f(&mut self.state.lock().expect("lock"))
         }
         fn check_up(&self) -> Result<(), IssuerError> {
+            let panic = self.with(|s| {
+                let panic = s.panics > 0;
+                s.panics = s.panics.saturating_sub(1);
+                panic
+            });
+            assert!(!panic, "a bug in the task");
             if self.with(|s| s.down) {
                 return Err(IssuerError::Http("connection refused".into()));
             }
@@ -1811,6 +1843,23 @@ mod tests {
         run.commands.send(Command::SyncNow).await.expect("send");
         until(&run.cache, "connected", |s| s.ca_connected).await;
         assert_eq!(fake.with(|s| s.signed), signed, "nothing re-issued");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    /// A sync or signing task that panics is a failed call, retried with backoff: nothing stays
+    /// in flight (before, its entries were never asked for again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_task_is_a_failed_call_and_is_retried() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        // The first sync panics, then (after the retried sync) the first signing call.
+        fake.with(|s| s.panics = 2);
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued after the failures", all_issued(1)).await;
+        assert_eq!(fake.with(|s| s.panics), 0, "both panics happened");
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
     }
