@@ -228,13 +228,21 @@ impl Managed {
     }
 }
 
-/// What a panicking task said, for the error that replaces its result.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panicked".to_owned())
+/// Runs a background task's `work`; a panic inside it (a bug) becomes
+/// [`IssuerError::Internal`], so the task still reports an outcome and nothing it carried
+/// stays in flight.
+async fn unless_panicked<T>(work: impl Future<Output = T>) -> Result<T, IssuerError> {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".to_owned());
+            IssuerError::Internal(message)
+        })
 }
 
 type SignedBatch = Result<(Vec<(String, PrivateKey, SignOutcome)>, Bundles), IssuerError>;
@@ -522,10 +530,7 @@ impl<I: Issuer> Rotator<I> {
         let issuer = self.issuer.clone();
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
-            let result = AssertUnwindSafe(issuer.sync())
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| Err(IssuerError::Internal(panic_message(&*panic))));
+            let result = unless_panicked(issuer.sync()).await.and_then(|r| r);
             let _ = tx.send(Event::Synced(result));
         });
     }
@@ -1077,10 +1082,9 @@ impl<I: Issuer> Rotator<I> {
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
             // A panic inside becomes a failed batch: its entries must not stay in flight.
-            let result = AssertUnwindSafe(sign_batch(&*issuer, &semaphore, algorithm, jobs))
-                .catch_unwind()
+            let result = unless_panicked(sign_batch(&*issuer, &semaphore, algorithm, jobs))
                 .await
-                .unwrap_or_else(|panic| Err(IssuerError::Internal(panic_message(&*panic))));
+                .and_then(|r| r);
             let _ = tx.send(Event::Signed {
                 request,
                 ids,
@@ -1267,12 +1271,10 @@ impl<I: Issuer> Rotator<I> {
                 let chain = response.svid.chain.into_iter().map(|c| c.0).collect();
                 NodeIdentity::new(key, chain).map_err(|e| e.to_string())
             };
-            let result = AssertUnwindSafe(renewal)
-                .catch_unwind()
+            let result = unless_panicked(renewal)
                 .await
-                .unwrap_or_else(|panic| {
-                    Err(IssuerError::Internal(panic_message(&*panic)).to_string())
-                });
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
             let _ = tx.send(Event::Renewed(result));
         });
     }
