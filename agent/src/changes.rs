@@ -34,7 +34,9 @@ use tokio::sync::Notify;
 
 use crate::volume::DATA_LINK;
 
-/// Entry folders to check, filled by the watcher and taken by the rotator.
+/// Entry folders marked by the watcher, and a wake-up for whoever takes them: the folders
+/// someone else changed (taken by the rotator, which checks them) and the folders that
+/// appeared (taken by [`VolumeWatch::follow_new_folders`], which watches them).
 #[derive(Debug, Default)]
 pub struct Changes {
     pending: Mutex<Pending>,
@@ -47,7 +49,7 @@ struct Pending {
     dirs: BTreeSet<String>,
 }
 
-/// What the rotator should check.
+/// Which entry folders were marked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     /// Every entry folder (the volume folder itself changed, or an event could not be placed).
@@ -62,7 +64,7 @@ impl Changes {
         Self::default()
     }
 
-    /// Entry folder `dir` was changed by someone else.
+    /// Marks entry folder `dir`.
     pub fn dir(&self, dir: &str) {
         if let Ok(mut p) = self.pending.lock()
             && !p.all
@@ -72,7 +74,7 @@ impl Changes {
         self.notify.notify_one();
     }
 
-    /// Something changed that may concern every entry folder.
+    /// Marks every entry folder (something happened that may concern any of them).
     pub fn all(&self) {
         if let Ok(mut p) = self.pending.lock() {
             p.all = true;
@@ -100,36 +102,6 @@ impl Changes {
     }
 }
 
-/// Entry folders that appeared in the volume folder since last taken: each needs a watch of
-/// its own, which [`VolumeWatch::follow_new_folders`] adds (not the watcher's own thread,
-/// which is the one that would have to answer).
-#[derive(Debug, Default)]
-pub struct NewFolders {
-    pending: Mutex<BTreeSet<String>>,
-    notify: Notify,
-}
-
-impl NewFolders {
-    fn add(&self, dir: &str) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(dir.to_owned());
-        }
-        self.notify.notify_one();
-    }
-
-    /// Waits until a folder appeared (at once when one is pending).
-    pub async fn appeared(&self) {
-        self.notify.notified().await;
-    }
-
-    fn take(&self) -> BTreeSet<String> {
-        self.pending
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p))
-            .unwrap_or_default()
-    }
-}
-
 /// The entry folder that `path` creates (or moves in) right under `root`, if it does.
 fn new_entry_folder<'a>(root: &Path, kind: &EventKind, path: &'a Path) -> Option<&'a str> {
     let arrives = matches!(
@@ -150,7 +122,9 @@ fn new_entry_folder<'a>(root: &Path, kind: &EventKind, path: &'a Path) -> Option
 pub struct VolumeWatch {
     root: PathBuf,
     changed: Arc<Changes>,
-    new_folders: Arc<NewFolders>,
+    /// Entry folders that appeared and need a watch of their own, which the watcher's thread
+    /// cannot add itself (it is the one that would have to answer).
+    new_folders: Arc<Changes>,
     watcher: Option<notify::RecommendedWatcher>,
     inode: Option<u64>,
 }
@@ -162,7 +136,7 @@ impl VolumeWatch {
         let mut watch = Self {
             root: root.to_owned(),
             changed,
-            new_folders: Arc::new(NewFolders::default()),
+            new_folders: Arc::new(Changes::new()),
             watcher: None,
             inode: None,
         };
@@ -170,15 +144,21 @@ impl VolumeWatch {
         watch
     }
 
-    /// Entry folders that appeared: call [`Self::follow_new_folders`] when there are some.
-    pub fn new_folders(&self) -> Arc<NewFolders> {
+    /// Entry folders that appeared: call [`Self::follow_new_folders`] when it has some.
+    pub fn new_folders(&self) -> Arc<Changes> {
         self.new_folders.clone()
     }
 
     /// Watches the entry folders that appeared since the last call.
     pub fn follow_new_folders(&mut self) {
-        for dir in self.new_folders.take() {
-            self.follow(&dir);
+        match self.new_folders.take() {
+            None => {}
+            Some(Check::Dirs(dirs)) => {
+                for dir in dirs {
+                    self.follow(&dir);
+                }
+            }
+            Some(Check::All) => self.follow_all(),
         }
     }
 
@@ -195,15 +175,21 @@ impl VolumeWatch {
             self.watcher = self.watch_root();
             self.inode = inode;
             // Folders that were there before the watch have raised no event.
-            if let Ok(list) = std::fs::read_dir(&self.root) {
-                for dir in list.flatten() {
-                    if let Some(name) = dir.file_name().to_str()
-                        && meshcert_protocol::entry::valid_dir(name)
-                        && dir.file_type().is_ok_and(|t| t.is_dir())
-                    {
-                        self.follow(name);
-                    }
-                }
+            self.follow_all();
+        }
+    }
+
+    /// Watches every entry folder there is now.
+    fn follow_all(&mut self) {
+        let Ok(list) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for dir in list.flatten() {
+            if let Some(name) = dir.file_name().to_str()
+                && meshcert_protocol::entry::valid_dir(name)
+                && dir.file_type().is_ok_and(|t| t.is_dir())
+            {
+                self.follow(name);
             }
         }
     }
@@ -241,7 +227,7 @@ impl VolumeWatch {
             }
             for path in &event.paths {
                 if let Some(dir) = new_entry_folder(&base, &event.kind, path) {
-                    new_folders.add(dir);
+                    new_folders.dir(dir);
                 }
                 match classifier.classify(&base, &event.kind, path) {
                     Verdict::Ignore => {}
@@ -597,7 +583,7 @@ mod tests {
         }
         // Events are handled in order: once the new folder is seen, so were the installs.
         std::fs::create_dir(root.join("db")).expect("new folder");
-        tokio::time::timeout(settle, new_folders.appeared())
+        tokio::time::timeout(settle, new_folders.changed())
             .await
             .expect("the new folder is seen");
         assert_eq!(

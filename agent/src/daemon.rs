@@ -275,7 +275,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = rewatch.tick() => volume_watch.renew_if_replaced(),
-            () = new_folders.appeared() => volume_watch.follow_new_folders(),
+            () = new_folders.changed() => volume_watch.follow_new_folders(),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 reload(&options, listeners, &commands_tx).await;
