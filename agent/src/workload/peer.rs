@@ -22,12 +22,11 @@
 //! path or on supplementary groups then do not match, which fails closed.
 
 use std::collections::HashMap;
+use std::io::Read as _;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use std::io::Read as _;
-use std::os::fd::OwnedFd;
 
 use nix::fcntl::{OFlag, open, openat, readlinkat};
 use nix::sys::stat::Mode;
@@ -257,7 +256,7 @@ fn read_at(dir: &OwnedFd, name: &str) -> Option<String> {
     Some(text)
 }
 
-/// Rounding slack between `/proc/uptime` (centiseconds) and the tick-based start time.
+/// Rounding slack between the accept time (`CLOCK_BOOTTIME`) and the tick-based start time.
 const SLACK: Duration = Duration::from_millis(20);
 
 fn ticks_per_second() -> Option<i64> {
