@@ -1072,11 +1072,14 @@ mod tests {
             .status
             .success();
         assert!(ok, "openssl made the RSA-1024 root");
+        // Checked at a time after openssl made it: its not-before is that second, which can be
+        // later than `now` (taken at the start of the test) across a second boundary.
+        let made = SystemTime::now();
         let source = RootSource::Provided {
             cert_file: c,
             key_file: k,
         };
-        let e = load_or_create_root(&source, "r", dir.path(), now).expect_err("weak");
+        let e = load_or_create_root(&source, "r", dir.path(), made).expect_err("weak");
         assert!(e.to_string().contains("1024 bits"), "{e}");
         // a key that does not match
         let source = write("mismatch", &good, &key);
