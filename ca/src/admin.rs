@@ -247,6 +247,13 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
         }
         (&Method::POST, ["v1", "entries"]) => {
             let entry: Entry = parse_json(&read_body(req).await?)?;
+            if entry.hook.is_some() {
+                tracing::warn!(entry_id = %entry.id, "entry with a hook refused");
+                return Err(ApiError::new(
+                    ErrorCode::HookNotAllowed,
+                    crate::config::HOOK_NOT_ALLOWED,
+                ));
+            }
             holder
                 .serving()
                 .entries

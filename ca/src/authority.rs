@@ -26,6 +26,7 @@ use rcgen::{
 };
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension, X509Certificate};
+use zeroize::Zeroizing;
 
 use crate::config::{Mesh, RootSource};
 
@@ -34,7 +35,7 @@ pub const BACKDATE: Duration = Duration::from_secs(10);
 /// Longest intermediate lifetime.
 pub const INTERMEDIATE_MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
 /// Longest server certificate lifetime.
-const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86400);
+pub const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86400);
 
 /// Why the authority cannot load, create or sign.
 #[derive(Debug, thiserror::Error)]
@@ -246,43 +247,59 @@ pub fn leaf_params(
     Ok(p)
 }
 
-/// Writes a private key with mode 0600 from creation, through a temporary file and a rename.
-fn write_private(path: &Path, text: &str) -> Result<(), AuthorityError> {
+/// Makes a rename or a new entry in `dir` durable: fsync of the folder itself.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` through a temporary file created with `mode` (never a looser mode,
+/// even for an instant), fsync'd, renamed over `path`, and the folder fsync'd so that the
+/// rename survives a crash.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AuthorityError> {
     let io = |source| AuthorityError::Io {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension("key.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path.parent().unwrap_or(Path::new("."))).map_err(io)
+}
+
+/// Writes a private key (PEM) with mode 0600 from creation; the caller's text is zeroised by
+/// the caller ([`Zeroizing`]).
+fn write_private(path: &Path, text: &Zeroizing<String>) -> Result<(), AuthorityError> {
+    write_atomic(path, text.as_bytes(), 0o600)
 }
 
 /// Writes a public file (certificate) atomically.
 fn write_public(path: &Path, text: &str) -> Result<(), AuthorityError> {
-    let io = |source| AuthorityError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("pem.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_atomic(path, text.as_bytes(), 0o644)
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, AuthorityError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuthorityError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text =
+        Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| AuthorityError::Io {
+                path: path.to_owned(),
+                source,
+            })?,
+        );
     KeyPair::from_pem(&text).map_err(|e| AuthorityError::BadFile {
         path: path.to_owned(),
         reason: format!("not a usable private key ({e})"),
@@ -340,11 +357,24 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Creates a folder (and its parents) and makes the new entries durable: the folders the
+/// holder creates are at most two levels deep (`intermediates/gateway`), so the parent and
+/// grandparent are fsync'd.
 fn create_dir(dir: &Path) -> Result<(), AuthorityError> {
-    std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Io {
+    let io = |source| AuthorityError::Io {
         path: dir.to_owned(),
         source,
-    })
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for parent in dir.ancestors().skip(1).take(2) {
+        if !parent.as_os_str().is_empty() {
+            sync_dir(parent).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads the root, or generates and persists the builtin one (`root.pem`, `root.key`) on first
@@ -419,7 +449,7 @@ fn load_or_create_root_at(
         tracing::info!(bits = rsa_bits, "generating the root key");
         let key = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, size)
             .map_err(crypto("generate the root key"))?;
-        write_private(&key_path, &key.serialize_pem())?;
+        write_private(&key_path, &Zeroizing::new(key.serialize_pem()))?;
         key
     };
     let params = root_params(common_name, org_name, *ttl_days, now);
@@ -706,7 +736,7 @@ impl Authority {
         };
         let ca = create_intermediate(self.signer(kind, &m.name), &label, &m.trust_domain, now)?;
         let (cert_path, key_path) = self.paths(kind, &m.name);
-        write_private(&key_path, &ca.key.serialize_pem())?;
+        write_private(&key_path, &Zeroizing::new(ca.key.serialize_pem()))?;
         write_public(&cert_path, &ca.pem())?;
         tracing::info!(mesh = %m.name, gateway = (kind == Kind::Gateway), not_after = %rfc3339(ca.not_after), "intermediate issued");
         Ok(Arc::new(ca))
@@ -755,6 +785,64 @@ impl Authority {
     /// The current gateway intermediate of a mesh (limited trust only).
     pub fn gateway_intermediate(&self, mesh: &str) -> Option<Arc<SigningCa>> {
         self.get(Kind::Gateway, mesh)
+    }
+
+    /// Checks that `chain` (leaf first, as the client presented it) is a node SVID of `mesh`:
+    /// it verifies (rustls-webpki, client auth, at `now`) against that mesh's own root only
+    /// (its own under limited trust, the shared root otherwise), through exactly one
+    /// intermediate, which is one of the mesh's (its URI SAN is the mesh's trust domain). Under
+    /// limited trust this keeps whoever holds another mesh's root from speaking for this mesh's
+    /// nodes.
+    pub fn verify_node_chain(
+        &self,
+        mesh: &Mesh,
+        chain: &[Vec<u8>],
+        now: SystemTime,
+    ) -> Result<(), String> {
+        let leaf = chain.first().ok_or("no client certificate")?;
+        let root = CertificateDer::from(self.trust_root(&mesh.name).der.as_slice());
+        let anchor =
+            webpki::anchor_from_trusted_cert(&root).map_err(|e| format!("the mesh root: {e}"))?;
+        let leaf = CertificateDer::from(leaf.as_slice());
+        let end_entity = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
+        let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let time = rustls::pki_types::UnixTime::since_unix_epoch(
+            now.duration_since(UNIX_EPOCH).unwrap_or_default(),
+        );
+        let anchors = [anchor];
+        let path = end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                time,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| format!("{e:?}"))?;
+        let issuers: Vec<_> = path.intermediate_certificates().collect();
+        let [issuer] = issuers.as_slice() else {
+            return Err(format!(
+                "the chain has {} intermediates; a node SVID has exactly one, its mesh's",
+                issuers.len()
+            ));
+        };
+        let der = issuer.der();
+        let own = X509Certificate::from_der(&der)
+            .ok()
+            .is_some_and(|(_, c)| uri_sans(&c) == vec![mesh.trust_domain.id_string()]);
+        if !own {
+            return Err(format!(
+                "its intermediate is not one of mesh `{}`'s (URI SAN `{}`)",
+                mesh.name,
+                mesh.trust_domain.id_string()
+            ));
+        }
+        Ok(())
     }
 
     /// Every root a node SVID may chain to: the shared root and every mesh root.
@@ -863,12 +951,13 @@ impl Authority {
         })
     }
 
-    /// A fresh server certificate for the API (signed by the root) and its PKCS#8 key.
+    /// A fresh server certificate for the API (signed by the root) and its key (zeroised when
+    /// dropped; hand rustls [`KeyPair::serialized_der`], a borrow, not a copy).
     pub fn server_identity(
         &self,
         names: &[String],
         now: SystemTime,
-    ) -> Result<(Vec<u8>, Vec<u8>), AuthorityError> {
+    ) -> Result<(Vec<u8>, KeyPair), AuthorityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(crypto("generate the server key"))?;
         let mut sans: Vec<String> = names.to_vec();
@@ -894,7 +983,7 @@ impl Authority {
         let cert = p
             .signed_by(&key, &self.root.issuer()?)
             .map_err(crypto("sign the server certificate"))?;
-        Ok((cert.der().to_vec(), key.serialize_der()))
+        Ok((cert.der().to_vec(), key))
     }
 
     /// The root key size in bits (0 when it is not RSA).

@@ -134,6 +134,13 @@ pub struct HolderSettings {
     pub heartbeat: Duration,
     /// Plaintext Prometheus listener (`GET /metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `holder.localEntryPrefixes`: the path prefixes (inside the node's trust domain, ending in
+    /// `/`, `{node}` standing for the node's name) agent-local entries may use under DISABLED
+    /// enforcement; default [`DEFAULT_LOCAL_ENTRY_PREFIX`].
+    pub local_entry_prefixes: Vec<String>,
+    /// `holder.retention`: how long issuances are kept after they expire, and used or expired
+    /// join tokens after their use or expiry (default [`DEFAULT_RETENTION`]).
+    pub retention: Duration,
 }
 
 impl HolderSettings {
@@ -283,6 +290,8 @@ struct RawHolder {
     node_svid_ttl: Option<String>,
     heartbeat: Option<String>,
     metrics_listen: Option<String>,
+    local_entry_prefixes: Option<Vec<String>>,
+    retention: Option<String>,
 }
 
 /// Default API listen address.
@@ -291,6 +300,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshcert-ca";
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshcert-ca/admin.sock";
+/// Default prefix of agent-local entries: the node's own namespace.
+pub const DEFAULT_LOCAL_ENTRY_PREFIX: &str = "/node/{node}/";
+/// Default retention of expired issuances and spent join tokens: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// Parses and validates configuration text; on failure, every problem with its field path.
 pub fn parse(text: &str) -> Result<Config, Vec<String>> {
@@ -643,7 +656,53 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
         node_svid_ttl: duration_field(raw.node_svid_ttl, 86400, "holder.nodeSvidTtl", p),
         heartbeat: duration_field(raw.heartbeat, 30, "holder.heartbeat", p),
         metrics_listen,
+        local_entry_prefixes: validate_prefixes(raw.local_entry_prefixes, p),
+        retention: duration_field(
+            raw.retention,
+            DEFAULT_RETENTION.as_secs(),
+            "holder.retention",
+            p,
+        ),
     }
+}
+
+/// `holder.localEntryPrefixes`: each a path that starts and ends with `/`, made of SPIFFE path
+/// segments (letters, digits, `.`, `-`, `_`) or the whole-segment placeholder `{node}`, and
+/// not under `/meshcert/`.
+fn validate_prefixes(raw: Option<Vec<String>>, p: &mut Problems) -> Vec<String> {
+    let Some(list) = raw else {
+        return vec![DEFAULT_LOCAL_ENTRY_PREFIX.to_owned()];
+    };
+    for (i, prefix) in list.iter().enumerate() {
+        let at = format!("holder.localEntryPrefixes[{i}]");
+        if !prefix.starts_with('/') || !prefix.ends_with('/') {
+            p.add(&at, format!("`{prefix}` must start and end with `/`"));
+            continue;
+        }
+        let inner = &prefix[1..prefix.len() - 1];
+        let segments_ok = inner.is_empty()
+            || inner.split('/').all(|seg| {
+                seg == "{node}"
+                    || (!seg.is_empty()
+                        && seg != "."
+                        && seg != ".."
+                        && seg
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+            });
+        if !segments_ok {
+            p.add(
+                &at,
+                format!("`{prefix}` must be SPIFFE path segments (letters, digits, `.`, `-`, `_`) or `{{node}}`"),
+            );
+        } else if prefix.starts_with("/meshcert/") {
+            p.add(
+                &at,
+                format!("`{prefix}` is reserved for the holder's own identities"),
+            );
+        }
+    }
+    list
 }
 
 /// A stable entry id derived from what the entry grants, for entries declared without one.
@@ -661,6 +720,10 @@ pub fn derived_entry_id(spiffe_id: &str, nodes: &[String], mesh: Option<&str>) -
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// The problem an entry with a hook has: hooks run on nodes, so only a node's own
+/// configuration may declare one.
+pub const HOOK_NOT_ALLOWED: &str = "hook: entries on the holder never carry hooks (every assigned node would run it); declare hooks in each node's agent configuration";
 
 /// Checks an entry against the meshes; returns one message per problem (without path).
 pub fn entry_problems(e: &Entry, meshes: &[Mesh]) -> Vec<String> {
@@ -716,6 +779,9 @@ pub fn entry_problems(e: &Entry, meshes: &[Mesh]) -> Vec<String> {
     }
     if !valid_dir(&e.dir) {
         out.push(format!("dir: `{}` is not a single folder name", e.dir));
+    }
+    if e.hook.is_some() {
+        out.push(HOOK_NOT_ALLOWED.to_owned());
     }
     if e.ttl.is_zero() {
         out.push("ttl: must be longer than zero".to_owned());

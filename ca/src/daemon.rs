@@ -22,8 +22,11 @@ use crate::config::{self, Config, ConfigError};
 use crate::holder::{Holder, HolderError, ReloadOutcome};
 use crate::{admin, metrics, server};
 
-/// How often the holder checks whether an intermediate is due for renewal.
-const RENEWAL_CHECK: Duration = Duration::from_secs(60);
+/// How often the holder checks whether an intermediate or its server certificate is due for
+/// renewal (a comparison of timestamps; renewal itself happens at half-life).
+const RENEWAL_CHECK: Duration = Duration::from_secs(10);
+/// How often expired issuances and spent join tokens are pruned (`holder.retention`).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Quiet time after the last file event before the file is re-read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
@@ -124,7 +127,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         None => None,
     };
     let tls = server::tls_config(&holder, now)?;
-    holder.set_tls(Arc::clone(&tls));
+    holder.set_tls(tls.clone());
     let admin_path = holder.serving().config.holder.admin_socket.clone();
     let admin_listener = admin::bind(&admin_path)?;
 
@@ -141,7 +144,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         tokio::spawn(server::serve(
             listener,
             Arc::clone(&holder),
-            tls,
+            Arc::clone(&tls.config),
             stopped(stop_rx.clone()),
         )),
         tokio::spawn(admin::serve(
@@ -150,6 +153,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
             stopped(stop_rx.clone()),
         )),
         tokio::spawn(renewal(Arc::clone(&holder), stopped(stop_rx.clone()))),
+        tokio::spawn(pruning(Arc::clone(&holder), stopped(stop_rx.clone()))),
         tokio::spawn(reloads(
             Arc::clone(&holder),
             source,
@@ -204,7 +208,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     Ok(())
 }
 
-/// Renews intermediates past half of their life, on the configuration serving at each check.
+/// Renews intermediates and the API's server certificate past half of their life, on the
+/// configuration serving at each check.
 async fn renewal(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(RENEWAL_CHECK);
@@ -225,6 +230,57 @@ async fn renewal(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()
                         holder.set_renewal_error(Some(e.to_string()));
                     }
                 }
+                drop(serving);
+                let h = Arc::clone(&holder);
+                // Signing a certificate: off the async workers.
+                let _ = tokio::task::spawn_blocking(move || renew_server_cert(&h, SystemTime::now())).await;
+            }
+        }
+    }
+}
+
+/// Renews the server certificate when due; warns while it has less than a third of its life
+/// left (renewal keeps failing, or the root that signs it ends soon).
+fn renew_server_cert(holder: &Holder, now: SystemTime) {
+    let Some(current) = holder.tls() else { return };
+    let root_not_after = holder.serving().authority.root().not_after;
+    if current.renewal_due(root_not_after, now) {
+        match server::tls_config(holder, now) {
+            Ok(next) => {
+                tracing::info!(
+                    fingerprint = %next.fingerprint,
+                    not_after = %crate::authority::rfc3339(next.not_after),
+                    previous_not_after = %crate::authority::rfc3339(current.not_after),
+                    "server certificate renewed"
+                );
+                holder.set_tls(next);
+                holder.set_server_cert_error(None);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "server certificate renewal failed; retrying");
+                holder.set_server_cert_error(Some(e.to_string()));
+            }
+        }
+    }
+    if let Some(warning) = holder
+        .tls()
+        .and_then(|t| crate::status::server_cert_warning(t.not_before, t.not_after, now))
+    {
+        tracing::warn!(warning = %warning, "server certificate");
+    }
+}
+
+/// Prunes expired issuances and spent join tokens older than `holder.retention`, at start and
+/// every hour.
+async fn pruning(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                let h = Arc::clone(&holder);
+                let _ = tokio::task::spawn_blocking(move || h.prune(SystemTime::now())).await;
             }
         }
     }

@@ -1,9 +1,14 @@
 //! Registration entries: those declared in the configuration (read-only) and those created
 //! through the admin socket (in the datastore), seen as one list.
+//!
+//! Entries on the holder never carry hooks: both sources refuse them, and an entry stored by an
+//! older holder keeps its hook in the datastore (nothing stored is lost) but is served to
+//! nodes without it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use meshcert_protocol::Entry;
+use meshcert_protocol::{Entry, SpiffeId};
 
 use crate::config::{Mesh, entry_problems};
 use crate::store::{Store, StoreError};
@@ -31,8 +36,20 @@ pub enum EntryError {
 /// Config entries plus datastore entries.
 pub struct EntryBook {
     declared: Vec<Entry>,
+    /// Index of `declared` by entry id.
+    by_id: BTreeMap<String, usize>,
+    /// The SPIFFE IDs `declared` registers.
+    declared_ids: BTreeSet<String>,
     meshes: Vec<Mesh>,
     store: Arc<dyn Store>,
+}
+
+/// An entry as nodes receive it: without a hook (see the module documentation).
+fn served(mut e: Entry) -> Entry {
+    if e.hook.take().is_some() {
+        tracing::warn!(entry_id = %e.id, "a stored entry carries a hook; it is served without it (hooks belong in the node's configuration)");
+    }
+    e
 }
 
 impl std::fmt::Debug for EntryBook {
@@ -46,8 +63,16 @@ impl std::fmt::Debug for EntryBook {
 impl EntryBook {
     /// A book over the configuration's entries and the datastore.
     pub fn new(declared: Vec<Entry>, meshes: Vec<Mesh>, store: Arc<dyn Store>) -> Self {
+        let by_id = declared
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.clone(), i))
+            .collect();
+        let declared_ids = declared.iter().map(|e| e.spiffe_id.to_string()).collect();
         Self {
             declared,
+            by_id,
+            declared_ids,
             meshes,
             store,
         }
@@ -60,20 +85,28 @@ impl EntryBook {
         Ok(out)
     }
 
-    /// The entry with this id.
+    /// The entry with this id, as nodes receive it: an index lookup (the configuration's
+    /// entries) or a lookup by key (the datastore's), never a scan.
     pub fn get(&self, id: &str) -> Result<Option<Entry>, EntryError> {
-        if let Some(e) = self.declared.iter().find(|e| e.id == id) {
-            return Ok(Some(e.clone()));
+        if let Some(&i) = self.by_id.get(id) {
+            return Ok(self.declared.get(i).cloned());
         }
-        Ok(self.store.entries()?.into_iter().find(|e| e.id == id))
+        Ok(self.store.entry(id)?.map(served))
     }
 
-    /// The entries assigned to a node of a mesh.
+    /// Whether any entry (of any node or mesh) registers `spiffe_id`.
+    pub fn registers(&self, spiffe_id: &SpiffeId) -> Result<bool, EntryError> {
+        let id = spiffe_id.to_string();
+        Ok(self.declared_ids.contains(&id) || self.store.registers(&id)?)
+    }
+
+    /// The entries assigned to a node of a mesh, as nodes receive them.
     pub fn for_node(&self, node: &str, mesh: &str) -> Result<Vec<Entry>, EntryError> {
         Ok(self
             .all()?
             .into_iter()
             .filter(|e| e.is_assigned_to(node, mesh))
+            .map(served)
             .collect())
     }
 
@@ -83,7 +116,7 @@ impl EntryBook {
         if !problems.is_empty() {
             return Err(EntryError::Invalid(problems));
         }
-        if self.declared.iter().any(|e| e.id == entry.id) {
+        if self.by_id.contains_key(&entry.id) {
             return Err(EntryError::Exists(entry.id.clone()));
         }
         match self.store.insert_entry(entry) {
@@ -94,7 +127,7 @@ impl EntryBook {
 
     /// Deletes an admin-created entry.
     pub fn delete(&self, id: &str) -> Result<(), EntryError> {
-        if self.declared.iter().any(|e| e.id == id) {
+        if self.by_id.contains_key(id) {
             return Err(EntryError::Declared(id.to_owned()));
         }
         if self.store.delete_entry(id)? {

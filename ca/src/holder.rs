@@ -11,17 +11,17 @@ use meshcert_protocol::api::{
     SignOutcome, SignRequest, SignResponse, SignResult, Svid, SyncResponse, node_id, node_name,
     valid_node_name,
 };
-use meshcert_protocol::{NodeReport, SpiffeId};
+use meshcert_protocol::{Enforcement, NodeReport, SpiffeId};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::authority::{Authority, AuthorityError, rfc3339, unix};
 use crate::config::{Config, TrustModel};
 use crate::entries::EntryBook;
 use crate::metrics::Metrics;
-use crate::policy::{Caller, check_csr, check_sign};
+use crate::policy::{Caller, LocalRules, check_csr, check_sign};
 use crate::status::{
     CertificateStatus, ConfigStatus, IntermediateStatus, MeshFacts, MeshRootStatus, RootStatus,
-    State, Status, enforcement_status, federation_status, node_statuses,
+    ServerCertStatus, State, Status, enforcement_status, federation_status, node_statuses,
 };
 use crate::store::{
     Issuance, SqliteStore, Store, StoreError, StoredReport, TokenOutcome, TokenRecord,
@@ -150,7 +150,8 @@ pub struct Holder {
     pub metrics: Metrics,
     config_status: RwLock<ConfigStatus>,
     renewal_error: Mutex<Option<String>>,
-    tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    server_cert_error: Mutex<Option<String>>,
+    tls: RwLock<Option<crate::server::ServerTls>>,
     listen_address: Mutex<Option<SocketAddr>>,
     metrics_address: Mutex<Option<SocketAddr>>,
 }
@@ -218,6 +219,7 @@ impl Holder {
             metrics,
             config_status: RwLock::new(ConfigStatus::accepted()),
             renewal_error: Mutex::new(None),
+            server_cert_error: Mutex::new(None),
             tls: RwLock::new(None),
             listen_address: Mutex::new(None),
             metrics_address: Mutex::new(None),
@@ -316,13 +318,39 @@ impl Holder {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
-    /// Installs the TLS configuration new connections use.
-    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+    /// Records the outcome of the last server certificate renewal (`None`: it worked).
+    pub fn set_server_cert_error(&self, error: Option<String>) {
+        *self
+            .server_cert_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+    }
+
+    /// Prunes issuances that expired, and join tokens that expired, longer than
+    /// `holder.retention` before `now`; failures are logged and retried at the next round.
+    pub fn prune(&self, now: SystemTime) {
+        let retention = self.serving().config.holder.retention;
+        let before = unix(now).saturating_sub(retention.as_secs());
+        match self.store.prune(before) {
+            Ok(p) if p.issuances > 0 || p.tokens > 0 => tracing::info!(
+                issuances = p.issuances,
+                tokens = p.tokens,
+                retention = %humantime::format_duration(retention),
+                "pruned expired records"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "pruning the datastore failed; retrying later"),
+        }
+    }
+
+    /// Installs the TLS configuration (and server certificate) new connections use.
+    pub fn set_tls(&self, tls: crate::server::ServerTls) {
+        self.metrics.set_server_cert_expiry(tls.not_after);
         write(&self.tls, Some(tls));
     }
 
     /// The TLS configuration new connections use, once set.
-    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+    pub fn tls(&self) -> Option<crate::server::ServerTls> {
         read(&self.tls)
     }
 
@@ -358,9 +386,13 @@ impl Holder {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Identifies the calling node from its verified client certificate (leaf DER).
-    pub fn caller(&self, leaf: Option<&[u8]>) -> Result<Caller, ApiError> {
-        let leaf = leaf.ok_or_else(|| {
+    /// Identifies the calling node from its client certificate chain (leaf first, DER), which
+    /// must verify against the claimed node's own mesh root through one of that mesh's
+    /// intermediates ([`Authority::verify_node_chain`]): the TLS layer accepts a chain to any
+    /// of the holder's roots, so this is what keeps meshes apart under limited trust.
+    pub fn caller(&self, chain: Option<&[Vec<u8>]>, now: SystemTime) -> Result<Caller, ApiError> {
+        let chain = chain.filter(|c| !c.is_empty());
+        let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Unauthenticated,
                 "this call needs the node SVID as client certificate",
@@ -395,6 +427,20 @@ impl Holder {
         }
         let serving = self.serving();
         let mesh = serving.config.mesh(&record.mesh).ok_or_else(unknown)?;
+        if let Err(reason) =
+            serving
+                .authority
+                .verify_node_chain(mesh, chain.unwrap_or_default(), now)
+        {
+            tracing::warn!(node = %name, mesh = %mesh.name, %reason, "a client certificate for a known node does not chain to its mesh's root; refused");
+            return Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the client certificate for node `{name}` does not chain to the root of its mesh `{}` through one of that mesh's intermediates",
+                    mesh.name
+                ),
+            ));
+        }
         Ok(Caller {
             node: record.name,
             mesh: mesh.name.clone(),
@@ -564,21 +610,38 @@ impl Holder {
         let max_ttl = serving.config.holder.svid_max_ttl;
         let mut results = Vec::with_capacity(req.csrs.len());
         let mut records = Vec::new();
+        let prefixes = &serving.config.holder.local_entry_prefixes;
         for c in &req.csrs {
             let started = Instant::now();
-            let entry = match &c.local {
-                Some(_) => None,
-                None => serving
-                    .entries
-                    .get(&c.entry_id)
-                    .map_err(|e| internal("reading entries", &e))?,
+            let (entry, registered) = match &c.local {
+                // Only a local entry the mode allows needs the (indexed) registration lookup.
+                Some(l) if enforcement == Enforcement::Disabled => {
+                    let registered = serving
+                        .entries
+                        .registers(&l.spiffe_id)
+                        .map_err(|e| internal("reading entries", &e))?;
+                    (None, registered)
+                }
+                Some(_) => (None, false),
+                None => {
+                    let entry = serving
+                        .entries
+                        .get(&c.entry_id)
+                        .map_err(|e| internal("reading entries", &e))?;
+                    (entry, false)
+                }
+            };
+            let rules = LocalRules {
+                enforcement,
+                prefixes,
+                registered,
             };
             let outcome = match check_sign(
                 caller,
                 &c.entry_id,
                 entry.as_ref(),
                 c.local.as_ref(),
-                enforcement,
+                &rules,
                 &c.csr.0,
             ) {
                 Err(error) => {
@@ -778,6 +841,29 @@ impl Holder {
         {
             messages.push(format!("intermediate renewal failed: {e}"));
         }
+        let server_cert = self.tls();
+        if let Some(e) = self
+            .server_cert_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            messages.push(format!("server certificate renewal failed: {e}"));
+        }
+        if let Some(w) = server_cert
+            .as_ref()
+            .and_then(|t| crate::status::server_cert_warning(t.not_before, t.not_after, now))
+        {
+            messages.push(w);
+        }
+        let server_certificate = server_cert.map(|t| ServerCertStatus {
+            fingerprint_sha256: t.fingerprint.clone(),
+            not_before: rfc3339(t.not_before),
+            not_after: rfc3339(t.not_after),
+            renew_at: rfc3339(
+                t.not_before + t.not_after.duration_since(t.not_before).unwrap_or_default() / 2,
+            ),
+        });
         let facts: Vec<MeshFacts> = config
             .meshes
             .iter()
@@ -815,6 +901,7 @@ impl Holder {
                 },
                 mesh_roots,
                 intermediates,
+                server_certificate,
                 svids_issued: issued,
                 nodes: node_statuses(&nodes, &reports, now, config.holder.heartbeat),
             },

@@ -9,6 +9,9 @@
 //! - `meshcert_ca_nodes_reporting` / `meshcert_ca_nodes_stale`: non-banned nodes that report
 //!   within three heartbeats / that are silent for longer.
 //! - `meshcert_ca_bundle_version`: the current bundle version.
+//! - `meshcert_ca_server_certificate_expiry_timestamp_seconds`: when the HTTPS API's server
+//!   certificate expires (Unix seconds); it is renewed at half-life, so alert when it is less
+//!   than a third of its lifetime (30 days) away.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,6 +48,7 @@ pub struct Metrics {
     nodes_reporting: Gauge,
     nodes_stale: Gauge,
     bundle_version: Gauge,
+    server_cert_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +77,12 @@ impl Metrics {
         let nodes_reporting = Gauge::default();
         let nodes_stale = Gauge::default();
         let bundle_version = Gauge::default();
+        let server_cert_expiry = Gauge::default();
+        registry.register(
+            "meshcert_ca_server_certificate_expiry_timestamp_seconds",
+            "When the HTTPS API's server certificate expires (Unix seconds)",
+            server_cert_expiry.clone(),
+        );
         registry.register(
             "meshcert_ca_csrs_signed",
             "Workload CSRs signed",
@@ -117,7 +127,15 @@ impl Metrics {
             nodes_reporting,
             nodes_stale,
             bundle_version,
+            server_cert_expiry,
         }
+    }
+
+    /// The server certificate in use expires at `not_after`.
+    pub fn set_server_cert_expiry(&self, not_after: SystemTime) {
+        let secs = crate::authority::unix(not_after);
+        self.server_cert_expiry
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
     /// One CSR signed, after `took`.

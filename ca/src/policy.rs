@@ -5,7 +5,9 @@
 //!    (`not_assigned`); an agent-local entry (sent with the CSR) is checked by
 //!    [`check_local_entry`] instead: outside the node's trust domain it is refused
 //!    (`outside_trust_domain`) under every mode, under ENABLED it is refused (`policy_denied`),
-//!    and a node identity or a bare trust domain is never granted (`policy_denied`);
+//!    a node identity or a bare trust domain is never granted (`reserved_id`), nor an ID any
+//!    holder entry registers (`id_registered`), nor one outside `holder.localEntryPrefixes`
+//!    (default `/node/{node}/`: the node's own namespace; `outside_local_prefixes`);
 //! 2. the entry's ID is inside the calling node's trust domain (`outside_trust_domain`);
 //! 3. the CSR parses (`bad_csr`) and its key is ECDSA P-256, P-384 or RSA ≥ 2048
 //!    (`key_not_allowed`; checked before the signature, since aws-lc-rs will not even verify
@@ -143,24 +145,54 @@ pub struct Approved {
     pub local: bool,
 }
 
-/// Whether an agent-local entry may be signed for `caller` under the mesh's effective
-/// enforcement (`MESH_DEFAULT` must already be resolved; it counts as ENABLED here).
+/// The holder's rules for agent-local entries, as they apply to one CSR.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalRules<'a> {
+    /// The mesh's effective enforcement (`MESH_DEFAULT` must already be resolved; it counts as
+    /// ENABLED here).
+    pub enforcement: Enforcement,
+    /// `holder.localEntryPrefixes`: path prefixes (ending in `/`, `{node}` standing for the
+    /// calling node's name) inside the node's trust domain.
+    pub prefixes: &'a [String],
+    /// Whether a holder entry (of any node or mesh) registers the local entry's ID.
+    pub registered: bool,
+}
+
+/// The path prefix a `holder.localEntryPrefixes` template gives for `node`.
+pub fn expand_prefix(template: &str, node: &str) -> String {
+    template.replace("{node}", node)
+}
+
+/// Whether `path` lies strictly inside one of the prefixes (expanded for `node`).
+pub fn inside_prefixes(path: &str, prefixes: &[String], node: &str) -> bool {
+    prefixes.iter().any(|t| {
+        let p = expand_prefix(t, node);
+        path.len() > p.len() && path.starts_with(&p)
+    })
+}
+
+/// Whether an agent-local entry may be signed for `caller`. The rules, in order, each with
+/// its own code: inside the node's trust domain (`outside_trust_domain`, under every mode);
+/// enforcement DISABLED (`policy_denied`); not the bare trust domain nor under `/meshcert/`
+/// (`reserved_id`); an ID no holder entry registers (`id_registered`); inside the allowed
+/// prefixes (`outside_local_prefixes`).
 pub fn check_local_entry(
     caller: &Caller,
     entry_id: &str,
     local: &Entry,
-    enforcement: Enforcement,
+    rules: &LocalRules<'_>,
 ) -> Result<(), ApiError> {
-    if !caller.trust_domain.contains(&local.spiffe_id) {
+    let id = &local.spiffe_id;
+    if !caller.trust_domain.contains(id) {
         return Err(refuse(
             ErrorCode::OutsideTrustDomain,
             format!(
-                "the local entry's `{}` is outside the node's trust domain `{}`",
-                local.spiffe_id, caller.trust_domain
+                "the local entry's `{id}` is outside the node's trust domain `{}`",
+                caller.trust_domain
             ),
         ));
     }
-    if enforcement != Enforcement::Disabled {
+    if rules.enforcement != Enforcement::Disabled {
         return Err(refuse(
             ErrorCode::PolicyDenied,
             format!(
@@ -169,12 +201,42 @@ pub fn check_local_entry(
             ),
         ));
     }
-    if !local.spiffe_id.is_leaf() || local.spiffe_id.path().starts_with("/meshcert/") {
+    if !id.is_leaf() || id.path().starts_with("/meshcert/") {
         return Err(refuse(
-            ErrorCode::PolicyDenied,
+            ErrorCode::ReservedId,
+            format!("`{id}` is reserved; a local entry needs a workload path outside /meshcert/"),
+        ));
+    }
+    if rules.registered {
+        return Err(refuse(
+            ErrorCode::IdRegistered,
             format!(
-                "`{}` is reserved; a local entry needs a workload path outside /meshcert/",
-                local.spiffe_id
+                "`{id}` is registered by a holder entry; a local entry never takes an ID the holder assigns"
+            ),
+        ));
+    }
+    if !inside_prefixes(id.path(), rules.prefixes, &caller.node) {
+        let allowed: Vec<String> = rules
+            .prefixes
+            .iter()
+            .map(|t| {
+                format!(
+                    "spiffe://{}{}",
+                    caller.trust_domain,
+                    expand_prefix(t, &caller.node)
+                )
+            })
+            .collect();
+        return Err(refuse(
+            ErrorCode::OutsideLocalPrefixes,
+            format!(
+                "`{id}` is outside the prefixes allowed for local entries of node `{}` (holder.localEntryPrefixes: {})",
+                caller.node,
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
             ),
         ));
     }
@@ -197,19 +259,18 @@ pub fn check_local_entry(
 }
 
 /// Decides one CSR of a signing batch. `entry` is the stored entry with the requested id;
-/// `local` the agent-local entry sent with the CSR, decided under `enforcement` (the mesh's
-/// effective mode).
+/// `local` the agent-local entry sent with the CSR, decided by `rules`.
 pub fn check_sign(
     caller: &Caller,
     entry_id: &str,
     entry: Option<&Entry>,
     local: Option<&Entry>,
-    enforcement: Enforcement,
+    rules: &LocalRules<'_>,
     csr_der: &[u8],
 ) -> Result<Approved, ApiError> {
     let entry = match local {
         Some(l) => {
-            check_local_entry(caller, entry_id, l, enforcement)?;
+            check_local_entry(caller, entry_id, l, rules)?;
             l
         }
         None => entry.ok_or_else(|| {
@@ -292,6 +353,20 @@ mod tests {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PublicKeyData as _, SanType};
     use std::time::{Duration, SystemTime};
     use x509_parser::prelude::*;
+
+    const DEFAULT_PREFIXES: &[String] = &[];
+
+    fn default_prefixes() -> Vec<String> {
+        vec![crate::config::DEFAULT_LOCAL_ENTRY_PREFIX.to_owned()]
+    }
+
+    fn rules(enforcement: Enforcement, prefixes: &[String]) -> LocalRules<'_> {
+        LocalRules {
+            enforcement,
+            prefixes,
+            registered: false,
+        }
+    }
 
     fn caller() -> Caller {
         Caller {
@@ -509,7 +584,7 @@ mod tests {
                 "web",
                 e,
                 local.then_some(&web_e),
-                Enforcement::Enabled,
+                &rules(Enforcement::Enabled, DEFAULT_PREFIXES),
                 &csr,
             );
             match want {
@@ -526,65 +601,176 @@ mod tests {
     fn local_entries_follow_the_enforcement_table() {
         use Enforcement::{Disabled, Enabled, MeshDefault};
         let k = p256();
-        let inside = entry("local-web", "spiffe://mesh-a.test/local-web", &[]);
-        let outside = entry("local-web", "spiffe://mesh-b.test/local-web", &[]);
-        let node_id = entry(
-            "local-web",
-            "spiffe://mesh-a.test/meshcert/node/node-2",
-            &[],
-        );
-        let bare = Entry {
-            spiffe_id: SpiffeId::new("spiffe://mesh-a.test").expect("valid"),
+        let own = "spiffe://mesh-a.test/node/node-1/local-web";
+        let inside = entry("local-web", own, &[]);
+        let with = |id: &str| Entry {
+            spiffe_id: SpiffeId::new(id).expect("valid"),
             ..inside.clone()
         };
         let mut gateway = inside.clone();
         gateway.gateway = true;
-        // (case, local entry, effective mode, expected refusal)
-        let cases: &[(&str, &Entry, Enforcement, Option<ErrorCode>)] = &[
-            ("inside, DISABLED", &inside, Disabled, None),
+        let default = default_prefixes();
+        let tools = vec!["/tools/".to_owned(), "/team/{node}/".to_owned()];
+        let none: Vec<String> = vec![];
+        let everything = vec!["/".to_owned()];
+        // (case, local entry ID, mode, prefixes, registered by a holder entry, expected refusal)
+        type Case<'a> = (
+            &'a str,
+            Entry,
+            Enforcement,
+            &'a [String],
+            bool,
+            Option<ErrorCode>,
+        );
+        let cases: Vec<Case<'_>> = vec![
             (
-                "inside, ENABLED",
-                &inside,
-                Enabled,
-                Some(ErrorCode::PolicyDenied),
-            ),
-            (
-                "inside, unresolved default",
-                &inside,
-                MeshDefault,
-                Some(ErrorCode::PolicyDenied),
-            ),
-            (
-                "outside, DISABLED",
-                &outside,
+                "own namespace, DISABLED",
+                inside.clone(),
                 Disabled,
+                &default,
+                false,
+                None,
+            ),
+            (
+                "own namespace, ENABLED",
+                inside.clone(),
+                Enabled,
+                &default,
+                false,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "unresolved default",
+                inside.clone(),
+                MeshDefault,
+                &default,
+                false,
+                Some(ErrorCode::PolicyDenied),
+            ),
+            (
+                "outside the trust domain",
+                with("spiffe://mesh-b.test/node/node-1/x"),
+                Disabled,
+                &default,
+                false,
                 Some(ErrorCode::OutsideTrustDomain),
             ),
             (
-                "outside, ENABLED",
-                &outside,
+                "outside the trust domain, ENABLED",
+                with("spiffe://mesh-b.test/x"),
                 Enabled,
+                &default,
+                false,
                 Some(ErrorCode::OutsideTrustDomain),
             ),
             (
                 "a node identity",
-                &node_id,
+                with("spiffe://mesh-a.test/meshcert/node/node-2"),
                 Disabled,
-                Some(ErrorCode::PolicyDenied),
+                &default,
+                false,
+                Some(ErrorCode::ReservedId),
+            ),
+            (
+                "under /meshcert/",
+                with("spiffe://mesh-a.test/meshcert/x"),
+                Disabled,
+                &everything,
+                false,
+                Some(ErrorCode::ReservedId),
             ),
             (
                 "the bare trust domain",
-                &bare,
+                with("spiffe://mesh-a.test"),
                 Disabled,
-                Some(ErrorCode::PolicyDenied),
+                &default,
+                false,
+                Some(ErrorCode::ReservedId),
             ),
-            ("a gateway flag", &gateway, Disabled, None),
+            (
+                "registered by a holder entry",
+                inside.clone(),
+                Disabled,
+                &default,
+                true,
+                Some(ErrorCode::IdRegistered),
+            ),
+            (
+                "another node's namespace",
+                with("spiffe://mesh-a.test/node/node-2/x"),
+                Disabled,
+                &default,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            (
+                "a longer node name",
+                with("spiffe://mesh-a.test/node/node-10/x"),
+                Disabled,
+                &default,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            (
+                "the namespace itself",
+                with("spiffe://mesh-a.test/node/node-1"),
+                Disabled,
+                &default,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            (
+                "outside every prefix",
+                with("spiffe://mesh-a.test/payments"),
+                Disabled,
+                &default,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            (
+                "an operator's prefix",
+                with("spiffe://mesh-a.test/tools/x"),
+                Disabled,
+                &tools,
+                false,
+                None,
+            ),
+            (
+                "an operator's node template",
+                with("spiffe://mesh-a.test/team/node-1/x"),
+                Disabled,
+                &tools,
+                false,
+                None,
+            ),
+            (
+                "another node under the template",
+                with("spiffe://mesh-a.test/team/node-2/x"),
+                Disabled,
+                &tools,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            (
+                "no prefixes at all",
+                inside.clone(),
+                Disabled,
+                &none,
+                false,
+                Some(ErrorCode::OutsideLocalPrefixes),
+            ),
+            ("a gateway flag", gateway, Disabled, &default, false, None),
         ];
-        for (name, local, mode, want) in cases {
+        for (name, local, mode, prefixes, registered, want) in cases {
             let csr = csr_with(&k, &[&local.spiffe_id.to_string()], false);
+            let rules = LocalRules {
+                enforcement: mode,
+                prefixes,
+                registered,
+            };
             // No holder entry has this id, and the local entry is assigned to no node: neither
             // matters for a local entry.
-            let got = check_sign(&caller(), "local-web", None, Some(local), *mode, &csr);
+            let got = check_sign(&caller(), "local-web", None, Some(&local), &rules, &csr);
             match want {
                 None => {
                     let ok = got.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -594,16 +780,20 @@ mod tests {
                         "{name}: a local entry never gets a gateway SVID"
                     );
                 }
-                Some(code) => assert_eq!(got.expect_err(name).code, *code, "{name}"),
+                Some(code) => {
+                    let err = got.expect_err(name);
+                    assert_eq!(err.code, code, "{name}: {}", err.message);
+                }
             }
         }
+        let rules = rules(Disabled, &default);
         // Under DISABLED the CSR rules still hold: the SAN must be the local entry's ID.
-        let csr = csr_with(&k, &["spiffe://mesh-a.test/other"], false);
-        let got = check_sign(&caller(), "local-web", None, Some(&inside), Disabled, &csr);
+        let csr = csr_with(&k, &["spiffe://mesh-a.test/node/node-1/other"], false);
+        let got = check_sign(&caller(), "local-web", None, Some(&inside), &rules, &csr);
         assert_eq!(got.expect_err("san").code, ErrorCode::SanMismatch);
         // The CSR's entry id must be the local entry's.
-        let csr = csr_with(&k, &["spiffe://mesh-a.test/local-web"], false);
-        let got = check_sign(&caller(), "web", None, Some(&inside), Disabled, &csr);
+        let csr = csr_with(&k, &[own], false);
+        let got = check_sign(&caller(), "web", None, Some(&inside), &rules, &csr);
         assert_eq!(got.expect_err("id").code, ErrorCode::BadRequest);
     }
 
@@ -691,8 +881,15 @@ mod tests {
         ] {
             let csr = csr_with(&key, &[web], true);
             let e = entry("web", web, &["node-1"]);
-            let ok = check_sign(&caller(), "web", Some(&e), None, Enforcement::Enabled, &csr)
-                .expect("approved");
+            let ok = check_sign(
+                &caller(),
+                "web",
+                Some(&e),
+                None,
+                &rules(Enforcement::Enabled, DEFAULT_PREFIXES),
+                &csr,
+            )
+            .expect("approved");
             let now = SystemTime::now();
             let issued = a
                 .sign_leaf(
@@ -754,7 +951,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let e = entry("web", "spiffe://mesh-a.test/web", &["node-1"]);
-            prop_assert!(check_sign(&caller(), "web", Some(&e), None, Enforcement::Enabled, &bytes).is_err());
+            prop_assert!(check_sign(&caller(), "web", Some(&e), None, &rules(Enforcement::Enabled, DEFAULT_PREFIXES), &bytes).is_err());
         }
 
         #[test]
@@ -766,7 +963,7 @@ mod tests {
             let id = format!("spiffe://{td}/{path}");
             let e = entry("x", &id, &["node-1"]);
             let csr = csr_with(&key, &[&id], false);
-            let got = check_sign(&caller(), "x", Some(&e), None, Enforcement::Enabled, &csr);
+            let got = check_sign(&caller(), "x", Some(&e), None, &rules(Enforcement::Enabled, DEFAULT_PREFIXES), &csr);
             if td == "mesh-a.test" {
                 prop_assert!(got.is_ok());
             } else {
@@ -775,8 +972,12 @@ mod tests {
             if let Ok(a) = got {
                 prop_assert!(caller().trust_domain.contains(&a.spiffe_id));
             }
-            // The same identity as an agent-local entry, under the most permissive mode.
-            let local = check_sign(&caller(), "x", None, Some(&e), Enforcement::Disabled, &csr);
+            // An agent-local entry in the node's own namespace, under the most permissive mode.
+            let id = format!("spiffe://{td}/node/node-1/{path}");
+            let e = entry("x", &id, &[]);
+            let csr = csr_with(&key, &[&id], false);
+            let prefixes = default_prefixes();
+            let local = check_sign(&caller(), "x", None, Some(&e), &rules(Enforcement::Disabled, &prefixes), &csr);
             if td == "mesh-a.test" {
                 prop_assert!(local.is_ok());
             } else {

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use x509_parser::prelude::FromDer as _;
 
 use crate::holder::Holder;
 
@@ -49,21 +50,42 @@ pub enum ServerError {
     Tls(String),
 }
 
+/// The API's TLS configuration and the facts about its server certificate that status,
+/// metrics and renewal need.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// What new connections use.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The server certificate's SHA-256 fingerprint.
+    pub fingerprint: String,
+    /// Its start of validity.
+    pub not_before: SystemTime,
+    /// Its end of validity.
+    pub not_after: SystemTime,
+}
+
+impl ServerTls {
+    /// Whether the server certificate is due for renewal at `now`: half of its life has passed
+    /// (as for the intermediates), unless it already ends with the root that signs it (a new
+    /// one could not live longer).
+    pub fn renewal_due(&self, root_not_after: SystemTime, now: SystemTime) -> bool {
+        crate::authority::renewal_due(self.not_before, self.not_after, now)
+            && (self.not_after < root_not_after || now >= self.not_after)
+    }
+}
+
 /// The rustls server configuration: a fresh server certificate signed by the shared root (the
 /// one agents bootstrap with: `root.pem`, `Bundles.shared_root` under limited trust), client
 /// certificates optional but, when present, verified against the shared root and every mesh
-/// root (node SVIDs chain to their mesh's root).
-pub fn tls_config(
-    holder: &Holder,
-    now: SystemTime,
-) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+/// root (node SVIDs chain to their mesh's root; [`Holder::caller`] then checks each call's
+/// chain against the claimed node's own mesh root).
+pub fn tls_config(holder: &Holder, now: SystemTime) -> Result<ServerTls, ServerError> {
     let serving = holder.serving();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = |e: rustls::Error| ServerError::Tls(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
     for der in serving.authority.client_roots() {
-        roots
-            .add(CertificateDer::from(der))
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        roots.add(CertificateDer::from(der)).map_err(tls)?;
     }
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
@@ -73,17 +95,31 @@ pub fn tls_config(
     let (cert, key) = serving
         .authority
         .server_identity(&serving.config.holder.server_names, now)?;
+    // A borrow of the key's DER: the only copy stays in `key`, zeroised when it drops.
+    let signing_key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(key.serialized_der()),
+    ))
+    .map_err(tls)?;
+    drop(key);
+    let (_, parsed) = x509_parser::prelude::X509Certificate::from_der(&cert)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let at = |t: i64| std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    let not_before = at(parsed.validity().not_before.timestamp());
+    let not_after = at(parsed.validity().not_after.timestamp());
+    let fingerprint = crate::authority::fingerprint(&cert);
+    let certified = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(cert)], signing_key);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .map_err(tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![CertificateDer::from(cert)],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        fingerprint,
+        not_before,
+        not_after,
+    })
 }
 
 /// Serves the API on `listener` until `shutdown` resolves. Each connection uses the holder's
@@ -107,7 +143,11 @@ pub async fn serve(
                 }
             },
         };
-        let acceptor = TlsAcceptor::from(holder.tls().unwrap_or_else(|| Arc::clone(&tls)));
+        let acceptor = TlsAcceptor::from(
+            holder
+                .tls()
+                .map_or_else(|| Arc::clone(&tls), |t| Arc::clone(&t.config)),
+        );
         let holder = Arc::clone(&holder);
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -121,16 +161,15 @@ pub async fn serve(
                     return;
                 }
             };
-            let client_cert: Option<Arc<Vec<u8>>> = tls
+            let client_chain: Option<Arc<Vec<Vec<u8>>>> = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.to_vec()));
+                .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
             let service = service_fn(move |req| {
                 let holder = Arc::clone(&holder);
-                let client_cert = client_cert.clone();
-                async move { Ok::<_, Infallible>(handle(&holder, client_cert.as_deref(), req).await) }
+                let client_chain = client_chain.clone();
+                async move { Ok::<_, Infallible>(handle(&holder, client_chain.as_deref(), req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -207,10 +246,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 async fn handle(
     holder: &Holder,
-    client_cert: Option<&Vec<u8>>,
+    client_chain: Option<&Vec<Vec<u8>>>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    match route(holder, client_cert.map(Vec::as_slice), req).await {
+    match route(holder, client_chain.map(Vec::as_slice), req).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     }
@@ -218,7 +257,7 @@ async fn handle(
 
 async fn route(
     holder: &Holder,
-    client_cert: Option<&[u8]>,
+    client_chain: Option<&[Vec<u8>]>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();
@@ -248,7 +287,7 @@ async fn route(
             Ok(json(ok, &holder.attest(&body, now)?))
         }
         _ => {
-            let caller = holder.caller(client_cert)?;
+            let caller = holder.caller(client_chain, now)?;
             match path.as_str() {
                 api::PATH_SYNC => Ok(json(ok, &holder.sync(&caller)?)),
                 api::PATH_RENEW => {

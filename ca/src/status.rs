@@ -107,6 +107,9 @@ pub struct CertificateStatus {
     pub mesh_roots: Vec<MeshRootStatus>,
     /// One per mesh (and under limited trust one more per mesh, the gateway intermediate).
     pub intermediates: Vec<IntermediateStatus>,
+    /// The HTTPS API's server certificate (renewed at half-life).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<ServerCertStatus>,
     /// Certificates signed so far (node and workload SVIDs).
     pub svids_issued: u64,
     /// Every node.
@@ -139,6 +142,61 @@ pub struct MeshRootStatus {
     pub fingerprint_sha256: String,
     /// Expiry, RFC 3339.
     pub not_after: String,
+}
+
+/// The API's server certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerCertStatus {
+    /// SHA-256 of the DER, hex.
+    pub fingerprint_sha256: String,
+    /// Start of validity, RFC 3339.
+    pub not_before: String,
+    /// Expiry, RFC 3339.
+    pub not_after: String,
+    /// When the holder renews it (half of its life), RFC 3339.
+    pub renew_at: String,
+}
+
+/// A warning about the server certificate while less than a third of its life is left: its
+/// renewal (due at half-life) keeps failing, or the root that signs it ends soon. Agents'
+/// handshakes fail once it expires.
+pub fn server_cert_warning(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Option<String> {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let left = not_after.duration_since(now).unwrap_or_default();
+    if left.is_zero() {
+        return Some(format!(
+            "the holder's server certificate expired at {}: agents cannot connect",
+            crate::authority::rfc3339(not_after)
+        ));
+    }
+    (left < life / 3).then(|| {
+        format!(
+            "the holder's server certificate expires at {} (in {}); it should have been renewed at half-life",
+            crate::authority::rfc3339(not_after),
+            humantime::format_duration(Duration::from_secs(left.as_secs()))
+        )
+    })
+}
+
+/// `text` with every control character (and bidirectional-override character) escaped as
+/// `\u{..}`: node-reported text must not move the terminal's cursor, change its colours or
+/// forge lines of the table.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One intermediate's facts.
@@ -457,6 +515,13 @@ impl Status {
             "shared root  {} bits  O={}  expires {}  sha256 {}",
             c.root.key_bits, c.root.org, c.root.not_after, c.root.fingerprint_sha256
         );
+        if let Some(sc) = &c.server_certificate {
+            let _ = writeln!(
+                out,
+                "server cert  expires {}  renews {}  sha256 {}",
+                sc.not_after, sc.renew_at, sc.fingerprint_sha256
+            );
+        }
         let _ = writeln!(
             out,
             "\n{:<16} {:<24} {:<22} {:<22} {:<14} ENFORCEMENT",
@@ -538,7 +603,7 @@ impl Status {
                     i.state.as_str(),
                     "",
                     not_after,
-                    i.last_error.as_deref().unwrap_or(""),
+                    printable(i.last_error.as_deref().unwrap_or("")),
                     width = first - 2
                 );
             }
@@ -550,6 +615,29 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("plain error: 42"), "plain error: 42");
+        assert_eq!(
+            printable("a\nnode-x  OK\x1b[2J\r\u{202e}b"),
+            "a\\u{a}node-x  OK\\u{1b}[2J\\u{d}\\u{202e}b"
+        );
+    }
+
+    #[test]
+    fn the_server_certificate_is_warned_about_with_a_third_of_its_life_left() {
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let end = t0 + Duration::from_secs(90 * 86400);
+        assert_eq!(
+            server_cert_warning(t0, end, t0 + Duration::from_secs(59 * 86400)),
+            None
+        );
+        let w = server_cert_warning(t0, end, t0 + Duration::from_secs(61 * 86400)).expect("warned");
+        assert!(w.contains("should have been renewed"), "{w}");
+        let w = server_cert_warning(t0, end, end).expect("expired");
+        assert!(w.contains("expired"), "{w}");
+    }
 
     #[test]
     fn silent_nodes_are_stale_after_three_heartbeats() {

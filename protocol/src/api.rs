@@ -284,6 +284,15 @@ pub enum ErrorCode {
     NotAssigned,
     /// Policy (enforcement mode) refuses an agent-local entry.
     PolicyDenied,
+    /// An agent-local entry asks for a reserved ID: the bare trust domain or one under
+    /// `/meshcert/` (node identities).
+    ReservedId,
+    /// An agent-local entry asks for an ID that a holder entry registers (to any node).
+    IdRegistered,
+    /// An agent-local entry's ID is outside the prefixes the holder allows for local entries.
+    OutsideLocalPrefixes,
+    /// A registration entry on the holder carries a hook: hooks are configured on the node.
+    HookNotAllowed,
     /// The join token is unknown.
     InvalidToken,
     /// The join token has expired.
@@ -312,7 +321,11 @@ impl ErrorCode {
     /// The HTTP status this code is sent with.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::BadRequest | Self::BadCsr | Self::KeyNotAllowed | Self::BatchTooLarge => 400,
+            Self::BadRequest
+            | Self::BadCsr
+            | Self::KeyNotAllowed
+            | Self::BatchTooLarge
+            | Self::HookNotAllowed => 400,
             Self::InvalidToken | Self::TokenExpired | Self::TokenUsed | Self::Unauthenticated => {
                 401
             }
@@ -320,6 +333,9 @@ impl ErrorCode {
             | Self::OutsideTrustDomain
             | Self::NotAssigned
             | Self::PolicyDenied
+            | Self::ReservedId
+            | Self::IdRegistered
+            | Self::OutsideLocalPrefixes
             | Self::WrongMesh
             | Self::UnknownNode
             | Self::NodeBanned => 403,
@@ -329,6 +345,19 @@ impl ErrorCode {
             Self::Internal => 500,
             Self::Unavailable => 503,
         }
+    }
+
+    /// Whether this code refuses an agent-local entry by a policy rule, so that asking again
+    /// is useless until the entry, the holder's entries or the mesh's enforcement change.
+    pub fn refuses_local_entry(self) -> bool {
+        matches!(
+            self,
+            Self::PolicyDenied
+                | Self::OutsideTrustDomain
+                | Self::ReservedId
+                | Self::IdRegistered
+                | Self::OutsideLocalPrefixes
+        )
     }
 
     /// Whether the same request may succeed later without any change.

@@ -103,6 +103,15 @@ pub struct Issuance {
     pub local: bool,
 }
 
+/// What one pruning removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Issuances deleted.
+    pub issuances: u64,
+    /// Join tokens deleted.
+    pub tokens: u64,
+}
+
 /// A node's latest report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredReport {
@@ -140,12 +149,20 @@ pub trait Store: Send + Sync {
     fn delete_entry(&self, id: &str) -> Result<bool, StoreError>;
     /// Every admin-created entry.
     fn entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// The admin-created entry with this id (a lookup by key, not a scan).
+    fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+    /// Whether an admin-created entry registers this SPIFFE ID (an indexed lookup).
+    fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError>;
     /// Records issuances, all in one transaction.
     fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError>;
     /// Every issuance, oldest first.
     fn issuances(&self) -> Result<Vec<Issuance>, StoreError>;
-    /// How many certificates were issued.
+    /// How many certificates were issued, pruned ones included.
     fn issuance_count(&self) -> Result<u64, StoreError>;
+    /// Deletes, in one transaction, the issuances that expired before `before` and the join
+    /// tokens that expired before it (used or not); the pruned issuances stay counted by
+    /// [`Store::issuance_count`].
+    fn prune(&self, before: u64) -> Result<Pruned, StoreError>;
     /// Replaces a node's latest report.
     fn put_report(&self, report: &StoredReport) -> Result<(), StoreError>;
     /// Every node's latest report.

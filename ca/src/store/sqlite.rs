@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use meshcert_protocol::Entry;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Issuance, NodeRecord, Store, StoreError, StoredReport, TokenOutcome, TokenRecord};
+use super::{
+    Issuance, NodeRecord, Pruned, Store, StoreError, StoredReport, TokenOutcome, TokenRecord,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
@@ -45,6 +47,9 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL,
     received_at INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries (json_extract(body, '$.spiffeId'));
+CREATE INDEX IF NOT EXISTS issuances_not_after ON issuances (not_after);
+CREATE INDEX IF NOT EXISTS tokens_expires_at ON tokens (expires_at);
 ";
 
 /// SQLite behind a mutex (one writer; every call is short).
@@ -233,6 +238,58 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM entries WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        body.map(|b| {
+            serde_json::from_str(&b).map_err(|e| StoreError::Corrupt {
+                what: "entry",
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT 1 FROM entries WHERE json_extract(body, '$.spiffeId') = ?1 LIMIT 1",
+            )?
+            .exists(params![spiffe_id])?)
+    }
+
+    fn prune(&self, before: u64) -> Result<Pruned, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let before = to_i64(before);
+        let issuances = tx.execute(
+            "DELETE FROM issuances WHERE not_after < ?1",
+            params![before],
+        )?;
+        let tokens = tx.execute("DELETE FROM tokens WHERE expires_at < ?1", params![before])?;
+        let issuances = u64::try_from(issuances).unwrap_or(0);
+        if issuances > 0 {
+            let pruned = SqliteStore::meta(&tx, "issuances_pruned")?
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('issuances_pruned', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![(pruned + issuances).to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Pruned {
+            issuances,
+            tokens: u64::try_from(tokens).unwrap_or(0),
+        })
+    }
+
     fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -274,9 +331,12 @@ impl Store for SqliteStore {
     }
 
     fn issuance_count(&self) -> Result<u64, StoreError> {
-        let n: i64 = self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM issuances", [], |r| r.get(0))?;
+        let n: i64 = self.conn().query_row(
+            "SELECT (SELECT COUNT(*) FROM issuances)
+                  + COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'issuances_pruned'), 0)",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(to_u64(n))
     }
 
@@ -435,6 +495,86 @@ mod tests {
         s.record_issuances(std::slice::from_ref(&i))
             .expect("record");
         assert_eq!(s.issuances().expect("list"), vec![i]);
+    }
+
+    #[test]
+    fn pruning_removes_what_expired_before_the_cut_and_keeps_the_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let issued = |serial: &str, not_after: u64| Issuance {
+            serial: serial.into(),
+            spiffe_id: "spiffe://a.test/x".into(),
+            node: "n".into(),
+            not_after,
+            issued_at: 1,
+            local: false,
+        };
+        s.record_issuances(&[issued("01", 100), issued("02", 200), issued("03", 300)])
+            .expect("record");
+        let token = |hash: &str, expires_at: u64| TokenRecord {
+            hash: hash.into(),
+            node: "node-1".into(),
+            mesh: "mesh-a".into(),
+            expires_at,
+        };
+        s.create_token(&token("spent", 150)).expect("token");
+        s.create_token(&token("fresh", 500)).expect("token");
+        assert_eq!(
+            s.consume_token("spent", 120, &id).expect("q"),
+            TokenOutcome::Consumed {
+                node: "node-1".into(),
+                mesh: "mesh-a".into()
+            }
+        );
+        assert_eq!(s.issuance_count().expect("count"), 3);
+        let pruned = s.prune(250).expect("prune");
+        assert_eq!(
+            pruned,
+            Pruned {
+                issuances: 2,
+                tokens: 1
+            }
+        );
+        let left: Vec<String> = s
+            .issuances()
+            .expect("list")
+            .into_iter()
+            .map(|i| i.serial)
+            .collect();
+        assert_eq!(left, vec!["03".to_owned()]);
+        assert_eq!(
+            s.issuance_count().expect("count"),
+            3,
+            "pruned issuances stay counted"
+        );
+        assert_eq!(s.token_used("spent").expect("q"), None);
+        assert_eq!(s.token_used("fresh").expect("q"), Some(false));
+        assert_eq!(s.prune(250).expect("again"), Pruned::default());
+        assert_eq!(s.issuance_count().expect("count"), 3);
+    }
+
+    #[test]
+    fn entries_are_found_by_id_and_by_spiffe_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let e: Entry = serde_json::from_value(serde_json::json!({
+            "id": "pay", "spiffeId": "spiffe://a.test/pay", "nodes": ["n"], "dir": "pay"
+        }))
+        .expect("entry");
+        s.insert_entry(&e).expect("insert");
+        assert_eq!(s.entry("pay").expect("q"), Some(e));
+        assert_eq!(s.entry("nope").expect("q"), None);
+        assert!(s.registers("spiffe://a.test/pay").expect("q"));
+        assert!(!s.registers("spiffe://a.test/pay/x").expect("q"));
+        let plan: String = s
+            .conn()
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM entries WHERE json_extract(body, '$.spiffeId') = 'x'",
+                [],
+                |r| r.get(3),
+            )
+            .expect("plan");
+        assert!(plan.contains("entries_spiffe_id"), "{plan}");
     }
 
     #[test]
