@@ -119,13 +119,26 @@ pub fn uid_allowed(peer: u32, own: u32) -> bool {
     peer == 0 || peer == own
 }
 
-/// Serves the admin socket until `shutdown` resolves.
+/// Admin connections of allowed peers served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 32;
+/// Connections of refused peers answered (403) at once, apart from the allowed ones' slots.
+const MAX_REFUSED: usize = 4;
+/// Longest life of an allowed admin connection.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest life of a refused peer's connection (one 403 answer).
+const REFUSED_LIFETIME: Duration = Duration::from_secs(2);
+
+/// Serves the admin socket until `shutdown` resolves. A peer's credentials are checked first,
+/// at accept: a peer that is neither root nor the holder's user is answered 403 from a small
+/// pool of its own, so it can never take the slots operators need.
 pub async fn serve(
     listener: UnixListener,
     holder: Arc<Holder>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
+    let allowed_slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let refused_slots = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSED));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -152,8 +165,21 @@ pub async fn serve(
                 false
             }
         };
+        let (slots, lifetime) = if allowed {
+            (&allowed_slots, CONNECTION_LIFETIME)
+        } else {
+            (&refused_slots, REFUSED_LIFETIME)
+        };
+        let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+            tracing::debug!(
+                allowed,
+                "admin connection cap reached; closing a new connection"
+            );
+            continue;
+        };
         let holder = Arc::clone(&holder);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let holder = Arc::clone(&holder);
                 async move {
@@ -176,10 +202,15 @@ pub async fn serve(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .header_read_timeout(Duration::from_secs(10))
+                .keep_alive(allowed);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if tokio::time::timeout(lifetime, conn).await.is_err() {
+                tracing::debug!(
+                    allowed,
+                    "admin connection closed after its maximum lifetime"
+                );
+            }
         });
     }
 }

@@ -141,6 +141,9 @@ pub struct HolderSettings {
     /// `holder.retention`: how long issuances are kept after they expire, and used or expired
     /// join tokens after their use or expiry (default [`DEFAULT_RETENTION`]).
     pub retention: Duration,
+    /// `holder.maxConnections`: HTTPS API connections served at once; more are closed at once
+    /// (default [`DEFAULT_MAX_CONNECTIONS`]; takes effect at a restart).
+    pub max_connections: usize,
 }
 
 impl HolderSettings {
@@ -292,6 +295,7 @@ struct RawHolder {
     metrics_listen: Option<String>,
     local_entry_prefixes: Option<Vec<String>>,
     retention: Option<String>,
+    max_connections: Option<i64>,
 }
 
 /// Default API listen address.
@@ -302,6 +306,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshcert-ca";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshcert-ca/admin.sock";
 /// Default prefix of agent-local entries: the node's own namespace.
 pub const DEFAULT_LOCAL_ENTRY_PREFIX: &str = "/node/{node}/";
+/// Default cap on HTTPS API connections served at once (agents keep a few idle connections
+/// for 5 s; keep the holder's open-file limit above this).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default retention of expired issuances and spent join tokens: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
@@ -663,6 +670,19 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
             "holder.retention",
             p,
         ),
+        max_connections: match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) if (1..=1_000_000).contains(&n) => {
+                usize::try_from(n).unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            }
+            Some(n) => {
+                p.add(
+                    "holder.maxConnections",
+                    format!("{n} is not between 1 and 1000000"),
+                );
+                DEFAULT_MAX_CONNECTIONS
+            }
+        },
     }
 }
 

@@ -193,6 +193,7 @@ fn restart_only(h: &crate::config::HolderSettings) -> Vec<(&'static str, String)
             "holder.metricsListen",
             h.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
         ),
+        ("holder.maxConnections", h.max_connections.to_string()),
     ]
 }
 
@@ -270,6 +271,7 @@ impl Holder {
         config.holder.admin_socket = current.config.holder.admin_socket.clone();
         config.holder.datastore = current.config.holder.datastore.clone();
         config.holder.metrics_listen = current.config.holder.metrics_listen;
+        config.holder.max_connections = current.config.holder.max_connections;
         match Serving::open(config, &self.store, now) {
             Ok(next) => {
                 let bundles_changed = next.bundle_version != current.bundle_version;

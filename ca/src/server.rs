@@ -4,7 +4,9 @@
 //! `POST /v1/attest` and `GET /v1/bundle` need no client certificate; every other path needs the
 //! node SVID (verified by rustls against the root, then matched to a known, non-banned node).
 //! Every failure is a JSON `ApiError` with its HTTP status; bodies are capped at
-//! `MAX_BODY_BYTES`; handshakes, headers and bodies time out. There is no plaintext endpoint.
+//! `MAX_BODY_BYTES`; handshakes, headers and bodies time out; at most `holder.maxConnections`
+//! connections are served at once (more are closed at once), each for at most 10 minutes.
+//! There is no plaintext endpoint.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -131,6 +133,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let cap = holder.serving().config.holder.max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -143,6 +148,15 @@ pub async fn serve(
                 }
             },
         };
+        // Over the cap a connection is closed at once: the agent retries with backoff.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, cap, refused, "connection cap reached (holder.maxConnections); closing new connections");
+            }
+            drop(tcp);
+            continue;
+        };
         let acceptor = TlsAcceptor::from(
             holder
                 .tls()
@@ -150,6 +164,7 @@ pub async fn serve(
         );
         let holder = Arc::clone(&holder);
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

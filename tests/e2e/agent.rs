@@ -815,8 +815,9 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(agent.wait_exit(WAIT).expect("exits").code(), Some(0));
 }
 
-/// Agent config lines declaring the local entry `local-debug`.
-const LOCAL_ENTRY: &str = "entries:\n  - id: local-debug\n    spiffeId: spiffe://mesh-a.test/debug\n    dir: debug\n    ttl: 1h\n";
+/// Agent config lines declaring the local entry `local-debug`, in node-1's own namespace (the
+/// holder's default `holder.localEntryPrefixes`).
+const LOCAL_ENTRY: &str = "entries:\n  - id: local-debug\n    spiffeId: spiffe://mesh-a.test/node/node-1/debug\n    dir: debug\n    ttl: 1h\n";
 
 #[test]
 fn local_entries_are_issued_only_when_enforcement_is_disabled() {
@@ -833,7 +834,7 @@ fn local_entries_are_issued_only_when_enforcement_is_disabled() {
     let agent = Agent::start(&ca, NODE, MESH, LOCAL_ENTRY).expect("agent");
     let debug = agent.volume_dir().join("debug");
     let pair = wait_pair(&agent, &debug, "the local entry issued", |_| true).expect("issued");
-    assert_eq!(pair.spiffe_id, "spiffe://mesh-a.test/debug");
+    assert_eq!(pair.spiffe_id, "spiffe://mesh-a.test/node/node-1/debug");
     wait_pair(
         &agent,
         &agent.volume_dir().join("web"),
@@ -857,15 +858,21 @@ fn local_entries_are_issued_only_when_enforcement_is_disabled() {
 fn rotation_hooks_run_and_a_failing_hook_does_not_block_rotation() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let marker = tmp.path().join("rotated");
+    // Hooks are declared in the node's own configuration (the holder refuses entries with
+    // hooks): agent-local entries in node-1's namespace, signed under DISABLED.
     let hooked = format!(
-        "  - id: hooked\n    spiffeId: spiffe://mesh-a.test/hooked\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: hooked\n    hook:\n      command: [\"sh\", \"-c\", \"echo $MESHCERT_SVID_DIR >> {}\"]\n",
+        "entries:\n  - id: hooked\n    spiffeId: spiffe://mesh-a.test/node/{NODE}/hooked\n    ttl: 3s\n    dir: hooked\n    hook:\n      command: [\"sh\", \"-c\", \"echo $MESHCERT_SVID_DIR >> {}\"]\n",
         marker.display()
     );
     let failing = format!(
-        "  - id: failing\n    spiffeId: spiffe://mesh-a.test/failing\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: failing\n    hook:\n      command: [\"false\"]\n"
+        "  - id: failing\n    spiffeId: spiffe://mesh-a.test/node/{NODE}/failing\n    ttl: 3s\n    dir: failing\n    hook:\n      command: [\"false\"]\n"
     );
-    let ca = CaHolder::start(&holder_config("1h", &format!("{hooked}{failing}"))).expect("holder");
-    let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
+    let disabled = holder_config("1h", "").replace(
+        "enforceAccessControl: ENABLED",
+        "enforceAccessControl: DISABLED",
+    );
+    let ca = CaHolder::start(&disabled).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, &format!("{hooked}{failing}")).expect("agent");
     wait_until("the hook ran three times", WAIT, || {
         std::fs::read_to_string(&marker)
             .map(|t| t.lines().count() >= 3)

@@ -593,14 +593,17 @@ fn agent_local_entries_are_signed_under_disabled_and_refused_under_enabled() {
     let ca = CaHolder::start(&disabled).expect("holder starts");
     let (node_a, _) = join(&ca, "node-a", "mesh-a");
     assert_eq!(sync(&ca, &node_a).enforcement, Enforcement::Disabled);
-    let inside = local_entry("tool", "spiffe://mesh-a.test/tool");
-    let outside = local_entry("sneaky", "spiffe://mesh-b.test/tool");
+    let inside = local_entry("tool", "spiffe://mesh-a.test/node/node-a/tool");
+    let outside = local_entry("sneaky", "spiffe://mesh-b.test/node/node-a/tool");
 
     let signed = sign(&ca, &node_a, local_csrs(&inside, &outside));
     let SignOutcome::Issued { svid, gateway_svid } = &signed.results[0].outcome else {
         panic!("a local entry inside the trust domain is signed under DISABLED: {signed:?}");
     };
-    assert_eq!(svid.spiffe_id.to_string(), "spiffe://mesh-a.test/tool");
+    assert_eq!(
+        svid.spiffe_id.to_string(),
+        "spiffe://mesh-a.test/node/node-a/tool"
+    );
     assert!(gateway_svid.is_none());
     let (_, leaf) = X509Certificate::from_der(&svid.chain[0].0).expect("parse");
     let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
@@ -1401,9 +1404,9 @@ fn enforcement_a(status: &serde_json::Value) -> (String, u64, u64) {
     )
 }
 
-/// Agent config lines declaring the local entry `tool` inside mesh-a's trust domain.
-const LOCAL_TOOL: &str =
-    "entries:\n  - id: tool\n    spiffeId: spiffe://mesh-a.test/tool\n    dir: tool\n    ttl: 1h\n";
+/// Agent config lines declaring the local entry `tool` inside node-a's own namespace of
+/// mesh-a's trust domain (the default `holder.localEntryPrefixes`).
+const LOCAL_TOOL: &str = "entries:\n  - id: tool\n    spiffeId: spiffe://mesh-a.test/node/node-a/tool\n    dir: tool\n    ttl: 1h\n";
 
 /// A local entry (list item) in mesh-b's trust domain, which node-a may never hold.
 const LOCAL_SNEAKY: &str =
@@ -1437,7 +1440,7 @@ fn an_agent_local_entry_is_signed_under_disabled_and_refused_under_enabled_by_a_
     let first = workload_from_volume(&tool_dir).expect("tool's folder");
     assert_eq!(
         spiffe_id_of(&first.chain[0]).expect("id").to_string(),
-        "spiffe://mesh-a.test/tool"
+        "spiffe://mesh-a.test/node/node-a/tool"
     );
     wait_svid(&agent, "web");
     let status = ca
@@ -1498,4 +1501,337 @@ fn an_agent_local_entry_is_signed_under_disabled_and_refused_under_enabled_by_a_
         enforcement_a(s) == ("DISABLED".into(), 1, 1)
     })
     .expect("applied");
+}
+
+/// One local-entry CSR per `(entry id, SPIFFE ID)`, each with a fresh key.
+fn local_requests(entries: &[(&str, &str)]) -> Vec<CsrRequest> {
+    entries
+        .iter()
+        .map(|(id, spiffe_id)| CsrRequest {
+            entry_id: (*id).into(),
+            csr: csr(&p256(), &[spiffe_id]),
+            local: Some(local_entry(id, spiffe_id)),
+        })
+        .collect()
+}
+
+/// Each result's refusal (code and message), or `None` when issued, by entry id.
+fn outcomes(signed: &SignResponse) -> Vec<(String, Option<(ErrorCode, String)>)> {
+    signed
+        .results
+        .iter()
+        .map(|r| {
+            (
+                r.entry_id.clone(),
+                refusal(&r.outcome).map(|e| (e.code, e.message.clone())),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn under_mesh_default_an_istio_node_gets_only_the_local_entries_the_holder_allows() {
+    // mesh-a is istio: MESH_DEFAULT resolves to DISABLED, so its nodes may declare their own
+    // entries, within the holder's rules. `payments` is registered to node-c only.
+    let text = config("  shared: {}\n").replace(
+        "entries:\n",
+        "entries:\n  - id: payments\n    spiffeId: spiffe://mesh-a.test/ns/prod/sa/payments\n    nodes: [node-c]\n    dir: payments\n",
+    );
+    let ca = CaHolder::start(&text).expect("holder starts");
+    let (node_a, _) = join(&ca, "node-a", "mesh-a");
+    assert_eq!(sync(&ca, &node_a).enforcement, Enforcement::Disabled);
+    // An entry created later over the admin socket registers its ID just the same.
+    let out = ca
+        .ctl(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://mesh-a.test/node/node-a/claimed",
+            "--node",
+            "node-c",
+        ])
+        .expect("ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let signed = sign(
+        &ca,
+        &node_a,
+        local_requests(&[
+            ("payments", "spiffe://mesh-a.test/ns/prod/sa/payments"),
+            ("claimed", "spiffe://mesh-a.test/node/node-a/claimed"),
+            ("tool", "spiffe://mesh-a.test/ns/prod/sa/tool"),
+            ("neighbour", "spiffe://mesh-a.test/node/node-b/tool"),
+            ("node-id", "spiffe://mesh-a.test/meshcert/node/node-b"),
+            ("own", "spiffe://mesh-a.test/node/node-a/tool"),
+        ]),
+    );
+    let got = outcomes(&signed);
+    let code = |id: &str| {
+        got.iter()
+            .find(|(e, _)| e == id)
+            .and_then(|(_, r)| r.as_ref().map(|(c, _)| *c))
+    };
+    assert_eq!(code("payments"), Some(ErrorCode::IdRegistered), "{got:#?}");
+    assert_eq!(code("claimed"), Some(ErrorCode::IdRegistered), "{got:#?}");
+    assert_eq!(
+        code("tool"),
+        Some(ErrorCode::OutsideLocalPrefixes),
+        "{got:#?}"
+    );
+    assert_eq!(
+        code("neighbour"),
+        Some(ErrorCode::OutsideLocalPrefixes),
+        "{got:#?}"
+    );
+    assert_eq!(code("node-id"), Some(ErrorCode::ReservedId), "{got:#?}");
+    assert_eq!(code("own"), None, "inside node-a's own namespace: {got:#?}");
+    // The messages name the rule.
+    let message = |id: &str| {
+        got.iter()
+            .find(|(e, _)| e == id)
+            .and_then(|(_, r)| r.as_ref().map(|(_, m)| m.clone()))
+            .unwrap_or_default()
+    };
+    assert!(
+        message("payments").contains("registered by a holder entry"),
+        "{got:#?}"
+    );
+    assert!(
+        message("tool").contains("spiffe://mesh-a.test/node/node-a/"),
+        "the allowed prefix is named: {got:#?}"
+    );
+    let SignOutcome::Issued { svid, .. } = &signed.results[5].outcome else {
+        panic!("own namespace refused: {got:#?}");
+    };
+    assert_eq!(
+        uri_sans(
+            &X509Certificate::from_der(&svid.chain[0].0)
+                .expect("parse")
+                .1
+        ),
+        vec!["spiffe://mesh-a.test/node/node-a/tool".to_owned()]
+    );
+    // Only that one was issued.
+    let out = ca.ctl(&["issuances", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let local: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|i| i["local"] == true)
+        .filter_map(|i| i["spiffeId"].as_str())
+        .collect();
+    assert_eq!(local, vec!["spiffe://mesh-a.test/node/node-a/tool"]);
+
+    // The operator opens another prefix (a live edit): it is allowed, the default is replaced.
+    ca.write_config(&text.replace(
+        "holder:\n",
+        "holder:\n  localEntryPrefixes: [\"/tools/{node}/\", \"/shared-tools/\"]\n",
+    ))
+    .expect("edit");
+    let prefixes_applied = || {
+        let signed = sign(
+            &ca,
+            &node_a,
+            local_requests(&[("t", "spiffe://mesh-a.test/shared-tools/lint")]),
+        );
+        refusal(&signed.results[0].outcome).is_none()
+    };
+    wait_until("the new prefixes in force", WAIT, prefixes_applied).expect("reloaded");
+    let signed = sign(
+        &ca,
+        &node_a,
+        local_requests(&[
+            ("mine", "spiffe://mesh-a.test/tools/node-a/x"),
+            ("theirs", "spiffe://mesh-a.test/tools/node-b/x"),
+            ("own", "spiffe://mesh-a.test/node/node-a/tool"),
+        ]),
+    );
+    let codes: Vec<Option<ErrorCode>> = outcomes(&signed)
+        .into_iter()
+        .map(|(_, r)| r.map(|(c, _)| c))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            None,
+            Some(ErrorCode::OutsideLocalPrefixes),
+            Some(ErrorCode::OutsideLocalPrefixes)
+        ]
+    );
+}
+
+/// An operator's root for `name` written as PEM files into `dir`: the paths and an issuer that
+/// signs with it (what whoever holds that root can do).
+fn provided_root(dir: &Path, name: &str) -> (PathBuf, PathBuf, rcgen::Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} root"));
+    let cert = params.self_signed(&key).expect("self-signed");
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_file, cert.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    (cert_file, key_file, rcgen::Issuer::new(params, key))
+}
+
+/// A certificate for `uri` with a fresh key, signed by `issuer`: a CA (pathlen 0) or a client
+/// leaf. Returns the DER and the key.
+fn forge(issuer: &rcgen::Issuer<'_, KeyPair>, uri: &str, ca: bool) -> (Vec<u8>, KeyPair) {
+    let key = p256();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("ia5"))];
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    } else {
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+    }
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).expect("signed");
+    (cert.der().to_vec(), key)
+}
+
+#[test]
+fn under_limited_trust_another_mesh_root_cannot_speak_for_a_node_on_any_endpoint() {
+    let roots = tempfile::tempdir().expect("tempdir");
+    let (a_cert, a_key, _) = provided_root(roots.path(), "mesh-a");
+    let (b_cert, b_key, mesh_b_root) = provided_root(roots.path(), "mesh-b");
+    let ca_of = |cert: &Path, key: &Path| {
+        format!(
+            "      certificateAuthority:\n        provided:\n          certFile: {}\n          keyFile: {}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let text = config("  limited: {}\n")
+        .replace(
+            "      type: istio\n",
+            &format!("      type: istio\n{}", ca_of(&a_cert, &a_key)),
+        )
+        .replace(
+            "      type: generic\n",
+            &format!("      type: generic\n{}", ca_of(&b_cert, &b_key)),
+        );
+    let ca = CaHolder::start(&text).expect("holder starts");
+    let (node_a, _) = join(&ca, "node-a", "mesh-a");
+    let (node_b, _) = join(&ca, "node-b", "mesh-b");
+    assert_eq!(sync(&ca, &node_b).mesh, "mesh-b");
+
+    // Whoever holds mesh-b's root makes node SVIDs for mesh-a's node `node-a`: signed by the root
+    // itself, and through an intermediate that names mesh-a's trust domain.
+    let id = "spiffe://mesh-a.test/meshcert/node/node-a";
+    let (direct, direct_key) = forge(&mesh_b_root, id, false);
+    let (inter, inter_key) = forge(&mesh_b_root, "spiffe://mesh-a.test", true);
+    let inter_issuer =
+        rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(inter.clone()), inter_key)
+            .expect("issuer");
+    let (via, via_key) = forge(&inter_issuer, id, false);
+    let forged = [
+        ClientIdentity {
+            chain: vec![direct],
+            key_pkcs8: direct_key.serialize_der(),
+        },
+        ClientIdentity {
+            chain: vec![via, inter],
+            key_pkcs8: via_key.serialize_der(),
+        },
+    ];
+    let web_csr = SignRequest {
+        csrs: vec![CsrRequest {
+            entry_id: "web".into(),
+            csr: csr(&p256(), &["spiffe://mesh-a.test/web"]),
+            local: None,
+        }],
+    };
+    let renew = meshcert_protocol::api::RenewRequest {
+        csr: csr(&p256(), &[]),
+    };
+    let forged_report = NodeReport {
+        bundle_version: 424_242,
+        enforcement: Some(Enforcement::Enabled),
+        identities: vec![].into(),
+    };
+    let calls: [(&str, &str, Option<Vec<u8>>); 4] = [
+        ("GET", "/v1/sync", None),
+        ("POST", "/v1/sign", Some(body!(&web_csr))),
+        ("POST", "/v1/node/renew", Some(body!(&renew))),
+        ("POST", "/v1/report", Some(body!(&forged_report))),
+    ];
+    for (i, identity) in forged.iter().enumerate() {
+        for (method, path, body) in &calls {
+            let a = ca
+                .https(method, path, body.as_deref(), Some(identity))
+                .unwrap_or_else(|e| panic!("forged #{i} {path}: {e}"));
+            let text = String::from_utf8_lossy(&a.body).to_string();
+            assert_eq!(a.status, 401, "forged #{i} {method} {path}: {text}");
+            let e: ApiError = serde_json::from_slice(&a.body).expect("ApiError");
+            assert_eq!(e.code, ErrorCode::Unauthenticated, "{path}: {}", e.message);
+            assert!(
+                e.message.contains("mesh-a"),
+                "the rule names the mesh: {}",
+                e.message
+            );
+            assert!(
+                !text.contains("BEGIN") && !text.contains("mesh-a.test/web"),
+                "{text}"
+            );
+        }
+    }
+    // Nothing of the forgeries landed: no report from `node-a`, no issuance but the joins.
+    let status = ca.status().expect("status");
+    let na = status["certificateStatus"]["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "node-a")
+        .cloned()
+        .expect("node-a");
+    assert!(na.get("lastReport").is_none(), "{na:#}");
+    assert_eq!(status["certificateStatus"]["svidsIssued"], 2, "{status:#}");
+    // The real node of mesh-a keeps working on every endpoint.
+    let entries: Vec<String> = sync(&ca, &node_a)
+        .entries
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert!(entries.contains(&"web".to_owned()), "{entries:?}");
+    let signed = sign(&ca, &node_a, web_csr.csrs.clone());
+    assert!(refusal(&signed.results[0].outcome).is_none(), "{signed:?}");
+    report(
+        &ca,
+        &node_a,
+        &NodeReport {
+            bundle_version: signed.bundles.version,
+            enforcement: Some(Enforcement::Disabled),
+            identities: vec![].into(),
+        },
+    );
+    let a = ca
+        .https(
+            "POST",
+            "/v1/node/renew",
+            Some(&body!(&renew)),
+            Some(&node_a),
+        )
+        .expect("renew");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
 }

@@ -76,13 +76,23 @@ pub struct CaHolder {
     dir: tempfile::TempDir,
     child: Option<Child>,
     addr: SocketAddr,
+    env: Vec<(String, String)>,
 }
+
+/// The preloaded library that fakes the wall clock (Debian package `faketime`).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 impl CaHolder {
     /// Writes `config_yaml` into a fresh temporary folder with `holder.stateDir`,
     /// `holder.adminSocket` and `holder.listen: 127.0.0.1:0` overridden, starts the holder and
     /// waits until its admin socket answers and its listen address is known.
     pub fn start(config_yaml: &str) -> anyhow::Result<CaHolder> {
+        Self::start_with_env(config_yaml, &[])
+    }
+
+    /// [`CaHolder::start`] with extra environment variables for the holder process (kept on
+    /// restarts).
+    pub fn start_with_env(config_yaml: &str, env: &[(&str, String)]) -> anyhow::Result<CaHolder> {
         let dir = tempfile::tempdir()?;
         let text = with_test_paths(config_yaml, dir.path())?;
         std::fs::write(dir.path().join("config.yaml"), text)?;
@@ -90,9 +100,53 @@ impl CaHolder {
             dir,
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         ca.spawn(None)?;
         Ok(ca)
+    }
+
+    /// [`CaHolder::start`] with the holder's wall clock (only its own) faked by libfaketime
+    /// and offset by [`CaHolder::set_clock_offset`]; its monotonic clock stays real.
+    pub fn start_with_fake_clock(config_yaml: &str) -> anyhow::Result<CaHolder> {
+        if !Path::new(LIBFAKETIME).exists() {
+            bail!("{LIBFAKETIME} is missing (apt-get install faketime)");
+        }
+        let offsets = tempfile::tempdir()?.keep();
+        let file = offsets.join("offset");
+        std::fs::write(&file, "+0\n")?;
+        Self::start_with_env(
+            config_yaml,
+            &[
+                ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+                ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+                ("FAKETIME_NO_CACHE", "1".to_owned()),
+                ("DONT_FAKE_MONOTONIC", "1".to_owned()),
+            ],
+        )
+    }
+
+    /// Moves the wall clock of a holder started by [`CaHolder::start_with_fake_clock`]
+    /// `seconds` ahead of the real one.
+    pub fn set_clock_offset(&self, seconds: u64) -> anyhow::Result<()> {
+        let file = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "FAKETIME_TIMESTAMP_FILE")
+            .map(|(_, v)| PathBuf::from(v))
+            .context("the holder's clock is not faked")?;
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, format!("+{seconds}\n"))?;
+        std::fs::rename(&tmp, &file)?;
+        Ok(())
+    }
+
+    /// The holder's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Replaces the running holder's configuration file (atomically, by rename), with the same
@@ -168,6 +222,9 @@ impl CaHolder {
             .stderr(log);
         if let Some(addr) = listen {
             cmd.arg("--listen").arg(addr.to_string());
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().context("cannot start meshcert-ca")?);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -316,11 +373,56 @@ impl CaHolder {
         request: &[u8],
         identity: Option<&ClientIdentity>,
     ) -> anyhow::Result<HttpAnswer> {
+        self.https_raw_at(request, identity, Duration::ZERO)
+    }
+
+    /// [`CaHolder::https`] from a client whose clock is `clock_offset` ahead of the real one
+    /// (the server certificate is verified at that time): an agent living at a holder's faked
+    /// time.
+    pub fn https_at(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        identity: Option<&ClientIdentity>,
+        clock_offset: Duration,
+    ) -> anyhow::Result<HttpAnswer> {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")
+                .into_bytes();
+        if let Some(b) = body {
+            req.extend_from_slice(
+                format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                    b.len()
+                )
+                .as_bytes(),
+            );
+        }
+        req.extend_from_slice(b"\r\n");
+        if let Some(b) = body {
+            req.extend_from_slice(b);
+        }
+        self.https_raw_at(&req, identity, clock_offset)
+    }
+
+    fn https_raw_at(
+        &self,
+        request: &[u8],
+        identity: Option<&ClientIdentity>,
+        clock_offset: Duration,
+    ) -> anyhow::Result<HttpAnswer> {
         let roots = read_pem_certs(&self.bundle_pem_path())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(https_exchange(self.addr, roots, request, identity))
+        rt.block_on(https_exchange(
+            self.addr,
+            roots,
+            request,
+            identity,
+            clock_offset,
+        ))
     }
 }
 
@@ -352,6 +454,15 @@ fn with_test_paths(config_yaml: &str, dir: &Path) -> anyhow::Result<String> {
 impl Drop for CaHolder {
     fn drop(&mut self) {
         self.kill9();
+        // The folder of a faked clock's offset file (made by `start_with_fake_clock`).
+        if let Some((_, file)) = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "FAKETIME_TIMESTAMP_FILE")
+            && let Some(dir) = Path::new(file).parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -371,6 +482,8 @@ pub struct HttpAnswer {
     pub status: u16,
     /// Body (de-chunked).
     pub body: Vec<u8>,
+    /// The server certificate the holder presented (DER).
+    pub server_cert: Vec<u8>,
 }
 
 impl HttpAnswer {
@@ -399,20 +512,82 @@ pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// rustls' WebPKI server verification at the real time plus an offset, remembering the
+/// certificate the server presented.
+#[derive(Debug)]
+struct ShiftedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    offset: Duration,
+    seen: std::sync::Mutex<Vec<u8>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ShiftedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = end_entity.to_vec();
+        }
+        let shifted = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            now.as_secs() + self.offset.as_secs(),
+        ));
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, shifted)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 async fn https_exchange(
     addr: SocketAddr,
     roots: Vec<Vec<u8>>,
     request: &[u8],
     identity: Option<&ClientIdentity>,
+    clock_offset: Duration,
 ) -> anyhow::Result<HttpAnswer> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(CertificateDer::from(r))?;
     }
+    let verifier = Arc::new(ShiftedVerifier {
+        inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(store),
+            Arc::clone(&provider),
+        )
+        .build()?,
+        offset: clock_offset,
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(store);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&verifier) as _);
     let config = match identity {
         Some(id) => builder.with_client_auth_cert(
             id.chain.iter().cloned().map(CertificateDer::from).collect(),
@@ -442,7 +617,9 @@ async fn https_exchange(
             Err(_) => bail!("no answer within 30 s"),
         }
     }
-    parse_http(&raw)
+    let mut answer = parse_http(&raw)?;
+    answer.server_cert = verifier.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(answer)
 }
 
 fn parse_http(raw: &[u8]) -> anyhow::Result<HttpAnswer> {
@@ -478,5 +655,9 @@ fn parse_http(raw: &[u8]) -> anyhow::Result<HttpAnswer> {
         }
         body = out;
     }
-    Ok(HttpAnswer { status, body })
+    Ok(HttpAnswer {
+        status,
+        body,
+        server_cert: Vec::new(),
+    })
 }
