@@ -24,7 +24,7 @@ use crate::{admin, metrics, server};
 
 /// How often the holder checks whether an intermediate or its server certificate is due for
 /// renewal (a comparison of timestamps; renewal itself happens at half-life).
-const RENEWAL_CHECK: Duration = Duration::from_secs(10);
+const RENEWAL_CHECK: Duration = Duration::from_secs(5);
 /// How often expired issuances and spent join tokens are pruned (`holder.retention`).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Quiet time after the last file event before the file is re-read.

