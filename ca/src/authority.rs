@@ -248,7 +248,7 @@ pub fn leaf_params(
 }
 
 /// Makes a rename or a new entry in `dir` durable: fsync of the folder itself.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {

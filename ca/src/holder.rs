@@ -206,6 +206,7 @@ impl Holder {
             .recursive(true)
             .mode(0o700)
             .create(dir)
+            .and_then(|()| dir.parent().map_or(Ok(()), crate::authority::sync_dir))
             .map_err(|source| HolderError::StateDir {
                 path: dir.clone(),
                 source,

@@ -801,3 +801,50 @@ fn the_holder_refuses_entries_that_carry_a_hook() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(78));
 }
+
+#[test]
+fn node_reported_text_cannot_drive_the_operators_terminal() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder starts");
+    let (node, _, _) = join(&ca, "node-1");
+    // A compromised node reports an error that clears the screen and forges a table line.
+    let evil = "denied\x1b[2J\x1b[H\nnode-2       mesh-a       OK\r\u{202e}gnissim";
+    let report = NodeReport {
+        bundle_version: 1,
+        enforcement: None,
+        identities: vec![IdentityReport {
+            entry_id: "web".into(),
+            spiffe_id: SpiffeId::new("spiffe://mesh-a.test/web").expect("id"),
+            state: CertState::Failed,
+            serial: None,
+            not_after: None,
+            next_rotation: None,
+            last_error: Some(evil.into()),
+            attempts: 3,
+        }]
+        .into(),
+    };
+    let a = ca
+        .https("POST", "/v1/report", Some(&body!(report)), Some(&node))
+        .expect("report");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let out = ca.ctl(&["status"]).expect("status");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !table.contains('\x1b') && !table.contains('\r') && !table.contains('\u{202e}'),
+        "{table:?}"
+    );
+    assert!(
+        table.contains(r"denied\u{1b}[2J\u{1b}[H\u{a}node-2"),
+        "escaped, still readable: {table}"
+    );
+    assert!(
+        !table.lines().any(|l| l.starts_with("node-2")),
+        "no forged line: {table}"
+    );
+    // The JSON form keeps the text as reported (JSON escapes it).
+    let status = ca.status().expect("status");
+    assert_eq!(
+        status["certificateStatus"]["nodes"][0]["identities"][0]["lastError"],
+        evil
+    );
+}
