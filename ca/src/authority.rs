@@ -1234,6 +1234,45 @@ mod tests {
     }
 
     #[test]
+    fn a_node_chain_must_end_at_its_own_mesh_root_through_its_own_intermediate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let mut b = mesh();
+        b.name = "mesh-b".into();
+        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
+        let meshes = [mesh(), b];
+        let a = Authority::open(&builtin(), "V", &meshes, dir.path(), now).expect("open");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let ck = CsrKey {
+            spki: key.subject_public_key_info(),
+            raw: key.der_bytes().to_vec(),
+            alg: &rcgen::PKCS_ECDSA_P256_SHA256,
+        };
+        let id = SpiffeId::new("spiffe://mesh-a.test/meshcert/node/n1").expect("id");
+        let ttl = Duration::from_secs(3600);
+        let chain = |mesh: &str| {
+            let i = a.sign_leaf(mesh, &ck, &id, ttl, ttl, now).expect("signed");
+            vec![i.leaf, i.intermediate]
+        };
+        // Its own mesh's intermediate: accepted.
+        assert_eq!(
+            a.verify_node_chain(&meshes[0], &chain("mesh-a"), now),
+            Ok(())
+        );
+        // Another mesh's intermediate under the same (shared) root: refused.
+        let e = a
+            .verify_node_chain(&meshes[0], &chain("mesh-b"), now)
+            .expect_err("another mesh's intermediate");
+        assert!(e.contains("not one of mesh `mesh-a`'s"), "{e}");
+        // The leaf alone, or expired: refused.
+        let own = chain("mesh-a");
+        assert!(a.verify_node_chain(&meshes[0], &own[..1], now).is_err());
+        let later = now + Duration::from_secs(7200);
+        assert!(a.verify_node_chain(&meshes[0], &own, later).is_err());
+        assert!(a.verify_node_chain(&meshes[0], &[], now).is_err());
+    }
+
+    #[test]
     fn renewal_at_half_life() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let t1 = t0 + Duration::from_secs(100);

@@ -699,7 +699,11 @@ fn validate_prefixes(raw: Option<Vec<String>>, p: &mut Problems) -> Vec<String> 
             p.add(&at, format!("`{prefix}` must start and end with `/`"));
             continue;
         }
-        let inner = &prefix[1..prefix.len() - 1];
+        // `/` alone (every path of the trust domain) has no inner segments.
+        let inner = prefix
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix('/'))
+            .unwrap_or("");
         let segments_ok = inner.is_empty()
             || inner.split('/').all(|seg| {
                 seg == "{node}"
@@ -918,6 +922,37 @@ entries:
     }
 
     #[test]
+    fn holder_security_settings_have_safe_defaults_and_can_be_set() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(
+            c.holder.local_entry_prefixes,
+            vec!["/node/{node}/".to_owned()]
+        );
+        assert_eq!(c.holder.retention, DEFAULT_RETENTION);
+        assert_eq!(c.holder.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let text = GOOD.replace(
+            "heartbeat: 5s",
+            "heartbeat: 5s\n  localEntryPrefixes: [\"/tools/{node}/\", \"/\"]\n  retention: 2d\n  maxConnections: 100",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(
+            c.holder.local_entry_prefixes,
+            vec!["/tools/{node}/".to_owned(), "/".to_owned()]
+        );
+        assert_eq!(c.holder.retention, Duration::from_secs(2 * 86400));
+        assert_eq!(c.holder.max_connections, 100);
+        // An empty list allows no local entry at all.
+        let text = GOOD.replace("heartbeat: 5s", "heartbeat: 5s\n  localEntryPrefixes: []");
+        assert!(
+            parse(&text)
+                .expect("valid")
+                .holder
+                .local_entry_prefixes
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn mesh_default_follows_the_mesh_type() {
         let text = GOOD.replace("enforceAccessControl: ENABLED", "");
         let c = parse(&text).expect("valid");
@@ -1025,6 +1060,28 @@ entries:
                 &["entries[0].mesh: `mesh-z`"],
             ),
             ("unix:uid:1000", "unix:pid:1", &["entries[0]:"]),
+            (
+                "    dir: web\n",
+                "    dir: web\n    hook: {command: [\"/bin/true\"]}\n",
+                &["entries[0].hook: entries on the holder never carry hooks"],
+            ),
+            (
+                "heartbeat: 5s",
+                "heartbeat: 5s\n  localEntryPrefixes: [\"/tools\", \"node/\", \"/meshcert/x/\", \"/a//b/\", \"/{nodes}/\", \"/../\"]",
+                &[
+                    "holder.localEntryPrefixes[0]: `/tools` must start and end with `/`",
+                    "holder.localEntryPrefixes[1]:",
+                    "holder.localEntryPrefixes[2]: `/meshcert/x/` is reserved",
+                    "holder.localEntryPrefixes[3]:",
+                    "holder.localEntryPrefixes[4]:",
+                    "holder.localEntryPrefixes[5]:",
+                ],
+            ),
+            (
+                "heartbeat: 5s",
+                "heartbeat: 5s\n  retention: never\n  maxConnections: 0",
+                &["holder.retention: `never`", "holder.maxConnections: 0"],
+            ),
             // several problems at once, all listed
             (
                 "    - name: mesh-b\n      trustDomain: mesh-b.test\n",
