@@ -848,3 +848,52 @@ fn node_reported_text_cannot_drive_the_operators_terminal() {
         evil
     );
 }
+
+#[test]
+fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them() {
+    let config = EXAMPLE_CONFIG.replace(
+        "  heartbeat: 30s\n",
+        "  heartbeat: 30s\n  maxConnections: 2\n",
+    );
+    assert!(
+        config.contains("maxConnections"),
+        "the example config changed shape"
+    );
+    let ca = CaHolder::start(&config).expect("holder starts");
+    // The HTTPS API: two idle TCP connections hold both slots; a third is closed at once.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(ca.addr()).expect("connect"))
+        .collect();
+    let over = ca.https("GET", "/v1/bundle", None, None);
+    assert!(over.is_err(), "a third connection is served: {over:?}");
+    assert!(ca.log().contains("connection cap reached"), "{}", ca.log());
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match ca.https("GET", "/v1/bundle", None, None) {
+            Ok(a) if a.status == 200 => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "no service below the cap: {other:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // The admin socket: 32 connections of an allowed peer hold every operator slot; the next
+    // command is refused until they go.
+    let held: Vec<std::os::unix::net::UnixStream> = (0..32)
+        .map(|_| std::os::unix::net::UnixStream::connect(ca.admin_socket()).expect("connect"))
+        .collect();
+    let out = ca.ctl(&["status"]).expect("ctl");
+    assert!(!out.status.success(), "a 33rd admin connection is served");
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ca.ctl(&["status"]).expect("ctl").status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no admin service below the cap"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
