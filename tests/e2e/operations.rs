@@ -674,3 +674,40 @@ fn the_holder_renews_its_server_certificate_at_half_life_and_nodes_keep_syncing_
         "{status:#}"
     );
 }
+
+#[test]
+fn expired_issuances_are_pruned_past_the_retention_and_still_counted() {
+    let config =
+        EXAMPLE_CONFIG.replace("  heartbeat: 30s\n", "  heartbeat: 30s\n  retention: 1d\n");
+    assert!(
+        config.contains("retention"),
+        "the example config changed shape"
+    );
+    let mut ca = CaHolder::start_with_fake_clock(&config).expect("holder");
+    let _node = join_at(&ca, NODE, Duration::ZERO);
+    let _other = join_at(&ca, "node-2", Duration::ZERO);
+    let listed = |ca: &CaHolder| {
+        let out = ca.ctl(&["issuances", "-o", "json"]).expect("ctl");
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        list.as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(listed(&ca), 2);
+    // Two days on, the node SVIDs (24 h) are still within a day of retention: kept.
+    ca.set_clock_offset(DAY + 3600).expect("clock");
+    ca.restart().expect("restart");
+    assert_eq!(listed(&ca), 2, "{}", tail(&ca.log()));
+    // Past expiry plus the retention: pruned at start, still counted in svidsIssued.
+    ca.set_clock_offset(2 * DAY + 3600).expect("clock");
+    ca.restart().expect("restart");
+    wait_until("the expired issuances pruned", WAIT, || listed(&ca) == 0)
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&ca.log())));
+    assert_eq!(
+        ca.status().expect("status")["certificateStatus"]["svidsIssued"],
+        2
+    );
+    assert!(
+        ca.log().contains("pruned expired records"),
+        "{}",
+        tail(&ca.log())
+    );
+}
