@@ -182,22 +182,7 @@ pub async fn serve(
             let _slot = slot;
             let service = service_fn(move |req| {
                 let holder = Arc::clone(&holder);
-                async move {
-                    let resp = if allowed {
-                        match route(&holder, req).await {
-                            Ok(r) => r,
-                            Err(e) => error_response(&e),
-                        }
-                    } else {
-                        let mut r = error_response(&ApiError::new(
-                            ErrorCode::Unauthenticated,
-                            "only root or the holder's user may use the admin socket",
-                        ));
-                        *r.status_mut() = StatusCode::FORBIDDEN;
-                        r
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
+                async move { Ok::<_, Infallible>(answer(&holder, allowed, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -212,6 +197,22 @@ pub async fn serve(
                 );
             }
         });
+    }
+}
+
+/// The answer to one admin request: routed for an allowed peer, 403 for anyone else.
+async fn answer(holder: &Holder, allowed: bool, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !allowed {
+        let mut r = error_response(&ApiError::new(
+            ErrorCode::Unauthenticated,
+            "only root or the holder's user may use the admin socket",
+        ));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        return r;
+    }
+    match route(holder, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
     }
 }
 

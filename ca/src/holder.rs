@@ -113,6 +113,24 @@ impl Serving {
         self.authority.bundles(self.bundle_version)
     }
 
+    /// What one CSR of a batch asks for: the holder entry with its id (a lookup by key), or for
+    /// an agent-local entry whether a holder entry registers its ID (an indexed lookup, done
+    /// only when the mesh's `enforcement` could allow the local entry at all).
+    pub fn requested(
+        &self,
+        csr: &meshcert_protocol::api::CsrRequest,
+        enforcement: Enforcement,
+    ) -> Result<(Option<meshcert_protocol::Entry>, bool), ApiError> {
+        let read = |e: crate::entries::EntryError| internal("reading entries", &e);
+        match &csr.local {
+            Some(l) if enforcement == Enforcement::Disabled => {
+                Ok((None, self.entries.registers(&l.spiffe_id).map_err(read)?))
+            }
+            Some(_) => Ok((None, false)),
+            None => Ok((self.entries.get(&csr.entry_id).map_err(read)?, false)),
+        }
+    }
+
     /// The bundles a node of `mesh` receives: every mesh's under PERMISSIVE federation, else its
     /// own trust domain's only (plus the shared root under limited trust).
     pub fn bundles_for(&self, mesh: &str) -> Bundles {
@@ -609,31 +627,12 @@ impl Holder {
             .mesh(&caller.mesh)
             .map(|m| serving.config.effective_enforcement(m))
             .ok_or_else(|| ApiError::new(ErrorCode::UnknownNode, "the node's mesh is gone"))?;
-        let limited = serving.config.trust == TrustModel::Limited;
-        let max_ttl = serving.config.holder.svid_max_ttl;
         let mut results = Vec::with_capacity(req.csrs.len());
         let mut records = Vec::new();
         let prefixes = &serving.config.holder.local_entry_prefixes;
         for c in &req.csrs {
             let started = Instant::now();
-            let (entry, registered) = match &c.local {
-                // Only a local entry the mode allows needs the (indexed) registration lookup.
-                Some(l) if enforcement == Enforcement::Disabled => {
-                    let registered = serving
-                        .entries
-                        .registers(&l.spiffe_id)
-                        .map_err(|e| internal("reading entries", &e))?;
-                    (None, registered)
-                }
-                Some(_) => (None, false),
-                None => {
-                    let entry = serving
-                        .entries
-                        .get(&c.entry_id)
-                        .map_err(|e| internal("reading entries", &e))?;
-                    (entry, false)
-                }
-            };
+            let (entry, registered) = serving.requested(c, enforcement)?;
             let rules = LocalRules {
                 enforcement,
                 prefixes,
@@ -653,53 +652,9 @@ impl Holder {
                     SignOutcome::Refused { error }
                 }
                 Ok(ok) => {
-                    let sign = |gateway: bool| {
-                        let signed = if gateway {
-                            serving.authority.sign_gateway_leaf(
-                                &caller.mesh,
-                                &ok.key,
-                                &ok.spiffe_id,
-                                ok.ttl,
-                                max_ttl,
-                                now,
-                            )
-                        } else {
-                            serving.authority.sign_leaf(
-                                &caller.mesh,
-                                &ok.key,
-                                &ok.spiffe_id,
-                                ok.ttl,
-                                max_ttl,
-                                now,
-                            )
-                        };
-                        signed.map_err(|e| internal("signing a leaf", &e))
-                    };
-                    let issued = sign(false)?;
-                    let gateway = if ok.gateway && limited {
-                        Some(sign(true)?)
-                    } else {
-                        None
-                    };
-                    for i in std::iter::once(&issued).chain(gateway.as_ref()) {
-                        records.push(Issuance {
-                            serial: i.serial.clone(),
-                            spiffe_id: ok.spiffe_id.to_string(),
-                            node: caller.node.clone(),
-                            not_after: unix(i.not_after),
-                            issued_at: unix(now),
-                            local: ok.local,
-                        });
-                    }
+                    let outcome = self.issue(&serving, caller, &ok, now, &mut records)?;
                     self.metrics.signed(started.elapsed());
-                    let svid = |i: crate::authority::Issued| Svid {
-                        spiffe_id: ok.spiffe_id.clone(),
-                        chain: vec![Der(i.leaf), Der(i.intermediate)],
-                    };
-                    SignOutcome::Issued {
-                        svid: svid(issued),
-                        gateway_svid: gateway.map(svid),
-                    }
+                    outcome
                 }
             };
             results.push(SignResult {
@@ -716,6 +671,50 @@ impl Holder {
         Ok(SignResponse {
             results,
             bundles: serving.bundles_for(&caller.mesh),
+        })
+    }
+
+    /// Signs an approved CSR (and, under limited trust, a gateway's second SVID over the same
+    /// key), adding the issuances to `records`.
+    fn issue(
+        &self,
+        serving: &Serving,
+        caller: &Caller,
+        ok: &crate::policy::Approved,
+        now: SystemTime,
+        records: &mut Vec<Issuance>,
+    ) -> Result<SignOutcome, ApiError> {
+        let max_ttl = serving.config.holder.svid_max_ttl;
+        let a = &serving.authority;
+        let (mesh, key, id) = (&caller.mesh, &ok.key, &ok.spiffe_id);
+        let issued = a
+            .sign_leaf(mesh, key, id, ok.ttl, max_ttl, now)
+            .map_err(|e| internal("signing a leaf", &e))?;
+        let gateway = if ok.gateway && serving.config.trust == TrustModel::Limited {
+            let g = a
+                .sign_gateway_leaf(mesh, key, id, ok.ttl, max_ttl, now)
+                .map_err(|e| internal("signing a leaf", &e))?;
+            Some(g)
+        } else {
+            None
+        };
+        for i in std::iter::once(&issued).chain(gateway.as_ref()) {
+            records.push(Issuance {
+                serial: i.serial.clone(),
+                spiffe_id: id.to_string(),
+                node: caller.node.clone(),
+                not_after: unix(i.not_after),
+                issued_at: unix(now),
+                local: ok.local,
+            });
+        }
+        let svid = |i: crate::authority::Issued| Svid {
+            spiffe_id: id.clone(),
+            chain: vec![Der(i.leaf), Der(i.intermediate)],
+        };
+        Ok(SignOutcome::Issued {
+            svid: svid(issued),
+            gateway_svid: gateway.map(svid),
         })
     }
 
@@ -768,6 +767,36 @@ impl Holder {
             .map_err(|e| internal("storing a token", &e))?;
         tracing::info!(node, mesh, ttl = %humantime::format_duration(ttl), "join token created");
         Ok(token)
+    }
+
+    /// The server certificate's facts for the status; adds its renewal failure and its
+    /// expiry warning to `messages`.
+    fn server_cert_status(
+        &self,
+        now: SystemTime,
+        messages: &mut Vec<String>,
+    ) -> Option<ServerCertStatus> {
+        let error = self
+            .server_cert_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(e) = error {
+            messages.push(format!("server certificate renewal failed: {e}"));
+        }
+        let t = self.tls()?;
+        messages.extend(crate::status::server_cert_warning(
+            t.not_before,
+            t.not_after,
+            now,
+        ));
+        let life = t.not_after.duration_since(t.not_before).unwrap_or_default();
+        Some(ServerCertStatus {
+            fingerprint_sha256: t.fingerprint,
+            not_before: rfc3339(t.not_before),
+            not_after: rfc3339(t.not_after),
+            renew_at: rfc3339(t.not_before + life / 2),
+        })
     }
 
     /// The status document.
@@ -844,29 +873,7 @@ impl Holder {
         {
             messages.push(format!("intermediate renewal failed: {e}"));
         }
-        let server_cert = self.tls();
-        if let Some(e) = self
-            .server_cert_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        {
-            messages.push(format!("server certificate renewal failed: {e}"));
-        }
-        if let Some(w) = server_cert
-            .as_ref()
-            .and_then(|t| crate::status::server_cert_warning(t.not_before, t.not_after, now))
-        {
-            messages.push(w);
-        }
-        let server_certificate = server_cert.map(|t| ServerCertStatus {
-            fingerprint_sha256: t.fingerprint.clone(),
-            not_before: rfc3339(t.not_before),
-            not_after: rfc3339(t.not_after),
-            renew_at: rfc3339(
-                t.not_before + t.not_after.duration_since(t.not_before).unwrap_or_default() / 2,
-            ),
-        });
+        let server_certificate = self.server_cert_status(now, &mut messages);
         let facts: Vec<MeshFacts> = config
             .meshes
             .iter()
