@@ -69,10 +69,10 @@ pub struct ServerTls {
 impl ServerTls {
     /// Whether the server certificate is due for renewal at `now`: half of its life has passed
     /// (as for the intermediates), unless it already ends with the root that signs it (a new
-    /// one could not live longer).
+    /// one could not live longer; the status warns about the root instead).
     pub fn renewal_due(&self, root_not_after: SystemTime, now: SystemTime) -> bool {
         crate::authority::renewal_due(self.not_before, self.not_after, now)
-            && (self.not_after < root_not_after || now >= self.not_after)
+            && self.not_after < root_not_after
     }
 }
 
