@@ -152,19 +152,10 @@ pub async fn serve(
                 }
             },
         };
-        let allowed = match stream.peer_cred() {
-            Ok(cred) => {
-                let ok = uid_allowed(cred.uid(), own_uid);
-                if !ok {
-                    tracing::warn!(uid = cred.uid(), "admin connection refused");
-                }
-                ok
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "admin peer credentials unavailable");
-                false
-            }
-        };
+        let peer = stream.peer_cred();
+        let allowed = peer
+            .as_ref()
+            .is_ok_and(|cred| uid_allowed(cred.uid(), own_uid));
         let (slots, lifetime) = if allowed {
             (&allowed_slots, CONNECTION_LIFETIME)
         } else {
@@ -177,6 +168,12 @@ pub async fn serve(
             );
             continue;
         };
+        // Logged once a slot is taken, so a refused peer cannot flood the log either.
+        match &peer {
+            Ok(cred) if !allowed => tracing::warn!(uid = cred.uid(), "admin connection refused"),
+            Err(e) => tracing::warn!(error = %e, "admin peer credentials unavailable"),
+            Ok(_) => {}
+        }
         let holder = Arc::clone(&holder);
         tokio::spawn(async move {
             let _slot = slot;

@@ -110,6 +110,7 @@ pub fn tls_config(holder: &Holder, now: SystemTime) -> Result<ServerTls, ServerE
     let not_after = at(parsed.validity().not_after.timestamp());
     let fingerprint = crate::authority::fingerprint(&cert);
     let certified = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(cert)], signing_key);
+    certified.keys_match().map_err(tls)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls)?
