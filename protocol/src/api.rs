@@ -407,6 +407,28 @@ mod tests {
     }
 
     #[test]
+    fn local_entry_refusals_are_forbidden_and_final() {
+        for code in [
+            ErrorCode::PolicyDenied,
+            ErrorCode::OutsideTrustDomain,
+            ErrorCode::ReservedId,
+            ErrorCode::IdRegistered,
+            ErrorCode::OutsideLocalPrefixes,
+        ] {
+            assert!(code.refuses_local_entry(), "{code}");
+            assert_eq!(code.http_status(), 403, "{code}");
+            assert!(!code.is_retryable(), "{code}");
+        }
+        assert!(!ErrorCode::Internal.refuses_local_entry());
+        assert_eq!(ErrorCode::HookNotAllowed.http_status(), 400);
+        assert_eq!(ErrorCode::IdRegistered.to_string(), "id_registered");
+        assert_eq!(
+            ErrorCode::OutsideLocalPrefixes.to_string(),
+            "outside_local_prefixes"
+        );
+    }
+
+    #[test]
     fn der_is_base64() {
         let d = Der(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         let json = serde_json::to_string(&d).expect("ser");
