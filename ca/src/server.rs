@@ -71,9 +71,18 @@ impl ServerTls {
     /// (as for the intermediates), unless it already ends with the root that signs it (a new
     /// one could not live longer; the status warns about the root instead).
     pub fn renewal_due(&self, root_not_after: SystemTime, now: SystemTime) -> bool {
-        crate::authority::renewal_due(self.not_before, self.not_after, now)
-            && self.not_after < root_not_after
+        server_cert_renewal_due(self.not_before, self.not_after, root_not_after, now)
     }
+}
+
+/// The rule of [`ServerTls::renewal_due`], pure.
+pub fn server_cert_renewal_due(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    root_not_after: SystemTime,
+    now: SystemTime,
+) -> bool {
+    crate::authority::renewal_due(not_before, not_after, now) && not_after < root_not_after
 }
 
 /// The rustls server configuration: a fresh server certificate signed by the shared root (the
@@ -321,5 +330,23 @@ async fn route(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_certificate_renews_at_half_life_unless_it_ends_with_its_root() {
+        let day = Duration::from_secs(86400);
+        let t0 = std::time::UNIX_EPOCH + 20_000 * day;
+        let end = t0 + 90 * day;
+        let root = t0 + 365 * day;
+        assert!(!server_cert_renewal_due(t0, end, root, t0 + 44 * day));
+        assert!(server_cert_renewal_due(t0, end, root, t0 + 45 * day));
+        assert!(server_cert_renewal_due(t0, end, root, t0 + 100 * day));
+        // Already ending with the root: a new one could not live longer.
+        assert!(!server_cert_renewal_due(t0, end, end, t0 + 60 * day));
     }
 }
