@@ -144,6 +144,8 @@ pub struct HolderSettings {
     /// `holder.maxConnections`: HTTPS API connections served at once; more are closed at once
     /// (default [`DEFAULT_MAX_CONNECTIONS`]; takes effect at a restart).
     pub max_connections: usize,
+    /// `holder.kubernetes`: the clusters whose agents attest with service-account tokens.
+    pub kubernetes: Vec<crate::k8s::Cluster>,
 }
 
 impl HolderSettings {
@@ -296,6 +298,7 @@ struct RawHolder {
     local_entry_prefixes: Option<Vec<String>>,
     retention: Option<String>,
     max_connections: Option<i64>,
+    kubernetes: Option<Vec<crate::k8s::RawCluster>>,
 }
 
 /// Default API listen address.
@@ -427,7 +430,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             Enforcement::MeshDefault
         }
     };
-    let holder = validate_holder(raw.holder, &mut p);
+    let mut raw_holder = raw.holder;
+    let raw_clusters = raw_holder.kubernetes.take().unwrap_or_default();
+    let mut holder = validate_holder(raw_holder, &mut p);
+    let mesh_names: Vec<String> = meshes.iter().map(|m| m.name.clone()).collect();
+    let mut cluster_problems = Vec::new();
+    holder.kubernetes = crate::k8s::validate(raw_clusters, &mesh_names, &mut cluster_problems);
+    for (path, msg) in cluster_problems {
+        p.add(&path, msg);
+    }
     let entries = validate_entries(raw.entries, &meshes, &mut p);
 
     if !p.0.is_empty() {
@@ -683,6 +694,7 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
                 DEFAULT_MAX_CONNECTIONS
             }
         },
+        kubernetes: Vec::new(),
     }
 }
 

@@ -24,7 +24,8 @@ use crate::status::{
     ServerCertStatus, State, Status, enforcement_status, federation_status, node_statuses,
 };
 use crate::store::{
-    Issuance, SqliteStore, Store, StoreError, StoredReport, TokenOutcome, TokenRecord,
+    Issuance, KubernetesNodeOutcome, NodeRecord, SqliteStore, Store, StoreError, StoredReport,
+    TokenOutcome, TokenRecord,
 };
 use crate::tokens;
 
@@ -471,7 +472,7 @@ impl Holder {
 
     /// Issues a node SVID from the node's mesh intermediate (so it chains to the mesh's root:
     /// its own under limited trust).
-    fn node_svid(
+    pub(crate) fn node_svid(
         &self,
         node: &str,
         mesh_name: &str,
@@ -564,6 +565,55 @@ impl Holder {
             TokenOutcome::Unknown => Err(ApiError::new(
                 ErrorCode::InvalidToken,
                 "the join token is not known",
+            )),
+        }
+    }
+
+    /// Registers (again) a node attested through Kubernetes as `node` of `cluster`: refused
+    /// when it is banned, or when the name is a node of another cluster or mesh, or one that
+    /// joined with a join token (a VM's name never passes to a Kubernetes node).
+    pub fn register_kubernetes_node(
+        &self,
+        node: &str,
+        cluster: &crate::k8s::Cluster,
+        now: SystemTime,
+    ) -> Result<(), ApiError> {
+        let serving = self.serving();
+        let mesh = serving.config.mesh(&cluster.mesh).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::WrongMesh,
+                format!("mesh `{}` is not part of this virtual mesh", cluster.mesh),
+            )
+        })?;
+        let id = node_id(&mesh.trust_domain, node)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let record = NodeRecord {
+            name: node.to_owned(),
+            mesh: cluster.mesh.clone(),
+            spiffe_id: id.to_string(),
+            first_seen: unix(now),
+            banned: false,
+            cluster: Some(cluster.name.clone()),
+        };
+        match self
+            .store
+            .attest_kubernetes_node(&record)
+            .map_err(|e| internal("registering a node", &e))?
+        {
+            KubernetesNodeOutcome::Registered => Ok(()),
+            KubernetesNodeOutcome::Banned => Err(ApiError::new(
+                ErrorCode::NodeBanned,
+                format!("node `{node}` is banned"),
+            )),
+            KubernetesNodeOutcome::Taken {
+                cluster: other,
+                mesh,
+            } => Err(ApiError::new(
+                ErrorCode::WrongMesh,
+                format!(
+                    "node name `{node}` belongs to a node of {} in mesh `{mesh}`",
+                    other.map_or_else(|| "a join token".to_owned(), |c| format!("cluster `{c}`"))
+                ),
             )),
         }
     }

@@ -1,7 +1,7 @@
 //! meshcert-ca, the root CA holder of a meshcert virtual mesh.
 //!
 //! It holds the virtual mesh's root (generated once or provided; under limited trust one more
-//! root per mesh), gives each mesh an ECDSA intermediate, attests nodes with one-time join tokens, signs the CSRs agents send under
+//! root per mesh), gives each mesh an ECDSA intermediate, attests nodes with one-time join tokens (or, on Kubernetes, service-account tokens), signs the CSRs agents send under
 //! policy, distributes the trust bundle, and aggregates the agents' reports into the
 //! VirtualMesh status. Operators drive it with the `meshcert-ca` command over an admin socket.
 //!
@@ -12,6 +12,8 @@
 //! - [`authority`]: root (builtin or provided), per-mesh intermediates, leaf and server signing.
 //! - [`policy`]: pure CSR checks (signature, key, SAN, entry assignment).
 //! - [`tokens`]: join tokens.
+//! - [`k8s`]: node attestation with Kubernetes projected service-account tokens (TokenReview,
+//!   then the token's pod's node).
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait and its SQLite implementation.
 //! - [`status`]: the status document and its table form.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod holder;
+pub mod k8s;
 pub mod metrics;
 pub mod policy;
 pub mod server;

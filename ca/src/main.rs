@@ -397,11 +397,18 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 .json(Method::GET, "/v1/nodes", None::<&()>)
                 .await?;
             render(&nodes, output, || {
-                let mut t = format!("{:<24} {:<12} {:<8} SPIFFE ID\n", "NAME", "MESH", "BANNED");
+                let mut t = format!(
+                    "{:<24} {:<12} {:<12} {:<8} SPIFFE ID\n",
+                    "NAME", "MESH", "CLUSTER", "BANNED"
+                );
                 for n in &nodes {
                     t += &format!(
-                        "{:<24} {:<12} {:<8} {}\n",
-                        n.name, n.mesh, n.banned, n.spiffe_id
+                        "{:<24} {:<12} {:<12} {:<8} {}\n",
+                        n.name,
+                        n.mesh,
+                        n.cluster.as_deref().unwrap_or("-"),
+                        n.banned,
+                        n.spiffe_id
                     );
                 }
                 t

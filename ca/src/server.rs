@@ -1,7 +1,8 @@
 //! The HTTPS API (hyper 1 over tokio-rustls, HTTP/1.1): the paths and bodies of
 //! `meshcert_protocol::api`.
 //!
-//! `POST /v1/attest` and `GET /v1/bundle` need no client certificate; every other path needs the
+//! `POST /v1/attest`, `POST /v1/attest/kubernetes` and `GET /v1/bundle` need no client
+//! certificate; every other path needs the
 //! node SVID (verified by rustls against the root, then matched to a known, non-banned node).
 //! Every failure is a JSON `ApiError` with its HTTP status; bodies are capped at
 //! `MAX_BODY_BYTES`; handshakes, headers and bodies time out; at most `holder.maxConnections`
@@ -20,7 +21,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
-    self, ApiError, AttestRequest, ErrorCode, MAX_BODY_BYTES, RenewRequest, SignRequest,
+    self, ApiError, AttestRequest, ErrorCode, KubernetesAttestRequest, MAX_BODY_BYTES,
+    RenewRequest, SignRequest,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -288,7 +290,11 @@ async fn route(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let expected = match path.as_str() {
-        api::PATH_ATTEST | api::PATH_RENEW | api::PATH_SIGN | api::PATH_REPORT => Method::POST,
+        api::PATH_ATTEST
+        | api::PATH_ATTEST_KUBERNETES
+        | api::PATH_RENEW
+        | api::PATH_SIGN
+        | api::PATH_REPORT => Method::POST,
         api::PATH_SYNC | api::PATH_BUNDLE => Method::GET,
         _ => {
             return Err(ApiError::new(
@@ -310,6 +316,10 @@ async fn route(
         api::PATH_ATTEST => {
             let body: AttestRequest = parse_json(&read_body(req).await?)?;
             Ok(json(ok, &holder.attest(&body, now)?))
+        }
+        api::PATH_ATTEST_KUBERNETES => {
+            let body: KubernetesAttestRequest = parse_json(&read_body(req).await?)?;
+            Ok(json(ok, &crate::k8s::attest(holder, &body, now).await?))
         }
         _ => {
             let caller = holder.caller(client_chain, now)?;

@@ -650,6 +650,7 @@ mod tests {
                 spiffe_id: "spiffe://m/meshcert/node/a".into(),
                 first_seen: 1000,
                 banned: false,
+                cluster: None,
             },
             NodeRecord {
                 name: "b".into(),
@@ -657,6 +658,7 @@ mod tests {
                 spiffe_id: "spiffe://m/meshcert/node/b".into(),
                 first_seen: 1000,
                 banned: false,
+                cluster: None,
             },
         ];
         let reports = vec![StoredReport {
@@ -683,6 +685,7 @@ mod tests {
             spiffe_id: format!("spiffe://{mesh}.test/meshcert/node/{name}"),
             first_seen: 0,
             banned,
+            cluster: None,
         }
     }
 

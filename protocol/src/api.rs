@@ -17,6 +17,8 @@ use crate::report::Enforcement;
 
 /// `POST`: join token + node CSR → node SVID and bundles. No client certificate.
 pub const PATH_ATTEST: &str = "/v1/attest";
+/// `POST`: Kubernetes service-account token + node CSR → node SVID and bundles.
+pub const PATH_ATTEST_KUBERNETES: &str = "/v1/attest/kubernetes";
 /// `POST` over mTLS: node CSR → renewed node SVID.
 pub const PATH_RENEW: &str = "/v1/node/renew";
 /// `GET` over mTLS: the calling node's entries and the current bundles.
@@ -126,6 +128,30 @@ pub struct AttestRequest {
     pub token: String,
     /// PKCS#10 CSR for the node key; its SAN is ignored, the ID comes from the token.
     pub csr: Der,
+}
+
+/// `POST /v1/attest/kubernetes`: the agent pod's projected service-account token instead of a
+/// join token. The holder checks it with the named cluster's TokenReview API and names the node
+/// after the Kubernetes node the token's pod runs on.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesAttestRequest {
+    /// The cluster, as the holder's `holder.kubernetes[].cluster` names it.
+    pub cluster: String,
+    /// The projected service-account token (a JWT), as read from its file.
+    pub token: String,
+    /// PKCS#10 CSR for the node key; its SAN is ignored.
+    pub csr: Der,
+}
+
+impl fmt::Debug for KubernetesAttestRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubernetesAttestRequest")
+            .field("cluster", &self.cluster)
+            .field("token", &"<redacted>")
+            .field("csr", &self.csr)
+            .finish()
+    }
 }
 
 /// A signed certificate chain, leaf first.
@@ -301,6 +327,14 @@ pub enum ErrorCode {
     TokenUsed,
     /// The join token is for another mesh or node.
     WrongMesh,
+    /// The service-account token is not valid for the holder's audience.
+    WrongAudience,
+    /// The service-account token belongs to a service account the holder does not trust.
+    UntrustedServiceAccount,
+    /// The Kubernetes cluster named in the attestation is not configured on the holder.
+    UnknownCluster,
+    /// The pod of the service-account token is not found, or not bound to a node.
+    PodNotFound,
     /// The call needs a node SVID as client certificate.
     Unauthenticated,
     /// The client certificate does not belong to a node the holder knows.
@@ -326,9 +360,11 @@ impl ErrorCode {
             | Self::KeyNotAllowed
             | Self::BatchTooLarge
             | Self::HookNotAllowed => 400,
-            Self::InvalidToken | Self::TokenExpired | Self::TokenUsed | Self::Unauthenticated => {
-                401
-            }
+            Self::InvalidToken
+            | Self::TokenExpired
+            | Self::TokenUsed
+            | Self::WrongAudience
+            | Self::Unauthenticated => 401,
             Self::SanMismatch
             | Self::OutsideTrustDomain
             | Self::NotAssigned
@@ -337,6 +373,9 @@ impl ErrorCode {
             | Self::IdRegistered
             | Self::OutsideLocalPrefixes
             | Self::WrongMesh
+            | Self::UntrustedServiceAccount
+            | Self::UnknownCluster
+            | Self::PodNotFound
             | Self::UnknownNode
             | Self::NodeBanned => 403,
             Self::UnknownEntry | Self::NotFound => 404,

@@ -82,6 +82,26 @@ pub struct NodeRecord {
     pub first_seen: u64,
     /// Banned: every later call fails.
     pub banned: bool,
+    /// The Kubernetes cluster of a node attested with a service-account token; `None` for a
+    /// node that joined with a join token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+/// The result of registering a node attested through Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubernetesNodeOutcome {
+    /// Registered (or registered again): the node may get its SVID.
+    Registered,
+    /// The node is banned.
+    Banned,
+    /// A node of this name exists in another cluster or mesh (or joined with a join token).
+    Taken {
+        /// Its cluster, `None` for a join-token node.
+        cluster: Option<String>,
+        /// Its mesh.
+        mesh: String,
+    },
 }
 
 /// One signed certificate.
@@ -135,6 +155,12 @@ pub trait Store: Send + Sync {
         now: u64,
         node_id: &dyn Fn(&str, &str) -> String,
     ) -> Result<TokenOutcome, StoreError>;
+    /// Registers (again) a node attested through Kubernetes, in one transaction: refused when
+    /// it is banned or when its name belongs to a node of another cluster or mesh.
+    fn attest_kubernetes_node(
+        &self,
+        node: &NodeRecord,
+    ) -> Result<KubernetesNodeOutcome, StoreError>;
     /// Whether a token (by hash) has been used; `None` when unknown.
     fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError>;
     /// A node by name.

@@ -8,7 +8,8 @@ use meshcert_protocol::Entry;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
-    Issuance, NodeRecord, Pruned, Store, StoreError, StoredReport, TokenOutcome, TokenRecord,
+    Issuance, KubernetesNodeOutcome, NodeRecord, Pruned, Store, StoreError, StoredReport,
+    TokenOutcome, TokenRecord,
 };
 
 const SCHEMA: &str = "
@@ -90,6 +91,15 @@ impl SqliteStore {
             conn.execute_batch("ALTER TABLE issuances ADD COLUMN local INTEGER NOT NULL DEFAULT 0")
                 .map_err(open_err)?;
         }
+        // Databases from before Kubernetes attestation get the node's cluster (none: a VM).
+        let has_cluster: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'cluster'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(open_err)?;
+        if !has_cluster {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN cluster TEXT")
+                .map_err(open_err)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -109,6 +119,7 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
         spiffe_id: r.get(2)?,
         first_seen: to_u64(r.get(3)?),
         banned: r.get::<_, i64>(4)? != 0,
+        cluster: r.get(5)?,
     })
 }
 
@@ -161,6 +172,41 @@ impl Store for SqliteStore {
         Ok(TokenOutcome::Consumed { node, mesh })
     }
 
+    fn attest_kubernetes_node(
+        &self,
+        node: &NodeRecord,
+    ) -> Result<KubernetesNodeOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existing: Option<(i64, Option<String>, String)> = tx
+            .query_row(
+                "SELECT banned, cluster, mesh FROM nodes WHERE name = ?1",
+                params![node.name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match existing {
+            Some((banned, _, _)) if banned != 0 => return Ok(KubernetesNodeOutcome::Banned),
+            Some((_, cluster, mesh)) if cluster != node.cluster || mesh != node.mesh => {
+                return Ok(KubernetesNodeOutcome::Taken { cluster, mesh });
+            }
+            _ => {}
+        }
+        tx.execute(
+            "INSERT INTO nodes (name, mesh, spiffe_id, first_seen, cluster) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET spiffe_id = excluded.spiffe_id",
+            params![
+                node.name,
+                node.mesh,
+                node.spiffe_id,
+                to_i64(node.first_seen),
+                node.cluster
+            ],
+        )?;
+        tx.commit()?;
+        Ok(KubernetesNodeOutcome::Registered)
+    }
+
     fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError> {
         Ok(self
             .conn()
@@ -177,7 +223,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, mesh, spiffe_id, first_seen, banned FROM nodes WHERE name = ?1",
+                "SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes WHERE name = ?1",
                 params![name],
                 node_row,
             )
@@ -186,8 +232,9 @@ impl Store for SqliteStore {
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT name, mesh, spiffe_id, first_seen, banned FROM nodes ORDER BY name")?;
+        let mut stmt = conn.prepare(
+            "SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes ORDER BY name",
+        )?;
         let rows = stmt.query_map([], node_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -464,6 +511,57 @@ mod tests {
         assert!(s.ban_node("node-1").expect("ban"));
         assert!(s.node("node-1").expect("q").expect("n").banned);
         assert!(!s.ban_node("ghost").expect("ban"));
+    }
+
+    #[test]
+    fn kubernetes_nodes_attest_again_but_never_take_another_nodes_name() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        let record = |name: &str, cluster: &str, mesh: &str| NodeRecord {
+            name: name.into(),
+            mesh: mesh.into(),
+            spiffe_id: format!("spiffe://{mesh}.test/meshcert/node/{name}"),
+            first_seen: 10,
+            banned: false,
+            cluster: Some(cluster.into()),
+        };
+        let east = record("east.w1", "east", "mesh-a");
+        assert_eq!(
+            s.attest_kubernetes_node(&east).expect("q"),
+            KubernetesNodeOutcome::Registered
+        );
+        assert_eq!(
+            s.attest_kubernetes_node(&east).expect("again"),
+            KubernetesNodeOutcome::Registered
+        );
+        let n = s.node("east.w1").expect("q").expect("registered");
+        assert_eq!(n.cluster.as_deref(), Some("east"));
+        assert_eq!(
+            s.attest_kubernetes_node(&record("east.w1", "west", "mesh-a"))
+                .expect("q"),
+            KubernetesNodeOutcome::Taken {
+                cluster: Some("east".into()),
+                mesh: "mesh-a".into()
+            }
+        );
+        s.create_token(&TokenRecord {
+            hash: "h".into(),
+            node: "vm-1".into(),
+            mesh: "mesh-a".into(),
+            expires_at: 100,
+        })
+        .expect("token");
+        s.consume_token("h", 50, &id).expect("join");
+        assert!(matches!(
+            s.attest_kubernetes_node(&record("vm-1", "east", "mesh-a"))
+                .expect("q"),
+            KubernetesNodeOutcome::Taken { cluster: None, .. }
+        ));
+        assert!(s.ban_node("east.w1").expect("ban"));
+        assert_eq!(
+            s.attest_kubernetes_node(&east).expect("q"),
+            KubernetesNodeOutcome::Banned
+        );
     }
 
     #[test]
