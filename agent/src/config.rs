@@ -92,6 +92,8 @@ pub struct FileConfig {
     /// Agent-local entries (used only under DISABLED enforcement).
     #[serde(default)]
     pub entries: Vec<Entry>,
+    /// Kubernetes: attestation with the pod's service-account token.
+    pub kubernetes: Option<crate::k8s::KubernetesFile>,
 }
 
 /// A file mode written as text (`"0640"`) or as a YAML number (`0640`, read as octal digits).
@@ -225,6 +227,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Agent-local entries.
     pub entries: Vec<Entry>,
+    /// Kubernetes settings, when the node runs in a cluster.
+    pub kubernetes: Option<crate::k8s::Kubernetes>,
 }
 
 /// Reads and validates the config file with `overrides` applied.
@@ -420,6 +424,10 @@ pub fn resolve_with_listeners(
         }
     }
 
+    let kubernetes = file
+        .kubernetes
+        .map(|k| crate::k8s::Kubernetes::resolve(k, &mut problems));
+
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
@@ -456,6 +464,7 @@ pub fn resolve_with_listeners(
         sync_interval,
         heartbeat,
         entries: file.entries,
+        kubernetes,
     };
     Ok((config, Listeners { metrics_listen }))
 }

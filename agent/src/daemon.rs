@@ -59,6 +59,9 @@ pub enum DaemonError {
     /// The join failed.
     #[error("cannot join the CA holder: {0}")]
     Join(#[source] RotatorError),
+    /// The attestation with the Kubernetes service-account token was refused.
+    #[error("cannot attest with the pod's service-account token: {0}")]
+    KubernetesJoin(#[source] crate::k8s::K8sError),
     /// The state folder failed.
     #[error(transparent)]
     State(#[from] NodeError),
@@ -340,7 +343,7 @@ async fn identity<I: Issuer>(
         if identity.info.not_after > now {
             return Ok((identity, None));
         }
-        if token.is_none() {
+        if token.is_none() && config.kubernetes.is_none() {
             return Err(DaemonError::NodeExpired {
                 state_dir: config.state_dir.clone(),
                 expired: humantime::format_rfc3339_seconds(identity.info.not_after).to_string(),
@@ -348,7 +351,10 @@ async fn identity<I: Issuer>(
                 mesh: config.mesh.clone(),
             });
         }
-        tracing::warn!("the node SVID expired; re-joining with the given token");
+        tracing::warn!("the node SVID expired; joining again");
+    }
+    if let Some(kubernetes) = &config.kubernetes {
+        return join_kubernetes(issuer, config, kubernetes).await;
     }
     let Some(token) = token else {
         return Err(DaemonError::NoToken {
@@ -366,16 +372,48 @@ async fn identity<I: Issuer>(
             }
             Err(RotatorError::Issuer(e)) if e.is_retryable() => {
                 failures += 1;
-                let wait = rotation::backoff(
-                    failures,
-                    config.rotation.backoff_initial,
-                    config.rotation.backoff_max,
-                    fastrand::f64(),
-                );
+                let wait = join_backoff(config, failures);
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the CA holder to join; retrying");
                 tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(DaemonError::Join(e)),
+        }
+    }
+}
+
+fn join_backoff(config: &Config, failures: u32) -> Duration {
+    rotation::backoff(
+        failures,
+        config.rotation.backoff_initial,
+        config.rotation.backoff_max,
+        fastrand::f64(),
+    )
+}
+
+/// Joins with the pod's service-account token, retrying while the holder cannot be reached,
+/// the token file is not there yet, or the token had expired (the kubelet writes a new one).
+async fn join_kubernetes<I: Issuer>(
+    issuer: &I,
+    config: &Config,
+    kubernetes: &crate::k8s::Kubernetes,
+) -> Result<
+    (
+        node::NodeIdentity,
+        Option<meshcert_protocol::api::SyncResponse>,
+    ),
+    DaemonError,
+> {
+    let mut failures = 0;
+    loop {
+        match crate::k8s::join(issuer, config, kubernetes).await {
+            Ok((identity, seed)) => return Ok((identity, Some(seed))),
+            Err(e) if e.is_retryable() => {
+                failures += 1;
+                let wait = join_backoff(config, failures);
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot attest with the service-account token yet; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(DaemonError::KubernetesJoin(e)),
         }
     }
 }

@@ -18,8 +18,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
-    self, ApiError, AttestRequest, NodeSvidResponse, RenewRequest, SignRequest, SignResponse,
-    SyncResponse,
+    self, ApiError, AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest,
+    SignRequest, SignResponse, SyncResponse,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -134,6 +134,18 @@ pub trait Issuer: Send + Sync + 'static {
         &self,
         request: AttestRequest,
     ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send;
+    /// Joins with the pod's Kubernetes service-account token (no client certificate).
+    fn attest_kubernetes(
+        &self,
+        request: KubernetesAttestRequest,
+    ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send {
+        let _ = request;
+        async {
+            Err(IssuerError::Setup(
+                "this issuer does not attest with Kubernetes tokens".to_owned(),
+            ))
+        }
+    }
     /// Renews the node SVID.
     fn renew(
         &self,
@@ -405,6 +417,19 @@ impl Issuer for HttpsIssuer {
         self.call(
             Method::POST,
             api::PATH_ATTEST,
+            Some(&request),
+            (0, self.anonymous.clone()),
+        )
+        .await
+    }
+
+    async fn attest_kubernetes(
+        &self,
+        request: KubernetesAttestRequest,
+    ) -> Result<NodeSvidResponse, IssuerError> {
+        self.call(
+            Method::POST,
+            api::PATH_ATTEST_KUBERNETES,
             Some(&request),
             (0, self.anonymous.clone()),
         )

@@ -1,6 +1,7 @@
 //! meshcert-agent: the node daemon that keeps every SVID on its node fresh.
 //!
-//! The agent joins the CA holder once with a join token, keeps its node identity in a state
+//! The agent joins the CA holder once with a join token (on Kubernetes: with its pod's
+//! service-account token, whenever it needs to), keeps its node identity in a state
 //! folder, syncs the node's registration entries, generates a fresh key for every entry on the
 //! node, has the holder sign a CSR for it, and installs the result atomically into a shared
 //! volume, rotating it long before it expires.
@@ -13,6 +14,7 @@
 //! - [`svid`]: checks an issued SVID before install (chain, SPIFFE ID, key match).
 //! - [`issuer`]: the [`issuer::Issuer`] seam and its HTTPS implementation (the CA holder).
 //! - [`node`]: the node identity and last sync kept in the state folder.
+//! - [`k8s`]: on Kubernetes, joining with the pod's projected service-account token.
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
@@ -42,6 +44,7 @@ pub mod daemon;
 pub mod heap;
 pub mod hook;
 pub mod issuer;
+pub mod k8s;
 pub mod keys;
 pub mod metrics;
 pub mod node;

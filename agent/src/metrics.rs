@@ -34,7 +34,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
-    AttestRequest, NodeSvidResponse, RenewRequest, SignRequest, SignResponse, SyncResponse,
+    AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest, SignRequest,
+    SignResponse, SyncResponse,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -322,6 +323,13 @@ impl<I: Issuer> Issuer for TimedIssuer<I> {
         request: AttestRequest,
     ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send {
         self.inner.attest(request)
+    }
+
+    fn attest_kubernetes(
+        &self,
+        request: KubernetesAttestRequest,
+    ) -> impl Future<Output = Result<NodeSvidResponse, IssuerError>> + Send {
+        self.inner.attest_kubernetes(request)
     }
 
     fn renew(

@@ -81,7 +81,7 @@ const SIGN_BATCH: usize = 64;
 const KEYGEN_TASKS: usize = 2;
 
 /// Generates a key (RSA keys off the async threads: they take a while).
-async fn generate_key(algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyError> {
+pub(crate) async fn generate_key(algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyError> {
     let mut keys = generate_keys(algorithm, 1).await?;
     keys.pop()
         .map_or_else(|| PrivateKey::generate(algorithm), Ok)
@@ -1735,6 +1735,7 @@ mod tests {
             sync_interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             entries: Vec::new(),
+            kubernetes: None,
         }
     }
 

@@ -194,7 +194,7 @@ pub fn judge_review(
         ));
     }
     let audiences = status.audiences.as_deref().unwrap_or_default();
-    if !audiences.iter().any(|a| *a == cluster.audience) {
+    if !audiences.contains(&cluster.audience) {
         return Err(ApiError::new(
             ErrorCode::WrongAudience,
             format!(

@@ -164,7 +164,7 @@ impl Client {
             url: endpoint.url.clone(),
         };
         let uri: Uri = endpoint.url.parse().map_err(|_| bad_url())?;
-        if uri.scheme_str() != Some("https") || uri.path().trim_end_matches('/') != "" {
+        if uri.scheme_str() != Some("https") || !uri.path().trim_end_matches('/').is_empty() {
             return Err(bad_url());
         }
         let authority = uri.authority().ok_or_else(bad_url)?;

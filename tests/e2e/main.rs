@@ -4,6 +4,7 @@
 mod agent;
 mod ca;
 mod faults;
+mod kubernetes;
 mod operations;
 mod virtualmesh;
 mod workload;

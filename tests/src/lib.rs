@@ -9,11 +9,13 @@
 //! - [`ca`]: a running CA holder with its config, state folder and admin socket.
 //! - [`agent`]: a running node agent with its volume and sockets.
 //! - [`pki`]: keys and CSRs made at test time.
+//! - [`kube`]: a stand-in Kubernetes API server (TokenReview, pods) speaking Kubernetes' JSON.
 
 use std::path::PathBuf;
 
 pub mod agent;
 pub mod ca;
+pub mod kube;
 pub mod pki;
 
 /// The path of a workspace binary (`meshcert-ca`, `meshcert-agent`) built beside the tests.
