@@ -355,7 +355,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("{run:?} is not `run`");
         };
-        assert_eq!(args.config.node_name.as_deref(), Some("node-1"));
+        assert_eq!(args.config.node_name.as_deref(), Some("cluster-a.node-1"));
         for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
             let argv = strings(&container[probe]["exec"]["command"]);
             let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{probe}: {e}"));
@@ -367,6 +367,43 @@ mod tests {
                 "{probe}: {argv:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_daemonset_joins_with_a_projected_token_and_shares_no_secret() {
+        let docs = manifest();
+        let text = of_kind(&docs, "ConfigMap")["data"]["agent.yaml"]
+            .as_str()
+            .expect("agent.yaml in the ConfigMap");
+        let file = config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let k8s = file.kubernetes.expect("a kubernetes section");
+        let token_file = k8s.token_file.expect("tokenFile");
+        let pod = &of_kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_array().expect("volumes");
+        assert!(
+            volumes.iter().all(|v| v.get("secret").is_none()),
+            "no Secret volume: {volumes:?}"
+        );
+        let projected = volumes
+            .iter()
+            .find(|v| v["name"] == "meshcert-token")
+            .expect("the token volume");
+        let source = &projected["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(source["audience"], "meshcert");
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == "meshcert-token")
+            .expect("the token mount");
+        let path = std::path::Path::new(mount["mountPath"].as_str().expect("path"))
+            .join(source["path"].as_str().expect("token path"));
+        assert_eq!(path, token_file);
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(pod["automountServiceAccountToken"], false);
     }
 
     #[test]

@@ -514,6 +514,35 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_holder_manifest_attests_the_shipped_agents() {
+        use serde::Deserialize as _;
+        let docs: Vec<serde_json::Value> =
+            serde_norway::Deserializer::from_str(include_str!("../../deploy/kubernetes/ca.yaml"))
+                .map(|d| serde_json::Value::deserialize(d).expect("a YAML document"))
+                .collect();
+        let text = docs
+            .iter()
+            .find_map(|d| d["data"]["virtualmesh.yaml"].as_str())
+            .expect("the VirtualMesh ConfigMap");
+        let config = crate::config::parse(text).unwrap_or_else(|e| panic!("{e:?}"));
+        let cluster = &config.holder.kubernetes[0];
+        assert_eq!(cluster.name, "cluster-a");
+        assert_eq!(cluster.audience, "meshcert");
+        assert_eq!(cluster.service_accounts, ["meshcert:meshcert-agent"]);
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("the holder's ClusterRole");
+        assert_eq!(
+            role["rules"],
+            serde_json::json!([
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            ])
+        );
+    }
+
+    #[test]
     fn cluster_settings_are_validated() {
         let raw: Vec<RawCluster> = serde_norway::from_str(
             "- cluster: east\n  mesh: mesh-a\n  apiServer: https://10.0.0.1:6443\n  caFile: /ca.pem\n  tokenFile: /t\n  serviceAccounts: [meshcert:meshcert-agent]\n\
