@@ -10,6 +10,7 @@
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
+//! - [`cgroup`]: the pod UID and container ID in a caller's `/proc/<pid>/cgroup` (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
 //! - [`limits`]: connection cap, idle timeout, per-uid rate limit.
 //! - [`socket`]: socket files (stale socket replacement, modes), shared with the admin socket.
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::cache::Cache;
 
+pub mod cgroup;
 pub mod limits;
 pub mod peer;
 pub mod response;
