@@ -59,6 +59,9 @@ pub enum DaemonError {
     /// The join failed.
     #[error("cannot join the CA holder: {0}")]
     Join(#[source] RotatorError),
+    /// The kubelet client for pod attestation cannot be set up.
+    #[error(transparent)]
+    Kubelet(#[from] crate::kubelet::KubeletError),
     /// The attestation with the Kubernetes service-account token was refused.
     #[error("cannot attest with the pod's service-account token: {0}")]
     KubernetesJoin(#[source] crate::k8s::K8sError),
@@ -144,6 +147,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let workload_config = WorkloadConfig {
         socket: config.workload_socket.clone(),
         mode: config.workload_socket_mode,
+        kubelet: kubelet(&config)?,
         ..Default::default()
     };
     let workload_listener =
@@ -322,6 +326,16 @@ async fn reload(options: &RunOptions, running: Listeners, commands: &mpsc::Sende
         }
     }
     systemd::reloaded();
+}
+
+/// The kubelet client for pod attestation, when `kubernetes.kubelet` is configured.
+fn kubelet(config: &Config) -> Result<Option<Arc<crate::kubelet::Kubelet>>, DaemonError> {
+    let Some(settings) = config.kubernetes.as_ref().and_then(|k| k.kubelet.clone()) else {
+        return Ok(None);
+    };
+    crate::kubelet::Kubelet::new(settings)
+        .map(|k| Some(Arc::new(k)))
+        .map_err(DaemonError::from)
 }
 
 /// The node identity: the one in the state folder if still valid, else a join with the token

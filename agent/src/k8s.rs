@@ -27,6 +27,8 @@ pub struct KubernetesFile {
     pub cluster: Option<String>,
     /// The projected service-account token file.
     pub token_file: Option<PathBuf>,
+    /// Pod attestation of Workload API callers through the kubelet; off when absent.
+    pub kubelet: Option<crate::kubelet::KubeletFile>,
 }
 
 /// Kubernetes settings, validated.
@@ -36,6 +38,8 @@ pub struct Kubernetes {
     pub cluster: String,
     /// The projected service-account token file, read at every attestation.
     pub token_file: PathBuf,
+    /// Pod attestation through the kubelet, when configured.
+    pub kubelet: Option<crate::kubelet::KubeletSettings>,
 }
 
 impl Kubernetes {
@@ -57,6 +61,10 @@ impl Kubernetes {
             token_file: file
                 .token_file
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE)),
+            kubelet: file.kubelet.map(|k| {
+                let url = std::env::var(crate::kubelet::URL_ENV).ok();
+                crate::kubelet::KubeletSettings::resolve(k, url, problems)
+            }),
         }
     }
 }
@@ -157,7 +165,7 @@ mod tests {
         let k = Kubernetes::resolve(
             KubernetesFile {
                 cluster: Some("east".into()),
-                token_file: None,
+                ..KubernetesFile::default()
             },
             &mut problems,
         );
@@ -167,7 +175,7 @@ mod tests {
         Kubernetes::resolve(
             KubernetesFile {
                 cluster: Some("East.1".into()),
-                token_file: None,
+                ..KubernetesFile::default()
             },
             &mut problems,
         );

@@ -15,6 +15,8 @@
 //! - [`issuer`]: the [`issuer::Issuer`] seam and its HTTPS implementation (the CA holder).
 //! - [`node`]: the node identity and last sync kept in the state folder.
 //! - [`k8s`]: on Kubernetes, joining with the pod's projected service-account token.
+//! - [`kubelet`]: on Kubernetes, the caller's pod from the kubelet's pod list (`k8s:`
+//!   selectors).
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
@@ -46,6 +48,7 @@ pub mod hook;
 pub mod issuer;
 pub mod k8s;
 pub mod keys;
+pub mod kubelet;
 pub mod metrics;
 pub mod node;
 pub mod report;

@@ -17,7 +17,7 @@ use meshcert_kube::api::api::authentication::v1::{
     TokenReview, TokenReviewSpec, TokenReviewStatus,
 };
 use meshcert_kube::api::api::core::v1::Pod;
-use meshcert_kube::{Client, Endpoint, KubeError};
+use meshcert_kube::{Client, Endpoint, KubeError, ServerTrust};
 use meshcert_protocol::api::{
     ApiError, ErrorCode, KubernetesAttestRequest, NodeSvidResponse, valid_node_name,
 };
@@ -120,7 +120,7 @@ pub(crate) fn validate(
             mesh,
             api_server: Endpoint {
                 url,
-                ca_file: PathBuf::from(ca_file),
+                trust: ServerTrust::CaFile(PathBuf::from(ca_file)),
                 token_file: Some(PathBuf::from(token_file)),
             },
             audience: c.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned()),
@@ -385,7 +385,7 @@ mod tests {
             mesh: "mesh-a".into(),
             api_server: Endpoint {
                 url: "https://127.0.0.1:6443".into(),
-                ca_file: "/ca.pem".into(),
+                trust: ServerTrust::CaFile("/ca.pem".into()),
                 token_file: Some("/token".into()),
             },
             audience: "meshcert".into(),

@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! - [`Endpoint`]: where to call (an `https://host:port` URL), which CA to trust, and the
+//! - [`Endpoint`]: where to call (an `https://host:port` URL), which CA to trust (or, for a
+//!   kubelet with a self-signed certificate, explicitly none: [`ServerTrust`]), and the
 //!   bearer token file, read again at every call (projected tokens are rotated by the kubelet).
 //! - [`Client`]: one call is one connection (TCP, TLS, HTTP/1.1): these calls are rare
 //!   (attestations, a cached pod list), so no pool is kept.
@@ -141,10 +142,20 @@ impl KubeError {
 pub struct Endpoint {
     /// `https://host[:port]` (port 443 when absent).
     pub url: String,
-    /// PEM file with the CA certificates the server's certificate must chain to.
-    pub ca_file: PathBuf,
+    /// How the server's certificate is checked.
+    pub trust: ServerTrust,
     /// File holding the bearer token sent with every call; read again at each call.
     pub token_file: Option<PathBuf>,
+}
+
+/// How a server's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// It must chain to a certificate of this PEM file, and name the URL's host.
+    CaFile(PathBuf),
+    /// Not checked at all (its signature over the handshake still is): only for a kubelet
+    /// whose serving certificate is self-signed, on an operator's explicit choice.
+    SkipVerify,
 }
 
 /// An HTTPS JSON client for one endpoint.
@@ -172,17 +183,21 @@ impl Client {
         let port = authority.port_u16().unwrap_or(443);
         let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(bare_host.to_owned()).map_err(|_| bad_url())?;
-        let roots = read_roots(&endpoint.ca_file)?;
-        let tls = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| KubeError::CaFile {
-            path: endpoint.ca_file.clone(),
-            reason: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| KubeError::Url {
+                url: format!("{}: {e}", endpoint.url),
+            })?;
+        let tls = match &endpoint.trust {
+            ServerTrust::CaFile(path) => builder
+                .with_root_certificates(read_roots(path)?)
+                .with_no_client_auth(),
+            ServerTrust::SkipVerify => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(skip::SkipVerify(provider)))
+                .with_no_client_auth(),
+        };
         Ok(Self {
             address: format!("{host}:{port}"),
             authority: authority.to_string(),
@@ -332,6 +347,66 @@ fn status_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
 
+mod skip {
+    //! The verifier behind [`super::ServerTrust::SkipVerify`]: any certificate is accepted,
+    //! handshake signatures are still verified.
+
+    use std::sync::Arc;
+
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    #[derive(Debug)]
+    pub(super) struct SkipVerify(pub(super) Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for SkipVerify {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}
+
 /// Reads every certificate of a PEM file into a root store.
 fn read_roots(path: &Path) -> Result<RootCertStore, KubeError> {
     let err = |reason: String| KubeError::CaFile {
@@ -372,7 +447,7 @@ mod tests {
         let ca = ca_file(dir.path());
         let endpoint = |url: &str| Endpoint {
             url: url.to_owned(),
-            ca_file: ca.clone(),
+            trust: ServerTrust::CaFile(ca.clone()),
             token_file: None,
         };
         let c = Client::new(&endpoint("https://127.0.0.1:6443")).expect("valid");
@@ -386,9 +461,14 @@ mod tests {
             );
         }
         let missing = Endpoint {
-            ca_file: dir.path().join("none.pem"),
+            trust: ServerTrust::CaFile(dir.path().join("none.pem")),
             ..endpoint("https://127.0.0.1")
         };
+        let skip = Endpoint {
+            trust: ServerTrust::SkipVerify,
+            ..endpoint("https://10.0.0.1:10250")
+        };
+        assert!(Client::new(&skip).is_ok());
         assert!(matches!(
             Client::new(&missing),
             Err(KubeError::CaFile { .. })

@@ -136,7 +136,7 @@ pub enum SelectorError {
     Number(String),
     /// The `type:key` pair is not one we know.
     #[error(
-        "selector `{0}` has an unknown kind; known: unix:uid, unix:gid, unix:user, unix:group, unix:path, k8s:ns, k8s:sa"
+        "selector `{0}` has an unknown kind; known: unix:uid, unix:gid, unix:user, unix:group, unix:path, k8s:ns, k8s:sa, k8s:pod-name, k8s:pod-uid, k8s:pod-label, k8s:container-name, k8s:container-image, k8s:node-name"
     )]
     Kind(String),
     /// A `unix:path` value is not absolute.
@@ -161,10 +161,22 @@ pub enum Selector {
     Group(String),
     /// `unix:path:/abs/path`: the caller's executable.
     Path(PathBuf),
-    /// `k8s:ns:NAME`: the pod's namespace (matched by a Kubernetes attestor).
+    /// `k8s:ns:NAME`: the pod's namespace (the agent reads the caller's pod from the kubelet).
     K8sNamespace(String),
-    /// `k8s:sa:NAME`: the pod's service account (matched by a Kubernetes attestor).
+    /// `k8s:sa:NAME`: the pod's service account.
     K8sServiceAccount(String),
+    /// `k8s:pod-name:NAME`: the pod's name.
+    K8sPodName(String),
+    /// `k8s:pod-uid:UID`: the pod's UID.
+    K8sPodUid(String),
+    /// `k8s:pod-label:KEY:VALUE`: one of the pod's labels.
+    K8sPodLabel(String, String),
+    /// `k8s:container-name:NAME`: the caller's container's name in its pod.
+    K8sContainerName(String),
+    /// `k8s:container-image:IMAGE`: the caller's container's image, as the pod spec names it.
+    K8sContainerImage(String),
+    /// `k8s:node-name:NAME`: the Kubernetes node the pod runs on.
+    K8sNodeName(String),
 }
 
 impl FromStr for Selector {
@@ -196,6 +208,17 @@ impl FromStr for Selector {
             }
             ("k8s", "ns") => Self::K8sNamespace(value.to_owned()),
             ("k8s", "sa") => Self::K8sServiceAccount(value.to_owned()),
+            ("k8s", "pod-name") => Self::K8sPodName(value.to_owned()),
+            ("k8s", "pod-uid") => Self::K8sPodUid(value.to_owned()),
+            ("k8s", "pod-label") => match value.split_once(':') {
+                Some((key, label)) if !key.is_empty() => {
+                    Self::K8sPodLabel(key.to_owned(), label.to_owned())
+                }
+                _ => return Err(SelectorError::Form(s.to_owned())),
+            },
+            ("k8s", "container-name") => Self::K8sContainerName(value.to_owned()),
+            ("k8s", "container-image") => Self::K8sContainerImage(value.to_owned()),
+            ("k8s", "node-name") => Self::K8sNodeName(value.to_owned()),
             _ => return Err(SelectorError::Kind(s.to_owned())),
         })
     }
@@ -211,6 +234,12 @@ impl fmt::Display for Selector {
             Self::Path(p) => write!(f, "unix:path:{}", p.display()),
             Self::K8sNamespace(s) => write!(f, "k8s:ns:{s}"),
             Self::K8sServiceAccount(s) => write!(f, "k8s:sa:{s}"),
+            Self::K8sPodName(s) => write!(f, "k8s:pod-name:{s}"),
+            Self::K8sPodUid(s) => write!(f, "k8s:pod-uid:{s}"),
+            Self::K8sPodLabel(k, v) => write!(f, "k8s:pod-label:{k}:{v}"),
+            Self::K8sContainerName(s) => write!(f, "k8s:container-name:{s}"),
+            Self::K8sContainerImage(s) => write!(f, "k8s:container-image:{s}"),
+            Self::K8sNodeName(s) => write!(f, "k8s:node-name:{s}"),
         }
     }
 }
@@ -250,6 +279,46 @@ mod tests {
                 "k8s:ns:default",
                 Some(Selector::K8sNamespace("default".into())),
             ),
+            (
+                "k8s:sa:web",
+                Some(Selector::K8sServiceAccount("web".into())),
+            ),
+            (
+                "k8s:pod-name:web-0",
+                Some(Selector::K8sPodName("web-0".into())),
+            ),
+            (
+                "k8s:pod-uid:2c48913c",
+                Some(Selector::K8sPodUid("2c48913c".into())),
+            ),
+            (
+                "k8s:pod-label:app.kubernetes.io/name:web",
+                Some(Selector::K8sPodLabel(
+                    "app.kubernetes.io/name".into(),
+                    "web".into(),
+                )),
+            ),
+            (
+                "k8s:pod-label:tier:",
+                Some(Selector::K8sPodLabel("tier".into(), String::new())),
+            ),
+            ("k8s:pod-label:tier", None),
+            ("k8s:pod-label::web", None),
+            (
+                "k8s:container-name:app",
+                Some(Selector::K8sContainerName("app".into())),
+            ),
+            (
+                "k8s:container-image:ghcr.io/example/web:1.0",
+                Some(Selector::K8sContainerImage(
+                    "ghcr.io/example/web:1.0".into(),
+                )),
+            ),
+            (
+                "k8s:node-name:worker-1",
+                Some(Selector::K8sNodeName("worker-1".into())),
+            ),
+            ("k8s:namespace:default", None),
             ("unix:uid:abc", None),
             ("unix:uid:", None),
             ("unix:path:nginx", None),

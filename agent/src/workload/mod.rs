@@ -103,6 +103,8 @@ pub struct WorkloadConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// On Kubernetes: the kubelet that attests callers' pods (`k8s:` selectors).
+    pub kubelet: Option<std::sync::Arc<crate::kubelet::Kubelet>>,
 }
 
 impl Default for WorkloadConfig {
@@ -118,6 +120,7 @@ impl Default for WorkloadConfig {
             idle_timeout: Duration::from_secs(60),
             keepalive_interval: Duration::from_secs(90),
             keepalive_timeout: Duration::from_secs(20),
+            kubelet: None,
         }
     }
 }
@@ -145,7 +148,8 @@ pub async fn serve(
         limits::RateLimiter::new(config.rate_per_uid, config.burst_per_uid),
         config.max_streams,
         stop.clone(),
-    );
+    )
+    .with_kubelet(config.kubelet.clone());
     let (incoming, acceptor) = limits::incoming(
         listener,
         config.max_connections,

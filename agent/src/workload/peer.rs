@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::io::Read as _;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{OFlag, open, openat, readlinkat};
@@ -83,6 +83,12 @@ pub struct PeerInfo {
     pub group_names: Vec<String>,
     /// The executable (`/proc/<pid>/exe`), when readable.
     pub exe: Option<PathBuf>,
+    /// The caller's pod, when it runs in one and the kubelet listed it (`k8s:` selectors).
+    pub pod: Option<Arc<crate::kubelet::PodFacts>>,
+    /// Why the caller's pod could not be attested, when it runs in one.
+    pub pod_error: Option<Arc<str>>,
+    /// The pod and container named by the caller's `/proc/<pid>/cgroup`, when it is in one.
+    pub pod_container: Option<super::cgroup::PodContainer>,
 }
 
 /// The time since boot (`CLOCK_BOOTTIME`, the clock of process start times), taken when a
@@ -234,6 +240,8 @@ fn read_proc(cred: Credentials, info: &mut PeerInfo) -> Result<(), PeerError> {
             return Err(PeerError::PidReused { pid });
         }
     }
+    // Read before `status`, whose read proves the process was still the caller.
+    let cgroup = read_at(&dir, "cgroup");
     let Some(status) = read_at(&dir, "status") else {
         // The process exited after we opened its folder.
         return Err(PeerError::PidReused { pid });
@@ -245,6 +253,7 @@ fn read_proc(cred: Credentials, info: &mut PeerInfo) -> Result<(), PeerError> {
     }
     info.groups = fields.groups;
     info.exe = exe;
+    info.pod_container = cgroup.as_deref().and_then(super::cgroup::pod_container);
     Ok(())
 }
 

@@ -11,8 +11,10 @@ use meshcert_protocol::Selector;
 
 use super::peer::PeerInfo;
 use crate::cache::{InstalledSvid, Snapshot};
+use crate::kubelet::PodFacts;
 
-/// Whether one selector matches the caller. Kubernetes selectors never match a Unix caller.
+/// Whether one selector matches the caller. `k8s:` selectors match only a caller whose pod
+/// was attested.
 pub fn selector_matches(selector: &Selector, peer: &PeerInfo) -> bool {
     match selector {
         Selector::Uid(uid) => peer.uid == *uid,
@@ -20,7 +22,22 @@ pub fn selector_matches(selector: &Selector, peer: &PeerInfo) -> bool {
         Selector::User(name) => peer.user.as_deref() == Some(name.as_str()),
         Selector::Group(name) => peer.group_names.iter().any(|g| g == name),
         Selector::Path(path) => peer.exe.as_deref() == Some(path.as_path()),
-        Selector::K8sNamespace(_) | Selector::K8sServiceAccount(_) => false,
+        k8s => peer.pod.as_deref().is_some_and(|pod| pod_matches(k8s, pod)),
+    }
+}
+
+/// Whether a `k8s:` selector matches the caller's pod (a `unix:` one never does here).
+fn pod_matches(selector: &Selector, pod: &PodFacts) -> bool {
+    match selector {
+        Selector::K8sNamespace(ns) => pod.namespace == *ns,
+        Selector::K8sServiceAccount(sa) => pod.service_account == *sa,
+        Selector::K8sPodName(name) => pod.pod_name == *name,
+        Selector::K8sPodUid(uid) => pod.pod_uid == *uid,
+        Selector::K8sPodLabel(key, value) => pod.labels.get(key) == Some(value),
+        Selector::K8sContainerName(name) => pod.container_name.as_ref() == Some(name),
+        Selector::K8sContainerImage(image) => pod.container_image.as_ref() == Some(image),
+        Selector::K8sNodeName(node) => pod.node_name == *node,
+        _ => false,
     }
 }
 
@@ -61,6 +78,7 @@ mod tests {
             user: Some("web".into()),
             group_names: vec!["users".into(), "sudo".into(), "docker".into()],
             exe: Some(PathBuf::from("/usr/bin/nginx")),
+            ..PeerInfo::default()
         }
     }
 
@@ -100,6 +118,54 @@ mod tests {
                 *want,
                 "{selector} against {who:?}"
             );
+        }
+    }
+
+    #[test]
+    fn k8s_selectors_match_the_attested_pod_only() {
+        let pod = crate::kubelet::PodFacts {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod_name: "web-0".into(),
+            pod_uid: "u1".into(),
+            node_name: "worker-1".into(),
+            labels: [("app.kubernetes.io/name".to_owned(), "web".to_owned())].into(),
+            container_name: Some("app".into()),
+            container_image: Some("ghcr.io/example/web:1.0".into()),
+        };
+        let in_pod = PeerInfo {
+            pod: Some(Arc::new(pod.clone())),
+            ..peer()
+        };
+        let no_container = PeerInfo {
+            pod: Some(Arc::new(crate::kubelet::PodFacts {
+                container_name: None,
+                container_image: None,
+                ..pod
+            })),
+            ..peer()
+        };
+        let cases: &[(&str, &PeerInfo, bool)] = &[
+            ("k8s:ns:shop", &in_pod, true),
+            ("k8s:ns:default", &in_pod, false),
+            ("k8s:sa:web", &in_pod, true),
+            ("k8s:sa:db", &in_pod, false),
+            ("k8s:pod-name:web-0", &in_pod, true),
+            ("k8s:pod-uid:u1", &in_pod, true),
+            ("k8s:pod-uid:u2", &in_pod, false),
+            ("k8s:pod-label:app.kubernetes.io/name:web", &in_pod, true),
+            ("k8s:pod-label:app.kubernetes.io/name:db", &in_pod, false),
+            ("k8s:pod-label:tier:web", &in_pod, false),
+            ("k8s:container-name:app", &in_pod, true),
+            ("k8s:container-name:app", &no_container, false),
+            ("k8s:container-image:ghcr.io/example/web:1.0", &in_pod, true),
+            ("k8s:node-name:worker-1", &in_pod, true),
+            ("k8s:node-name:worker-2", &in_pod, false),
+            ("k8s:ns:shop", &no_container, true),
+            ("unix:uid:1000", &in_pod, true),
+        ];
+        for (selector, who, want) in cases {
+            assert_eq!(selector_matches(&sel(selector), who), *want, "{selector}");
         }
     }
 

@@ -19,6 +19,7 @@ use super::proto::{
 };
 use super::{response, selection};
 use crate::cache::{Cache, Snapshot};
+use crate::kubelet::Kubelet;
 
 /// The metadata every Workload API request carries.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -41,6 +42,7 @@ pub struct WorkloadService {
     streams: Arc<Semaphore>,
     names: Arc<Names>,
     stop: watch::Receiver<bool>,
+    kubelet: Option<Arc<Kubelet>>,
 }
 
 /// An admitted caller: who it is and the open-call mark on its connection.
@@ -64,6 +66,29 @@ impl WorkloadService {
             streams: Arc::new(Semaphore::new(max_streams.max(1))),
             names: Arc::new(Names::new(NAMES_TTL)),
             stop,
+            kubelet: None,
+        }
+    }
+
+    /// Attests callers that run in a pod through `kubelet` (`k8s:` selectors).
+    #[must_use]
+    pub fn with_kubelet(mut self, kubelet: Option<Arc<Kubelet>>) -> Self {
+        self.kubelet = kubelet;
+        self
+    }
+
+    /// The caller's pod facts, when it runs in a pod and a kubelet is configured; a failure
+    /// is kept in `pod_error` (`unix:` selectors still apply).
+    async fn attest_pod(&self, peer: &mut PeerInfo) {
+        let (Some(kubelet), Some(wanted)) = (&self.kubelet, &peer.pod_container) else {
+            return;
+        };
+        match kubelet.attest(wanted).await {
+            Ok(facts) => peer.pod = Some(Arc::new(facts)),
+            Err(e) => {
+                tracing::warn!(pid = peer.pid, pod_uid = %wanted.pod_uid, error = %e, "pod attestation failed; only unix: selectors apply to this caller");
+                peer.pod_error = Some(e.to_string().into());
+            }
         }
     }
 
@@ -100,6 +125,7 @@ impl WorkloadService {
             .await
             .map_err(|_| Status::internal("caller identification failed"))?;
         }
+        self.attest_pod(&mut peer).await;
         tracing::debug!(
             uid = peer.uid,
             gid = peer.gid,
@@ -201,10 +227,19 @@ impl WorkloadService {
 /// A message for the caller, and when the earliest SVID in it expires.
 type Built<T> = Result<(T, Option<SystemTime>), Status>;
 
+/// The refusal of a caller entitled to nothing: `Unavailable` (retry) when its pod could not
+/// be attested, else `PermissionDenied`.
+fn nothing_for(peer: &PeerInfo) -> Status {
+    match &peer.pod_error {
+        Some(e) => Status::unavailable(format!("pod attestation failed: {e}")),
+        None => Status::permission_denied(NO_IDENTITY),
+    }
+}
+
 fn x509_svids(snapshot: &Snapshot, peer: &PeerInfo, now: SystemTime) -> Built<X509svidResponse> {
     let svids = selection::svids_for(snapshot, peer, now);
     if svids.is_empty() {
-        return Err(Status::permission_denied(NO_IDENTITY));
+        return Err(nothing_for(peer));
     }
     let expires = svids.iter().map(|s| s.not_after).min();
     Ok((response::x509_svid_response(snapshot, &svids), expires))
@@ -218,7 +253,7 @@ fn x509_bundles(
     // Bundles go only to callers entitled to an identity, as SPIRE does.
     let svids = selection::svids_for(snapshot, peer, now);
     if svids.is_empty() {
-        return Err(Status::permission_denied(NO_IDENTITY));
+        return Err(nothing_for(peer));
     }
     let expires = svids.iter().map(|s| s.not_after).min();
     Ok((response::x509_bundles_response(snapshot), expires))
