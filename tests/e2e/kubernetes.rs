@@ -1,11 +1,13 @@
-//! Kubernetes node attestation end to end: the real holder reviews agents' service-account
-//! tokens with a stand-in API server (HTTPS, Kubernetes' JSON) and names each node after the
-//! Kubernetes node of the token's pod; the real agent joins with its projected token file.
+//! Kubernetes end to end: the real holder reviews agents' service-account tokens with a
+//! stand-in API server (HTTPS, Kubernetes' JSON) and names each node after the Kubernetes node
+//! of the token's pod; the real agent joins with its projected token file, and attests
+//! Workload API callers by pod: real cgroup v2 folders shaped like the kubelet's (as root), the
+//! stand-in answering as the kubelet.
 
 use meshcert_protocol::api::{ApiError, ErrorCode, KubernetesAttestRequest, NodeSvidResponse};
-use meshcert_tests::agent::Agent;
+use meshcert_tests::agent::{Agent, WAIT};
 use meshcert_tests::ca::{CaHolder, HttpAnswer};
-use meshcert_tests::kube::{FakeApiServer, ServiceAccountToken};
+use meshcert_tests::kube::{FakeApiServer, PodCgroup, ServiceAccountToken, WorkloadPod};
 use meshcert_tests::pki::{csr, p256};
 
 /// One mesh, cluster `east` attesting through `api`, an entry for each of two Kubernetes nodes.
@@ -215,5 +217,226 @@ fn kubernetes_attestations_are_refused_with_a_code_per_rule() {
     assert!(
         api.reviews() >= 7,
         "every token was reviewed by the API server"
+    );
+}
+
+/// A holder for cluster `east` whose entries select pods: `web` by namespace and service
+/// account, `root` by uid 0 only.
+fn pod_entries_config(api: &FakeApiServer) -> String {
+    format!(
+        r#"apiVersion: networking.smh.solo.io/v1alpha1
+kind: VirtualMesh
+metadata:
+  name: test-mesh
+spec:
+  meshes:
+    - name: mesh-a
+      trustDomain: mesh-a.test
+      type: generic
+  certificateAuthority:
+    builtin:
+      ttlDays: 30
+      rsaKeySizeBytes: 2048
+  enforceAccessControl: ENABLED
+holder:
+  serverNames: [localhost]
+  kubernetes:
+{cluster}entries:
+  - id: web
+    spiffeId: spiffe://mesh-a.test/ns/shop/sa/web
+    mesh: mesh-a
+    selectors: ["k8s:ns:shop", "k8s:sa:web"]
+    dir: web
+  - id: root
+    spiffeId: spiffe://mesh-a.test/node-root
+    mesh: mesh-a
+    selectors: ["unix:uid:0"]
+    dir: root
+"#,
+        cluster = api.cluster_yaml("east", "mesh-a"),
+    )
+}
+
+/// An agent of cluster `east` on `worker-1` whose pod attestation asks `kubelet_url`.
+fn pod_agent(ca: &CaHolder, api: &FakeApiServer, kubelet_url: &str) -> (Agent, tempfile::TempDir) {
+    api.add_pod("meshcert", "agent-a", "uid-a", "worker-1");
+    let token = api.issue_token(ServiceAccountToken::agent("agent-a", "uid-a"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).expect("write token");
+    let extra = format!(
+        "kubernetes:\n  cluster: east\n  tokenFile: {token}\n  kubelet:\n    url: {kubelet_url}\n    caFile: {ca}\n    tokenFile: {kubelet_token}\n    wait: 20s\nsyncInterval: 1s\n",
+        token = token_file.display(),
+        ca = api.ca_file().display(),
+        kubelet_token = api.holder_token_file().display(),
+    );
+    let mut agent = Agent::spawn(ca, "worker-1", "mesh-a", &extra, None).expect("spawn");
+    agent.wait_joined().expect("joined");
+    agent
+        .wait_for_file(&agent.volume_dir().join("web/svid.pem"))
+        .expect("web issued");
+    agent
+        .wait_for_file(&agent.volume_dir().join("root/svid.pem"))
+        .expect("root issued");
+    (agent, dir)
+}
+
+/// Runs `workload-probe svids` inside `pod`'s cgroup (as `uid`); its output, trimmed.
+fn probe_in_pod(agent: &Agent, pod: &WorkloadPod, uid: u32) -> String {
+    let cgroup = PodCgroup::create(pod).expect("cgroup folders (needs root)");
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
+    let output = cgroup
+        .command(
+            &meshcert_tests::bin_path("workload-probe"),
+            &["svids", &endpoint],
+            uid,
+        )
+        .output()
+        .expect("probe runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "pod attestation tests move processes into cgroups and must run as root"
+    );
+}
+
+#[test]
+fn a_pod_gets_the_svid_of_its_service_account_entry_and_others_are_denied() {
+    assert_root();
+    let api = FakeApiServer::start().expect("API server");
+    let ca = CaHolder::start(&pod_entries_config(&api)).expect("holder");
+    let (agent, _dir) = pod_agent(&ca, &api, &api.url());
+
+    let web = WorkloadPod::new("shop", "web-0", "web", "worker-1");
+    let db = WorkloadPod::new("shop", "db-0", "db", "worker-1");
+    api.add_workload_pod(&web);
+    api.add_workload_pod(&db);
+
+    // As another uid, only the pod decides.
+    assert_eq!(
+        probe_in_pod(&agent, &web, 65534),
+        "svid spiffe://mesh-a.test/ns/shop/sa/web",
+        "agent log:\n{}",
+        agent.log()
+    );
+    assert_eq!(probe_in_pod(&agent, &db, 65534), "error NoIdentityIssued");
+    // As root, in the web pod: both its pod's and the uid entry, the first entry first.
+    assert_eq!(
+        probe_in_pod(&agent, &web, 0),
+        "svid spiffe://mesh-a.test/ns/shop/sa/web\nsvid spiffe://mesh-a.test/node-root"
+    );
+
+    // Entries made with `entry create` select by label and container too.
+    let created = ca
+        .ctl(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://mesh-a.test/labelled",
+            "--mesh",
+            "mesh-a",
+            "--selector",
+            "k8s:pod-label:app:db-0",
+            "--selector",
+            "k8s:container-name:app",
+            "--selector",
+            "k8s:node-name:worker-1",
+            "--dir",
+            "labelled",
+        ])
+        .expect("entry create");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    agent
+        .wait_for_file(&agent.volume_dir().join("labelled/svid.pem"))
+        .expect("the created entry is issued");
+    assert_eq!(
+        probe_in_pod(&agent, &db, 65534),
+        "svid spiffe://mesh-a.test/labelled"
+    );
+
+    // Concurrent callers share pod lists (one list is reused for a second).
+    let before = api.pod_lists();
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
+    let cgroup = PodCgroup::create(&web).expect("cgroup");
+    let probes: Vec<_> = (0..8)
+        .map(|_| {
+            cgroup
+                .command(
+                    &meshcert_tests::bin_path("workload-probe"),
+                    &["svids", &endpoint],
+                    65534,
+                )
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("probe starts")
+        })
+        .collect();
+    for probe in probes {
+        let out = probe.wait_with_output().expect("probe ends");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "svid spiffe://mesh-a.test/ns/shop/sa/web"
+        );
+    }
+    let lists = api.pod_lists() - before;
+    println!("8 concurrent callers: {lists} pod list(s) fetched");
+    assert!(lists < 8, "{lists} pod lists for 8 concurrent callers");
+    drop(cgroup);
+
+    // A pod the kubelet does not list yet: its first call waits until the kubelet lists it.
+    let late = WorkloadPod::new("shop", "web-1", "web", "worker-1");
+    let cgroup = PodCgroup::create(&late).expect("cgroup");
+    let lists_before = api.pod_lists();
+    let probe = cgroup
+        .command(
+            &meshcert_tests::bin_path("workload-probe"),
+            &["svids", &endpoint],
+            65534,
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("probe starts");
+    meshcert_tests::agent::wait_until("the agent to look for the new pod", WAIT, || {
+        api.pod_lists() >= lists_before + 2
+    })
+    .expect("the agent asks the kubelet again while the pod is not listed");
+    api.add_workload_pod(&late);
+    let output = probe.wait_with_output().expect("probe ends");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "svid spiffe://mesh-a.test/ns/shop/sa/web"
+    );
+}
+
+#[test]
+fn a_kubelet_that_is_down_is_a_clear_error_and_uid_entries_still_work() {
+    assert_root();
+    let api = FakeApiServer::start().expect("API server");
+    let ca = CaHolder::start(&pod_entries_config(&api)).expect("holder");
+    // Nothing listens on port 9.
+    let (agent, _dir) = pod_agent(&ca, &api, "https://127.0.0.1:9");
+    let web = WorkloadPod::new("shop", "web-0", "web", "worker-1");
+    api.add_workload_pod(&web);
+
+    assert_eq!(
+        probe_in_pod(&agent, &web, 0),
+        "svid spiffe://mesh-a.test/node-root",
+        "the uid entry is served without the kubelet"
+    );
+    let refused = probe_in_pod(&agent, &web, 65534);
+    assert!(
+        refused.contains("Unavailable") && refused.contains("pod attestation failed"),
+        "{refused}"
+    );
+    assert!(
+        agent.log().contains("pod attestation failed"),
+        "the agent logs why"
     );
 }

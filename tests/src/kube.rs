@@ -1,7 +1,8 @@
-//! A stand-in Kubernetes API server for the e2e tests: HTTPS on loopback, in the test process,
-//! answering TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) and pod reads
-//! (`GET /api/v1/namespaces/<ns>/pods/<name>`) with Kubernetes' own JSON, built and parsed with
-//! the `k8s-openapi` types.
+//! A stand-in Kubernetes API server and kubelet for the e2e tests: HTTPS on loopback, in the
+//! test process, answering TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`),
+//! pod reads (`GET /api/v1/namespaces/<ns>/pods/<name>`) and, as the kubelet, the pod list
+//! (`GET /pods`) with Kubernetes' own JSON, built and parsed with the `k8s-openapi` types.
+//! [`PodCgroup`] makes a real cgroup v2 folder shaped like the kubelet's for a test process.
 //!
 //! Its service-account tokens are opaque random strings the test gets from
 //! [`FakeApiServer::issue_token`]; the review answers as kube-apiserver does: unauthenticated
@@ -28,9 +29,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use meshcert_kube::api::List;
 use meshcert_kube::api::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
-use meshcert_kube::api::api::core::v1::{Pod, PodSpec};
-use meshcert_kube::api::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
+use meshcert_kube::api::api::core::v1::{Container, ContainerStatus, Pod, PodSpec, PodStatus};
+use meshcert_kube::api::apimachinery::pkg::apis::meta::v1::{ListMeta, ObjectMeta, Status};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The service account the example agents run as.
@@ -74,6 +76,7 @@ struct State {
     tokens: BTreeMap<String, ServiceAccountToken>,
     pods: BTreeMap<(String, String), Pod>,
     reviews: usize,
+    pod_lists: usize,
 }
 
 /// The stand-in API server; dropping it stops it.
@@ -199,6 +202,49 @@ impl FakeApiServer {
             .insert((namespace.to_owned(), name.to_owned()), pod);
     }
 
+    /// Adds (or replaces) a workload pod on `node` running one container `app` with
+    /// `container_id` (containerd), as the kubelet lists it.
+    pub fn add_workload_pod(&self, pod: &WorkloadPod) {
+        let value = Pod {
+            metadata: ObjectMeta {
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                uid: Some(pod.uid.clone()),
+                labels: Some(BTreeMap::from([("app".to_owned(), pod.name.clone())])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(pod.node.clone()),
+                service_account_name: Some(pod.service_account.clone()),
+                containers: vec![Container {
+                    name: "app".to_owned(),
+                    image: Some("example.org/app:1".to_owned()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".to_owned()),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "app".to_owned(),
+                    container_id: Some(format!("containerd://{}", pod.container_id)),
+                    image: "example.org/app:1".to_owned(),
+                    ready: true,
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        };
+        self.lock()
+            .pods
+            .insert((pod.namespace.clone(), pod.name.clone()), value);
+    }
+
+    /// How many pod lists (`GET /pods`, the kubelet's) it answered.
+    pub fn pod_lists(&self) -> usize {
+        self.lock().pod_lists
+    }
+
     /// Removes a pod.
     pub fn remove_pod(&self, namespace: &str, name: &str) {
         self.lock()
@@ -289,6 +335,14 @@ async fn answer(
             state.reviews += 1;
             review.status = Some(review_status(&state.tokens, &review));
             json(StatusCode::CREATED, &review)
+        }
+        (&Method::GET, ["pods"]) => {
+            state.pod_lists += 1;
+            let list = List {
+                items: state.pods.values().cloned().collect(),
+                metadata: ListMeta::default(),
+            };
+            json(StatusCode::OK, &list)
         }
         (&Method::GET, ["api", "v1", "namespaces", ns, "pods", name]) => {
             match state.pods.get(&((*ns).to_owned(), (*name).to_owned())) {
@@ -387,8 +441,107 @@ fn server_pki() -> anyhow::Result<ServerPki> {
     ))
 }
 
-/// Writes `text` to `path` (a token file the agent reads).
-pub fn write_token(path: &Path, text: &str) -> anyhow::Result<()> {
-    std::fs::write(path, text)?;
-    Ok(())
+/// A workload pod as [`FakeApiServer::add_workload_pod`] lists it.
+#[derive(Debug, Clone)]
+pub struct WorkloadPod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name (also its `app` label).
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// Service account.
+    pub service_account: String,
+    /// Node.
+    pub node: String,
+    /// Its container's ID (64 hex digits).
+    pub container_id: String,
+}
+
+impl WorkloadPod {
+    /// A pod `name` of `namespace`/`service_account` on `node`, with a fresh UID and container ID.
+    pub fn new(namespace: &str, name: &str, service_account: &str, node: &str) -> Self {
+        let hex = random_text();
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &random_text()[..12]
+            ),
+            service_account: service_account.to_owned(),
+            node: node.to_owned(),
+            container_id: format!("{}{}", random_text(), random_text()),
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted on the test machines (hybrid hierarchy), or the unified one.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        if Path::new(root).join("cgroup.procs").exists()
+            && Path::new(root).join("cgroup.controllers").exists()
+        {
+            return Ok(PathBuf::from(root));
+        }
+    }
+    anyhow::bail!("no cgroup v2 hierarchy at /sys/fs/cgroup/unified or /sys/fs/cgroup")
+}
+
+/// A real cgroup v2 folder shaped like the kubelet's (systemd driver, containerd):
+/// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
+/// Needs root. Dropping it removes the folders it made (once their processes exited).
+pub struct PodCgroup {
+    made: Vec<PathBuf>,
+    leaf: PathBuf,
+}
+
+impl PodCgroup {
+    /// Makes the folders for `pod`'s container.
+    pub fn create(pod: &WorkloadPod) -> anyhow::Result<Self> {
+        let root = cgroup2_root()?;
+        let uid = pod.uid.replace('-', "_");
+        let mut path = root;
+        let mut made = Vec::new();
+        for part in [
+            "kubepods.slice".to_owned(),
+            "kubepods-besteffort.slice".to_owned(),
+            format!("kubepods-besteffort-pod{uid}.slice"),
+            format!("cri-containerd-{}.scope", pod.container_id),
+        ] {
+            path = path.join(part);
+            match std::fs::create_dir(&path) {
+                Ok(()) => made.push(path.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Self { made, leaf: path })
+    }
+
+    /// A command running `program args...` inside this cgroup as `uid` (and gid `uid`): a
+    /// root shell moves itself into it, then becomes the program under that uid (`setpriv`,
+    /// same pid), so the program's first call comes from there.
+    pub fn command(&self, program: &Path, args: &[&str], uid: u32) -> std::process::Command {
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("u=\"$1\"; shift; echo $$ > \"$0\" && exec setpriv --reuid=\"$u\" --regid=\"$u\" --clear-groups -- \"$@\"")
+            .arg(self.leaf.join("cgroup.procs"))
+            .arg(uid.to_string())
+            .arg(program)
+            .args(args);
+        cmd
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
