@@ -404,6 +404,17 @@ mod tests {
             "RuntimeDefault"
         );
         assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(
+            of_kind(&docs, "ClusterRole")["rules"],
+            serde_json::json!([{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]),
+            "the agent may only read its kubelet's pod list"
+        );
+        let caps = &pod["containers"][0]["securityContext"]["capabilities"];
+        assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(
+            caps["add"],
+            serde_json::json!(["CHOWN", "FOWNER", "DAC_OVERRIDE"])
+        );
     }
 
     #[test]
