@@ -224,6 +224,9 @@ pub struct NodeStatus {
     pub name: String,
     /// Its mesh.
     pub mesh: String,
+    /// Its Kubernetes cluster, for a node attested with a service-account token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// Banned nodes can no longer call the holder.
     pub banned: bool,
     /// Last report, RFC 3339 (absent before the first).
@@ -462,6 +465,7 @@ pub fn node_statuses(
             NodeStatus {
                 name: n.name.clone(),
                 mesh: n.mesh.clone(),
+                cluster: n.cluster.clone(),
                 banned: n.banned,
                 last_report: report.map(|r| crate::authority::rfc3339(at(r.received_at))),
                 stale: is_stale(at(last), now, heartbeat),

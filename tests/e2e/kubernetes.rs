@@ -125,6 +125,12 @@ fn two_kubernetes_nodes_attest_with_their_own_tokens_and_get_only_their_own_entr
         })
         .collect();
     seen.sort();
+    let status = ca.status().expect("status");
+    let text = status.to_string();
+    assert!(
+        text.contains("\"cluster\":\"east\""),
+        "the status names each node's cluster: {text}"
+    );
     assert_eq!(
         seen,
         [
@@ -438,5 +444,58 @@ fn a_kubelet_that_is_down_is_a_clear_error_and_uid_entries_still_work() {
     assert!(
         agent.log().contains("pod attestation failed"),
         "the agent logs why"
+    );
+}
+
+#[test]
+fn an_agent_waits_for_its_token_file_and_stops_on_an_untrusted_service_account() {
+    let api = FakeApiServer::start().expect("API server");
+    api.add_pod("meshcert", "agent-a", "uid-a", "worker-1");
+    api.add_pod("default", "intruder", "uid-i", "worker-2");
+    let ca = CaHolder::start(&holder_config(&api, "")).expect("holder");
+
+    // The kubelet has not written the token yet when the agent starts.
+    let dir = tempfile::tempdir().expect("tmp");
+    let token_file = dir.path().join("token");
+    let extra = format!(
+        "kubernetes:\n  cluster: east\n  tokenFile: {}\nrotation:\n  backoffInitial: 100ms\n  backoffMax: 500ms\n",
+        token_file.display()
+    );
+    let mut agent = Agent::spawn(&ca, "worker-1", "mesh-a", &extra, None).expect("spawn");
+    meshcert_tests::agent::wait_until("the agent to miss its token", WAIT, || {
+        agent
+            .log()
+            .contains("cannot read the service-account token")
+    })
+    .expect("the agent says what it waits for");
+    let token = api.issue_token(ServiceAccountToken::agent("agent-a", "uid-a"));
+    std::fs::write(&token_file, token).expect("write token");
+    agent.wait_joined().expect("joins once the token is there");
+    agent
+        .wait_for_file(&agent.volume_dir().join("web-1/svid.pem"))
+        .expect("web-1 issued");
+
+    // A pod of a service account the holder does not trust: the agent stops, naming the rule.
+    let dir = tempfile::tempdir().expect("tmp");
+    let token_file = dir.path().join("token");
+    let intruder = api.issue_token(ServiceAccountToken {
+        namespace: "default".to_owned(),
+        service_account: "default".to_owned(),
+        ..ServiceAccountToken::agent("intruder", "uid-i")
+    });
+    std::fs::write(&token_file, intruder).expect("write token");
+    let extra = format!(
+        "kubernetes:\n  cluster: east\n  tokenFile: {}\n",
+        token_file.display()
+    );
+    let mut refused = Agent::spawn(&ca, "worker-2", "mesh-a", &extra, None).expect("spawn");
+    let status = refused
+        .wait_exit(WAIT)
+        .expect("the agent stops on a final refusal");
+    assert_eq!(status.code(), Some(1));
+    let log = refused.log();
+    assert!(
+        log.contains("untrusted_service_account") && log.contains("default:default"),
+        "{log}"
     );
 }
