@@ -164,10 +164,12 @@ impl ListedPod {
     }
 }
 
-/// A pod list, by pod UID, and when its request started.
+/// A pod list, by pod UID, when its request started, and its number (lists are numbered from
+/// 1 in the order they arrive; 0 is "none yet").
 #[derive(Debug)]
 struct Listing {
     started: Instant,
+    generation: u64,
     pods: HashMap<String, ListedPod>,
 }
 
@@ -229,6 +231,7 @@ pub struct Kubelet {
     settings: KubeletSettings,
     listing: tokio::sync::Mutex<Option<Arc<Listing>>>,
     fetches: AtomicU64,
+    arrived: AtomicU64,
 }
 
 impl Kubelet {
@@ -239,6 +242,7 @@ impl Kubelet {
             settings,
             listing: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
+            arrived: AtomicU64::new(0),
         })
     }
 
@@ -252,25 +256,37 @@ impl Kubelet {
         self.settings.wait
     }
 
-    /// How many pod lists were fetched so far.
+    /// How many pod lists were asked for so far.
     pub fn fetches(&self) -> u64 {
-        self.fetches.load(Ordering::Relaxed)
+        self.fetches.load(Ordering::Acquire)
     }
 
-    /// A list whose request started at or after `fresh_after`: the cached one, the one another
-    /// caller is fetching (waited for), or a new one.
-    async fn listing(&self, fresh_after: Instant) -> Result<Arc<Listing>, KubeletError> {
+    /// A list whose request started at or after `fresh_after`, or that arrived after list
+    /// number `newer_than`: the cached one, the one another caller was fetching while this one
+    /// waited for the lock, or a new one.
+    async fn listing(
+        &self,
+        fresh_after: Instant,
+        newer_than: u64,
+    ) -> Result<Arc<Listing>, KubeletError> {
         let mut cached = self.listing.lock().await;
-        if let Some(listing) = cached.as_ref().filter(|l| l.started >= fresh_after) {
+        if let Some(listing) = cached
+            .as_ref()
+            .filter(|l| l.started >= fresh_after || l.generation > newer_than)
+        {
             return Ok(Arc::clone(listing));
         }
         let started = Instant::now();
-        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.fetches.fetch_add(1, Ordering::AcqRel);
         let list: List<Pod> = self.client.get("/pods").await.map_err(KubeletError::List)?;
+        // Under the lock: lists arrive one at a time.
+        let generation = self.arrived.load(Ordering::Acquire) + 1;
         let listing = Arc::new(Listing {
             started,
+            generation,
             pods: listed_pods(list),
         });
+        self.arrived.store(generation, Ordering::Release);
         *cached = Some(Arc::clone(&listing));
         tracing::debug!(pods = listing.pods.len(), "kubelet pod list fetched");
         Ok(listing)
@@ -282,8 +298,10 @@ impl Kubelet {
         let asked = Instant::now();
         let deadline = asked + self.settings.wait;
         let mut fresh_after = asked.checked_sub(self.settings.cache_for).unwrap_or(asked);
+        // Any list arriving from now on will do, even one whose request is already in flight.
+        let mut newer_than = self.arrived.load(Ordering::Acquire);
         loop {
-            let listing = self.listing(fresh_after).await?;
+            let listing = self.listing(fresh_after, newer_than).await?;
             let pod = listing.pods.get(&caller.pod_uid);
             if let Some(facts) = pod.and_then(|p| p.with_container(&caller.container_id)) {
                 return Ok(facts);
@@ -300,6 +318,7 @@ impl Kubelet {
             tokio::time::sleep(RETRY_EVERY.min(deadline.saturating_duration_since(Instant::now())))
                 .await;
             fresh_after = Instant::now();
+            newer_than = listing.generation;
         }
     }
 }
@@ -364,6 +383,152 @@ mod tests {
             Some("ghcr.io/example/web:1.0")
         );
         assert!(pods["u2"].with_container("abc").is_none());
+    }
+
+    /// A stand-in kubelet on loopback answering `GET /pods` with `pods`, each answer held until
+    /// a permit of `release` is added; counts requests.
+    struct HeldKubelet {
+        url: String,
+        dir: tempfile::TempDir,
+        requests: Arc<AtomicU64>,
+        release: Arc<tokio::sync::Semaphore>,
+    }
+
+    async fn held_kubelet(pods: Vec<Pod>) -> HeldKubelet {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("leaf");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.path().join("token"), "kubelet-token").expect("write");
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("tls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}", listener.local_addr().expect("addr"));
+        let body = serde_json::to_vec(&List {
+            items: pods,
+            metadata: Default::default(),
+        })
+        .expect("json");
+        let requests = Arc::new(AtomicU64::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (counted, held) = (Arc::clone(&requests), Arc::clone(&release));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (counted, held, body) = (Arc::clone(&counted), Arc::clone(&held), body.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let (counted, held, body) =
+                            (Arc::clone(&counted), Arc::clone(&held), body.clone());
+                        async move {
+                            counted.fetch_add(1, Ordering::AcqRel);
+                            held.acquire().await.expect("open").forget();
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        HeldKubelet {
+            url,
+            dir,
+            requests,
+            release,
+        }
+    }
+
+    fn kubelet_for(held: &HeldKubelet, cache_for: Duration, wait: Duration) -> Arc<Kubelet> {
+        let settings = KubeletSettings {
+            endpoint: Endpoint {
+                url: held.url.clone(),
+                trust: ServerTrust::CaFile(held.dir.path().join("ca.pem")),
+                token_file: Some(held.dir.path().join("token")),
+            },
+            cache_for,
+            wait,
+        };
+        Arc::new(Kubelet::new(settings).expect("client"))
+    }
+
+    fn caller(uid: &str) -> PodContainer {
+        PodContainer {
+            pod_uid: uid.to_owned(),
+            container_id: "abc".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_pod_list_request() {
+        let held = held_kubelet(vec![pod("u1", Some("abc"))]).await;
+        // No reuse of finished lists: only the sharing of the one in flight counts here.
+        let kubelet = kubelet_for(&held, Duration::ZERO, Duration::from_secs(5));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let kubelet = Arc::clone(&kubelet);
+                tokio::spawn(async move { kubelet.attest(&caller("u1")).await })
+            })
+            .collect();
+        while held.requests.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        held.release.add_permits(100);
+        for c in callers {
+            let facts = c.await.expect("task").expect("attested");
+            assert_eq!(facts.container_name.as_deref(), Some("app"));
+        }
+        assert_eq!(
+            held.requests.load(Ordering::Acquire),
+            1,
+            "one request for 8 callers"
+        );
+        assert_eq!(kubelet.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unlisted_pod_is_looked_for_again_until_the_wait_ends() {
+        let held = held_kubelet(vec![pod("u1", Some("abc"))]).await;
+        held.release.add_permits(1000);
+        let kubelet = kubelet_for(&held, Duration::from_secs(1), Duration::from_millis(600));
+        kubelet.attest(&caller("u1")).await.expect("listed");
+        assert_eq!(kubelet.fetches(), 1);
+        kubelet.attest(&caller("u1")).await.expect("listed");
+        assert_eq!(kubelet.fetches(), 1, "a list is reused within cacheFor");
+        let err = kubelet
+            .attest(&caller("u9"))
+            .await
+            .expect_err("never listed");
+        assert!(matches!(err, KubeletError::NotListed { .. }), "{err}");
+        assert!(
+            kubelet.fetches() >= 3,
+            "asked again while waiting: {}",
+            kubelet.fetches()
+        );
     }
 
     #[test]
