@@ -365,7 +365,11 @@ async fn identity<I: Issuer>(
                 mesh: config.mesh.clone(),
             });
         }
-        tracing::warn!("the node SVID expired; joining again");
+        if config.kubernetes.is_some() {
+            tracing::warn!("the node SVID expired; attesting again with the service-account token");
+        } else {
+            tracing::warn!("the node SVID expired; re-joining with the given token");
+        }
     }
     if let Some(kubernetes) = &config.kubernetes {
         return join_kubernetes(issuer, config, kubernetes).await;

@@ -499,3 +499,32 @@ fn an_agent_waits_for_its_token_file_and_stops_on_an_untrusted_service_account()
         "{log}"
     );
 }
+
+#[test]
+fn two_clusters_share_a_holder_and_their_same_named_nodes_stay_apart() {
+    let east = FakeApiServer::start().expect("east API server");
+    let west = FakeApiServer::start().expect("west API server");
+    east.add_pod("meshcert", "agent-a", "uid-a", "worker-1");
+    west.add_pod("meshcert", "agent-a", "uid-w", "worker-1");
+    let ca = CaHolder::start(&holder_config(&east, &west.cluster_yaml("west", "mesh-a")))
+        .expect("holder");
+    let east_token = east.issue_token(ServiceAccountToken::agent("agent-a", "uid-a"));
+    let west_token = west.issue_token(ServiceAccountToken::agent("agent-a", "uid-w"));
+
+    let node = |answer: HttpAnswer| -> String {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        serde_json::from_slice::<NodeSvidResponse>(&answer.body)
+            .expect("node SVID")
+            .node
+    };
+    assert_eq!(node(attest(&ca, "east", &east_token)), "east.worker-1");
+    assert_eq!(node(attest(&ca, "west", &west_token)), "west.worker-1");
+    // A token is checked by the API server of the cluster it names: east's means nothing to west.
+    refused(&attest(&ca, "west", &east_token), ErrorCode::InvalidToken);
+    assert_eq!(west.reviews(), 2);
+}
