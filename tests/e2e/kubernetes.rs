@@ -528,3 +528,51 @@ fn two_clusters_share_a_holder_and_their_same_named_nodes_stay_apart() {
     refused(&attest(&ca, "west", &east_token), ErrorCode::InvalidToken);
     assert_eq!(west.reviews(), 2);
 }
+
+#[test]
+fn a_kubernetes_node_whose_identity_expired_while_down_attests_again_by_itself() {
+    let api = FakeApiServer::start().expect("API server");
+    api.add_pod("meshcert", "agent-a", "uid-a", "worker-1");
+    // 3 s node SVIDs: they expire soon after the agent is stopped.
+    let config = holder_config(&api, "").replace(
+        "  serverNames: [localhost]\n",
+        "  serverNames: [localhost]\n  nodeSvidTtl: 3s\n",
+    );
+    assert!(
+        config.contains("nodeSvidTtl"),
+        "the test config changed shape"
+    );
+    let ca = CaHolder::start(&config).expect("holder");
+    let token = api.issue_token(ServiceAccountToken::agent("agent-a", "uid-a"));
+    let (mut agent, _token_dir) = k8s_agent(&ca, "worker-1", &token);
+    let node_pem = agent.state_dir().join("node.pem");
+    agent.kill9();
+    let expired_at = std::fs::metadata(&node_pem)
+        .and_then(|m| m.modified())
+        .expect("node.pem")
+        + std::time::Duration::from_secs(4);
+    meshcert_tests::agent::wait_until("the node SVID to expire", WAIT, || {
+        std::time::SystemTime::now() > expired_at
+    })
+    .expect("expiry");
+    let reviews = api.reviews();
+    agent
+        .relaunch(None)
+        .expect("relaunch without any token argument");
+    meshcert_tests::agent::wait_until("a new attestation", WAIT, || {
+        agent
+            .log()
+            .contains("attesting again with the service-account token")
+            && api.reviews() > reviews
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    meshcert_tests::agent::wait_until("ready again", WAIT, || {
+        agent
+            .log()
+            .split("attesting again")
+            .nth(1)
+            .is_some_and(|after| after.contains("rotator: ready"))
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    assert!(agent.try_exit().expect("status").is_none(), "still running");
+}
