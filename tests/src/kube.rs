@@ -543,5 +543,12 @@ impl Drop for PodCgroup {
         for dir in self.made.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }
+        // The shared parents go with the last pod folder, whichever test made them (a folder
+        // still in use is not removed).
+        if let Some(pod_slice) = self.leaf.parent() {
+            for dir in pod_slice.ancestors().skip(1).take(2) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
 }
