@@ -97,6 +97,12 @@ pub(crate) fn validate(
         if !url.is_empty() && !url.starts_with("https://") {
             problems.push((at("apiServer"), format!("`{url}` is not an https:// URL")));
         }
+        if c.audience.as_deref() == Some("") {
+            problems.push((
+                at("audience"),
+                "is empty; leave it out for `meshcert`".to_owned(),
+            ));
+        }
         let service_accounts = c.service_accounts.unwrap_or_default();
         if service_accounts.is_empty() {
             problems.push((
@@ -546,7 +552,7 @@ mod tests {
     fn cluster_settings_are_validated() {
         let raw: Vec<RawCluster> = serde_norway::from_str(
             "- cluster: east\n  mesh: mesh-a\n  apiServer: https://10.0.0.1:6443\n  caFile: /ca.pem\n  tokenFile: /t\n  serviceAccounts: [meshcert:meshcert-agent]\n\
-             - cluster: East\n  mesh: nope\n  apiServer: http://x\n  caFile: /ca.pem\n  tokenFile: /t\n  serviceAccounts: [agent]\n",
+             - cluster: East\n  mesh: nope\n  apiServer: http://x\n  caFile: /ca.pem\n  tokenFile: /t\n  audience: ''\n  serviceAccounts: [agent]\n",
         )
         .expect("yaml");
         let mut problems = Vec::new();
@@ -559,6 +565,7 @@ mod tests {
                 "holder.kubernetes[1].cluster",
                 "holder.kubernetes[1].mesh",
                 "holder.kubernetes[1].apiServer",
+                "holder.kubernetes[1].audience",
                 "holder.kubernetes[1].serviceAccounts[0]",
             ]
         );
