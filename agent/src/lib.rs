@@ -16,6 +16,8 @@
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
+//! - [`folder`]: file operations relative to an open folder, never through a symlink.
+//! - [`worker`]: the thread that runs the volume's file operations, with a timeout.
 //! - [`changes`]: the volume's watcher, and which entry folders someone else changed (its
 //!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
@@ -39,6 +41,7 @@ pub mod changes;
 pub mod config;
 pub mod csr;
 pub mod daemon;
+pub mod folder;
 pub mod heap;
 pub mod hook;
 pub mod issuer;
@@ -52,4 +55,5 @@ pub mod svid;
 pub mod sys;
 pub mod systemd;
 pub mod volume;
+pub mod worker;
 pub mod workload;
