@@ -373,6 +373,8 @@ impl Layout {
         rendered: &Rendered,
         now: SystemTime,
     ) -> Result<(), VolumeError> {
+        // The root too comes back if it was removed.
+        self.ensure_root()?;
         let root = self.open_root()?;
         let entry = self.open_entry(&root, dir, true)?;
         let data_name = data_folder_name(&entry, now)?;
