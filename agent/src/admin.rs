@@ -356,6 +356,8 @@ struct StatusView {
     bundle_version: u64,
     metrics_address: Option<String>,
     identities: Vec<IdentityReport>,
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 /// The table a person reads at a glance: node, CA, then one line per identity.
@@ -388,7 +390,11 @@ fn render(view: &StatusView, now: SystemTime) -> String {
         Some(address) => format!("http://{address}/metrics (and GET /metrics on the admin socket)"),
         None => "GET /metrics on the admin socket".to_owned(),
     };
-    out.push_str(&format!("Metrics:    {metrics}\n\n"));
+    out.push_str(&format!("Metrics:    {metrics}\n"));
+    for warning in &view.warnings {
+        out.push_str(&format!("Warning:    {warning}\n"));
+    }
+    out.push('\n');
     if view.identities.is_empty() {
         out.push_str("No identities assigned to this node.\n");
         return out;

@@ -300,6 +300,8 @@ pub struct Rotator<I: Issuer> {
     volume_changed: Arc<crate::changes::Changes>,
     heap: Trimmer,
     intermediates: Intermediates,
+    /// Holder entries whose hook was stripped (shown in the status).
+    hooks_stripped: Vec<String>,
 }
 
 /// Whether a sync answer equals the last one (`b`, whose entries are `b_entries`), field by
@@ -392,6 +394,7 @@ impl<I: Issuer> Rotator<I> {
             volume_changed,
             heap: Trimmer::new(HEAP_TRIM_EVERY),
             intermediates: Intermediates::default(),
+            hooks_stripped: Vec::new(),
         };
         let seed = std::mem::take(&mut rotator.last_sync.entries);
         rotator.apply_sync(
@@ -573,6 +576,16 @@ impl<I: Issuer> Rotator<I> {
     /// valid SVIDs already on disk. New bundles are written into every folder at once, and an
     /// SVID that no longer verifies against them is issued again.
     fn apply_sync(&mut self, mut response: SyncResponse, now: SystemTime) {
+        let stripped = hook::strip_from_holder(&mut response.entries);
+        if stripped != self.hooks_stripped {
+            for id in stripped
+                .iter()
+                .filter(|id| !self.hooks_stripped.contains(id))
+            {
+                tracing::warn!(entry_id = %id, "the holder's entry carries a hook: ignored (hooks are node configuration, set in the agent's config)");
+            }
+            self.hooks_stripped = stripped;
+        }
         // An entry equal to the one already managed keeps that one's allocation.
         let entries = std::mem::take(&mut response.entries)
             .into_iter()
@@ -674,6 +687,11 @@ impl<I: Issuer> Rotator<I> {
                     }
                     if old.dir != entry.dir {
                         let _ = self.volume.remove(&old.dir);
+                    }
+                    if old.owner != entry.owner {
+                        // The old owner could read the key: the new one gets a fresh key now.
+                        tracing::info!(entry_id = %entry.id, "entry's owner changed; issuing an SVID with a new key");
+                        m.schedule = Schedule::now(now);
                     }
                     if let Some(current) = m.current.clone() {
                         // Selectors, folder, owner or bundles changed: the same SVID is served
@@ -790,7 +808,8 @@ impl<I: Issuer> Rotator<I> {
                 return;
             }
         };
-        match svid::check(&chain, &key, &roots, &m.entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        match svid::check_with_skew(&chain, &key, &roots, &m.entry.spiffe_id, now, skew) {
             Ok(info) => {
                 tracing::info!(entry_id = %m.entry.id, serial = %info.serial, "serving the SVID found on disk");
                 m.schedule = Schedule::for_certificate(
@@ -1170,8 +1189,10 @@ impl<I: Issuer> Rotator<I> {
             return;
         }
         let entry = m.entry.clone();
+        let local = m.local;
         let roots = self.roots_for(&entry);
-        let info = match svid::check(&chain, &key, &roots, &entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        let info = match svid::check_with_skew(&chain, &key, &roots, &entry.spiffe_id, now, skew) {
             Ok(info) => info,
             Err(e) => {
                 self.failed(
@@ -1222,7 +1243,7 @@ impl<I: Issuer> Rotator<I> {
         m.last_error = None;
         m.attempted = true;
         m.in_flight = None;
-        if let Some(h) = entry.hook.clone() {
+        if let Some(h) = hook::for_entry(&self.config.hooks, &entry, local).cloned() {
             let dir: PathBuf = self.volume.entry_path(&entry.dir);
             let tx = self.events_tx.clone();
             let entry_id = entry_id.to_owned();
@@ -1429,6 +1450,11 @@ impl<I: Issuer> Rotator<I> {
             bundle_version,
             all_attempted,
             identities,
+            warnings: self
+                .hooks_stripped
+                .iter()
+                .map(|id| hook::stripped_warning(id))
+                .collect(),
         });
         self.reports.send_if_modified(|current| {
             if *current == next {
@@ -1735,6 +1761,8 @@ mod tests {
             sync_interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             entries: Vec::new(),
+            hooks: Vec::new(),
+            clock_skew: crate::config::DEFAULT_CLOCK_SKEW,
         }
     }
 

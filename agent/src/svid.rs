@@ -48,6 +48,16 @@ pub enum SvidError {
     /// The private key does not belong to the leaf.
     #[error("the private key does not match the certificate")]
     KeyMismatch,
+    /// The leaf's notBefore is further ahead of this node's clock than the tolerated skew.
+    #[error(
+        "the SVID becomes valid {ahead:?} after this node's clock, more than the tolerated clockSkew of {skew:?}: check the clocks of this node and of the CA holder"
+    )]
+    AheadOfClock {
+        /// How far ahead.
+        ahead: Duration,
+        /// The tolerance (`clockSkew`).
+        skew: Duration,
+    },
     /// The key could not be read.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -135,6 +145,28 @@ pub fn check(
         return Err(SvidError::KeyMismatch);
     }
     Ok(info)
+}
+
+/// [`check`], tolerating a leaf whose notBefore is at most `skew` ahead of `now` (this node's
+/// clock behind the holder's): such a chain is verified at its notBefore. A notBefore further
+/// ahead is [`SvidError::AheadOfClock`].
+pub fn check_with_skew(
+    chain: &[Vec<u8>],
+    key: &PrivateKey,
+    roots: &[Vec<u8>],
+    expected: &SpiffeId,
+    now: SystemTime,
+    skew: Duration,
+) -> Result<LeafInfo, SvidError> {
+    let leaf = chain.first().ok_or(SvidError::Empty)?;
+    let not_before = leaf_info(leaf)?.not_before;
+    let at = match not_before.duration_since(now) {
+        Ok(ahead) if ahead.is_zero() => now,
+        Ok(ahead) if ahead <= skew => not_before,
+        Ok(ahead) => return Err(SvidError::AheadOfClock { ahead, skew }),
+        Err(_) => now,
+    };
+    check(chain, key, roots, expected, at)
 }
 
 /// Verifies that `chain` (leaf first) chains to one of `roots` at `now`.
