@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub workload_socket: Option<PathBuf>,
     /// The Workload API socket's mode, octal (`"0666"`).
     pub workload_socket_mode: Option<ModeText>,
+    /// Workload API connections one uid may hold at once (256).
+    pub workload_connections_per_uid: Option<usize>,
     /// The admin socket.
     pub admin_socket: Option<PathBuf>,
     /// Plaintext Prometheus listener (`GET /metrics`), `address:port`; off when absent.
@@ -262,6 +264,8 @@ pub struct Config {
     pub workload_socket: PathBuf,
     /// Its mode.
     pub workload_socket_mode: u32,
+    /// Workload API connections one uid may hold at once.
+    pub workload_connections_per_uid: usize,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// Key algorithm.
@@ -479,6 +483,12 @@ pub fn resolve_with_listeners(
         .enumerate()
         .filter_map(|(n, h)| hook_rule(n, h, &mut problems))
         .collect();
+    let workload_connections_per_uid = file
+        .workload_connections_per_uid
+        .unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
+    if workload_connections_per_uid == 0 {
+        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
+    }
     let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
     if clock_skew > Duration::from_secs(3600) {
         problems.push("clockSkew must be at most 1h".to_owned());
@@ -510,6 +520,7 @@ pub fn resolve_with_listeners(
             .or(file.workload_socket)
             .unwrap_or_else(|| DEFAULT_WORKLOAD_SOCKET.into()),
         workload_socket_mode,
+        workload_connections_per_uid,
         admin_socket: o
             .admin_socket
             .clone()

@@ -141,6 +141,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let workload_config = WorkloadConfig {
         socket: config.workload_socket.clone(),
         mode: config.workload_socket_mode,
+        max_connections_per_uid: config.workload_connections_per_uid,
         ..Default::default()
     };
     let workload_listener =

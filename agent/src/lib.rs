@@ -26,6 +26,7 @@
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
 //!   freed pages returned after bursts).
+//! - [`restart`]: the restart in place at start (allocator tunables, join token out of argv).
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
@@ -49,6 +50,7 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod report;
+pub mod restart;
 pub mod rotation;
 pub mod rotator;
 pub mod svid;

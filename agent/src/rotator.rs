@@ -1751,6 +1751,7 @@ mod tests {
             volume_dir: dir.join("svids"),
             workload_socket: dir.join("workload.sock"),
             workload_socket_mode: 0o666,
+            workload_connections_per_uid: 256,
             admin_socket: dir.join("admin.sock"),
             key_algorithm: KeyAlgorithm::EcdsaP256,
             rotation: Rotation {
