@@ -131,7 +131,10 @@ pub async fn serve_with_metrics(
         let allowed = peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid);
         let pool = if allowed { &slots } else { &refusals };
         let Ok(slot) = pool.clone().try_acquire_owned() else {
-            tracing::debug!(allowed, "admin connection cap reached, closing a new connection");
+            tracing::debug!(
+                allowed,
+                "admin connection cap reached, closing a new connection"
+            );
             continue;
         };
         let timeout = if allowed {

@@ -92,8 +92,14 @@ mod tests {
     #[test]
     fn the_join_token_leaves_the_arguments_in_both_spellings() {
         for (args, token) in [
-            (&["agent", "run", "--join-token", "-abc", "--config", "c"][..], Some("-abc")),
-            (&["agent", "run", "--join-token=s3cr3t", "--config", "c"][..], Some("s3cr3t")),
+            (
+                &["agent", "run", "--join-token", "-abc", "--config", "c"][..],
+                Some("-abc"),
+            ),
+            (
+                &["agent", "run", "--join-token=s3cr3t", "--config", "c"][..],
+                Some("s3cr3t"),
+            ),
             (&["agent", "run", "--config", "c"][..], None),
         ] {
             let (kept, found) = without_join_token(os(args));

@@ -317,6 +317,33 @@ mod tests {
     use crate::keys::KeyAlgorithm;
 
     #[test]
+    fn a_not_before_slightly_ahead_of_the_clock_is_tolerated() {
+        let ca = TestCa::new();
+        let id = SpiffeId::new("spiffe://mesh-a.test/web").expect("id");
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let now = SystemTime::now();
+        // The holder's clock is 30 s ahead of this node's.
+        let chain = ca.sign(
+            &csr::build(&key, Some(&id)).expect("csr"),
+            &id,
+            now + Duration::from_secs(30),
+            Duration::from_secs(3600),
+        );
+        let roots = vec![ca.root.clone()];
+        assert!(
+            check(&chain, &key, &roots, &id, now).is_err(),
+            "not valid yet"
+        );
+        let skew = Duration::from_secs(60);
+        check_with_skew(&chain, &key, &roots, &id, now, skew).expect("within the skew");
+        let tight = check_with_skew(&chain, &key, &roots, &id, now, Duration::from_secs(10));
+        assert!(
+            matches!(tight, Err(SvidError::AheadOfClock { .. })),
+            "{tight:?}"
+        );
+    }
+
+    #[test]
     fn checks_refuse_what_a_user_would_refuse() {
         let ca = TestCa::new();
         let other_ca = TestCa::new();

@@ -303,13 +303,21 @@ pub struct Caps {
 
 /// Takes the slots of a new connection: its uid's (checked first, so that a uid at its cap
 /// takes nothing from the others) and one under the global cap.
-fn take_slots(stream: &UnixStream, global: &Arc<Semaphore>, per_uid: &Arc<UidSlots>) -> Option<Slot> {
+fn take_slots(
+    stream: &UnixStream,
+    global: &Arc<Semaphore>,
+    per_uid: &Arc<UidSlots>,
+) -> Option<Slot> {
     let uid = stream.peer_cred().ok().map(|c| c.uid());
     let uid_slot = match uid {
         Some(uid) => match per_uid.try_take(uid) {
             Some(slot) => Some(slot),
             None => {
-                tracing::debug!(uid, max = per_uid.max, "this uid holds its maximum of workload connections; closing a new one");
+                tracing::debug!(
+                    uid,
+                    max = per_uid.max,
+                    "this uid holds its maximum of workload connections; closing a new one"
+                );
                 return None;
             }
         },
@@ -450,7 +458,10 @@ mod tests {
         assert!(slots.try_take(1000).is_none(), "over the cap");
         let _other = slots.try_take(1001).expect("another uid");
         drop(first);
-        assert!(slots.try_take(1000).is_some(), "a freed slot is usable again");
+        assert!(
+            slots.try_take(1000).is_some(),
+            "a freed slot is usable again"
+        );
     }
 
     #[test]
