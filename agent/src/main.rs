@@ -150,7 +150,11 @@ const EXIT_CONFIG: u8 = 78;
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // The builder's own level (INFO unless told) would drop what `RUST_LOG` asks for below it:
+    // the `Targets` filter alone decides.
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(std::io::stderr);
     let filter = log_filter(tracing::level_filters::LevelFilter::INFO);
     match format {
         // Colours only for a person at a terminal, never into a file or the journal.

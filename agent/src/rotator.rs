@@ -971,6 +971,7 @@ impl<I: Issuer> Rotator<I> {
     /// Restores every folder whose files differ from memory (deleted, changed, replaced).
     fn check_volume(&mut self) {
         let restored = self.restore_volume();
+        tracing::debug!(restored, "volume checked");
         if restored > 0 {
             tracing::warn!(
                 restored,
