@@ -57,6 +57,19 @@ pub enum HookError {
         /// The file.
         path: PathBuf,
     },
+    /// The pid file belongs to a user who does not run that process: whoever can write the
+    /// file must not be able to have the agent signal any process of the node.
+    #[error(
+        "the pid file {path} belongs to uid {owner}, but process {pid} does not run as that user: not signalled"
+    )]
+    ForeignPid {
+        /// The file.
+        path: PathBuf,
+        /// The file's owner.
+        owner: u32,
+        /// The process it names.
+        pid: i32,
+    },
     /// Reading the pid file did not finish in time (a hung filesystem?).
     #[error("reading the pid file {path} did not finish within {timeout:?}")]
     PidFileTimeout {
@@ -128,7 +141,14 @@ pub fn stripped_warning(entry_id: &str) -> String {
 /// Runs `hook` once: the signal first (if a pid file is set), then the command (if any).
 pub async fn run(hook: &Hook, entry_dir: &Path) -> Result<(), HookError> {
     if let Some(path) = &hook.pid_file {
-        let pid = read_pid_file(path).await?;
+        let (pid, owner) = read_pid_file(path).await?;
+        if owner != 0 && !process_runs_as(pid, owner) {
+            return Err(HookError::ForeignPid {
+                path: path.clone(),
+                owner,
+                pid,
+            });
+        }
         let signal = sys::parse_signal(hook.signal.as_deref().unwrap_or("SIGHUP"))?;
         sys::kill(pid, signal)?;
     }
@@ -196,8 +216,24 @@ fn resolve(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Reads the pid in `path` on a thread of its own, waiting at most [`PID_FILE_TIMEOUT`].
-async fn read_pid_file(path: &Path) -> Result<i32, HookError> {
+/// Whether process `pid` runs as `uid` (real or effective), as `/proc/<pid>/status` says.
+fn process_runs_as(pid: i32, uid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            let ids: Vec<u32> = line
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(ids.iter().take(2).any(|id| *id == uid))
+        })
+        .unwrap_or(false)
+}
+
+/// Reads the pid in `path` and the file's owner on a thread of its own, waiting at most
+/// [`PID_FILE_TIMEOUT`].
+async fn read_pid_file(path: &Path) -> Result<(i32, u32), HookError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let owned = path.to_owned();
     std::thread::Builder::new()
@@ -224,7 +260,7 @@ async fn read_pid_file(path: &Path) -> Result<i32, HookError> {
 
 /// Opens `path` without following a final symlink and without blocking (a FIFO), takes only a
 /// regular file, and reads at most [`PID_FILE_MAX`] bytes of it.
-fn read_pid_file_now(path: &Path) -> Result<i32, HookError> {
+fn read_pid_file_now(path: &Path) -> Result<(i32, u32), HookError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
@@ -236,14 +272,21 @@ fn read_pid_file_now(path: &Path) -> Result<i32, HookError> {
     let bad = || HookError::BadPid {
         path: path.to_owned(),
     };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
+    let meta = file.metadata().map_err(|_| bad())?;
+    if !meta.is_file() {
         return Err(bad());
     }
     let mut text = String::new();
     file.take(PID_FILE_MAX)
         .read_to_string(&mut text)
         .map_err(|_| bad())?;
-    text.trim().parse().ok().filter(|p| *p > 0).ok_or_else(bad)
+    let pid = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
+    Ok((pid, std::os::unix::fs::MetadataExt::uid(&meta)))
 }
 
 #[cfg(test)]
@@ -431,5 +474,23 @@ mod tests {
             run(&h, dir.path()).await,
             Err(HookError::BadPid { .. })
         ));
+
+        // A pid file another user can write names a process of ours: not signalled.
+        if nix::unistd::geteuid().is_root() {
+            let mut ours = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn");
+            std::fs::write(&pid_file, format!("{}\n", ours.id())).expect("write");
+            sys::lchown(&pid_file, 4242, 4242).expect("chown");
+            let refused = run(&h, dir.path()).await;
+            assert!(
+                matches!(refused, Err(HookError::ForeignPid { owner: 4242, .. })),
+                "{refused:?}"
+            );
+            assert!(ours.try_wait().expect("wait").is_none(), "not signalled");
+            let _ = ours.kill();
+            let _ = ours.wait();
+        }
     }
 }
