@@ -419,7 +419,10 @@ impl Layout {
 
     /// How `dir` differs from `r`, if it does.
     fn differs(&self, dir: &str, r: &Rendered) -> Option<String> {
-        let root = self.open_root().ok()?;
+        let root = match self.open_root() {
+            Ok(root) => root,
+            Err(e) => return Some(e.to_string()),
+        };
         let entry = match self.open_entry(&root, dir, false) {
             Ok(entry) => entry,
             Err(e) => return Some(e.to_string()),
@@ -818,7 +821,7 @@ mod tests {
     #[test]
     fn tampering_is_detected_and_removal_works() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let volume = Volume::new(tmp.path());
+        let volume = Volume::new(tmp.path().join("svids"));
         let f = Fixture::new();
         let (chain, key) = f.issue();
         let bundle = vec![f.ca.root.clone()];
@@ -839,7 +842,13 @@ mod tests {
             fs::remove_file(data.join(name)).expect("rm");
             plant(&data.join(name));
         }
-        let tampers: [(&str, Tamper); 8] = [
+        let tampers: [(&str, Tamper); 9] = [
+            ("delete the whole volume", |e| {
+                let root = e.parent().expect("volume");
+                let above = Folder::open(root.parent().expect("above")).expect("open");
+                let name = root.file_name().expect("name").to_str().expect("utf-8");
+                above.remove_tree(name).expect("rm")
+            }),
             ("make the key readable by all", |e| {
                 fs::set_permissions(e.join(KEY_FILE), fs::Permissions::from_mode(0o644))
                     .expect("chmod")

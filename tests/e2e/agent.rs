@@ -496,6 +496,8 @@ fn tampered_and_deleted_files_are_restored() {
     let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
     let web = agent.volume_dir().join("web");
     let original = wait_pair(&agent, &web, "issued", |_| true).expect("issued");
+    // `..data` is swapped before the visible names are made: svid.pem comes last.
+    agent.wait_for_file(&web.join("svid.pem")).expect("visible");
 
     std::fs::remove_file(web.join("svid.pem")).expect("delete the link");
     agent
