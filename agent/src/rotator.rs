@@ -1879,6 +1879,54 @@ mod tests {
         run.task.await.expect("stopped");
     }
 
+    /// A new owner gets a new key at once; a hook in the holder's entry is stripped and shown
+    /// in the status, never run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_owner_gets_a_new_key_and_a_holder_hook_is_stripped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        let first = run.cache.status().identities[0].serial.clone();
+        assert!(run.cache.status().warnings.is_empty());
+        let volume = Volume::new(&config.volume_dir);
+        let first_key = volume.load("web").expect("load").expect("installed").key;
+
+        let planted = tmp.path().join("planted");
+        let (uid, gid) = crate::sys::current_owner();
+        fake.with(|s| {
+            let web = &mut s.entries[0];
+            web.owner = Some(meshcert_protocol::Owner { uid, gid });
+            web.hook = Some(meshcert_protocol::Hook {
+                pid_file: None,
+                signal: None,
+                command: vec!["touch".into(), planted.display().to_string()],
+                timeout: None,
+            });
+        });
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "a new key for the new owner", |s| {
+            s.identities.len() == 1
+                && s.identities[0].state == CertState::Issued
+                && s.identities[0].serial != first
+        })
+        .await;
+        let status = run.cache.status();
+        assert_eq!(status.warnings.len(), 1, "{:?}", status.warnings);
+        assert!(status.warnings[0].contains("web"), "{:?}", status.warnings);
+        let disk = volume.load("web").expect("load").expect("installed");
+        assert_ne!(
+            disk.key.pkcs8_der(),
+            first_key.pkcs8_der(),
+            "the key on disk is a new one"
+        );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+        assert!(!planted.exists(), "the holder's hook ran");
+    }
+
     /// A sync or signing task that panics is a failed call, retried with backoff: nothing stays
     /// in flight (before, its entries were never asked for again).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
