@@ -1054,7 +1054,7 @@ impl<I: Issuer> Rotator<I> {
             tracing::error!(
                 node = %self.config.node_name,
                 mesh = %self.config.mesh,
-                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with --join-token)"
+                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with it in --join-token-file or MESHCERT_JOIN_TOKEN)"
             );
         }
         if !self.node_renewing && self.node_schedule.is_due(now) {
