@@ -118,7 +118,13 @@ impl Drop for CallGuard {
 pub struct UidSlots {
     max: usize,
     held: Mutex<HashMap<u32, usize>>,
+    /// When a refusal was last logged as a warning (at most one a minute: a refused client
+    /// that retries must not flood the log).
+    warned: Mutex<Option<Instant>>,
 }
+
+/// How often a refusal over the per-uid cap is logged as a warning.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl UidSlots {
     /// At most `max` connections per uid.
@@ -126,6 +132,7 @@ impl UidSlots {
         Arc::new(Self {
             max: max.max(1),
             held: Mutex::new(HashMap::new()),
+            warned: Mutex::new(None),
         })
     }
 
@@ -133,6 +140,29 @@ impl UidSlots {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Logs a refusal of `uid`: a warning at most once per [`WARN_EVERY`], else at debug.
+    fn refused(&self, uid: u32) {
+        let now = Instant::now();
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if warned.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY) {
+            *warned = Some(now);
+            tracing::warn!(
+                uid,
+                max = self.max,
+                "a uid holds its maximum of Workload API connections: its new connections are closed (workloadConnectionsPerUid)"
+            );
+        } else {
+            tracing::debug!(
+                uid,
+                max = self.max,
+                "this uid holds its maximum of workload connections; closing a new one"
+            );
+        }
     }
 
     /// A slot for `uid`, unless it holds its maximum already.
@@ -313,11 +343,7 @@ fn take_slots(
         Some(uid) => match per_uid.try_take(uid) {
             Some(slot) => Some(slot),
             None => {
-                tracing::debug!(
-                    uid,
-                    max = per_uid.max,
-                    "this uid holds its maximum of workload connections; closing a new one"
-                );
+                per_uid.refused(uid);
                 return None;
             }
         },
