@@ -18,6 +18,9 @@
 //! agent later reads, removes or chmods; a pre-existing folder owned by another user is
 //! refused. Every operation goes through [`crate::folder`]: relative to an open folder, never
 //! through a symlink, reading only regular files of a bounded size.
+//!
+//! One file on purpose: the layout, the install that writes it, the check that compares a
+//! folder with it and the load that adopts it must change together.
 
 use std::collections::BTreeMap;
 use std::fs;
