@@ -39,6 +39,10 @@ pub const MODE: u32 = 0o600;
 const MAX_CONNECTIONS: usize = 32;
 /// How long one admin connection may take in all (slow clients are cut off).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections of other users (answered 403) served at once, in a pool of their own.
+const MAX_REFUSALS: usize = 4;
+/// How long a refused connection may take.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +108,7 @@ pub async fn serve_with_metrics(
 ) -> Result<(), AdminError> {
     let own_uid = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -120,15 +125,24 @@ pub async fn serve_with_metrics(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin connection cap reached, closing a new connection");
-            continue;
-        };
+        // The caller is checked before it takes a slot: other users get their 403 from a small
+        // pool of their own, so they cannot hold the slots of root and the agent's user.
         let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
         let allowed = peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid);
-        if !allowed {
+        let pool = if allowed { &slots } else { &refusals };
+        let Ok(slot) = pool.clone().try_acquire_owned() else {
+            tracing::debug!(
+                allowed,
+                "admin connection cap reached, closing a new connection"
+            );
+            continue;
+        };
+        let timeout = if allowed {
+            CONNECTION_TIMEOUT
+        } else {
             tracing::info!(uid = ?peer_uid, "admin socket: caller is neither root nor the agent's user");
-        }
+            REFUSAL_TIMEOUT
+        };
         let cache = cache.clone();
         let metrics = metrics.clone();
         connections.spawn(async move {
@@ -149,7 +163,7 @@ pub async fn serve_with_metrics(
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+            match tokio::time::timeout(timeout, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::debug!(%error, "admin connection failed"),
                 Err(_) => tracing::debug!("admin connection timed out"),
@@ -356,6 +370,8 @@ struct StatusView {
     bundle_version: u64,
     metrics_address: Option<String>,
     identities: Vec<IdentityReport>,
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 /// The table a person reads at a glance: node, CA, then one line per identity.
@@ -388,7 +404,11 @@ fn render(view: &StatusView, now: SystemTime) -> String {
         Some(address) => format!("http://{address}/metrics (and GET /metrics on the admin socket)"),
         None => "GET /metrics on the admin socket".to_owned(),
     };
-    out.push_str(&format!("Metrics:    {metrics}\n\n"));
+    out.push_str(&format!("Metrics:    {metrics}\n"));
+    for warning in &view.warnings {
+        out.push_str(&format!("Warning:    {warning}\n"));
+    }
+    out.push('\n');
     if view.identities.is_empty() {
         out.push_str("No identities assigned to this node.\n");
         return out;

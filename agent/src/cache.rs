@@ -152,6 +152,10 @@ pub struct AgentStatus {
     pub all_attempted: bool,
     /// Every identity the agent manages, with its state (shared with the upward report).
     pub identities: Arc<[IdentityReport]>,
+    /// What the agent refused or ignored and the operator should know (e.g. a hook in a
+    /// holder entry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl AgentStatus {

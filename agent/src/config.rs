@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshcert_protocol::Entry;
 use meshcert_protocol::entry::valid_dir;
+use meshcert_protocol::{Entry, Hook};
 use serde::Deserialize;
 
 use crate::keys::KeyAlgorithm;
@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub workload_socket: Option<PathBuf>,
     /// The Workload API socket's mode, octal (`"0666"`).
     pub workload_socket_mode: Option<ModeText>,
+    /// Workload API connections one uid may hold at once (256).
+    pub workload_connections_per_uid: Option<usize>,
     /// The admin socket.
     pub admin_socket: Option<PathBuf>,
     /// Plaintext Prometheus listener (`GET /metrics`), `address:port`; off when absent.
@@ -92,7 +94,56 @@ pub struct FileConfig {
     /// Agent-local entries (used only under DISABLED enforcement).
     #[serde(default)]
     pub entries: Vec<Entry>,
+    /// What runs after an entry rotates, by entry id or folder (hooks are node configuration:
+    /// the holder's entries never carry one).
+    #[serde(default)]
+    pub hooks: Vec<HookFile>,
+    /// How far ahead of this node's clock an issued SVID's notBefore may be (`60s`).
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub clock_skew: Option<Duration>,
 }
+
+/// One `hooks:` item as written: which entry (`entry:` id or `dir:` folder) and what to do.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HookFile {
+    /// The entry's id.
+    pub entry: Option<String>,
+    /// The entry's folder in the volume.
+    pub dir: Option<String>,
+    /// Signal the process whose pid is in this file (absolute path).
+    pub pid_file: Option<PathBuf>,
+    /// The signal (`SIGHUP` by default).
+    pub signal: Option<String>,
+    /// A command to run: program and arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// How long the command may run before its process group is killed (10 s).
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub timeout: Option<Duration>,
+}
+
+/// A validated `hooks:` item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookRule {
+    /// The entry id it applies to.
+    pub entry: Option<String>,
+    /// The folder it applies to.
+    pub dir: Option<String>,
+    /// What runs.
+    pub hook: Hook,
+}
+
+impl HookRule {
+    /// Whether this rule names `entry` (by id or by folder).
+    pub fn applies_to(&self, entry: &Entry) -> bool {
+        self.entry.as_deref() == Some(entry.id.as_str())
+            || self.dir.as_deref() == Some(entry.dir.as_str())
+    }
+}
+
+/// The default of `clockSkew`.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// A file mode written as text (`"0640"`) or as a YAML number (`0640`, read as octal digits).
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +264,8 @@ pub struct Config {
     pub workload_socket: PathBuf,
     /// Its mode.
     pub workload_socket_mode: u32,
+    /// Workload API connections one uid may hold at once.
+    pub workload_connections_per_uid: usize,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// Key algorithm.
@@ -225,6 +278,10 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Agent-local entries.
     pub entries: Vec<Entry>,
+    /// Hooks by entry id or folder.
+    pub hooks: Vec<HookRule>,
+    /// How far ahead of this node's clock an issued SVID's notBefore may be.
+    pub clock_skew: Duration,
 }
 
 /// Reads and validates the config file with `overrides` applied.
@@ -420,6 +477,23 @@ pub fn resolve_with_listeners(
         }
     }
 
+    let hooks = file
+        .hooks
+        .iter()
+        .enumerate()
+        .filter_map(|(n, h)| hook_rule(n, h, &mut problems))
+        .collect();
+    let workload_connections_per_uid = file
+        .workload_connections_per_uid
+        .unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
+    if workload_connections_per_uid == 0 {
+        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
+    }
+    let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
+    if clock_skew > Duration::from_secs(3600) {
+        problems.push("clockSkew must be at most 1h".to_owned());
+    }
+
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
@@ -446,6 +520,7 @@ pub fn resolve_with_listeners(
             .or(file.workload_socket)
             .unwrap_or_else(|| DEFAULT_WORKLOAD_SOCKET.into()),
         workload_socket_mode,
+        workload_connections_per_uid,
         admin_socket: o
             .admin_socket
             .clone()
@@ -456,8 +531,47 @@ pub fn resolve_with_listeners(
         sync_interval,
         heartbeat,
         entries: file.entries,
+        hooks,
+        clock_skew,
     };
     Ok((config, Listeners { metrics_listen }))
+}
+
+/// Checks `hooks[n]`, adding what is wrong to `problems`.
+pub(crate) fn hook_rule(n: usize, h: &HookFile, problems: &mut Vec<String>) -> Option<HookRule> {
+    let before = problems.len();
+    match (&h.entry, &h.dir) {
+        (Some(_), None) | (None, Some(_)) => {}
+        _ => problems.push(format!(
+            "hooks[{n}]: set exactly one of `entry` (an entry id) or `dir` (its folder)"
+        )),
+    }
+    if h.pid_file.is_none() && h.command.is_empty() {
+        problems.push(format!("hooks[{n}]: set `pidFile`, `command` or both"));
+    }
+    if h.pid_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+        problems.push(format!("hooks[{n}]: `pidFile` must be an absolute path"));
+    }
+    if let Some(signal) = &h.signal
+        && let Err(e) = sys::parse_signal(signal)
+    {
+        problems.push(format!("hooks[{n}]: {e}"));
+    }
+    if h.command.first().is_some_and(|p| p.is_empty()) {
+        problems.push(format!(
+            "hooks[{n}]: `command` starts with an empty program"
+        ));
+    }
+    (problems.len() == before).then(|| HookRule {
+        entry: h.entry.clone(),
+        dir: h.dir.clone(),
+        hook: Hook {
+            pid_file: h.pid_file.clone(),
+            signal: h.signal.clone(),
+            command: h.command.clone(),
+            timeout: h.timeout,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     /// The node has no identity and no join token was given.
     #[error(
-        "this node has not joined yet (no node identity in {state_dir}): create a join token on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token, --join-token-file or MESHCERT_JOIN_TOKEN"
+        "this node has not joined yet (no node identity in {state_dir}): create a join token on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token-file or MESHCERT_JOIN_TOKEN"
     )]
     NoToken {
         /// The state folder.
@@ -44,7 +44,7 @@ pub enum DaemonError {
     },
     /// The node SVID expired while the agent was down.
     #[error(
-        "the node SVID in {state_dir} expired at {expired} (the agent was stopped longer than its lifetime) and can no longer be renewed: re-join with a new token: create one on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token, --join-token-file or MESHCERT_JOIN_TOKEN"
+        "the node SVID in {state_dir} expired at {expired} (the agent was stopped longer than its lifetime) and can no longer be renewed: re-join with a new token: create one on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token-file or MESHCERT_JOIN_TOKEN"
     )]
     NodeExpired {
         /// The state folder.
@@ -141,6 +141,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let workload_config = WorkloadConfig {
         socket: config.workload_socket.clone(),
         mode: config.workload_socket_mode,
+        max_connections_per_uid: config.workload_connections_per_uid,
         ..Default::default()
     };
     let workload_listener =

@@ -16,6 +16,8 @@
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
+//! - [`folder`]: file operations relative to an open folder, never through a symlink.
+//! - [`worker`]: the thread that runs the volume's file operations, with a timeout.
 //! - [`changes`]: the volume's watcher, and which entry folders someone else changed (its
 //!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
@@ -24,6 +26,7 @@
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
 //!   freed pages returned after bursts).
+//! - [`restart`]: the restart in place at start (allocator tunables, join token out of argv).
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
@@ -39,6 +42,7 @@ pub mod changes;
 pub mod config;
 pub mod csr;
 pub mod daemon;
+pub mod folder;
 pub mod heap;
 pub mod hook;
 pub mod issuer;
@@ -46,10 +50,12 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod report;
+pub mod restart;
 pub mod rotation;
 pub mod rotator;
 pub mod svid;
 pub mod sys;
 pub mod systemd;
 pub mod volume;
+pub mod worker;
 pub mod workload;

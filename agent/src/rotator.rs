@@ -300,6 +300,8 @@ pub struct Rotator<I: Issuer> {
     volume_changed: Arc<crate::changes::Changes>,
     heap: Trimmer,
     intermediates: Intermediates,
+    /// Holder entries whose hook was stripped (shown in the status).
+    hooks_stripped: Vec<String>,
 }
 
 /// Whether a sync answer equals the last one (`b`, whose entries are `b_entries`), field by
@@ -392,6 +394,7 @@ impl<I: Issuer> Rotator<I> {
             volume_changed,
             heap: Trimmer::new(HEAP_TRIM_EVERY),
             intermediates: Intermediates::default(),
+            hooks_stripped: Vec::new(),
         };
         let seed = std::mem::take(&mut rotator.last_sync.entries);
         rotator.apply_sync(
@@ -573,6 +576,16 @@ impl<I: Issuer> Rotator<I> {
     /// valid SVIDs already on disk. New bundles are written into every folder at once, and an
     /// SVID that no longer verifies against them is issued again.
     fn apply_sync(&mut self, mut response: SyncResponse, now: SystemTime) {
+        let stripped = hook::strip_from_holder(&mut response.entries);
+        if stripped != self.hooks_stripped {
+            for id in stripped
+                .iter()
+                .filter(|id| !self.hooks_stripped.contains(id))
+            {
+                tracing::warn!(entry_id = %id, "the holder's entry carries a hook: ignored (hooks are node configuration, set in the agent's config)");
+            }
+            self.hooks_stripped = stripped;
+        }
         // An entry equal to the one already managed keeps that one's allocation.
         let entries = std::mem::take(&mut response.entries)
             .into_iter()
@@ -674,6 +687,11 @@ impl<I: Issuer> Rotator<I> {
                     }
                     if old.dir != entry.dir {
                         let _ = self.volume.remove(&old.dir);
+                    }
+                    if old.owner != entry.owner {
+                        // The old owner could read the key: the new one gets a fresh key now.
+                        tracing::info!(entry_id = %entry.id, "entry's owner changed; issuing an SVID with a new key");
+                        m.schedule = Schedule::now(now);
                     }
                     if let Some(current) = m.current.clone() {
                         // Selectors, folder, owner or bundles changed: the same SVID is served
@@ -790,7 +808,8 @@ impl<I: Issuer> Rotator<I> {
                 return;
             }
         };
-        match svid::check(&chain, &key, &roots, &m.entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        match svid::check_with_skew(&chain, &key, &roots, &m.entry.spiffe_id, now, skew) {
             Ok(info) => {
                 tracing::info!(entry_id = %m.entry.id, serial = %info.serial, "serving the SVID found on disk");
                 m.schedule = Schedule::for_certificate(
@@ -952,6 +971,7 @@ impl<I: Issuer> Rotator<I> {
     /// Restores every folder whose files differ from memory (deleted, changed, replaced).
     fn check_volume(&mut self) {
         let restored = self.restore_volume();
+        tracing::debug!(restored, "volume checked");
         if restored > 0 {
             tracing::warn!(
                 restored,
@@ -1034,7 +1054,7 @@ impl<I: Issuer> Rotator<I> {
             tracing::error!(
                 node = %self.config.node_name,
                 mesh = %self.config.mesh,
-                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with --join-token)"
+                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with it in --join-token-file or MESHCERT_JOIN_TOKEN)"
             );
         }
         if !self.node_renewing && self.node_schedule.is_due(now) {
@@ -1170,8 +1190,10 @@ impl<I: Issuer> Rotator<I> {
             return;
         }
         let entry = m.entry.clone();
+        let local = m.local;
         let roots = self.roots_for(&entry);
-        let info = match svid::check(&chain, &key, &roots, &entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        let info = match svid::check_with_skew(&chain, &key, &roots, &entry.spiffe_id, now, skew) {
             Ok(info) => info,
             Err(e) => {
                 self.failed(
@@ -1222,7 +1244,7 @@ impl<I: Issuer> Rotator<I> {
         m.last_error = None;
         m.attempted = true;
         m.in_flight = None;
-        if let Some(h) = entry.hook.clone() {
+        if let Some(h) = hook::for_entry(&self.config.hooks, &entry, local).cloned() {
             let dir: PathBuf = self.volume.entry_path(&entry.dir);
             let tx = self.events_tx.clone();
             let entry_id = entry_id.to_owned();
@@ -1429,6 +1451,11 @@ impl<I: Issuer> Rotator<I> {
             bundle_version,
             all_attempted,
             identities,
+            warnings: self
+                .hooks_stripped
+                .iter()
+                .map(|id| hook::stripped_warning(id))
+                .collect(),
         });
         self.reports.send_if_modified(|current| {
             if *current == next {
@@ -1725,6 +1752,7 @@ mod tests {
             volume_dir: dir.join("svids"),
             workload_socket: dir.join("workload.sock"),
             workload_socket_mode: 0o666,
+            workload_connections_per_uid: 256,
             admin_socket: dir.join("admin.sock"),
             key_algorithm: KeyAlgorithm::EcdsaP256,
             rotation: Rotation {
@@ -1735,6 +1763,8 @@ mod tests {
             sync_interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
             entries: Vec::new(),
+            hooks: Vec::new(),
+            clock_skew: crate::config::DEFAULT_CLOCK_SKEW,
         }
     }
 
@@ -1847,6 +1877,54 @@ mod tests {
         assert_eq!(fake.with(|s| s.signed), signed, "nothing re-issued");
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
+    }
+
+    /// A new owner gets a new key at once; a hook in the holder's entry is stripped and shown
+    /// in the status, never run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_owner_gets_a_new_key_and_a_holder_hook_is_stripped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        let first = run.cache.status().identities[0].serial.clone();
+        assert!(run.cache.status().warnings.is_empty());
+        let volume = Volume::new(&config.volume_dir);
+        let first_key = volume.load("web").expect("load").expect("installed").key;
+
+        let planted = tmp.path().join("planted");
+        let (uid, gid) = crate::sys::current_owner();
+        fake.with(|s| {
+            let web = &mut s.entries[0];
+            web.owner = Some(meshcert_protocol::Owner { uid, gid });
+            web.hook = Some(meshcert_protocol::Hook {
+                pid_file: None,
+                signal: None,
+                command: vec!["touch".into(), planted.display().to_string()],
+                timeout: None,
+            });
+        });
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "a new key for the new owner", |s| {
+            s.identities.len() == 1
+                && s.identities[0].state == CertState::Issued
+                && s.identities[0].serial != first
+        })
+        .await;
+        let status = run.cache.status();
+        assert_eq!(status.warnings.len(), 1, "{:?}", status.warnings);
+        assert!(status.warnings[0].contains("web"), "{:?}", status.warnings);
+        let disk = volume.load("web").expect("load").expect("installed");
+        assert_ne!(
+            disk.key.pkcs8_der(),
+            first_key.pkcs8_der(),
+            "the key on disk is a new one"
+        );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+        assert!(!planted.exists(), "the holder's hook ran");
     }
 
     /// A sync or signing task that panics is a failed call, retried with backoff: nothing stays

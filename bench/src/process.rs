@@ -386,11 +386,10 @@ impl AgentProc {
             .arg("json")
             .arg("--config")
             .arg(root.join("agent.yaml"))
-            .arg("--join-token")
-            .arg(&token)
             .env("RUST_LOG", log_level)
             .env_remove("NOTIFY_SOCKET")
-            .env_remove("MESHCERT_JOIN_TOKEN")
+            // In the environment: a command line is readable by every local user.
+            .env("MESHCERT_JOIN_TOKEN", &token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -223,6 +223,57 @@ async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
     Ok(())
 }
 
+/// One uid holding its maximum of connections (here 8, under a global cap of 1024) gets no
+/// more, and another uid's fetch is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_holding_its_maximum_of_connections_does_not_stop_another_uids_fetch() -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let pki = TestPki::new("example.org")?;
+    let nobody = pki.svid(
+        "spiffe://example.org/nobody",
+        &[Selector::Uid(OTHER_UID)],
+        "",
+    )?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&nobody]));
+    let config = WorkloadConfig {
+        max_connections_per_uid: 8,
+        ..WorkloadConfig::default()
+    };
+    let server = Server::start(&cache, config).await?;
+
+    // We hold all our uid may: idle connections, kept open (no idle timeout within the test).
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::UnixStream::connect(&server.socket).await?);
+    }
+    // One more of ours is closed at once: end of stream, never a hang.
+    let mut extra = tokio::net::UnixStream::connect(&server.socket).await?;
+    let mut byte = [0_u8; 1];
+    let n = tokio::time::timeout(PATIENCE, extra.read(&mut byte))
+        .await
+        .context("the connection over the cap was not closed")?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a connection over the uid's cap is closed");
+
+    let endpoint = server.endpoint();
+    let out = tokio::time::timeout(PATIENCE, probe_as_other_user(&["svids", &endpoint]))
+        .await
+        .context("the other uid's fetch hung")??;
+    assert_eq!(out.trim(), "svid spiffe://example.org/nobody");
+
+    // Our held connections stay open (the server's HTTP/2 greeting, or nothing yet; not an
+    // end of stream).
+    let open = match held[0].try_read(&mut byte) {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    };
+    assert!(open, "a held connection stays open");
+    drop(held);
+    server.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_streams_stay_served_while_another_workload_churns_connections() -> Result<()> {
     let pki = TestPki::new("example.org")?;

@@ -11,7 +11,7 @@
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
-//! - [`limits`]: connection cap, idle timeout, per-uid rate limit.
+//! - [`limits`]: connection caps (in all and per uid), idle timeout, per-uid rate limit.
 //! - [`socket`]: socket files (stale socket replacement, modes), shared with the admin socket.
 
 use std::future::Future;
@@ -51,6 +51,9 @@ pub mod proto {
     }
 }
 
+/// Connections one uid may hold at once unless configured (`workloadConnectionsPerUid`).
+pub const DEFAULT_CONNECTIONS_PER_UID: usize = 256;
+
 /// How long open connections get to close once the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -85,6 +88,9 @@ pub struct WorkloadConfig {
     /// Connections served at once; a connection over the cap is closed at once (clients see
     /// `Unavailable` and retry).
     pub max_connections: usize,
+    /// Connections one uid may hold at once (below `max_connections`, so that one uid cannot
+    /// keep the others out).
+    pub max_connections_per_uid: usize,
     /// Streams (`FetchX509SVID`, `FetchX509Bundles`) open at once over all connections; over
     /// it a call gets `ResourceExhausted`.
     pub max_streams: usize,
@@ -109,6 +115,7 @@ impl Default for WorkloadConfig {
             socket: PathBuf::from("/run/meshcert/workload.sock"),
             mode: 0o666,
             max_connections: 1024,
+            max_connections_per_uid: DEFAULT_CONNECTIONS_PER_UID,
             max_streams: 4096,
             max_streams_per_connection: 128,
             rate_per_uid: 20.0,
@@ -146,7 +153,10 @@ pub async fn serve(
     );
     let (incoming, acceptor) = limits::incoming(
         listener,
-        config.max_connections,
+        limits::Caps {
+            total: config.max_connections,
+            per_uid: config.max_connections_per_uid,
+        },
         config.idle_timeout,
         stop.clone(),
     );
