@@ -510,3 +510,74 @@ async fn spiffe_client_follows_a_real_agent_through_rotations() -> Result<()> {
     tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
     Ok(())
 }
+
+/// The Python Workload API clients (`tests/python/workload_client.py`): the official `spiffe`
+/// library and plain grpcio, installed by `.ci/run`. Their stdout, or their output as an error.
+async fn python_client(args: &[&str]) -> Result<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workload_client.py");
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the Python client hung")?
+    .context("python3 must be installed (with `pip install spiffe grpcio`, see .ci/run)")?;
+    let stdout = String::from_utf8(output.stdout)?;
+    ensure!(
+        output.status.success(),
+        "python3 {args:?} failed ({}):\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_spiffe_library_fetches_svids_and_bundles() -> Result<()> {
+    let pki = TestPki::new("example.org")?;
+    let me = Selector::Uid(own_uid());
+    let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+    let admin_id = pki.svid("spiffe://example.org/admin", &[me], "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web, &admin_id]));
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let socket = server.socket.display().to_string();
+
+    // py-spiffe runs on gRPC C-core, which sends the percent-encoded socket path as :authority.
+    let out = python_client(&["spiffe-x509", &socket]).await?;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "default spiffe://example.org/web 2",
+            "svid spiffe://example.org/web",
+            "svid spiffe://example.org/admin",
+            "bundle example.org 1",
+        ],
+        "{out}"
+    );
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_are_served_whatever_authority_they_send() -> Result<()> {
+    let pki = TestPki::new("example.org")?;
+    let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web]));
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let socket = server.socket.display().to_string();
+
+    // Plain grpcio with the authority it picks itself (the percent-encoded path), then with
+    // the raw socket path as grpc-java sends it.
+    for client in ["grpc-default", "grpc-raw-authority"] {
+        let out = python_client(&[client, &socket]).await?;
+        assert_eq!(out.trim(), "svid spiffe://example.org/web", "{client}");
+    }
+    server.stop().await?;
+    Ok(())
+}

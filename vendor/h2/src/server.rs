@@ -1702,13 +1702,22 @@ impl proto::Peer for Peer {
         // header
         if let Some(authority) = pseudo.authority {
             let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
+            match maybe_authority {
+                Ok(valid) => parts.authority = Some(valid),
+                // meshcert patch (vendor/h2/MESHCERT-PATCH.md): gRPC clients on a Unix
+                // socket send the socket's path as :authority, raw (grpc-java) or
+                // percent-encoded (gRPC C-core). It names nothing to route on, so a value
+                // that is not a URI authority is dropped instead of resetting the stream.
+                // CONNECT, whose target is the authority, still needs a valid one.
+                Err(why) if !is_connect => {
+                    tracing::debug!("ignoring malformed authority ({:?}): {}", authority, why);
+                }
+                Err(why) => malformed!(
                     "malformed headers: malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
