@@ -134,6 +134,8 @@ pub struct HolderSettings {
     pub heartbeat: Duration,
     /// Plaintext Prometheus listener (`GET /metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
+    pub jwt_algorithm: crate::jwt::JwtAlgorithm,
 }
 
 impl HolderSettings {
@@ -283,6 +285,7 @@ struct RawHolder {
     node_svid_ttl: Option<String>,
     heartbeat: Option<String>,
     metrics_listen: Option<String>,
+    jwt_algorithm: Option<String>,
 }
 
 /// Default API listen address.
@@ -643,6 +646,14 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
         node_svid_ttl: duration_field(raw.node_svid_ttl, 86400, "holder.nodeSvidTtl", p),
         heartbeat: duration_field(raw.heartbeat, 30, "holder.heartbeat", p),
         metrics_listen,
+        jwt_algorithm: match raw.jwt_algorithm.as_deref().map(str::parse) {
+            None => crate::jwt::JwtAlgorithm::default(),
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                p.add("holder.jwtAlgorithm", e);
+                crate::jwt::JwtAlgorithm::default()
+            }
+        },
     }
 }
 
