@@ -314,6 +314,11 @@ impl<I: Issuer> TimedIssuer<I> {
     pub fn new(inner: I, metrics: Arc<Metrics>) -> Self {
         Self { inner, metrics }
     }
+
+    /// The wrapped issuer.
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
 }
 
 impl<I: Issuer> Issuer for TimedIssuer<I> {

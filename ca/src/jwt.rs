@@ -397,9 +397,9 @@ fn check_audience(audience: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `POST /v1/jwt/sign`: the node must hold the entry exactly as for an X.509-SVID (assigned
-/// to it, or an agent-local entry its mesh's enforcement allows); the lifetime is clamped to
-/// the entry's TTL and `holder.svidMaxTtl`.
+/// `POST /v1/jwt/sign`: the node must hold the entry exactly as for an X.509-SVID (the
+/// holder's entry with that id, assigned to it; without one, an agent-local entry its mesh's
+/// enforcement allows); the lifetime is clamped to the entry's TTL and `holder.svidMaxTtl`.
 pub fn sign(
     holder: &Holder,
     caller: &Caller,
@@ -408,37 +408,24 @@ pub fn sign(
 ) -> Result<JwtSignResponse, ApiError> {
     check_audience(&req.audience)?;
     let serving = holder.serving();
-    let entry = match &req.local {
-        Some(local) => {
+    let id = &req.entry.id;
+    let stored = serving.entries.get(id).map_err(|e| internal(&e))?;
+    let entry = match stored {
+        Some(entry) if entry.is_assigned_to(&caller.node, &caller.mesh) => entry,
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::NotAssigned,
+                format!("entry `{id}` is not assigned to node `{}`", caller.node),
+            ));
+        }
+        None => {
             let enforcement = serving
                 .config
                 .mesh(&caller.mesh)
                 .map(|m| serving.config.effective_enforcement(m))
                 .unwrap_or(Enforcement::Enabled);
-            check_local_entry(caller, &req.entry_id, local, enforcement)?;
-            local.clone()
-        }
-        None => {
-            let entry = serving
-                .entries
-                .get(&req.entry_id)
-                .map_err(|e| internal(&e))?
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::UnknownEntry,
-                        format!("no entry has the id `{}`", req.entry_id),
-                    )
-                })?;
-            if !entry.is_assigned_to(&caller.node, &caller.mesh) {
-                return Err(ApiError::new(
-                    ErrorCode::NotAssigned,
-                    format!(
-                        "entry `{}` is not assigned to node `{}`",
-                        req.entry_id, caller.node
-                    ),
-                ));
-            }
-            entry
+            check_local_entry(caller, id, &req.entry, enforcement)?;
+            req.entry.clone()
         }
     };
     if !caller.trust_domain.contains(&entry.spiffe_id) {

@@ -26,12 +26,10 @@ pub const DEFAULT_JWT_TTL_SECONDS: u64 = 300;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtSignRequest {
-    /// The entry whose SPIFFE ID the token asserts (a holder entry, or `local`'s id).
-    pub entry_id: String,
-    /// The agent-local entry, when the identity is declared in the agent's own config (decided
-    /// by the mesh's enforcement, as for X.509-SVIDs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local: Option<Entry>,
+    /// The entry whose SPIFFE ID the token asserts, as the agent holds it. The holder's own
+    /// entry with this id wins (it must be assigned to the node); without one, this is an
+    /// agent-local entry, decided by the mesh's enforcement exactly as for X.509-SVIDs.
+    pub entry: Entry,
     /// The token's `aud` claim: at least one, at most [`MAX_AUDIENCES`].
     pub audience: Vec<String>,
     /// The lifetime asked for; the holder clamps it to its policy.
@@ -89,10 +87,7 @@ mod tests {
 
     #[test]
     fn a_sign_request_refuses_unknown_fields() {
-        let json = r#"{"entryId":"web","audience":["a"],"ttlSeconds":300,"extra":1}"#;
+        let json = r#"{"audience":["a"],"ttlSeconds":300,"extra":1}"#;
         assert!(serde_json::from_str::<JwtSignRequest>(json).is_err());
-        let json = r#"{"entryId":"web","audience":["a"],"ttlSeconds":300}"#;
-        let r: JwtSignRequest = serde_json::from_str(json).expect("valid");
-        assert_eq!(r.audience, ["a"]);
     }
 }
