@@ -581,3 +581,100 @@ async fn grpc_clients_are_served_whatever_authority_they_send() -> Result<()> {
     server.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -> Result<()> {
+    use meshcert_agent::workload::proto::{JwtsvidRequest, ValidateJwtsvidRequest};
+    use meshcert_tests::agent::Agent;
+    use meshcert_tests::ca::{CaHolder, EXAMPLE_CONFIG};
+
+    let config = EXAMPLE_CONFIG.replace(
+        "selectors: [\"unix:uid:1000\"]",
+        &format!("selectors: [\"unix:uid:{}\"]", own_uid()),
+    );
+    ensure!(config != EXAMPLE_CONFIG, "the example config changed shape");
+    let (ca, agent) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let ca = CaHolder::start(&config)?;
+        let agent = Agent::start(&ca, "node-1", "mesh-a", "")?;
+        Ok((ca, agent))
+    })
+    .await??;
+    let socket = agent.workload_socket().display().to_string();
+    let endpoint = format!("unix://{socket}");
+    // Wait until the agent serves `web` (X.509 first: a JWT-SVID needs a held identity).
+    tokio::time::timeout(
+        PATIENCE,
+        X509SourceBuilder::new().endpoint(&endpoint).build(),
+    )
+    .await
+    .context("the agent never served web")??
+    .shutdown()
+    .await;
+
+    // py-spiffe fetches a token and the JWKS; PyJWT verifies the token against them; the
+    // agent validates it for its audience and refuses another audience and a tampered one.
+    let out = python_client(&["spiffe-jwt", &socket, "db"]).await?;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "jwt spiffe://mesh-a.test/web ['db']",
+            "jwt-bundle mesh-a.test 1",
+            "verified spiffe://mesh-a.test/web True",
+            "validated spiffe://mesh-a.test/web",
+            "other-audience refused True",
+            "tampered refused True",
+        ],
+        "{out}\nagent log:\n{}",
+        agent.log()
+    );
+
+    // The spec's refusals, seen by a plain gRPC client.
+    let channel =
+        spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&endpoint)?).await?;
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().expect("ascii"));
+        request
+    }
+    let status = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest::default()))
+        .await
+        .err()
+        .context("a request without audience was served")?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "audience must be specified");
+    let status = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: "spiffe://mesh-a.test/not-mine".into(),
+        }))
+        .await
+        .err()
+        .context("an identity the caller does not hold was signed")?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // Two calls, one token: cached per identity and audience set.
+    let request = || {
+        with_header(JwtsvidRequest {
+            audience: vec!["db".into(), "cache".into()],
+            spiffe_id: String::new(),
+        })
+    };
+    let first = raw.fetch_jwtsvid(request()).await?.into_inner();
+    let second = raw.fetch_jwtsvid(request()).await?.into_inner();
+    assert_eq!(first.svids.len(), 1);
+    assert_eq!(first.svids[0].svid, second.svids[0].svid);
+    let status = raw
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: String::new(),
+        }))
+        .await
+        .err()
+        .context("an empty token validated")?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
+    Ok(())
+}

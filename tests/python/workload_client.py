@@ -9,9 +9,14 @@ call is refused:
                              (gRPC C-core sends the percent-encoded socket path)
   grpc-raw-authority SOCKET  plain grpcio sending the raw socket path as :authority, as
                              grpc-java does
+  spiffe-jwt SOCKET AUDIENCE py-spiffe: a JWT-SVID and the JWT bundles; the token verified
+                             here with PyJWT against the bundle, then by the agent
+                             (ValidateJWTSVID) for its audience, another audience and with a
+                             tampered signature
 """
 
 import sys
+import time
 
 import grpc
 
@@ -30,6 +35,29 @@ def spiffe_x509(socket):
             print("svid", svid.spiffe_id)
         for bundle in sorted(client.fetch_x509_bundles().bundles, key=lambda b: str(b.trust_domain)):
             print("bundle", bundle.trust_domain, len(bundle.x509_authorities))
+
+
+def spiffe_jwt(socket, audience):
+    from spiffe import JwtSvid, WorkloadApiClient
+
+    with WorkloadApiClient(socket_path="unix:" + socket, default_timeout=DEADLINE) as client:
+        svid = client.fetch_jwt_svid(audience={audience})
+        print("jwt", svid.spiffe_id, sorted(svid.audience))
+        bundles = client.fetch_jwt_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        print("jwt-bundle", bundle.trust_domain, len(bundle.jwt_authorities))
+        # An independent JOSE implementation (PyJWT, through py-spiffe) checks the signature.
+        verified = JwtSvid.parse_and_validate(svid.token, bundle, {audience})
+        print("verified", verified.spiffe_id, verified.expiry - int(time.time()) <= 300)
+        print("validated", client.validate_jwt_svid(svid.token, audience).spiffe_id)
+        head, payload, signature = svid.token.split(".")
+        tampered = ".".join([head, payload, ("A" if signature[0] != "A" else "B") + signature[1:]])
+        for name, token, aud in [("other-audience", svid.token, "other"), ("tampered", tampered, audience)]:
+            try:
+                client.validate_jwt_svid(token, aud)
+                print(name, "accepted")
+            except Exception as e:  # py-spiffe's ValidateJwtSvidError
+                print(name, "refused", "INVALID_ARGUMENT" in str(e))
 
 
 def raw_fetch(socket, options):
@@ -78,6 +106,8 @@ def main(argv):
             raw_fetch(socket, [])
         elif command == "grpc-raw-authority":
             raw_fetch(socket, [("grpc.default_authority", socket)])
+        elif command == "spiffe-jwt":
+            spiffe_jwt(socket, argv[3])
         else:
             raise SystemExit("unknown command " + command)
     except grpc.RpcError as e:

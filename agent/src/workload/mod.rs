@@ -8,6 +8,7 @@
 //!
 //! - [`proto`]: the messages, server and client generated from `proto/workload.proto`.
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
+//! - [`jwt`]: the JWT-SVID calls (fetch, bundles, validate) and their messages.
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
@@ -16,13 +17,16 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
+use crate::jwt::Tokens;
 
+pub mod jwt;
 pub mod limits;
 pub mod peer;
 pub mod response;
@@ -133,17 +137,32 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkloadError> {
+    serve_with_jwt(listener, config, cache, None, shutdown).await
+}
+
+/// [`serve`], with JWT-SVIDs and JWT bundles from `jwt` (without: the JWT calls answer
+/// `Unimplemented`).
+pub async fn serve_with_jwt(
+    listener: UnixListener,
+    config: WorkloadConfig,
+    cache: Cache,
+    jwt: Option<Arc<Tokens>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkloadError> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let service = service::WorkloadService::new(
+    let mut service = service::WorkloadService::new(
         cache,
         limits::RateLimiter::new(config.rate_per_uid, config.burst_per_uid),
         config.max_streams,
         stop.clone(),
     );
+    if let Some(tokens) = jwt {
+        service = service.with_jwt(tokens);
+    }
     let (incoming, acceptor) = limits::incoming(
         listener,
         config.max_connections,

@@ -19,6 +19,7 @@ use super::proto::{
 };
 use super::{response, selection};
 use crate::cache::{Cache, Snapshot};
+use crate::jwt::Tokens;
 
 /// The metadata every Workload API request carries.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -41,6 +42,8 @@ pub struct WorkloadService {
     streams: Arc<Semaphore>,
     names: Arc<Names>,
     stop: watch::Receiver<bool>,
+    /// JWT-SVIDs and bundles; the JWT calls answer `Unimplemented` without it.
+    jwt: Option<Arc<Tokens>>,
 }
 
 /// An admitted caller: who it is and the open-call mark on its connection.
@@ -64,7 +67,60 @@ impl WorkloadService {
             streams: Arc::new(Semaphore::new(max_streams.max(1))),
             names: Arc::new(Names::new(NAMES_TTL)),
             stop,
+            jwt: None,
         }
+    }
+
+    /// Serves JWT-SVIDs and JWT bundles from `tokens`.
+    pub fn with_jwt(mut self, tokens: Arc<Tokens>) -> Self {
+        self.jwt = Some(tokens);
+        self
+    }
+
+    /// The JWT side, after the security header was checked.
+    fn tokens<T>(&self, request: &Request<T>) -> Result<Arc<Tokens>, Status> {
+        check_header(request)?;
+        self.jwt
+            .clone()
+            .ok_or_else(|| Status::unimplemented("JWT-SVIDs are not served by this agent"))
+    }
+
+    /// `FetchJWTBundles`: the JWKS at once (once the holder gave them), then on every change.
+    fn jwt_bundle_stream(
+        &self,
+        caller: Caller,
+        tokens: &Tokens,
+    ) -> Result<Response<Updates<JwtBundlesResponse>>, Status> {
+        // Bundles go only to callers entitled to an identity, as for X.509 bundles.
+        if selection::svids_for(&self.cache.current(), &caller.peer, SystemTime::now()).is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let slot = self.stream_slot()?;
+        let mut jwks = tokens.subscribe();
+        let (tx, rx) = mpsc::channel(2);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let (_slot, _caller) = (slot, caller);
+            loop {
+                let current = jwks.borrow_and_update().clone();
+                if !current.trust_domains.is_empty() {
+                    let message = super::jwt::bundles_response(&current);
+                    tokio::select! {
+                        sent = tx.send(Ok(message)) => if sent.is_err() { return },
+                        () = stopped(&mut stop) => return,
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    () = stopped(&mut stop) => {
+                        let _ = tx.try_send(Err(Status::unavailable("agent shutting down")));
+                        return;
+                    }
+                    changed = jwks.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     /// The checks every call passes: security header, rate, then the caller's identity.
@@ -252,26 +308,32 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let tokens = self.tokens(&request)?;
+        let caller = self.admit(&request, "FetchJWTSVID").await?;
+        let snapshot = self.cache.current();
+        let now = SystemTime::now();
+        let request = request.into_inner();
+        super::jwt::fetch_svids(&tokens, &snapshot, &caller.peer, request, now)
+            .await
+            .map(Response::new)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT bundles are not served yet"))
+        let tokens = self.tokens(&request)?;
+        let caller = self.admit(&request, "FetchJWTBundles").await?;
+        self.jwt_bundle_stream(caller, &tokens)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not served yet",
-        ))
+        let tokens = self.tokens(&request)?;
+        let _caller = self.admit(&request, "ValidateJWTSVID").await?;
+        super::jwt::validate_svid(&tokens, request.get_ref()).map(Response::new)
     }
 
     async fn fetch_witsvid(

@@ -1,0 +1,166 @@
+//! The JWT half of the Workload API: `FetchJWTSVID` (one token per identity of the caller,
+//! or the one it names), the JWKS messages of `FetchJWTBundles`, and `ValidateJWTSVID`.
+//!
+//! Refusals follow the SPIFFE Workload API: `InvalidArgument` for a missing audience or token
+//! and for a token that does not validate, `PermissionDenied` when the caller holds no
+//! matching identity, `Unavailable` while the holder cannot sign.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use meshcert_protocol::SpiffeId;
+use meshcert_protocol::jwt::JwtBundles;
+use tonic::Status;
+
+use super::peer::PeerInfo;
+use super::proto::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use super::proto::{
+    JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse,
+};
+use super::selection;
+use super::service::NO_IDENTITY;
+use crate::cache::Snapshot;
+use crate::jwt::{Tokens, check_audience, validate};
+
+/// `FetchJWTSVID`: a token for each distinct identity the caller holds (default first), or
+/// for the one it names.
+pub async fn fetch_svids(
+    tokens: &Tokens,
+    snapshot: &Snapshot,
+    peer: &PeerInfo,
+    request: JwtsvidRequest,
+    now: SystemTime,
+) -> Result<JwtsvidResponse, Status> {
+    check_audience(&request.audience).map_err(Status::invalid_argument)?;
+    let wanted = match request.spiffe_id.as_str() {
+        "" => None,
+        text => Some(SpiffeId::new(text).map_err(|e| {
+            Status::invalid_argument(format!("spiffe_id `{text}` is not a SPIFFE ID: {e}"))
+        })?),
+    };
+    let mut chosen: Vec<_> = Vec::new();
+    for svid in selection::svids_for(snapshot, peer, now) {
+        let new = !chosen
+            .iter()
+            .any(|s: &&std::sync::Arc<crate::cache::InstalledSvid>| s.spiffe_id == svid.spiffe_id);
+        if new && wanted.as_ref().is_none_or(|w| *w == svid.spiffe_id) {
+            chosen.push(svid);
+        }
+    }
+    if chosen.is_empty() {
+        return Err(Status::permission_denied(NO_IDENTITY));
+    }
+    let mut svids = Vec::with_capacity(chosen.len());
+    for svid in chosen {
+        let signed = tokens
+            .token(&svid.entry, &request.audience, now)
+            .await
+            .map_err(|e| {
+                tracing::info!(spiffe_id = %svid.spiffe_id, error = %e, "JWT-SVID not signed");
+                if e.is_retryable() {
+                    Status::unavailable("the CA holder cannot sign JWT-SVIDs now; retry")
+                } else {
+                    Status::permission_denied(format!(
+                        "the CA holder refused a JWT-SVID for {}: {e}",
+                        svid.spiffe_id
+                    ))
+                }
+            })?;
+        svids.push(Jwtsvid {
+            spiffe_id: svid.spiffe_id.to_string(),
+            svid: signed.token,
+            hint: svid.hint.clone(),
+        });
+    }
+    Ok(JwtsvidResponse { svids })
+}
+
+/// The `FetchJWTBundles` message: each trust domain's JWKS keyed by its SPIFFE ID string.
+pub fn bundles_response(bundles: &JwtBundles) -> JwtBundlesResponse {
+    JwtBundlesResponse {
+        bundles: bundles
+            .trust_domains
+            .iter()
+            .map(|(td, jwks)| (td.id_string(), jwks.clone().into_bytes()))
+            .collect(),
+    }
+}
+
+/// `ValidateJWTSVID` against the node's JWKS (every trust domain it receives).
+pub fn validate_svid(
+    tokens: &Tokens,
+    request: &ValidateJwtsvidRequest,
+) -> Result<ValidateJwtsvidResponse, Status> {
+    if request.audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    if request.svid.is_empty() {
+        return Err(Status::invalid_argument("svid must be specified"));
+    }
+    let (id, claims) = validate(&request.svid, &request.audience, &tokens.bundles())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let claims = match to_value(claims).kind {
+        Some(Kind::StructValue(s)) => s,
+        _ => Struct::default(),
+    };
+    Ok(ValidateJwtsvidResponse {
+        spiffe_id: id.to_string(),
+        claims: Some(claims),
+    })
+}
+
+/// JSON as a `google.protobuf.Value`.
+fn to_value(json: serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, to_value(v)))
+                .collect::<HashMap<_, _>>(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_become_a_protobuf_struct() {
+        let json =
+            serde_json::json!({"sub": "spiffe://a.org/w", "aud": ["x"], "exp": 5, "n": null});
+        let Some(Kind::StructValue(s)) = to_value(json).kind else {
+            panic!("not a struct");
+        };
+        assert_eq!(
+            s.fields["sub"].kind,
+            Some(Kind::StringValue("spiffe://a.org/w".into()))
+        );
+        assert_eq!(s.fields["exp"].kind, Some(Kind::NumberValue(5.0)));
+        let Some(Kind::ListValue(aud)) = &s.fields["aud"].kind else {
+            panic!("not a list");
+        };
+        assert_eq!(aud.values.len(), 1);
+        assert_eq!(s.fields["n"].kind, Some(Kind::NullValue(0)));
+    }
+
+    #[test]
+    fn bundles_are_keyed_by_the_trust_domain_id() {
+        let mut b = JwtBundles::default();
+        b.trust_domains.insert(
+            meshcert_protocol::TrustDomain::new("example.org").expect("td"),
+            "{\"keys\":[]}".into(),
+        );
+        let r = bundles_response(&b);
+        assert_eq!(r.bundles["spiffe://example.org"], b"{\"keys\":[]}");
+    }
+}
