@@ -153,6 +153,50 @@ mod tests {
         assert_eq!(s.fields["n"].kind, Some(Kind::NullValue(0)));
     }
 
+    /// A holder that is never reachable.
+    struct Down;
+
+    impl crate::jwt::JwtHolder for Down {
+        fn sign_jwt(
+            &self,
+            _: meshcert_protocol::jwt::JwtSignRequest,
+        ) -> crate::jwt::Call<'_, meshcert_protocol::jwt::JwtSignResponse> {
+            Box::pin(async { Err(crate::issuer::IssuerError::NoIdentity) })
+        }
+
+        fn jwt_bundles(&self) -> crate::jwt::Call<'_, JwtBundles> {
+            Box::pin(async { Err(crate::issuer::IssuerError::NoIdentity) })
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_into_the_jwt_calls_is_refused_with_a_clear_code(
+            audience in proptest::collection::vec(".{0,600}", 0..20),
+            spiffe_id in ".{0,80}",
+            token in ".{0,300}",
+        ) {
+            let tokens = Tokens::new(std::sync::Arc::new(Down), std::time::Duration::from_secs(300));
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let request = JwtsvidRequest { audience: audience.clone(), spiffe_id };
+            let status = rt
+                .block_on(fetch_svids(&tokens, &Snapshot::default(), &PeerInfo::default(), request, SystemTime::now()))
+                .expect_err("nothing to sign");
+            proptest::prop_assert!(matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+            ), "{status:?}");
+            proptest::prop_assert!(!status.message().is_empty());
+            let request = ValidateJwtsvidRequest {
+                audience: audience.first().cloned().unwrap_or_default(),
+                svid: token,
+            };
+            let status = validate_svid(&tokens, &request).expect_err("garbage never validates");
+            proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            proptest::prop_assert!(!status.message().is_empty());
+        }
+    }
+
     #[test]
     fn bundles_are_keyed_by_the_trust_domain_id() {
         let mut b = JwtBundles::default();
