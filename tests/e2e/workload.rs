@@ -678,3 +678,184 @@ async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -
     tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
     Ok(())
 }
+
+/// SDS, as Envoy speaks it: the client and messages of Envoy's own protobuf definitions.
+mod sds {
+    use std::time::Instant;
+
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use prost::Message as _;
+
+    use super::*;
+
+    const SECRET_TYPE: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+    fn request(names: &[&str], version: &str, nonce: &str, nack: bool) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            type_url: SECRET_TYPE.into(),
+            response_nonce: nonce.into(),
+            error_detail: nack.then(|| RpcStatus {
+                code: 3,
+                message: "rejected by the test".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The secrets of a response by name: the certificate chain or trusted CAs, and the key (PEM
+    /// blocks decoded to DER).
+    fn secrets(response: &DiscoveryResponse) -> Result<Vec<(String, Vec<Vec<u8>>, Vec<u8>)>> {
+        let inline = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| {
+            use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+            match d.as_ref().and_then(|d| d.specifier.clone()) {
+                Some(Specifier::InlineBytes(b)) => b,
+                _ => Vec::new(),
+            }
+        };
+        let ders = |pem_bytes: Vec<u8>| -> Result<Vec<Vec<u8>>> {
+            Ok(pem::parse_many(pem_bytes)?
+                .into_iter()
+                .map(|p| p.contents().to_vec())
+                .collect())
+        };
+        let mut out = Vec::new();
+        for any in &response.resources {
+            ensure!(
+                any.type_url == SECRET_TYPE,
+                "resource type {}",
+                any.type_url
+            );
+            let secret = Secret::decode(any.value.as_slice())?;
+            match secret.r#type {
+                Some(secret::Type::TlsCertificate(tls)) => {
+                    let key = ders(inline(&tls.private_key))?.concat();
+                    out.push((secret.name, ders(inline(&tls.certificate_chain))?, key));
+                }
+                Some(secret::Type::ValidationContext(v)) => {
+                    out.push((secret.name, ders(inline(&v.trusted_ca))?, Vec::new()));
+                }
+                other => anyhow::bail!("unexpected secret {other:?}"),
+            }
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn envoy_fetches_its_certificate_and_root_ca_over_sds() -> Result<()> {
+        let pki = TestPki::new("example.org")?;
+        let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
+        let cache = Cache::new();
+        cache.publish(pki.snapshot(&[&web]));
+        let server = Server::start(&cache, WorkloadConfig::default()).await?;
+        let channel =
+            spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
+                .await?;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        // No `workload.spiffe.io` header: Envoy does not send one.
+        let names = ["default", "ROOTCA", "spiffe://example.org/web", "unknown"];
+        let response = client
+            .fetch_secrets(request(&names, "", "", false))
+            .await?
+            .into_inner();
+        let found = secrets(&response)?;
+        let by_name: Vec<&str> = found.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(by_name, ["default", "ROOTCA", "spiffe://example.org/web"]);
+        assert_eq!(found[0].1, [web.leaf.clone(), pki.intermediate_der()]);
+        assert_eq!(found[0].2, web.key_pkcs8.as_slice());
+        assert_eq!(found[1].1, [pki.root_der()]);
+        assert!(!response.version_info.is_empty());
+        server.stop().await?;
+        Ok(())
+    }
+
+    async fn next(
+        responses: &mut tonic::Streaming<DiscoveryResponse>,
+    ) -> Result<DiscoveryResponse> {
+        tokio::time::timeout(PATIENCE, responses.message())
+            .await
+            .context("no SDS response")??
+            .context("the stream ended")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotation_reaches_an_open_sds_stream_and_a_nack_does_not_loop() -> Result<()> {
+        let pki = TestPki::new("example.org")?;
+        let me = Selector::Uid(own_uid());
+        let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        let cache = Cache::new();
+        cache.publish(pki.snapshot(&[&web]));
+        let server = Server::start(&cache, WorkloadConfig::default()).await?;
+        let channel =
+            spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
+                .await?;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        let mut responses = client
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        requests.send(request(&["default"], "", "", false)).await?;
+        let first = next(&mut responses).await?;
+        assert_eq!(secrets(&first)?[0].1[0], web.leaf);
+        // ACK.
+        requests
+            .send(request(
+                &["default"],
+                &first.version_info,
+                &first.nonce,
+                false,
+            ))
+            .await?;
+
+        // A rotation reaches the open stream as a new version.
+        let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        let published = Instant::now();
+        cache.publish(pki.snapshot(&[&rotated]));
+        let second = next(&mut responses).await?;
+        println!("SDS push after a rotation: {:?}", published.elapsed());
+        assert_ne!(second.version_info, first.version_info);
+        assert_ne!(second.nonce, first.nonce);
+        assert_eq!(secrets(&second)?[0].1[0], rotated.leaf);
+
+        // NACK it: the same version is not sent again; the next message is the next rotation.
+        requests
+            .send(request(
+                &["default"],
+                &first.version_info,
+                &second.nonce,
+                true,
+            ))
+            .await?;
+        let third_svid = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        cache.publish(pki.snapshot(&[&third_svid]));
+        let third = next(&mut responses).await?;
+        assert_eq!(
+            secrets(&third)?[0].1[0],
+            third_svid.leaf,
+            "the NACKed version came back"
+        );
+        assert_ne!(third.version_info, second.version_info);
+
+        // New names on the stream are answered at once.
+        requests
+            .send(request(
+                &["default", "ROOTCA"],
+                &third.version_info,
+                &third.nonce,
+                false,
+            ))
+            .await?;
+        let fourth = next(&mut responses).await?;
+        assert_eq!(secrets(&fourth)?.len(), 2);
+        drop(requests);
+        server.stop().await?;
+        Ok(())
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`proto`]: the messages, server and client generated from `proto/workload.proto`.
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
 //! - [`jwt`]: the JWT-SVID calls (fetch, bundles, validate) and their messages.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket.
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
@@ -30,6 +31,7 @@ pub mod jwt;
 pub mod limits;
 pub mod peer;
 pub mod response;
+pub mod sds;
 pub mod selection;
 pub mod service;
 pub mod socket;
@@ -175,6 +177,12 @@ pub async fn serve_with_jwt(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(
+            envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
+                sds::SdsService::new(service.clone()),
+            )
+            .max_decoding_message_size(64 * 1024),
+        )
         .add_service(
             proto::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(service)
                 .max_decoding_message_size(64 * 1024),

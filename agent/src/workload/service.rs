@@ -47,8 +47,8 @@ pub struct WorkloadService {
 }
 
 /// An admitted caller: who it is and the open-call mark on its connection.
-struct Caller {
-    peer: PeerInfo,
+pub(super) struct Caller {
+    pub(super) peer: PeerInfo,
     _call: CallGuard,
 }
 
@@ -126,6 +126,16 @@ impl WorkloadService {
     /// The checks every call passes: security header, rate, then the caller's identity.
     async fn admit<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
         check_header(request)?;
+        self.identify(request, rpc).await
+    }
+
+    /// The checks of [`Self::admit`] but the header (Envoy's SDS calls do not send it): rate,
+    /// then the caller's identity from its kernel credentials.
+    pub(super) async fn identify<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<Caller, Status> {
         let conn = request
             .extensions()
             .get::<ConnInfo>()
@@ -167,7 +177,18 @@ impl WorkloadService {
         Ok(Caller { peer, _call: call })
     }
 
-    fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
+    /// The cache every call reads.
+    pub(super) fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Turns true when the agent stops.
+    pub(super) fn stop(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+
+    /// A place among the open streams, or `ResourceExhausted`.
+    pub(super) fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.streams.clone().try_acquire_owned().map_err(|_| {
             tracing::warn!("workload stream cap reached");
             Status::resource_exhausted("too many open streams; retry later")
