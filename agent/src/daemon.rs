@@ -179,11 +179,14 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             .clone()
             .poll_bundles(config.sync_interval, stop_rx.clone()),
     );
-    let workload_task = tokio::spawn(workload::serve_with_jwt(
+    let workload_task = tokio::spawn(workload::serve_with(
         workload_listener,
         workload_config,
         cache.clone(),
-        Some(tokens),
+        workload::Extras {
+            jwt: Some(tokens),
+            metrics: Some(metrics.workload.clone()),
+        },
         stop_future(&stop_rx),
     ));
     let admin_task = tokio::spawn(admin::serve_with_metrics(

@@ -82,6 +82,8 @@ pub struct Metrics {
     node_expiry: Gauge,
     bundle_version: Gauge,
     ca_connected: Gauge,
+    /// The workload socket's calls, refusals and open streams (`crate::workload::metrics`).
+    pub workload: crate::workload::metrics::ApiMetrics,
     /// Per entry id, what the last observed status held; also serialises renders.
     seen: Mutex<Observed>,
     address: Mutex<Option<SocketAddr>>,
@@ -126,6 +128,8 @@ impl Metrics {
         let node_expiry = Gauge::default();
         let bundle_version = Gauge::default();
         let ca_connected = Gauge::default();
+        let workload = crate::workload::metrics::ApiMetrics::default();
+        workload.register(&mut registry);
         registry.register(
             "meshcert_agent_svid_expiry_seconds",
             "Seconds until the installed SVID expires (negative once expired)",
@@ -176,6 +180,7 @@ impl Metrics {
             node_expiry,
             bundle_version,
             ca_connected,
+            workload,
             seen: Mutex::new(Observed::default()),
             address: Mutex::new(None),
         }

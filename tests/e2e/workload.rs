@@ -675,6 +675,18 @@ async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -
         .err()
         .context("an empty token validated")?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // The calls and refusals are counted per API.
+    let (code, metrics) = http_get(&agent.admin_socket(), "/metrics").await?;
+    assert_eq!(code, 200);
+    for line in [
+        r#"meshcert_agent_workload_calls_total{api="jwt",rpc="FetchJWTSVID"} 5"#,
+        r#"meshcert_agent_workload_refusals_total{api="jwt",rpc="FetchJWTSVID",code="InvalidArgument"} 1"#,
+        r#"meshcert_agent_workload_refusals_total{api="jwt",rpc="FetchJWTSVID",code="PermissionDenied"} 1"#,
+        r#"meshcert_agent_workload_open_streams{api="x509"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
     tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
     Ok(())
 }

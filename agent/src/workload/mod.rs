@@ -10,6 +10,7 @@
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
 //! - [`jwt`]: the JWT-SVID calls (fetch, bundles, validate) and their messages.
 //! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket.
+//! - [`metrics`]: calls, refusals and open streams of the three APIs.
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
@@ -29,6 +30,7 @@ use crate::jwt::Tokens;
 
 pub mod jwt;
 pub mod limits;
+pub mod metrics;
 pub mod peer;
 pub mod response;
 pub mod sds;
@@ -139,16 +141,24 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkloadError> {
-    serve_with_jwt(listener, config, cache, None, shutdown).await
+    serve_with(listener, config, cache, Extras::default(), shutdown).await
 }
 
-/// [`serve`], with JWT-SVIDs and JWT bundles from `jwt` (without: the JWT calls answer
-/// `Unimplemented`).
-pub async fn serve_with_jwt(
+/// What the daemon adds to the Workload API beyond X.509-SVIDs and SDS.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// JWT-SVIDs and JWT bundles (without: the JWT calls answer `Unimplemented`).
+    pub jwt: Option<Arc<Tokens>>,
+    /// Where calls, refusals and open streams are counted.
+    pub metrics: Option<metrics::ApiMetrics>,
+}
+
+/// [`serve`], with `extras`.
+pub async fn serve_with(
     listener: UnixListener,
     config: WorkloadConfig,
     cache: Cache,
-    jwt: Option<Arc<Tokens>>,
+    extras: Extras,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkloadError> {
     let (stop_tx, stop) = watch::channel(false);
@@ -162,8 +172,11 @@ pub async fn serve_with_jwt(
         config.max_streams,
         stop.clone(),
     );
-    if let Some(tokens) = jwt {
+    if let Some(tokens) = extras.jwt {
         service = service.with_jwt(tokens);
+    }
+    if let Some(metrics) = extras.metrics {
+        service = service.with_metrics(metrics);
     }
     let (incoming, acceptor) = limits::incoming(
         listener,

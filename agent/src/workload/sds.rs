@@ -235,17 +235,26 @@ impl SecretDiscoveryService for SdsService {
         &self,
         _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental SDS is not served; use StreamSecrets",
-        ))
+        self.inner.metrics().record(
+            "DeltaSecrets",
+            Err(Status::unimplemented(
+                "incremental SDS is not served; use StreamSecrets",
+            )),
+        )
     }
 
     async fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = self.inner.identify(&request, "StreamSecrets").await?;
-        let slot = self.inner.stream_slot()?;
+        let admitted = async {
+            let caller = self.inner.identify(&request, "StreamSecrets").await?;
+            Ok((caller, self.inner.stream_slot("StreamSecrets")?))
+        };
+        let (caller, slot) = self
+            .inner
+            .metrics()
+            .record("StreamSecrets", admitted.await)?;
         let mut incoming = request.into_inner();
         let mut snapshots = self.inner.cache().subscribe();
         let mut stop = self.inner.stop();
@@ -298,16 +307,19 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let caller = self.inner.identify(&request, "FetchSecrets").await?;
-        check_type(request.get_ref())?;
-        let snapshot = self.inner.cache().current();
-        let found = secrets(
-            &snapshot,
-            &caller.peer,
-            &request.get_ref().resource_names,
-            SystemTime::now(),
-        )?;
-        Ok(Response::new(response(&found, "fetch".into())))
+        let result = async {
+            let caller = self.inner.identify(&request, "FetchSecrets").await?;
+            check_type(request.get_ref())?;
+            let snapshot = self.inner.cache().current();
+            let found = secrets(
+                &snapshot,
+                &caller.peer,
+                &request.get_ref().resource_names,
+                SystemTime::now(),
+            )?;
+            Ok(Response::new(response(&found, "fetch".into())))
+        };
+        self.inner.metrics().record("FetchSecrets", result.await)
     }
 }
 

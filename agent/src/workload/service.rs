@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::limits::{CallGuard, ConnInfo, RateLimiter};
+use super::metrics::{ApiMetrics, OpenStream};
 use super::peer::{self, Names, PeerError, PeerInfo};
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::{
@@ -44,7 +45,11 @@ pub struct WorkloadService {
     stop: watch::Receiver<bool>,
     /// JWT-SVIDs and bundles; the JWT calls answer `Unimplemented` without it.
     jwt: Option<Arc<Tokens>>,
+    metrics: ApiMetrics,
 }
+
+/// A place among the open streams, counted in the metrics while held.
+pub(super) type StreamSlot = (OwnedSemaphorePermit, OpenStream);
 
 /// An admitted caller: who it is and the open-call mark on its connection.
 pub(super) struct Caller {
@@ -68,7 +73,19 @@ impl WorkloadService {
             names: Arc::new(Names::new(NAMES_TTL)),
             stop,
             jwt: None,
+            metrics: ApiMetrics::default(),
         }
+    }
+
+    /// Counts calls, refusals and open streams in `metrics`.
+    pub fn with_metrics(mut self, metrics: ApiMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The call and refusal counters.
+    pub(super) fn metrics(&self) -> &ApiMetrics {
+        &self.metrics
     }
 
     /// Serves JWT-SVIDs and JWT bundles from `tokens`.
@@ -95,7 +112,7 @@ impl WorkloadService {
         if selection::svids_for(&self.cache.current(), &caller.peer, SystemTime::now()).is_empty() {
             return Err(Status::permission_denied(NO_IDENTITY));
         }
-        let slot = self.stream_slot()?;
+        let slot = self.stream_slot("FetchJWTBundles")?;
         let mut jwks = tokens.subscribe();
         let (tx, rx) = mpsc::channel(2);
         let mut stop = self.stop.clone();
@@ -188,11 +205,12 @@ impl WorkloadService {
     }
 
     /// A place among the open streams, or `ResourceExhausted`.
-    pub(super) fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.streams.clone().try_acquire_owned().map_err(|_| {
+    pub(super) fn stream_slot(&self, rpc: &'static str) -> Result<StreamSlot, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             tracing::warn!("workload stream cap reached");
             Status::resource_exhausted("too many open streams; retry later")
-        })
+        })?;
+        Ok((permit, self.metrics.stream_opened(rpc)))
     }
 
     /// Answers with `build`'s first message at once, then a new one whenever a snapshot
@@ -201,12 +219,13 @@ impl WorkloadService {
     fn stream<T>(
         &self,
         caller: Caller,
+        rpc: &'static str,
         build: fn(&Snapshot, &PeerInfo, SystemTime) -> Built<T>,
     ) -> Result<Response<Updates<T>>, Status>
     where
         T: Clone + PartialEq + Send + Sync + 'static,
     {
-        let slot = self.stream_slot()?;
+        let slot = self.stream_slot(rpc)?;
         let mut snapshots = self.cache.subscribe();
         let first = build(
             &snapshots.borrow_and_update(),
@@ -313,48 +332,63 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let caller = self.admit(&request, "FetchX509SVID").await?;
-        self.stream(caller, x509_svids)
+        let result = async {
+            let caller = self.admit(&request, "FetchX509SVID").await?;
+            self.stream(caller, "FetchX509SVID", x509_svids)
+        };
+        self.metrics.record("FetchX509SVID", result.await)
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let caller = self.admit(&request, "FetchX509Bundles").await?;
-        self.stream(caller, x509_bundles)
+        let result = async {
+            let caller = self.admit(&request, "FetchX509Bundles").await?;
+            self.stream(caller, "FetchX509Bundles", x509_bundles)
+        };
+        self.metrics.record("FetchX509Bundles", result.await)
     }
 
     async fn fetch_jwtsvid(
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let tokens = self.tokens(&request)?;
-        let caller = self.admit(&request, "FetchJWTSVID").await?;
-        let snapshot = self.cache.current();
-        let now = SystemTime::now();
-        let request = request.into_inner();
-        super::jwt::fetch_svids(&tokens, &snapshot, &caller.peer, request, now)
-            .await
-            .map(Response::new)
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let caller = self.admit(&request, "FetchJWTSVID").await?;
+            let snapshot = self.cache.current();
+            let now = SystemTime::now();
+            let request = request.into_inner();
+            super::jwt::fetch_svids(&tokens, &snapshot, &caller.peer, request, now)
+                .await
+                .map(Response::new)
+        };
+        self.metrics.record("FetchJWTSVID", result.await)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let tokens = self.tokens(&request)?;
-        let caller = self.admit(&request, "FetchJWTBundles").await?;
-        self.jwt_bundle_stream(caller, &tokens)
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let caller = self.admit(&request, "FetchJWTBundles").await?;
+            self.jwt_bundle_stream(caller, &tokens)
+        };
+        self.metrics.record("FetchJWTBundles", result.await)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        let tokens = self.tokens(&request)?;
-        let _caller = self.admit(&request, "ValidateJWTSVID").await?;
-        super::jwt::validate_svid(&tokens, request.get_ref()).map(Response::new)
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let _caller = self.admit(&request, "ValidateJWTSVID").await?;
+            super::jwt::validate_svid(&tokens, request.get_ref()).map(Response::new)
+        };
+        self.metrics.record("ValidateJWTSVID", result.await)
     }
 
     async fn fetch_witsvid(
