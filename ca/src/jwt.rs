@@ -524,7 +524,8 @@ mod tests {
         let keys = JwtKeys::new(dir.path(), Duration::from_secs(DAY));
         let id = SpiffeId::new("spiffe://example.org/web").expect("valid");
         let td = id.trust_domain().clone();
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // Now: the JOSE library checks `exp` against the real clock.
+        let t0 = SystemTime::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let max = Duration::from_secs(HOUR);
         let aud = ["db".to_owned()];
@@ -549,6 +550,22 @@ mod tests {
         let after = keys.sign(&id, &aud, ttl, es, at(DAY / 2), max).expect("s");
         assert_ne!(kid(&after.token), kid(&first.token));
         assert_eq!(jwks_kids(at(DAY / 2 + HOUR - 1)).len(), 2);
+        // ... and the first token still verifies against the JWKS of that moment.
+        let set: JwkSet = serde_json::from_str(
+            &keys
+                .jwks(&td, es, at(DAY / 2 + HOUR - 1), max)
+                .expect("jwks"),
+        )
+        .expect("json");
+        let jwk = set.find(&kid(&first.token).expect("kid")).expect("kept");
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.set_audience(&["db"]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            &first.token,
+            &jsonwebtoken::DecodingKey::from_jwk(jwk).expect("key"),
+            &validation,
+        )
+        .expect("the old token verifies");
         // Once every token of the old key has expired, it leaves the JWKS (and the disk).
         assert_eq!(
             jwks_kids(at(DAY / 2 + HOUR)),
@@ -597,6 +614,86 @@ mod tests {
         .expect("verifies");
         assert_eq!(data.claims["sub"], "spiffe://example.org/web");
         assert!(!format!("{:?}", keys.sets).contains("pkcs8"));
+    }
+
+    const CONFIG: &str = r#"
+apiVersion: networking.smh.solo.io/v1alpha1
+kind: VirtualMesh
+metadata:
+  name: vm
+spec:
+  meshes:
+    - name: mesh-a
+      trustDomain: mesh-a.test
+    - name: mesh-b
+      trustDomain: mesh-b.test
+  certificateAuthority:
+    builtin:
+      rsaKeySizeBytes: 2048
+  shared: {}
+  enforceAccessControl: ENABLED
+holder:
+  listen: 127.0.0.1:0
+  stateDir: STATE
+  svidMaxTtl: 2m
+entries:
+  - id: web
+    spiffeId: spiffe://mesh-a.test/web
+    nodes: [node-1]
+    selectors: ["unix:uid:1000"]
+    dir: web
+  - id: db
+    spiffeId: spiffe://mesh-a.test/db
+    nodes: [node-2]
+    selectors: ["unix:uid:1000"]
+    dir: db
+"#;
+
+    #[test]
+    fn a_node_gets_tokens_only_for_its_entries_clamped_by_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = CONFIG.replace("STATE", &dir.path().display().to_string());
+        let config = crate::config::parse(&text).expect("valid");
+        let now = SystemTime::now();
+        let holder = Holder::open(config, now).expect("open");
+        let caller = Caller {
+            node: "node-1".into(),
+            mesh: "mesh-a".into(),
+            trust_domain: TrustDomain::new("mesh-a.test").expect("td"),
+        };
+        let entry = |id: &str| {
+            let serving = holder.serving();
+            serving.entries.get(id).expect("read").expect("declared")
+        };
+        let ask = |entry, audience: &[&str]| JwtSignRequest {
+            entry,
+            audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+            ttl_seconds: 3600,
+        };
+        let signed = sign(&holder, &caller, &ask(entry("web"), &["db"]), now).expect("signed");
+        assert_eq!(signed.spiffe_id.to_string(), "spiffe://mesh-a.test/web");
+        // Clamped to holder.svidMaxTtl (2 minutes).
+        assert_eq!(signed.expires_at - signed.issued_at, 120);
+        let code = |r: Result<JwtSignResponse, ApiError>| r.expect_err("refused").code;
+        assert_eq!(
+            code(sign(&holder, &caller, &ask(entry("db"), &["x"]), now)),
+            ErrorCode::NotAssigned
+        );
+        assert_eq!(
+            code(sign(&holder, &caller, &ask(entry("web"), &[]), now)),
+            ErrorCode::BadRequest
+        );
+        // An entry the holder does not know is agent-local: refused under ENABLED.
+        let mut local = entry("web");
+        local.id = "mine".into();
+        assert_eq!(
+            code(sign(&holder, &caller, &ask(local, &["x"]), now)),
+            ErrorCode::PolicyDenied
+        );
+        // The JWKS: the node's own trust domain only (no PERMISSIVE federation).
+        let b = bundles(&holder, &caller, now).expect("bundles");
+        let tds: Vec<String> = b.trust_domains.keys().map(ToString::to_string).collect();
+        assert_eq!(tds, ["mesh-a.test"]);
     }
 
     #[test]

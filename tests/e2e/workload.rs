@@ -721,9 +721,12 @@ mod sds {
         }
     }
 
-    /// The secrets of a response by name: the certificate chain or trusted CAs, and the key (PEM
-    /// blocks decoded to DER).
-    fn secrets(response: &DiscoveryResponse) -> Result<Vec<(String, Vec<Vec<u8>>, Vec<u8>)>> {
+    /// One secret of a response: its name, its certificate chain or trusted CAs, and its key
+    /// (empty for a validation context), PEM blocks decoded to DER.
+    type Found = (String, Vec<Vec<u8>>, Vec<u8>);
+
+    /// The secrets of a response, in order.
+    fn secrets(response: &DiscoveryResponse) -> Result<Vec<Found>> {
         let inline = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| {
             use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
             match d.as_ref().and_then(|d| d.specifier.clone()) {
