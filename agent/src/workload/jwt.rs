@@ -39,15 +39,13 @@ pub async fn fetch_svids(
             Status::invalid_argument(format!("spiffe_id `{text}` is not a SPIFFE ID: {e}"))
         })?),
     };
-    let mut chosen: Vec<_> = Vec::new();
-    for svid in selection::svids_for(snapshot, peer, now) {
-        let new = !chosen
-            .iter()
-            .any(|s: &&std::sync::Arc<crate::cache::InstalledSvid>| s.spiffe_id == svid.spiffe_id);
-        if new && wanted.as_ref().is_none_or(|w| *w == svid.spiffe_id) {
-            chosen.push(svid);
-        }
-    }
+    // One token per distinct identity (a gateway's second SVID has the same ID).
+    let mut seen = std::collections::HashSet::new();
+    let chosen: Vec<_> = selection::svids_for(snapshot, peer, now)
+        .into_iter()
+        .filter(|svid| wanted.as_ref().is_none_or(|w| *w == svid.spiffe_id))
+        .filter(|svid| seen.insert(svid.spiffe_id.clone()))
+        .collect();
     if chosen.is_empty() {
         return Err(Status::permission_denied(NO_IDENTITY));
     }
