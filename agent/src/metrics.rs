@@ -16,6 +16,8 @@
 //!   the join).
 //! - `meshcert_agent_bundle_version`: the trust bundle version held.
 //! - `meshcert_agent_ca_connected`: 1 when the last call to the holder succeeded, else 0.
+//! - `meshcert_agent_workload_*`: the workload socket's calls, refusals and open streams
+//!   ([`crate::workload::metrics`]).
 //!
 //! Rotations and failures are counted by watching the published [`AgentStatus`] (a new serial
 //! is a rotation, a growing `attempts` a failure), so the rotator needs no metrics code.

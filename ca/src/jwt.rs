@@ -694,6 +694,19 @@ entries:
         let b = bundles(&holder, &caller, now).expect("bundles");
         let tds: Vec<String> = b.trust_domains.keys().map(ToString::to_string).collect();
         assert_eq!(tds, ["mesh-a.test"]);
+
+        // Under PERMISSIVE federation, every mesh's JWKS.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = CONFIG
+            .replace("STATE", &dir.path().display().to_string())
+            .replace(
+                "  shared: {}\n",
+                "  shared: {}\n  federation:\n    mode: PERMISSIVE\n",
+            );
+        let holder = Holder::open(crate::config::parse(&text).expect("valid"), now).expect("open");
+        let b = bundles(&holder, &caller, now).expect("bundles");
+        let tds: Vec<String> = b.trust_domains.keys().map(ToString::to_string).collect();
+        assert_eq!(tds, ["mesh-a.test", "mesh-b.test"]);
     }
 
     #[test]
