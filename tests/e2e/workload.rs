@@ -582,25 +582,31 @@ async fn grpc_clients_are_served_whatever_authority_they_send() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -> Result<()> {
-    use meshcert_agent::workload::proto::{JwtsvidRequest, ValidateJwtsvidRequest};
+/// A real holder (the example config, `web` for our uid, plus `holder_yaml` under `holder:`)
+/// and agent, once the agent serves `web`.
+async fn jwt_agent(
+    holder_yaml: &str,
+) -> Result<(meshcert_tests::ca::CaHolder, meshcert_tests::agent::Agent)> {
     use meshcert_tests::agent::Agent;
     use meshcert_tests::ca::{CaHolder, EXAMPLE_CONFIG};
 
-    let config = EXAMPLE_CONFIG.replace(
-        "selectors: [\"unix:uid:1000\"]",
-        &format!("selectors: [\"unix:uid:{}\"]", own_uid()),
+    let config = EXAMPLE_CONFIG
+        .replace(
+            "selectors: [\"unix:uid:1000\"]",
+            &format!("selectors: [\"unix:uid:{}\"]", own_uid()),
+        )
+        .replace("holder:\n", &format!("holder:\n{holder_yaml}"));
+    ensure!(
+        config.contains(&own_uid().to_string()),
+        "the example config changed shape"
     );
-    ensure!(config != EXAMPLE_CONFIG, "the example config changed shape");
     let (ca, agent) = tokio::task::spawn_blocking(move || -> Result<_> {
         let ca = CaHolder::start(&config)?;
         let agent = Agent::start(&ca, "node-1", "mesh-a", "")?;
         Ok((ca, agent))
     })
     .await??;
-    let socket = agent.workload_socket().display().to_string();
-    let endpoint = format!("unix://{socket}");
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
     // Wait until the agent serves `web` (X.509 first: a JWT-SVID needs a held identity).
     tokio::time::timeout(
         PATIENCE,
@@ -610,6 +616,32 @@ async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -
     .context("the agent never served web")??
     .shutdown()
     .await;
+    Ok((ca, agent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_jwt_svids_verify_with_pyjwt() -> Result<()> {
+    let (ca, agent) = jwt_agent("  jwtAlgorithm: RS256\n").await?;
+    let socket = agent.workload_socket().display().to_string();
+    let out = python_client(&["spiffe-jwt", &socket, "db"]).await?;
+    assert!(
+        out.contains("verified spiffe://mesh-a.test/web True"),
+        "{out}"
+    );
+    assert!(out.contains("validated spiffe://mesh-a.test/web"), "{out}");
+    let state = std::fs::read_to_string(ca.state_dir().join("jwt/mesh-a.test.json"))?;
+    assert!(state.contains("\"alg\":\"RS256\""), "RS256 key expected");
+    tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -> Result<()> {
+    use meshcert_agent::workload::proto::{JwtsvidRequest, ValidateJwtsvidRequest};
+
+    let (ca, agent) = jwt_agent("").await?;
+    let socket = agent.workload_socket().display().to_string();
+    let endpoint = format!("unix://{socket}");
 
     // py-spiffe fetches a token and the JWKS; PyJWT verifies the token against them; the
     // agent validates it for its audience and refuses another audience and a tampered one.
