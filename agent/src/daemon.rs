@@ -170,10 +170,24 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         s.mesh = Some(config.mesh.clone());
         s.ca_address = config.ca_address.clone();
     });
-    let workload_task = tokio::spawn(workload::serve(
+    // JWT-SVIDs: signed by the holder, cached here; the JWKS polled at the sync interval.
+    let tokens = Arc::new(crate::jwt::Tokens::new(
+        issuer.clone(),
+        Duration::from_secs(meshcert_protocol::jwt::DEFAULT_JWT_TTL_SECONDS),
+    ));
+    let jwks_task = tokio::spawn(
+        tokens
+            .clone()
+            .poll_bundles(config.sync_interval, stop_rx.clone()),
+    );
+    let workload_task = tokio::spawn(workload::serve_with(
         workload_listener,
         workload_config,
         cache.clone(),
+        workload::Extras {
+            jwt: Some(tokens),
+            metrics: Some(metrics.workload.clone()),
+        },
         stop_future(&stop_rx),
     ));
     let admin_task = tokio::spawn(admin::serve_with_metrics(
@@ -201,6 +215,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             let _ = task.await;
         }
         let _ = status_task.await;
+        let _ = jwks_task.await;
         if let Ok(Err(e)) = workload_task.await {
             tracing::warn!(error = %e, "the Workload API server stopped with an error");
         }

@@ -390,6 +390,20 @@ impl HttpsIssuer {
     }
 }
 
+impl HttpsIssuer {
+    /// A call over mTLS (the node SVID) outside the [`Issuer`] seam: the JWT-SVID calls of
+    /// [`crate::jwt`].
+    pub async fn call_as_node<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, IssuerError> {
+        let config = self.mtls_config()?;
+        self.call(method, path, body, config).await
+    }
+}
+
 fn error_of(status: StatusCode, body: &[u8]) -> IssuerError {
     match serde_json::from_slice::<ApiError>(body) {
         Ok(e) => IssuerError::Api(e),

@@ -30,6 +30,8 @@
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
+//! - [`jwt`]: JWT-SVIDs: tokens the holder signs, cached per identity and audience set; the
+//!   JWKS; token validation.
 //! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness, metrics.
 //! - [`metrics`]: Prometheus metrics, on the admin socket and an optional plaintext listener.
 //!
@@ -46,6 +48,7 @@ pub mod folder;
 pub mod heap;
 pub mod hook;
 pub mod issuer;
+pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod node;

@@ -16,6 +16,8 @@
 //!   the join).
 //! - `meshcert_agent_bundle_version`: the trust bundle version held.
 //! - `meshcert_agent_ca_connected`: 1 when the last call to the holder succeeded, else 0.
+//! - `meshcert_agent_workload_*`: the workload socket's calls, refusals and open streams
+//!   ([`crate::workload::metrics`]).
 //!
 //! Rotations and failures are counted by watching the published [`AgentStatus`] (a new serial
 //! is a rotation, a growing `attempts` a failure), so the rotator needs no metrics code.
@@ -82,6 +84,8 @@ pub struct Metrics {
     node_expiry: Gauge,
     bundle_version: Gauge,
     ca_connected: Gauge,
+    /// The workload socket's calls, refusals and open streams (`crate::workload::metrics`).
+    pub workload: crate::workload::metrics::ApiMetrics,
     /// Per entry id, what the last observed status held; also serialises renders.
     seen: Mutex<Observed>,
     address: Mutex<Option<SocketAddr>>,
@@ -126,6 +130,8 @@ impl Metrics {
         let node_expiry = Gauge::default();
         let bundle_version = Gauge::default();
         let ca_connected = Gauge::default();
+        let workload = crate::workload::metrics::ApiMetrics::default();
+        workload.register(&mut registry);
         registry.register(
             "meshcert_agent_svid_expiry_seconds",
             "Seconds until the installed SVID expires (negative once expired)",
@@ -176,6 +182,7 @@ impl Metrics {
             node_expiry,
             bundle_version,
             ca_connected,
+            workload,
             seen: Mutex::new(Observed::default()),
             address: Mutex::new(None),
         }
@@ -313,6 +320,11 @@ impl<I: Issuer> TimedIssuer<I> {
     /// Wraps `inner`.
     pub fn new(inner: I, metrics: Arc<Metrics>) -> Self {
         Self { inner, metrics }
+    }
+
+    /// The wrapped issuer.
+    pub fn inner(&self) -> &I {
+        &self.inner
     }
 }
 

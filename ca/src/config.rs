@@ -144,6 +144,8 @@ pub struct HolderSettings {
     /// `holder.maxConnections`: HTTPS API connections served at once; more are closed at once
     /// (default [`DEFAULT_MAX_CONNECTIONS`]; takes effect at a restart).
     pub max_connections: usize,
+    /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
+    pub jwt_algorithm: crate::jwt::JwtAlgorithm,
 }
 
 impl HolderSettings {
@@ -296,6 +298,7 @@ struct RawHolder {
     local_entry_prefixes: Option<Vec<String>>,
     retention: Option<String>,
     max_connections: Option<i64>,
+    jwt_algorithm: Option<String>,
 }
 
 /// Default API listen address.
@@ -681,6 +684,14 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
                     format!("{n} is not between 1 and 1000000"),
                 );
                 DEFAULT_MAX_CONNECTIONS
+            }
+        },
+        jwt_algorithm: match raw.jwt_algorithm.as_deref().map(str::parse) {
+            None => crate::jwt::JwtAlgorithm::default(),
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                p.add("holder.jwtAlgorithm", e);
+                crate::jwt::JwtAlgorithm::default()
             }
         },
     }

@@ -12,6 +12,7 @@
 //! - [`authority`]: root (builtin or provided), per-mesh intermediates, leaf and server signing.
 //! - [`policy`]: pure CSR checks (signature, key, SAN, entry assignment).
 //! - [`tokens`]: join tokens.
+//! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign.
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait and its SQLite implementation.
 //! - [`status`]: the status document and its table form.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod holder;
+pub mod jwt;
 pub mod metrics;
 pub mod policy;
 pub mod server;

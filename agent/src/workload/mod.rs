@@ -8,6 +8,9 @@
 //!
 //! - [`proto`]: the messages, server and client generated from `proto/workload.proto`.
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
+//! - [`jwt`]: the JWT-SVID calls (fetch, bundles, validate) and their messages.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket.
+//! - [`metrics`]: calls, refusals and open streams of the three APIs.
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
@@ -16,16 +19,21 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
+use crate::jwt::Tokens;
 
+pub mod jwt;
 pub mod limits;
+pub mod metrics;
 pub mod peer;
 pub mod response;
+pub mod sds;
 pub mod selection;
 pub mod service;
 pub mod socket;
@@ -140,17 +148,43 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkloadError> {
+    serve_with(listener, config, cache, Extras::default(), shutdown).await
+}
+
+/// What the daemon adds to the Workload API beyond X.509-SVIDs and SDS.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// JWT-SVIDs and JWT bundles (without: the JWT calls answer `Unimplemented`).
+    pub jwt: Option<Arc<Tokens>>,
+    /// Where calls, refusals and open streams are counted.
+    pub metrics: Option<metrics::ApiMetrics>,
+}
+
+/// [`serve`], with `extras`.
+pub async fn serve_with(
+    listener: UnixListener,
+    config: WorkloadConfig,
+    cache: Cache,
+    extras: Extras,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkloadError> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let service = service::WorkloadService::new(
+    let mut service = service::WorkloadService::new(
         cache,
         limits::RateLimiter::new(config.rate_per_uid, config.burst_per_uid),
         config.max_streams,
         stop.clone(),
     );
+    if let Some(tokens) = extras.jwt {
+        service = service.with_jwt(tokens);
+    }
+    if let Some(metrics) = extras.metrics {
+        service = service.with_metrics(metrics);
+    }
     let (incoming, acceptor) = limits::incoming(
         listener,
         limits::Caps {
@@ -166,6 +200,12 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(
+            envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
+                sds::SdsService::new(service.clone()),
+            )
+            .max_decoding_message_size(64 * 1024),
+        )
         .add_service(
             proto::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(service)
                 .max_decoding_message_size(64 * 1024),
