@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 
 use crate::authority::unix;
 use crate::holder::Holder;
-use crate::policy::{Caller, check_local_entry};
+use crate::policy::{Caller, LocalRules, check_local_entry};
 
 /// How long one signing key is meant to sign: rotated at half of it.
 pub const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -424,7 +424,17 @@ pub fn sign(
                 .mesh(&caller.mesh)
                 .map(|m| serving.config.effective_enforcement(m))
                 .unwrap_or(Enforcement::Enabled);
-            check_local_entry(caller, id, &req.entry, enforcement)?;
+            let registered = enforcement == Enforcement::Disabled
+                && serving
+                    .entries
+                    .registers(&req.entry.spiffe_id)
+                    .map_err(|e| internal(&e))?;
+            let rules = LocalRules {
+                enforcement,
+                prefixes: &serving.config.holder.local_entry_prefixes,
+                registered,
+            };
+            check_local_entry(caller, id, &req.entry, &rules)?;
             req.entry.clone()
         }
     };
@@ -690,6 +700,42 @@ entries:
             code(sign(&holder, &caller, &ask(local, &["x"]), now)),
             ErrorCode::PolicyDenied
         );
+        // Under DISABLED, the local-entry rules of X.509-SVIDs hold for tokens too: never an ID
+        // a holder entry registers (to any node), only inside the node's own namespace.
+        let dir_disabled = tempfile::tempdir().expect("tempdir");
+        let text = CONFIG
+            .replace("STATE", &dir_disabled.path().display().to_string())
+            .replace(
+                "enforceAccessControl: ENABLED",
+                "enforceAccessControl: DISABLED",
+            );
+        let open = Holder::open(crate::config::parse(&text).expect("valid"), now).expect("open");
+        let local = |path: &str| {
+            let mut e = entry("web");
+            e.id = "mine".into();
+            e.spiffe_id = SpiffeId::new(&format!("spiffe://mesh-a.test{path}")).expect("id");
+            e
+        };
+        assert_eq!(
+            code(sign(&open, &caller, &ask(local("/db"), &["x"]), now)),
+            ErrorCode::IdRegistered
+        );
+        assert_eq!(
+            code(sign(&open, &caller, &ask(local("/debug"), &["x"]), now)),
+            ErrorCode::OutsideLocalPrefixes
+        );
+        let own = sign(
+            &open,
+            &caller,
+            &ask(local("/node/node-1/debug"), &["x"]),
+            now,
+        )
+        .expect("inside the node's namespace");
+        assert_eq!(
+            own.spiffe_id.to_string(),
+            "spiffe://mesh-a.test/node/node-1/debug"
+        );
+
         // The JWKS: the node's own trust domain only (no PERMISSIVE federation).
         let b = bundles(&holder, &caller, now).expect("bundles");
         let tds: Vec<String> = b.trust_domains.keys().map(ToString::to_string).collect();
