@@ -152,6 +152,13 @@ pub struct AgentStatus {
     pub all_attempted: bool,
     /// Every identity the agent manages, with its state (shared with the upward report).
     pub identities: Arc<[IdentityReport]>,
+    /// Since when the holder cannot serve (unreachable, or answering 5xx), Unix seconds;
+    /// absent while it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_unreachable_since: Option<u64>,
+    /// The identities (SPIFFE IDs) whose SVID expired during that outage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expired_while_unreachable: Vec<Arc<str>>,
 }
 
 impl AgentStatus {
