@@ -200,6 +200,9 @@ struct Managed {
     /// `outside_trust_domain`): not asked for again until the entry or the enforcement mode
     /// changes (the status keeps showing the refusal).
     denied: bool,
+    /// The folder may hold [`crate::volume::STATE_FILE`] (an expiry, or a previous run's):
+    /// removed at the next install.
+    marked_expired: bool,
 }
 
 impl Managed {
@@ -215,6 +218,7 @@ impl Managed {
             attempted: false,
             in_flight: None,
             denied: false,
+            marked_expired: true,
         }
     }
 
@@ -1070,10 +1074,15 @@ impl<I: Issuer> Rotator<I> {
         let mut changed = false;
         // Expired SVIDs stop being served (their files stay until replaced).
         for m in self.managed.values_mut() {
-            if m.current.as_ref().is_some_and(|c| c.info.not_after <= now) {
+            if let Some(c) = m.current.as_ref().filter(|c| c.info.not_after <= now) {
                 tracing::warn!(entry_id = %m.entry.id, holder_down = self.reach.is_down(), "the SVID expired before it could be rotated; no longer served");
                 self.reach
                     .expired_now(&Arc::from(m.entry.spiffe_id.to_string()));
+                // The files stay, with a state that says they expired.
+                m.marked_expired = true;
+                if let Err(e) = self.volume.mark_expired(&m.entry.dir, c.info.not_after) {
+                    tracing::warn!(entry_id = %m.entry.id, error = %e, "cannot mark the folder expired");
+                }
                 m.current = None;
                 if m.state == CertState::Issued {
                     m.state = CertState::Pending;
@@ -1295,6 +1304,11 @@ impl<I: Issuer> Rotator<I> {
         m.last_error = None;
         m.attempted = true;
         m.in_flight = None;
+        if std::mem::take(&mut m.marked_expired)
+            && let Err(e) = self.volume.clear_expired(&entry.dir)
+        {
+            tracing::warn!(entry_id = %entry_id, error = %e, "cannot remove the expired state");
+        }
         if let Some(h) = entry.hook.clone() {
             let dir: PathBuf = self.volume.entry_path(&entry.dir);
             let tx = self.events_tx.clone();
@@ -2094,6 +2108,14 @@ mod tests {
             run.cache.current().svids.is_empty(),
             "expired SVIDs are not served"
         );
+        // The files stay, with a state that says they expired.
+        let state = config
+            .volume_dir
+            .join("web")
+            .join(crate::volume::STATE_FILE);
+        let text = std::fs::read_to_string(&state).expect("the state file");
+        assert!(text.starts_with("EXPIRED "), "{text}");
+        assert!(config.volume_dir.join("web").join("svid.pem").exists());
         for i in status.identities.iter() {
             assert_eq!(i.attempts, 0, "{} was backed off: {i:?}", i.entry_id);
             assert!(i.not_after.is_none());
@@ -2117,6 +2139,7 @@ mod tests {
                     .all(|(i, b)| i.serial != *b)
         })
         .await;
+        assert!(!state.exists(), "a fresh SVID clears the expired state");
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
     }

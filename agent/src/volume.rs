@@ -387,6 +387,44 @@ impl Volume {
     }
 }
 
+/// The file beside `..data` that says the folder's SVID expired before it could be replaced
+/// (the CA holder could not be reached): its files stay, for the record, but are no longer
+/// valid or served. The next install removes it.
+pub const STATE_FILE: &str = "state";
+
+impl Volume {
+    /// Writes [`STATE_FILE`] into `dir`: `EXPIRED <not_after, RFC 3339>` and a sentence, 0444,
+    /// replaced atomically (a staged `..state.tmp` renamed into place).
+    pub fn mark_expired(&self, dir: &str, not_after: SystemTime) -> Result<(), VolumeError> {
+        check_dir(dir)?;
+        let entry = self.entry_path(dir);
+        if !entry.is_dir() {
+            return Ok(());
+        }
+        let text = format!(
+            "EXPIRED {}\nThe SVID in this folder expired before the agent could replace it; it is no longer served. A new one replaces it once the CA holder answers.\n",
+            humantime::format_rfc3339_seconds(not_after)
+        );
+        let tmp = entry.join(format!("..{STATE_FILE}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        write_file(&tmp, text.as_bytes(), 0o444, None)?;
+        let dest = entry.join(STATE_FILE);
+        fs::rename(&tmp, &dest).map_err(io("cannot rename into", &dest))
+    }
+
+    /// Removes `dir`'s [`STATE_FILE`], if any (a fresh SVID is installed).
+    pub fn clear_expired(&self, dir: &str) -> Result<(), VolumeError> {
+        check_dir(dir)?;
+        let path = self.entry_path(dir).join(STATE_FILE);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io("cannot remove", &path)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 fn data_folder_name(entry: &Path, now: SystemTime) -> String {
     // Kubernetes' style: ..2026_11_27_18_00_00.123456789 (UTC).
     let t = time::OffsetDateTime::from(now);
