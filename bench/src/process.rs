@@ -276,16 +276,30 @@ impl Holder {
         let _ = self.child.wait();
     }
 
-    /// Starts the holder again on the same state folder and address; returns once it answers.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    /// Starts the holder again on the same state folder and address; returns once it answers,
+    /// with the moment its API port first accepted a connection (when agents can reach it).
+    pub fn restart(&mut self) -> anyhow::Result<SystemTime> {
         self.kill9();
         let addr = self.addr;
         self.child = Self::spawn(&self.bins, self.dir.path(), Some(addr))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let back = loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                break SystemTime::now();
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meshcert-ca exited with {status}; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("meshcert-ca did not listen again; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
         self.wait_up()?;
         if self.addr != addr {
             bail!("the holder came back on {} instead of {addr}", self.addr);
         }
-        Ok(())
+        Ok(back)
     }
 
     /// The holder's log so far.

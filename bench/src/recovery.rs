@@ -91,8 +91,8 @@ fn run(bins: &Bins, opts: &Options, agents: usize, entries: usize) -> anyhow::Re
     for p in &mut procs {
         p.check_alive()?;
     }
-    holder.restart()?;
-    let back = SystemTime::now();
+    let restarted_at = SystemTime::now();
+    let back = holder.restart()?;
     let outage = back.duration_since(down_at).unwrap_or_default();
 
     let mut fresh = Samples::new();
@@ -103,7 +103,7 @@ fn run(bins: &Bins, opts: &Options, agents: usize, entries: usize) -> anyhow::Re
         while !pending.is_empty() {
             pending.retain(
                 |id| match link_time(&p.volume_dir().join(id).join("..data")) {
-                    Ok(at) if at > back => {
+                    Ok(at) if at > restarted_at => {
                         fresh.push(at.duration_since(back).unwrap_or_default());
                         false
                     }
@@ -165,7 +165,7 @@ pub fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     }
     table.note(
         "The holder is killed with -9 once every entry is issued, stays down until every SVID has expired, and comes back on \
-         the same state and port; \"return\" is the moment its admin socket answers. Each entry's time is the mtime of its \
+         the same state and port; \"return\" is the moment its API port accepts a connection again. Each entry's time is the mtime of its \
          `..data` symlink minus that moment. While the holder is down an agent with something due probes it every 2 to 4 s \
          (jittered), so the first fresh SVID comes on average about 3 s after the return; the rest is signing. Baseline: \
          from the agent's start (join included) to its last entry on disk, in the same run with the holder up.",

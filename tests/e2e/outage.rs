@@ -237,8 +237,8 @@ fn a_returning_holder_finds_every_expired_entry_fresh_within_seconds() {
          opened {idle_calls} connections during the {OUTAGE:?} outage",
         took.as_secs_f64()
     );
-    // Its normal schedule over 60 s: two syncs and two heartbeats, plus one of each at the
-    // edges; probing every few seconds would have been 15 or more.
+    // Its normal schedule over 60 s: at most three syncs and three heartbeats (30 s each, one
+    // at each edge of the window); probing every few seconds would have been 15 or more.
     assert!(
         idle_calls <= 6,
         "the idle agent contacted the holder {idle_calls} times during the outage; log:\n{}",
