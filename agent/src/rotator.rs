@@ -1683,6 +1683,8 @@ mod tests {
         probes: u32,
         /// Syncs received (while "down" too).
         syncs: u32,
+        /// Signing calls are answered `unavailable` (HTTP 503) as a whole.
+        unavailable: bool,
     }
 
     /// A holder in memory: signs with a test CA, can refuse entries or be "down".
@@ -1713,6 +1715,7 @@ mod tests {
                     panics: 0,
                     probes: 0,
                     syncs: 0,
+                    unavailable: false,
                 }),
             }
         }
@@ -1789,6 +1792,12 @@ mod tests {
         }
         async fn sign(&self, request: SignRequest) -> Result<SignResponse, IssuerError> {
             self.check_up()?;
+            if self.with(|s| s.unavailable) {
+                return Err(IssuerError::Api(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the datastore is down",
+                )));
+            }
             let (entries, refuse, ttl) =
                 self.with(|s| (s.entries.clone(), s.refuse.clone(), s.ttl));
             let mut results = Vec::new();
@@ -2140,6 +2149,40 @@ mod tests {
         })
         .await;
         assert!(!state.exists(), "a fresh SVID clears the expired state");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    /// A holder that answers `unavailable` to a whole signing call cannot serve: that is an
+    /// outage (probed, nothing backed off), not a refusal of the entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holder_answering_unavailable_is_an_outage_not_a_refusal() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        fake.with(|s| s.unavailable = true);
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "an outage seen", |s| {
+            s.ca_unreachable_since.is_some()
+                && s.identities.iter().any(|i| {
+                    i.state == CertState::Failed
+                        && i.attempts == 0
+                        && i.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("waiting for the CA holder"))
+                })
+        })
+        .await;
+        fake.with(|s| s.unavailable = false);
+        until(&run.cache, "issued once the holder serves", |s| {
+            all_issued(1)(s) && s.ca_unreachable_since.is_none()
+        })
+        .await;
+        assert!(
+            fake.with(|s| s.probes) >= 1,
+            "the return was seen by a probe"
+        );
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
     }
