@@ -18,8 +18,8 @@
 //! - `meshcert_agent_ca_connected`: 1 when the last call to the holder succeeded, else 0.
 //! - `meshcert_agent_ca_unreachable_since_seconds`: since when (Unix seconds) the holder cannot
 //!   serve; 0 while it answers.
-//! - `meshcert_agent_expired_while_ca_unreachable`: identities whose SVID expired during that
-//!   outage (their SPIFFE IDs are in the status).
+//! - `meshcert_agent_svid_expired_while_ca_unreachable{spiffe_id}`: 1 for each identity whose
+//!   SVID expired during that outage (none while the holder answers).
 //!
 //! Rotations and failures are counted by watching the published [`AgentStatus`] (a new serial
 //! is a rotation, a growing `attempts` a failure), so the rotator needs no metrics code.
@@ -87,7 +87,7 @@ pub struct Metrics {
     bundle_version: Gauge,
     ca_connected: Gauge,
     ca_unreachable_since: Gauge,
-    expired_while_unreachable: Gauge,
+    expired_while_unreachable: Family<Labels, Gauge>,
     /// Per entry id, what the last observed status held; also serialises renders.
     seen: Mutex<Observed>,
     address: Mutex<Option<SocketAddr>>,
@@ -133,15 +133,15 @@ impl Metrics {
         let bundle_version = Gauge::default();
         let ca_connected = Gauge::default();
         let ca_unreachable_since = Gauge::default();
-        let expired_while_unreachable = Gauge::default();
+        let expired_while_unreachable = Family::<Labels, Gauge>::default();
         registry.register(
             "meshcert_agent_ca_unreachable_since_seconds",
             "Since when (Unix seconds) the CA holder cannot serve; 0 while it answers",
             ca_unreachable_since.clone(),
         );
         registry.register(
-            "meshcert_agent_expired_while_ca_unreachable",
-            "Identities whose SVID expired while the CA holder could not serve (this outage)",
+            "meshcert_agent_svid_expired_while_ca_unreachable",
+            "1 for each identity whose SVID expired while the CA holder could not serve (this outage)",
             expired_while_unreachable.clone(),
         );
         registry.register(
@@ -289,8 +289,12 @@ impl Metrics {
         self.ca_unreachable_since.set(gauge_value(i128::from(
             status.ca_unreachable_since.unwrap_or(0),
         )));
-        self.expired_while_unreachable
-            .set(gauge_value(status.expired_while_unreachable.len() as i128));
+        self.expired_while_unreachable.clear();
+        for id in &status.expired_while_unreachable {
+            self.expired_while_unreachable
+                .get_or_create(&vec![("spiffe_id".to_owned(), id.to_string())])
+                .set(1);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
@@ -563,10 +567,16 @@ mod tests {
         let out = m.render(&down, 2_500);
         for line in [
             "meshcert_agent_ca_unreachable_since_seconds 2000",
-            "meshcert_agent_expired_while_ca_unreachable 1",
+            "meshcert_agent_svid_expired_while_ca_unreachable{spiffe_id=\"spiffe://a.org/web\"} 1",
         ] {
             assert!(out.lines().any(|l| l == line), "missing `{line}` in {out}");
         }
+        // The outage over: no identity listed any more.
+        let out = m.render(&status(vec![]), 2_600);
+        assert!(
+            !out.contains("meshcert_agent_svid_expired_while_ca_unreachable{"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -204,10 +204,15 @@ fn a_returning_holder_finds_every_expired_entry_fresh_within_seconds() {
         "{body}"
     );
     let (_, metrics) = admin_get(&busy.admin_socket(), "/metrics");
+    let expired = metrics
+        .lines()
+        .filter(|l| l.starts_with("meshcert_agent_svid_expired_while_ca_unreachable{"))
+        .count();
+    assert_eq!(expired, ENTRIES, "{metrics}");
     assert!(
-        metrics
-            .lines()
-            .any(|l| l == format!("meshcert_agent_expired_while_ca_unreachable {ENTRIES}")),
+        metrics.contains(
+            "meshcert_agent_svid_expired_while_ca_unreachable{spiffe_id=\"spiffe://mesh-a.test/short-0\"} 1"
+        ),
         "{metrics}"
     );
     let folder = busy.volume_dir().join("short-0");
