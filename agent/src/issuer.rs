@@ -39,8 +39,9 @@ use crate::keys::PrivateKey;
 /// How long one call to the holder may take, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How long one replica may take to accept a TCP connection and finish the TLS handshake
-/// before the next one is tried.
+/// How long one replica (or one of the addresses its name resolves to) may take to accept a
+/// TCP connection and finish the TLS handshake before the next one is tried. A holder with a
+/// single address has the whole [`CALL_TIMEOUT`]: there is nothing else to try.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a replica that failed is tried only after the others.
 pub const REPLICA_COOLDOWN: Duration = Duration::from_secs(10);
@@ -360,7 +361,11 @@ impl HttpsIssuer {
         let mut last = None;
         for i in order {
             let replica = &self.replicas[i];
-            match self.connect_to(&replica.address, config.clone()).await {
+            let alone = self.replicas.len() == 1;
+            match self
+                .connect_to(&replica.address, config.clone(), alone)
+                .await
+            {
                 Ok(tls) => {
                     replica.set_failed(false);
                     return self.handshake(tls, i, generation).await;
@@ -376,11 +381,12 @@ impl HttpsIssuer {
     }
 
     /// TCP and TLS to every address `address` resolves to in turn, each within
-    /// [`CONNECT_TIMEOUT`].
+    /// [`CONNECT_TIMEOUT`] unless it is the only one there is (`alone`: the only replica).
     async fn connect_to(
         &self,
         address: &str,
         config: Arc<ClientConfig>,
+        alone: bool,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, IssuerError> {
         let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(address))
             .await
@@ -392,6 +398,12 @@ impl HttpsIssuer {
                 address: address.to_owned(),
                 source,
             })?;
+        let resolved: Vec<std::net::SocketAddr> = resolved.collect();
+        let limit = if alone && resolved.len() == 1 {
+            CALL_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        };
         let mut last = None;
         for socket in resolved {
             let attempt = async {
@@ -411,13 +423,13 @@ impl HttpsIssuer {
                         source,
                     })
             };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            match tokio::time::timeout(limit, attempt).await {
                 Ok(Ok(tls)) => return Ok(tls),
                 Ok(Err(e)) => last = Some(e),
                 Err(_) => {
                     last = Some(IssuerError::Timeout {
                         address: socket.to_string(),
-                        timeout: CONNECT_TIMEOUT,
+                        timeout: limit,
                     });
                 }
             }
