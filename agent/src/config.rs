@@ -56,8 +56,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {
-    /// The holder, `host:port`.
-    pub ca_address: Option<String>,
+    /// The holder, `host:port`; its replicas as a list (or separated by commas).
+    pub ca_address: Option<CaAddress>,
     /// The TLS name the holder's certificate carries.
     pub ca_server_name: Option<String>,
     /// PEM file with the root(s) the holder's certificate chains to.
@@ -145,6 +145,33 @@ impl HookRule {
 /// The default of `clockSkew`.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
+/// `caAddress` as written: one `host:port` (possibly several separated by commas), or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CaAddress {
+    /// `ca.example:8443` or `ca-1:8443,ca-2:8443`.
+    One(String),
+    /// `[ca-1:8443, ca-2:8443]`.
+    Many(Vec<String>),
+}
+
+impl CaAddress {
+    /// Every address, commas split, blanks dropped.
+    fn addresses(&self) -> Vec<String> {
+        let parts: Vec<&str> = match self {
+            Self::One(text) => vec![text.as_str()],
+            Self::Many(list) => list.iter().map(String::as_str).collect(),
+        };
+        parts
+            .iter()
+            .flat_map(|p| p.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 /// A file mode written as text (`"0640"`) or as a YAML number (`0640`, read as octal digits).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -213,7 +240,7 @@ impl Default for Rotation {
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `--ca-address`.
+    /// `--ca-address` (several separated by commas).
     pub ca_address: Option<String>,
     /// `--trust-bundle`.
     pub trust_bundle: Option<PathBuf>,
@@ -244,7 +271,8 @@ pub struct Listeners {
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The holder, `host:port`.
+    /// The holder, `host:port`; its replicas separated by commas (each one checked), tried
+    /// in turn by [`crate::issuer::HttpsIssuer`].
     pub ca_address: String,
     /// The TLS name to expect on the holder's certificate.
     pub ca_server_name: String,
@@ -347,17 +375,26 @@ pub fn resolve_with_listeners(
         },
     };
 
-    let ca_address = o.ca_address.clone().or(file.ca_address).unwrap_or_default();
+    let addresses = o
+        .ca_address
+        .clone()
+        .map(CaAddress::One)
+        .or(file.ca_address)
+        .map(|a| a.addresses())
+        .unwrap_or_default();
     let mut ca_server_name = file.ca_server_name.unwrap_or_default();
-    if ca_address.is_empty() {
+    if addresses.is_empty() {
         problems.push("caAddress is required (host:port of the CA holder)".to_owned());
-    } else if let Some(host) = host_of(&ca_address) {
-        if ca_server_name.is_empty() {
-            ca_server_name = host.to_owned();
-        }
-    } else {
-        problems.push(format!("caAddress `{ca_address}` is not host:port"));
     }
+    for address in &addresses {
+        match host_of(address) {
+            // The TLS name defaults to the first replica's host.
+            Some(host) if ca_server_name.is_empty() => ca_server_name = host.to_owned(),
+            Some(_) => {}
+            None => problems.push(format!("caAddress `{address}` is not host:port")),
+        }
+    }
+    let ca_address = addresses.join(",");
 
     let trust_bundle = o
         .trust_bundle
@@ -685,6 +722,54 @@ mod tests {
         assert_eq!(c.ca_server_name, "other.example");
         assert_eq!(c.node_name, "node-2");
         assert_eq!(c.state_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn several_holder_addresses() {
+        let (_dir, bundle) = bundle_file();
+        let base = format!(
+            "trustBundle: {}\nmesh: mesh-a\nnodeName: node-1\n",
+            bundle.display()
+        );
+        for (yaml, flag, want) in [
+            (
+                "caAddress: [ca-1:8443, ca-2:8443]\n",
+                None,
+                Ok("ca-1:8443,ca-2:8443"),
+            ),
+            (
+                "caAddress: \"ca-1:8443, ca-2:8443\"\n",
+                None,
+                Ok("ca-1:8443,ca-2:8443"),
+            ),
+            ("caAddress: ca:8443\n", Some("a:1,b:2"), Ok("a:1,b:2")),
+            (
+                "caAddress: [ca-1:8443, nope]\n",
+                None,
+                Err("caAddress `nope`"),
+            ),
+            ("caAddress: []\n", None, Err("caAddress is required")),
+        ] {
+            let o = Overrides {
+                ca_address: flag.map(str::to_owned),
+                ..Overrides::default()
+            };
+            match (
+                resolve(parse(&format!("{base}{yaml}")).expect("parse"), &o),
+                want,
+            ) {
+                (Ok(c), Ok(want)) => {
+                    assert_eq!(c.ca_address, want, "{yaml}");
+                    let first = want.split(',').next().and_then(host_of);
+                    assert_eq!(Some(c.ca_server_name.as_str()), first, "{yaml}");
+                }
+                (Err(ConfigError::Invalid(problems)), Err(needle)) => assert!(
+                    problems.iter().any(|p| p.contains(needle)),
+                    "{yaml}: {problems:?}"
+                ),
+                (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -382,12 +382,18 @@ async fn identity<I: Issuer>(
             }
             Err(RotatorError::Issuer(e)) if e.is_retryable() => {
                 failures += 1;
-                let wait = rotation::backoff(
-                    failures,
-                    config.rotation.backoff_initial,
-                    config.rotation.backoff_max,
-                    fastrand::f64(),
-                );
+                // A holder that is down is probed at the outage pace, not backed off (see
+                // `reachability`): the join happens within seconds of its return.
+                let wait = if e.is_holder_down() {
+                    crate::reachability::probe_wait(fastrand::f64())
+                } else {
+                    rotation::backoff(
+                        failures,
+                        config.rotation.backoff_initial,
+                        config.rotation.backoff_max,
+                        fastrand::f64(),
+                    )
+                };
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the CA holder to join; retrying");
                 tokio::time::sleep(wait).await;
             }

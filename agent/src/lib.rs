@@ -14,6 +14,8 @@
 //! - [`issuer`]: the [`issuer::Issuer`] seam and its HTTPS implementation (the CA holder).
 //! - [`node`]: the node identity and last sync kept in the state folder.
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
+//! - [`reachability`]: whether the CA holder answers, and when to probe it during an outage
+//!   (pure).
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
 //! - [`folder`]: file operations relative to an open folder, never through a symlink.
@@ -52,6 +54,7 @@ pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod node;
+pub mod reachability;
 pub mod report;
 pub mod restart;
 pub mod rotation;

@@ -534,6 +534,66 @@ impl Layout {
     }
 }
 
+/// The file beside `..data` that says the folder's SVID expired before it could be replaced
+/// (the CA holder could not be reached): its files stay, for the record, but are no longer
+/// valid or served. The next install removes it.
+pub const STATE_FILE: &str = "state";
+
+impl Volume {
+    /// Writes [`STATE_FILE`] into `dir`: `EXPIRED <not_after, RFC 3339>` and a sentence, 0444,
+    /// replaced atomically (a staged `..state.tmp` renamed into place). Nothing when the
+    /// folder is gone.
+    pub fn mark_expired(&self, dir: &str, not_after: SystemTime) -> Result<(), VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.mark_expired(&owned, not_after))
+    }
+
+    /// Removes `dir`'s [`STATE_FILE`], if any (a fresh SVID is installed).
+    pub fn clear_expired(&self, dir: &str) -> Result<(), VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.clear_expired(&owned))
+    }
+}
+
+impl Layout {
+    /// The entry folder `dir` when it exists (agent-owned, 0755), never following a symlink.
+    fn existing_entry(&self, dir: &str) -> Result<Option<Folder>, VolumeError> {
+        let root = self.open_root()?;
+        match root
+            .meta_of(dir)
+            .map_err(io("cannot read", &root.join(dir)))?
+        {
+            Some(m) if m.kind == Kind::Dir => self.open_entry(&root, dir, false).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn mark_expired(&self, dir: &str, not_after: SystemTime) -> Result<(), VolumeError> {
+        let Some(entry) = self.existing_entry(dir)? else {
+            return Ok(());
+        };
+        let text = format!(
+            "EXPIRED {}\nThe SVID in this folder expired before the agent could replace it; it is no longer served. A new one replaces it once the CA holder answers.\n",
+            humantime::format_rfc3339_seconds(not_after)
+        );
+        let tmp = format!("..{STATE_FILE}.tmp");
+        let _ = entry.remove_tree(&tmp);
+        write_file(&entry, &tmp, text.as_bytes(), 0o444, None)?;
+        entry
+            .rename(&tmp, STATE_FILE)
+            .map_err(io("cannot rename into", &entry.join(STATE_FILE)))
+    }
+
+    fn clear_expired(&self, dir: &str) -> Result<(), VolumeError> {
+        let Some(entry) = self.existing_entry(dir)? else {
+            return Ok(());
+        };
+        entry
+            .remove_file(STATE_FILE)
+            .map_err(io("cannot remove", &entry.join(STATE_FILE)))
+    }
+}
+
 /// The mode of a complete data folder (and its `federated/`): the agent's, read-only, readable
 /// by everyone (the key files keep their own modes).
 pub const DATA_MODE: u32 = 0o555;

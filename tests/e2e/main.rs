@@ -5,5 +5,6 @@ mod agent;
 mod ca;
 mod faults;
 mod operations;
+mod outage;
 mod virtualmesh;
 mod workload;
