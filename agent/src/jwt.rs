@@ -198,19 +198,29 @@ impl Tokens {
         Ok(())
     }
 
-    /// Polls the JWKS every `interval` (sooner after a failure, e.g. before the node joined)
-    /// until `stop` turns true.
+    /// Polls the JWKS every `interval` until `stop` turns true. Until the first fetch succeeds
+    /// (before the node joined) a failure is retried sooner; after it, a failure (the holder
+    /// is down) waits the whole interval: the JWKS held stay valid, and an agent probing a
+    /// down holder is the rotator's job, not this poll's.
     pub async fn poll_bundles(
         self: Arc<Self>,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut fetched = false;
         loop {
             let wait = match self.refresh_bundles().await {
-                Ok(()) => interval,
+                Ok(()) => {
+                    fetched = true;
+                    interval
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "JWT bundles not fetched");
-                    RETRY.min(interval)
+                    if fetched {
+                        interval
+                    } else {
+                        RETRY.min(interval)
+                    }
                 }
             };
             tokio::select! {
