@@ -96,7 +96,8 @@ workloadSocket: $dir/run/workload.sock
 adminSocket: $dir/run/agent-admin.sock
 YAML
 
-"$bin/meshcert-agent" run --config "$dir/agent.yaml" --join-token "$token" >"$dir/agent.log" 2>&1 &
+# The token in the environment, not on the command line (readable by every local user).
+MESHCERT_JOIN_TOKEN="$token" "$bin/meshcert-agent" run --config "$dir/agent.yaml" >"$dir/agent.log" 2>&1 &
 pids+=($!)
 
 for _ in $(seq 1 300); do

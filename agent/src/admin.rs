@@ -39,6 +39,10 @@ pub const MODE: u32 = 0o600;
 const MAX_CONNECTIONS: usize = 32;
 /// How long one admin connection may take in all (slow clients are cut off).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections of other users (answered 403) served at once, in a pool of their own.
+const MAX_REFUSALS: usize = 4;
+/// How long a refused connection may take.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +108,7 @@ pub async fn serve_with_metrics(
 ) -> Result<(), AdminError> {
     let own_uid = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -120,15 +125,24 @@ pub async fn serve_with_metrics(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin connection cap reached, closing a new connection");
-            continue;
-        };
+        // The caller is checked before it takes a slot: other users get their 403 from a small
+        // pool of their own, so they cannot hold the slots of root and the agent's user.
         let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
         let allowed = peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid);
-        if !allowed {
+        let pool = if allowed { &slots } else { &refusals };
+        let Ok(slot) = pool.clone().try_acquire_owned() else {
+            tracing::debug!(
+                allowed,
+                "admin connection cap reached, closing a new connection"
+            );
+            continue;
+        };
+        let timeout = if allowed {
+            CONNECTION_TIMEOUT
+        } else {
             tracing::info!(uid = ?peer_uid, "admin socket: caller is neither root nor the agent's user");
-        }
+            REFUSAL_TIMEOUT
+        };
         let cache = cache.clone();
         let metrics = metrics.clone();
         connections.spawn(async move {
@@ -149,7 +163,7 @@ pub async fn serve_with_metrics(
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+            match tokio::time::timeout(timeout, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::debug!(%error, "admin connection failed"),
                 Err(_) => tracing::debug!("admin connection timed out"),
@@ -212,7 +226,10 @@ fn respond(
         },
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match not_ready_reason(status, now_unix) {
-            None => text(StatusCode::OK, "ready\n"),
+            None => match outage(status) {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(outage) => text(StatusCode::OK, &format!("ready; {outage}\n")),
+            },
             Some(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("not ready: {reason}\n"),
@@ -243,7 +260,25 @@ fn not_ready_reason(status: &AgentStatus, now_unix: u64) -> Option<String> {
         .filter(|i| i.not_after.is_none_or(|t| t <= now_unix))
         .map(|i| i.spiffe_id.to_string())
         .collect();
-    Some(format!("no valid SVID yet for {}", missing.join(", ")))
+    let mut reason = format!("no valid SVID yet for {}", missing.join(", "));
+    if let Some(outage) = outage(status) {
+        reason.push_str("; ");
+        reason.push_str(&outage);
+    }
+    Some(reason)
+}
+
+/// The holder's outage in words, while there is one: since when, and what expired meanwhile.
+fn outage(status: &AgentStatus) -> Option<String> {
+    let since = status.ca_unreachable_since?;
+    let mut text = format!("the CA holder is unreachable since {}", time(Some(since)));
+    if !status.expired_while_unreachable.is_empty() {
+        text.push_str(&format!(
+            " (expired meanwhile: {})",
+            status.expired_while_unreachable.join(", ")
+        ));
+    }
+    Some(text)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -352,10 +387,14 @@ struct StatusView {
     ca_address: String,
     ca_connected: bool,
     ca_last_error: Option<String>,
+    ca_unreachable_since: Option<u64>,
+    expired_while_unreachable: Vec<String>,
     node_svid_not_after: Option<u64>,
     bundle_version: u64,
     metrics_address: Option<String>,
     identities: Vec<IdentityReport>,
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 /// The table a person reads at a glance: node, CA, then one line per identity.
@@ -374,21 +413,36 @@ fn render(view: &StatusView, now: SystemTime) -> String {
         Some(t) => format!("valid until {}", time(Some(t))),
     };
     out.push_str(&format!("Node SVID:  {node_svid}\n"));
-    let ca = if view.ca_connected {
-        "connected".to_owned()
-    } else {
-        match &view.ca_last_error {
+    let ca = match (view.ca_unreachable_since, view.ca_connected) {
+        (Some(since), _) => format!(
+            "UNREACHABLE since {} ({} ago): {}",
+            time(Some(since)),
+            humantime::format_duration(Duration::from_secs(unix_now(now).saturating_sub(since))),
+            view.ca_last_error.as_deref().unwrap_or("-")
+        ),
+        (None, true) => "connected".to_owned(),
+        (None, false) => match &view.ca_last_error {
             Some(e) => format!("UNREACHABLE: {e}"),
             None => "not contacted yet".to_owned(),
-        }
+        },
     };
     out.push_str(&format!("CA:         {} ({ca})\n", view.ca_address));
+    if !view.expired_while_unreachable.is_empty() {
+        out.push_str(&format!(
+            "Expired while the CA is unreachable: {}\n",
+            view.expired_while_unreachable.join(", ")
+        ));
+    }
     out.push_str(&format!("Bundle:     version {}\n", view.bundle_version));
     let metrics = match &view.metrics_address {
         Some(address) => format!("http://{address}/metrics (and GET /metrics on the admin socket)"),
         None => "GET /metrics on the admin socket".to_owned(),
     };
-    out.push_str(&format!("Metrics:    {metrics}\n\n"));
+    out.push_str(&format!("Metrics:    {metrics}\n"));
+    for warning in &view.warnings {
+        out.push_str(&format!("Warning:    {warning}\n"));
+    }
+    out.push('\n');
     if view.identities.is_empty() {
         out.push_str("No identities assigned to this node.\n");
         return out;
@@ -587,6 +641,47 @@ mod tests {
         assert_eq!(
             not_ready_reason(&missing, now).as_deref(),
             Some("no valid SVID yet for spiffe://a.org/db")
+        );
+    }
+
+    #[test]
+    fn an_outage_shows_since_when_and_what_expired_meanwhile() {
+        let now = 1_000_000_000;
+        let mut down = status(
+            Some(2_000_000_000),
+            vec![identity("spiffe://a.org/web", Some(now - 5))],
+        );
+        down.ca_connected = false;
+        down.ca_last_error = Some("connection refused".into());
+        down.ca_unreachable_since = Some(now - 60);
+        down.expired_while_unreachable = vec!["spiffe://a.org/web".into()];
+        let reason = not_ready_reason(&down, now).expect("not ready");
+        assert!(
+            reason.contains("the CA holder is unreachable since 2001-09-09T01:45:40Z")
+                && reason.contains("expired meanwhile: spiffe://a.org/web"),
+            "{reason}"
+        );
+        let metrics = Metrics::new();
+        let answer = respond(&Method::GET, "/readyz", true, &down, &metrics, now);
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let json = serde_json::to_vec(&down).expect("encodes");
+        let view: StatusView = serde_json::from_slice(&json).expect("decodes");
+        let table = render(&view, UNIX_EPOCH + Duration::from_secs(now));
+        assert!(
+            table.contains("UNREACHABLE since 2001-09-09T01:45:40Z (1m ago): connection refused"),
+            "{table}"
+        );
+        assert!(
+            table.contains("Expired while the CA is unreachable: spiffe://a.org/web"),
+            "{table}"
+        );
+        // Still serving everything: ready, and the outage is said.
+        down.identities = vec![identity("spiffe://a.org/web", Some(now + 5))].into();
+        down.expired_while_unreachable.clear();
+        assert_eq!(not_ready_reason(&down, now), None);
+        assert_eq!(
+            outage(&down).as_deref(),
+            Some("the CA holder is unreachable since 2001-09-09T01:45:40Z")
         );
     }
 

@@ -152,6 +152,17 @@ pub struct AgentStatus {
     pub all_attempted: bool,
     /// Every identity the agent manages, with its state (shared with the upward report).
     pub identities: Arc<[IdentityReport]>,
+    /// What the agent refused or ignored and the operator should know (e.g. a hook in a
+    /// holder entry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// Since when the holder cannot serve (unreachable, or answering 5xx), Unix seconds;
+    /// absent while it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_unreachable_since: Option<u64>,
+    /// The identities (SPIFFE IDs) whose SVID expired during that outage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expired_while_unreachable: Vec<Arc<str>>,
 }
 
 impl AgentStatus {

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshcert_protocol::Entry;
 use meshcert_protocol::entry::valid_dir;
+use meshcert_protocol::{Entry, Hook};
 use serde::Deserialize;
 
 use crate::keys::KeyAlgorithm;
@@ -56,8 +56,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {
-    /// The holder, `host:port`.
-    pub ca_address: Option<String>,
+    /// The holder, `host:port`; its replicas as a list (or separated by commas).
+    pub ca_address: Option<CaAddress>,
     /// The TLS name the holder's certificate carries.
     pub ca_server_name: Option<String>,
     /// PEM file with the root(s) the holder's certificate chains to.
@@ -74,6 +74,8 @@ pub struct FileConfig {
     pub workload_socket: Option<PathBuf>,
     /// The Workload API socket's mode, octal (`"0666"`).
     pub workload_socket_mode: Option<ModeText>,
+    /// Workload API connections one uid may hold at once (256).
+    pub workload_connections_per_uid: Option<usize>,
     /// The admin socket.
     pub admin_socket: Option<PathBuf>,
     /// Plaintext Prometheus listener (`GET /metrics`), `address:port`; off when absent.
@@ -94,6 +96,82 @@ pub struct FileConfig {
     pub entries: Vec<Entry>,
     /// Kubernetes: attestation with the pod's service-account token.
     pub kubernetes: Option<crate::k8s::KubernetesFile>,
+    /// What runs after an entry rotates, by entry id or folder (hooks are node configuration:
+    /// the holder's entries never carry one).
+    #[serde(default)]
+    pub hooks: Vec<HookFile>,
+    /// How far ahead of this node's clock an issued SVID's notBefore may be (`60s`).
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub clock_skew: Option<Duration>,
+}
+
+/// One `hooks:` item as written: which entry (`entry:` id or `dir:` folder) and what to do.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HookFile {
+    /// The entry's id.
+    pub entry: Option<String>,
+    /// The entry's folder in the volume.
+    pub dir: Option<String>,
+    /// Signal the process whose pid is in this file (absolute path).
+    pub pid_file: Option<PathBuf>,
+    /// The signal (`SIGHUP` by default).
+    pub signal: Option<String>,
+    /// A command to run: program and arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// How long the command may run before its process group is killed (10 s).
+    #[serde(default, with = "meshcert_protocol::duration::option")]
+    pub timeout: Option<Duration>,
+}
+
+/// A validated `hooks:` item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookRule {
+    /// The entry id it applies to.
+    pub entry: Option<String>,
+    /// The folder it applies to.
+    pub dir: Option<String>,
+    /// What runs.
+    pub hook: Hook,
+}
+
+impl HookRule {
+    /// Whether this rule names `entry` (by id or by folder).
+    pub fn applies_to(&self, entry: &Entry) -> bool {
+        self.entry.as_deref() == Some(entry.id.as_str())
+            || self.dir.as_deref() == Some(entry.dir.as_str())
+    }
+}
+
+/// The default of `clockSkew`.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// `caAddress` as written: one `host:port` (possibly several separated by commas), or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CaAddress {
+    /// `ca.example:8443` or `ca-1:8443,ca-2:8443`.
+    One(String),
+    /// `[ca-1:8443, ca-2:8443]`.
+    Many(Vec<String>),
+}
+
+impl CaAddress {
+    /// Every address, commas split, blanks dropped.
+    fn addresses(&self) -> Vec<String> {
+        let parts: Vec<&str> = match self {
+            Self::One(text) => vec![text.as_str()],
+            Self::Many(list) => list.iter().map(String::as_str).collect(),
+        };
+        parts
+            .iter()
+            .flat_map(|p| p.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// A file mode written as text (`"0640"`) or as a YAML number (`0640`, read as octal digits).
@@ -164,7 +242,7 @@ impl Default for Rotation {
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `--ca-address`.
+    /// `--ca-address` (several separated by commas).
     pub ca_address: Option<String>,
     /// `--trust-bundle`.
     pub trust_bundle: Option<PathBuf>,
@@ -195,7 +273,8 @@ pub struct Listeners {
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The holder, `host:port`.
+    /// The holder, `host:port`; its replicas separated by commas (each one checked), tried
+    /// in turn by [`crate::issuer::HttpsIssuer`].
     pub ca_address: String,
     /// The TLS name to expect on the holder's certificate.
     pub ca_server_name: String,
@@ -215,6 +294,8 @@ pub struct Config {
     pub workload_socket: PathBuf,
     /// Its mode.
     pub workload_socket_mode: u32,
+    /// Workload API connections one uid may hold at once.
+    pub workload_connections_per_uid: usize,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// Key algorithm.
@@ -229,6 +310,10 @@ pub struct Config {
     pub entries: Vec<Entry>,
     /// Kubernetes settings, when the node runs in a cluster.
     pub kubernetes: Option<crate::k8s::Kubernetes>,
+    /// Hooks by entry id or folder.
+    pub hooks: Vec<HookRule>,
+    /// How far ahead of this node's clock an issued SVID's notBefore may be.
+    pub clock_skew: Duration,
 }
 
 /// Reads and validates the config file with `overrides` applied.
@@ -294,17 +379,26 @@ pub fn resolve_with_listeners(
         },
     };
 
-    let ca_address = o.ca_address.clone().or(file.ca_address).unwrap_or_default();
+    let addresses = o
+        .ca_address
+        .clone()
+        .map(CaAddress::One)
+        .or(file.ca_address)
+        .map(|a| a.addresses())
+        .unwrap_or_default();
     let mut ca_server_name = file.ca_server_name.unwrap_or_default();
-    if ca_address.is_empty() {
+    if addresses.is_empty() {
         problems.push("caAddress is required (host:port of the CA holder)".to_owned());
-    } else if let Some(host) = host_of(&ca_address) {
-        if ca_server_name.is_empty() {
-            ca_server_name = host.to_owned();
-        }
-    } else {
-        problems.push(format!("caAddress `{ca_address}` is not host:port"));
     }
+    for address in &addresses {
+        match host_of(address) {
+            // The TLS name defaults to the first replica's host.
+            Some(host) if ca_server_name.is_empty() => ca_server_name = host.to_owned(),
+            Some(_) => {}
+            None => problems.push(format!("caAddress `{address}` is not host:port")),
+        }
+    }
+    let ca_address = addresses.join(",");
 
     let trust_bundle = o
         .trust_bundle
@@ -427,6 +521,22 @@ pub fn resolve_with_listeners(
     let kubernetes = file
         .kubernetes
         .map(|k| crate::k8s::Kubernetes::resolve(k, &mut problems));
+    let hooks = file
+        .hooks
+        .iter()
+        .enumerate()
+        .filter_map(|(n, h)| hook_rule(n, h, &mut problems))
+        .collect();
+    let workload_connections_per_uid = file
+        .workload_connections_per_uid
+        .unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
+    if workload_connections_per_uid == 0 {
+        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
+    }
+    let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
+    if clock_skew > Duration::from_secs(3600) {
+        problems.push("clockSkew must be at most 1h".to_owned());
+    }
 
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
@@ -454,6 +564,7 @@ pub fn resolve_with_listeners(
             .or(file.workload_socket)
             .unwrap_or_else(|| DEFAULT_WORKLOAD_SOCKET.into()),
         workload_socket_mode,
+        workload_connections_per_uid,
         admin_socket: o
             .admin_socket
             .clone()
@@ -465,8 +576,47 @@ pub fn resolve_with_listeners(
         heartbeat,
         entries: file.entries,
         kubernetes,
+        hooks,
+        clock_skew,
     };
     Ok((config, Listeners { metrics_listen }))
+}
+
+/// Checks `hooks[n]`, adding what is wrong to `problems`.
+pub(crate) fn hook_rule(n: usize, h: &HookFile, problems: &mut Vec<String>) -> Option<HookRule> {
+    let before = problems.len();
+    match (&h.entry, &h.dir) {
+        (Some(_), None) | (None, Some(_)) => {}
+        _ => problems.push(format!(
+            "hooks[{n}]: set exactly one of `entry` (an entry id) or `dir` (its folder)"
+        )),
+    }
+    if h.pid_file.is_none() && h.command.is_empty() {
+        problems.push(format!("hooks[{n}]: set `pidFile`, `command` or both"));
+    }
+    if h.pid_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+        problems.push(format!("hooks[{n}]: `pidFile` must be an absolute path"));
+    }
+    if let Some(signal) = &h.signal
+        && let Err(e) = sys::parse_signal(signal)
+    {
+        problems.push(format!("hooks[{n}]: {e}"));
+    }
+    if h.command.first().is_some_and(|p| p.is_empty()) {
+        problems.push(format!(
+            "hooks[{n}]: `command` starts with an empty program"
+        ));
+    }
+    (problems.len() == before).then(|| HookRule {
+        entry: h.entry.clone(),
+        dir: h.dir.clone(),
+        hook: Hook {
+            pid_file: h.pid_file.clone(),
+            signal: h.signal.clone(),
+            command: h.command.clone(),
+            timeout: h.timeout,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -580,6 +730,54 @@ mod tests {
         assert_eq!(c.ca_server_name, "other.example");
         assert_eq!(c.node_name, "node-2");
         assert_eq!(c.state_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn several_holder_addresses() {
+        let (_dir, bundle) = bundle_file();
+        let base = format!(
+            "trustBundle: {}\nmesh: mesh-a\nnodeName: node-1\n",
+            bundle.display()
+        );
+        for (yaml, flag, want) in [
+            (
+                "caAddress: [ca-1:8443, ca-2:8443]\n",
+                None,
+                Ok("ca-1:8443,ca-2:8443"),
+            ),
+            (
+                "caAddress: \"ca-1:8443, ca-2:8443\"\n",
+                None,
+                Ok("ca-1:8443,ca-2:8443"),
+            ),
+            ("caAddress: ca:8443\n", Some("a:1,b:2"), Ok("a:1,b:2")),
+            (
+                "caAddress: [ca-1:8443, nope]\n",
+                None,
+                Err("caAddress `nope`"),
+            ),
+            ("caAddress: []\n", None, Err("caAddress is required")),
+        ] {
+            let o = Overrides {
+                ca_address: flag.map(str::to_owned),
+                ..Overrides::default()
+            };
+            match (
+                resolve(parse(&format!("{base}{yaml}")).expect("parse"), &o),
+                want,
+            ) {
+                (Ok(c), Ok(want)) => {
+                    assert_eq!(c.ca_address, want, "{yaml}");
+                    let first = want.split(',').next().and_then(host_of);
+                    assert_eq!(Some(c.ca_server_name.as_str()), first, "{yaml}");
+                }
+                (Err(ConfigError::Invalid(problems)), Err(needle)) => assert!(
+                    problems.iter().any(|p| p.contains(needle)),
+                    "{yaml}: {problems:?}"
+                ),
+                (got, want) => panic!("{yaml}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     /// The node has no identity and no join token was given.
     #[error(
-        "this node has not joined yet (no node identity in {state_dir}): create a join token on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token, --join-token-file or MESHCERT_JOIN_TOKEN"
+        "this node has not joined yet (no node identity in {state_dir}): create a join token on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token-file or MESHCERT_JOIN_TOKEN"
     )]
     NoToken {
         /// The state folder.
@@ -44,7 +44,7 @@ pub enum DaemonError {
     },
     /// The node SVID expired while the agent was down.
     #[error(
-        "the node SVID in {state_dir} expired at {expired} (the agent was stopped longer than its lifetime) and can no longer be renewed: re-join with a new token: create one on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token, --join-token-file or MESHCERT_JOIN_TOKEN"
+        "the node SVID in {state_dir} expired at {expired} (the agent was stopped longer than its lifetime) and can no longer be renewed: re-join with a new token: create one on the CA holder (`meshcert-ca token create --node {node} --mesh {mesh}`) and start the agent with --join-token-file or MESHCERT_JOIN_TOKEN"
     )]
     NodeExpired {
         /// The state folder.
@@ -148,6 +148,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         socket: config.workload_socket.clone(),
         mode: config.workload_socket_mode,
         kubelet: kubelet(&config)?,
+        max_connections_per_uid: config.workload_connections_per_uid,
         ..Default::default()
     };
     let workload_listener =
@@ -176,10 +177,24 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         s.mesh = Some(config.mesh.clone());
         s.ca_address = config.ca_address.clone();
     });
-    let workload_task = tokio::spawn(workload::serve(
+    // JWT-SVIDs: signed by the holder, cached here; the JWKS polled at the sync interval.
+    let tokens = Arc::new(crate::jwt::Tokens::new(
+        issuer.clone(),
+        Duration::from_secs(meshcert_protocol::jwt::DEFAULT_JWT_TTL_SECONDS),
+    ));
+    let jwks_task = tokio::spawn(
+        tokens
+            .clone()
+            .poll_bundles(config.sync_interval, stop_rx.clone()),
+    );
+    let workload_task = tokio::spawn(workload::serve_with(
         workload_listener,
         workload_config,
         cache.clone(),
+        workload::Extras {
+            jwt: Some(tokens),
+            metrics: Some(metrics.workload.clone()),
+        },
         stop_future(&stop_rx),
     ));
     let admin_task = tokio::spawn(admin::serve_with_metrics(
@@ -207,6 +222,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
             let _ = task.await;
         }
         let _ = status_task.await;
+        let _ = jwks_task.await;
         if let Ok(Err(e)) = workload_task.await {
             tracing::warn!(error = %e, "the Workload API server stopped with an error");
         }
@@ -390,7 +406,7 @@ async fn identity<I: Issuer>(
             }
             Err(RotatorError::Issuer(e)) if e.is_retryable() => {
                 failures += 1;
-                let wait = join_backoff(config, failures);
+                let wait = join_backoff(config, failures, e.is_holder_down());
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the CA holder to join; retrying");
                 tokio::time::sleep(wait).await;
             }
@@ -399,7 +415,13 @@ async fn identity<I: Issuer>(
     }
 }
 
-fn join_backoff(config: &Config, failures: u32) -> Duration {
+/// How long a join waits before it tries again: a holder that is down is probed at the outage
+/// pace, not backed off (see [`crate::reachability`]), so the join happens within seconds of
+/// its return; any other retryable failure backs off.
+fn join_backoff(config: &Config, failures: u32, holder_down: bool) -> Duration {
+    if holder_down {
+        return crate::reachability::probe_wait(fastrand::f64());
+    }
     rotation::backoff(
         failures,
         config.rotation.backoff_initial,
@@ -427,7 +449,7 @@ async fn join_kubernetes<I: Issuer>(
             Ok((identity, seed)) => return Ok((identity, Some(seed))),
             Err(e) if e.is_retryable() => {
                 failures += 1;
-                let wait = join_backoff(config, failures);
+                let wait = join_backoff(config, failures, e.is_holder_down());
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot attest with the service-account token yet; retrying");
                 tokio::time::sleep(wait).await;
             }

@@ -11,7 +11,7 @@
 //! itself. Those blocks count as in use: they cannot be merged with their neighbours nor
 //! returned, and with 7 threads they held about 1.2 MB at 1000 entries. glibc reads that
 //! setting only at start (`GLIBC_TUNABLES`), so `meshcert-agent run` starts its own program
-//! again in place with [`TUNABLES`] ([`restart_with_tunables`]).
+//! again in place with [`TUNABLES`] ([`crate::restart`]).
 //!
 //! Other C libraries (musl) have none of these knobs; there these functions do nothing.
 
@@ -28,35 +28,9 @@ pub const TUNABLES_ENV: &str = "GLIBC_TUNABLES";
 /// freed blocks.
 pub const TUNABLES: &str = "glibc.malloc.tcache_count=0";
 
-/// Replaces the process image with the same program and arguments (same process id, so
-/// systemd and the container runtime see nothing) and [`TUNABLES`] in its environment,
-/// unless [`TUNABLES_ENV`] is already set: by the operator, who then chooses, or by this
-/// same step before. Call it first thing in `main`, before any thread starts. Returns only
-/// when it did not replace the process: `Ok` when there was nothing to do, the error when
-/// the program could not be started again (the agent then goes on with glibc's defaults).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn restart_with_tunables() -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    if std::env::var_os(TUNABLES_ENV).is_some() {
-        return Ok(());
-    }
-    let mut args = std::env::args_os();
-    let Some(arg0) = args.next() else {
-        return Ok(());
-    };
-    // `/proc/self/exe` is the running program even when its file was replaced meanwhile.
-    Err(std::process::Command::new("/proc/self/exe")
-        .arg0(arg0)
-        .args(args)
-        .env(TUNABLES_ENV, TUNABLES)
-        .exec())
-}
-
-/// Other C libraries: nothing to do.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn restart_with_tunables() -> std::io::Result<()> {
-    Ok(())
-}
+/// Whether this C library reads [`TUNABLES_ENV`] (glibc): only then does the agent restart
+/// in place to set [`TUNABLES`] (see [`crate::restart`]).
+pub const HAS_TUNABLES: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
 
 /// Uses a single malloc arena, unless [`ARENA_ENV`] says otherwise. Call it first thing in
 /// `main`, before any thread starts. Returns whether the setting was applied.

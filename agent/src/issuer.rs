@@ -6,8 +6,14 @@
 //! Connections are kept alive and reused (a small pool of idle HTTP/1.1 connections), so a
 //! rotation does not pay a TCP and mTLS handshake on the holder. A pooled connection belongs
 //! to the TLS settings it was opened with: a new node SVID retires every older connection.
+//!
+//! The holder may have several replicas (`caAddress` as a list, or a DNS name with several
+//! addresses). A new connection goes to the next replica in turn; one that cannot be reached
+//! (TCP, TLS, or no answer within [`CONNECT_TIMEOUT`]) sends the call to the next at once and
+//! is tried last for [`REPLICA_COOLDOWN`]; the call fails only once every replica failed.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +38,13 @@ use crate::keys::PrivateKey;
 
 /// How long one call to the holder may take, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long one replica (or one of the addresses its name resolves to) may take to accept a
+/// TCP connection and finish the TLS handshake before the next one is tried. A holder with a
+/// single address has the whole [`CALL_TIMEOUT`]: there is nothing else to try.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a replica that failed is tried only after the others.
+pub const REPLICA_COOLDOWN: Duration = Duration::from_secs(10);
 
 /// Idle connections kept for reuse (as many as the default signing concurrency).
 const MAX_IDLE: usize = 4;
@@ -125,6 +138,18 @@ impl IssuerError {
             Self::Connect { .. } | Self::Tls { .. } | Self::Http(_) | Self::Timeout { .. }
         )
     }
+
+    /// Whether the holder as a whole could not serve the call: unreachable, or answering that
+    /// it cannot serve anything now (HTTP 5xx, `unavailable`, `internal`). Nothing about the
+    /// identities in the call is wrong, so the agent waits for the holder's return instead of
+    /// backing each of them off; every other failure is about the call itself.
+    pub fn is_holder_down(&self) -> bool {
+        match self {
+            Self::Api(e) => e.code.is_retryable(),
+            Self::Status { status, .. } => *status >= 500,
+            other => other.is_unreachable(),
+        }
+    }
 }
 
 /// The CA holder's API, as a seam: [`HttpsIssuer`] in production, a fake in tests.
@@ -160,6 +185,8 @@ pub trait Issuer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<SignResponse, IssuerError>> + Send;
     /// Sends the node's state.
     fn report(&self, report: NodeReport) -> impl Future<Output = Result<(), IssuerError>> + Send;
+    /// Asks whether the holder answers at all, as cheaply as it can (`GET /v1/bundle`).
+    fn probe(&self) -> impl Future<Output = Result<(), IssuerError>> + Send;
     /// Uses this node SVID (chain, leaf first) and key for every later call.
     fn set_identity(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), IssuerError>;
 }
@@ -167,7 +194,9 @@ pub trait Issuer: Send + Sync + 'static {
 /// The CA holder over HTTPS.
 #[derive(Debug)]
 pub struct HttpsIssuer {
-    address: String,
+    replicas: Vec<Replica>,
+    /// The replica the next new connection tries first (round robin).
+    next_replica: AtomicUsize,
     server_name: ServerName<'static>,
     anonymous: Arc<ClientConfig>,
     roots: Arc<RootCertStore>,
@@ -177,9 +206,45 @@ pub struct HttpsIssuer {
     idle: Mutex<Vec<Idle>>,
 }
 
+/// One holder address (`host:port`) and when it last failed.
+#[derive(Debug)]
+struct Replica {
+    address: String,
+    failed_at: Mutex<Option<Instant>>,
+}
+
+impl Replica {
+    fn cooling_down(&self, now: Instant) -> bool {
+        self.failed_at
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .is_some_and(|at| now.duration_since(at) < REPLICA_COOLDOWN)
+    }
+
+    fn set_failed(&self, failed: bool) {
+        if let Ok(mut f) = self.failed_at.lock() {
+            *f = failed.then(Instant::now);
+        }
+    }
+}
+
+/// The order to try `n` replicas in: from `first` round, those not cooling down before those
+/// that are (so a failed replica gets traffic again once its cooldown ends, and is still
+/// tried when every other one fails too); pure.
+fn replica_order(n: usize, first: usize, cooling: impl Fn(usize) -> bool) -> Vec<usize> {
+    let round: Vec<usize> = (0..n).map(|k| (first + k) % n.max(1)).collect();
+    let (mut order, later): (Vec<usize>, Vec<usize>) =
+        round.into_iter().partition(|i| !cooling(*i));
+    order.extend(later);
+    order
+}
+
 /// One open HTTP/1.1 connection to the holder.
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
+    /// The replica it is connected to.
+    replica: usize,
     /// The generation of the TLS settings it was opened with.
     generation: u64,
     opened: Instant,
@@ -206,9 +271,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl HttpsIssuer {
-    /// A client of the holder at `address` (`host:port`) whose certificate is for
-    /// `server_name` and chains to one of `roots` (DER).
+    /// A client of the holder at `address` (`host:port`, or several separated by commas: the
+    /// replicas) whose certificate is for `server_name` and chains to one of `roots` (DER).
     pub fn new(address: &str, server_name: &str, roots: &[Vec<u8>]) -> Result<Self, IssuerError> {
+        let replicas: Vec<Replica> = address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Replica {
+                address: a.to_owned(),
+                failed_at: Mutex::new(None),
+            })
+            .collect();
+        if replicas.is_empty() {
+            return Err(IssuerError::Setup("no CA holder address".into()));
+        }
         let mut store = RootCertStore::empty();
         for root in roots {
             store
@@ -224,7 +301,8 @@ impl HttpsIssuer {
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
         Ok(Self {
-            address: address.to_owned(),
+            replicas,
+            next_replica: AtomicUsize::new(0),
             server_name,
             anonymous: Arc::new(anonymous),
             roots,
@@ -280,27 +358,107 @@ impl HttpsIssuer {
         }
     }
 
-    /// Opens a new connection: TCP, TLS with `config`, HTTP/1.1.
+    /// Opens a new connection: TCP, TLS with `config`, HTTP/1.1, to the first replica that
+    /// answers (see the module documentation); the last replica's error when none does.
     async fn connect(
         &self,
         generation: u64,
         config: Arc<ClientConfig>,
     ) -> Result<Conn, IssuerError> {
-        let tcp =
-            TcpStream::connect(&self.address)
+        let now = Instant::now();
+        let first = self.next_replica.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
+        let order = replica_order(self.replicas.len(), first, |i| {
+            self.replicas[i].cooling_down(now)
+        });
+        let mut last = None;
+        for i in order {
+            let replica = &self.replicas[i];
+            let alone = self.replicas.len() == 1;
+            match self
+                .connect_to(&replica.address, config.clone(), alone)
                 .await
-                .map_err(|source| IssuerError::Connect {
-                    address: self.address.clone(),
-                    source,
-                })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(config)
-            .connect(self.server_name.clone(), tcp)
+            {
+                Ok(tls) => {
+                    replica.set_failed(false);
+                    return self.handshake(tls, i, generation).await;
+                }
+                Err(e) => {
+                    tracing::debug!(address = %replica.address, error = %e, "CA holder replica unreachable; trying the next");
+                    replica.set_failed(true);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| IssuerError::Setup("no CA holder address".into())))
+    }
+
+    /// TCP and TLS to every address `address` resolves to in turn, each within
+    /// [`CONNECT_TIMEOUT`] unless it is the only one there is (`alone`: the only replica).
+    async fn connect_to(
+        &self,
+        address: &str,
+        config: Arc<ClientConfig>,
+        alone: bool,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, IssuerError> {
+        let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(address))
             .await
-            .map_err(|source| IssuerError::Tls {
-                address: self.address.clone(),
+            .map_err(|_| IssuerError::Timeout {
+                address: address.to_owned(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|source| IssuerError::Connect {
+                address: address.to_owned(),
                 source,
             })?;
+        let resolved: Vec<std::net::SocketAddr> = resolved.collect();
+        let limit = if alone && resolved.len() == 1 {
+            CALL_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let mut last = None;
+        for socket in resolved {
+            let attempt = async {
+                let tcp =
+                    TcpStream::connect(socket)
+                        .await
+                        .map_err(|source| IssuerError::Connect {
+                            address: socket.to_string(),
+                            source,
+                        })?;
+                let _ = tcp.set_nodelay(true);
+                TlsConnector::from(config.clone())
+                    .connect(self.server_name.clone(), tcp)
+                    .await
+                    .map_err(|source| IssuerError::Tls {
+                        address: socket.to_string(),
+                        source,
+                    })
+            };
+            match tokio::time::timeout(limit, attempt).await {
+                Ok(Ok(tls)) => return Ok(tls),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(IssuerError::Timeout {
+                        address: socket.to_string(),
+                        timeout: limit,
+                    });
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| IssuerError::Connect {
+            address: address.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "resolves to no address"),
+        }))
+    }
+
+    /// HTTP/1.1 over an established TLS stream to replica `replica`.
+    async fn handshake(
+        &self,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        replica: usize,
+        generation: u64,
+    ) -> Result<Conn, IssuerError> {
         // Signing answers are read in pieces of at most READ_BUFFER (hyper's default lets the
         // buffer of each pooled connection grow to about 400 KB and keeps it).
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
@@ -316,9 +474,19 @@ impl HttpsIssuer {
         });
         Ok(Conn {
             sender,
+            replica,
             generation,
             opened: Instant::now(),
         })
+    }
+
+    /// Every replica's address, for messages.
+    fn addresses(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     async fn call<B: Serialize, R: DeserializeOwned>(
@@ -336,7 +504,7 @@ impl HttpsIssuer {
         let bytes = tokio::time::timeout(CALL_TIMEOUT, exchange)
             .await
             .map_err(|_| IssuerError::Timeout {
-                address: self.address.clone(),
+                address: self.addresses(),
                 timeout: CALL_TIMEOUT,
             })??;
         let bytes = if bytes.is_empty() {
@@ -358,7 +526,7 @@ impl HttpsIssuer {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, &self.address)
+            .header(header::HOST, self.server_name.to_str().as_ref())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -392,13 +560,34 @@ impl HttpsIssuer {
             .await
             .map_err(|e| IssuerError::Http(e.to_string()))?
             .to_bytes();
-        // The whole answer was read: the connection can carry the next call (checked with
-        // `ready` when it is taken again).
-        self.put_idle(conn);
         if status.is_success() {
+            // The whole answer was read: the connection can carry the next call (checked
+            // with `ready` when it is taken again).
+            self.put_idle(conn);
             return Ok(bytes);
         }
-        Err(error_of(status, &bytes))
+        let error = error_of(status, &bytes);
+        if error.is_holder_down() {
+            // This replica cannot serve now: the next connection goes to another one.
+            self.replicas[conn.replica].set_failed(true);
+        } else {
+            self.put_idle(conn);
+        }
+        Err(error)
+    }
+}
+
+impl HttpsIssuer {
+    /// A call over mTLS (the node SVID) outside the [`Issuer`] seam: the JWT-SVID calls of
+    /// [`crate::jwt`].
+    pub async fn call_as_node<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, IssuerError> {
+        let config = self.mtls_config()?;
+        self.call(method, path, body, config).await
     }
 }
 
@@ -462,6 +651,18 @@ impl Issuer for HttpsIssuer {
         Ok(())
     }
 
+    async fn probe(&self) -> Result<(), IssuerError> {
+        // Over the node's own TLS settings when it has them, so that a pooled connection is
+        // reused and the next call finds one open.
+        let config = self
+            .mtls_config()
+            .unwrap_or_else(|_| (0, self.anonymous.clone()));
+        let _: serde::de::IgnoredAny = self
+            .call::<(), _>(Method::GET, api::PATH_BUNDLE, None, config)
+            .await?;
+        Ok(())
+    }
+
     fn set_identity(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), IssuerError> {
         let certs = chain
             .iter()
@@ -519,6 +720,47 @@ mod tests {
         ] {
             assert_eq!(err.is_retryable(), retry, "{err}");
         }
+    }
+
+    #[test]
+    fn errors_say_whether_the_holder_is_down() {
+        let api = |code| IssuerError::Api(ApiError::new(code, "x"));
+        let status = |status| IssuerError::Status {
+            status,
+            body: String::new(),
+        };
+        for (err, down) in [
+            (IssuerError::Http("reset".into()), true),
+            (
+                IssuerError::Timeout {
+                    address: "a:1".into(),
+                    timeout: CALL_TIMEOUT,
+                },
+                true,
+            ),
+            (status(502), true),
+            (status(503), true),
+            (api(ErrorCode::Unavailable), true),
+            (status(404), false),
+            // Refusals are about the call, not the holder.
+            (api(ErrorCode::PolicyDenied), false),
+            (api(ErrorCode::NotAssigned), false),
+            (IssuerError::Decode("x".into()), false),
+            (IssuerError::Internal("panicked".into()), false),
+            (IssuerError::NoIdentity, false),
+        ] {
+            assert_eq!(err.is_holder_down(), down, "{err}");
+        }
+    }
+
+    #[test]
+    fn replicas_are_tried_in_turn_and_failed_ones_last() {
+        let none = |_| false;
+        assert_eq!(replica_order(3, 0, none), [0, 1, 2]);
+        assert_eq!(replica_order(3, 4, none), [1, 2, 0]);
+        assert_eq!(replica_order(3, 0, |i| i == 0), [1, 2, 0]);
+        assert_eq!(replica_order(3, 2, |i| i != 1), [1, 2, 0]);
+        assert_eq!(replica_order(1, 7, |_| true), [0]);
     }
 
     #[test]
@@ -627,6 +869,52 @@ mod tests {
             );
         }
         accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_replica_sends_the_call_to_the_next_at_once() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead = closed.local_addr().expect("addr").to_string();
+        drop(closed);
+        let (address, root, accepted) = refusing_holder(true).await;
+        let issuer =
+            HttpsIssuer::new(&format!("{dead}, {address}"), "127.0.0.1", &[root]).expect("issuer");
+        for call in 0..3 {
+            let err = issuer
+                .attest(AttestRequest {
+                    token: "t".into(),
+                    csr: vec![1].into(),
+                })
+                .await
+                .expect_err("refused");
+            // The answer of the live replica, not the dead one's connection error.
+            assert!(
+                matches!(&err, IssuerError::Api(e) if e.code == ErrorCode::TokenUsed),
+                "call {call}: {err}"
+            );
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one connection to the live replica, reused"
+        );
+        assert!(issuer.replicas[0].cooling_down(Instant::now()));
+        assert!(!issuer.replicas[1].cooling_down(Instant::now()));
+        // Both down: the call fails with a holder-down error.
+        let (a, b) = (
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+        );
+        let both = format!(
+            "{},{}",
+            a.local_addr().expect("addr"),
+            b.local_addr().expect("addr")
+        );
+        drop((a, b));
+        let ca = crate::svid::testca::TestCa::new();
+        let issuer = HttpsIssuer::new(&both, "127.0.0.1", &[ca.root]).expect("issuer");
+        let err = issuer.probe().await.expect_err("nobody listens");
+        assert!(err.is_holder_down(), "{err}");
     }
 
     #[tokio::test]

@@ -99,6 +99,11 @@ impl K8sError {
             Self::Join(_) => false,
         }
     }
+
+    /// Whether the holder as a whole could not serve (probed, not backed off).
+    pub fn is_holder_down(&self) -> bool {
+        matches!(self, Self::Join(RotatorError::Issuer(e)) if e.is_holder_down())
+    }
 }
 
 /// Reads the token file, trimmed.

@@ -18,8 +18,12 @@
 //! - [`kubelet`]: on Kubernetes, the caller's pod from the kubelet's pod list (`k8s:`
 //!   selectors).
 //! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
+//! - [`reachability`]: whether the CA holder answers, and when to probe it during an outage
+//!   (pure).
 //! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
+//! - [`folder`]: file operations relative to an open folder, never through a symlink.
+//! - [`worker`]: the thread that runs the volume's file operations, with a timeout.
 //! - [`changes`]: the volume's watcher, and which entry folders someone else changed (its
 //!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
@@ -28,9 +32,12 @@
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
 //!   freed pages returned after bursts).
+//! - [`restart`]: the restart in place at start (allocator tunables, join token out of argv).
 //! - [`daemon`]: wires everything together and handles signals.
 //! - [`cache`]: the snapshot of installed SVIDs and bundles every reader serves from.
 //! - [`workload`]: the SPIFFE Workload API on a Unix socket, callers attested by the kernel.
+//! - [`jwt`]: JWT-SVIDs: tokens the holder signs, cached per identity and audience set; the
+//!   JWKS; token validation.
 //! - [`admin`]: the admin socket (HTTP/JSON): status, health, readiness, metrics.
 //! - [`metrics`]: Prometheus metrics, on the admin socket and an optional plaintext listener.
 //!
@@ -43,19 +50,24 @@ pub mod changes;
 pub mod config;
 pub mod csr;
 pub mod daemon;
+pub mod folder;
 pub mod heap;
 pub mod hook;
 pub mod issuer;
+pub mod jwt;
 pub mod k8s;
 pub mod keys;
 pub mod kubelet;
 pub mod metrics;
 pub mod node;
+pub mod reachability;
 pub mod report;
+pub mod restart;
 pub mod rotation;
 pub mod rotator;
 pub mod svid;
 pub mod sys;
 pub mod systemd;
 pub mod volume;
+pub mod worker;
 pub mod workload;

@@ -12,6 +12,7 @@ use meshcert_agent::admin;
 use meshcert_agent::config::{self, Overrides};
 use meshcert_agent::daemon::{self, RunOptions};
 use meshcert_agent::heap;
+use meshcert_agent::restart;
 
 mod math;
 
@@ -98,6 +99,8 @@ struct RunArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// One-time join token (needed only for the first start). Tokens may start with `-`.
+    /// Prefer --join-token-file or MESHCERT_JOIN_TOKEN: a command line is readable by every
+    /// local user (the agent moves the token to its environment at once, restarting in place).
     #[arg(
         long,
         env = "MESHCERT_JOIN_TOKEN",
@@ -147,7 +150,11 @@ const EXIT_CONFIG: u8 = 78;
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // The builder's own level (INFO unless told) would drop what `RUST_LOG` asks for below it:
+    // the `Targets` filter alone decides.
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(std::io::stderr);
     let filter = log_filter(tracing::level_filters::LevelFilter::INFO);
     match format {
         // Colours only for a person at a terminal, never into a file or the journal.
@@ -191,7 +198,7 @@ fn main() -> ExitCode {
     // Before any thread exists: the daemon runs with its allocator tunables (this may start
     // the program again, in place) and one malloc arena (see `heap`).
     let tunables = match cli.command {
-        Command::Run(_) => heap::restart_with_tunables(),
+        Command::Run(_) => restart::restart_in_place(),
         _ => Ok(()),
     };
     heap::use_one_arena();
@@ -215,7 +222,7 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             init_logging(cli.log_format);
             if let Err(e) = tunables {
-                tracing::warn!(error = %e, tunables = heap::TUNABLES, "cannot start again with the allocator's tunables; going on with glibc's defaults");
+                tracing::warn!(error = %e, tunables = heap::TUNABLES, "cannot start again in place (allocator tunables, join token out of the arguments); going on as started");
             }
             let join_token = match (&args.join_token, &args.join_token_file) {
                 (Some(t), _) => Some(t.trim().to_owned()),
@@ -411,10 +418,7 @@ mod tests {
         );
         let caps = &pod["containers"][0]["securityContext"]["capabilities"];
         assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
-        assert_eq!(
-            caps["add"],
-            serde_json::json!(["CHOWN", "FOWNER", "DAC_OVERRIDE"])
-        );
+        assert_eq!(caps["add"], serde_json::json!(["CHOWN", "DAC_READ_SEARCH"]));
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //!   the join).
 //! - `meshcert_agent_bundle_version`: the trust bundle version held.
 //! - `meshcert_agent_ca_connected`: 1 when the last call to the holder succeeded, else 0.
+//! - `meshcert_agent_workload_*`: the workload socket's calls, refusals and open streams
+//!   ([`crate::workload::metrics`]).
+//! - `meshcert_agent_ca_unreachable_since_seconds`: since when (Unix seconds) the holder cannot
+//!   serve; 0 while it answers.
+//! - `meshcert_agent_svid_expired_while_ca_unreachable{spiffe_id}`: 1 for each identity whose
+//!   SVID expired during that outage (none while the holder answers).
 //!
 //! Rotations and failures are counted by watching the published [`AgentStatus`] (a new serial
 //! is a rotation, a growing `attempts` a failure), so the rotator needs no metrics code.
@@ -83,6 +89,10 @@ pub struct Metrics {
     node_expiry: Gauge,
     bundle_version: Gauge,
     ca_connected: Gauge,
+    /// The workload socket's calls, refusals and open streams (`crate::workload::metrics`).
+    pub workload: crate::workload::metrics::ApiMetrics,
+    ca_unreachable_since: Gauge,
+    expired_while_unreachable: Family<Labels, Gauge>,
     /// Per entry id, what the last observed status held; also serialises renders.
     seen: Mutex<Observed>,
     address: Mutex<Option<SocketAddr>>,
@@ -127,6 +137,20 @@ impl Metrics {
         let node_expiry = Gauge::default();
         let bundle_version = Gauge::default();
         let ca_connected = Gauge::default();
+        let workload = crate::workload::metrics::ApiMetrics::default();
+        workload.register(&mut registry);
+        let ca_unreachable_since = Gauge::default();
+        let expired_while_unreachable = Family::<Labels, Gauge>::default();
+        registry.register(
+            "meshcert_agent_ca_unreachable_since_seconds",
+            "Since when (Unix seconds) the CA holder cannot serve; 0 while it answers",
+            ca_unreachable_since.clone(),
+        );
+        registry.register(
+            "meshcert_agent_svid_expired_while_ca_unreachable",
+            "1 for each identity whose SVID expired while the CA holder could not serve (this outage)",
+            expired_while_unreachable.clone(),
+        );
         registry.register(
             "meshcert_agent_svid_expiry_seconds",
             "Seconds until the installed SVID expires (negative once expired)",
@@ -177,6 +201,9 @@ impl Metrics {
             node_expiry,
             bundle_version,
             ca_connected,
+            workload,
+            ca_unreachable_since,
+            expired_while_unreachable,
             seen: Mutex::new(Observed::default()),
             address: Mutex::new(None),
         }
@@ -267,6 +294,15 @@ impl Metrics {
         self.bundle_version
             .set(gauge_value(i128::from(status.bundle_version)));
         self.ca_connected.set(i64::from(status.ca_connected));
+        self.ca_unreachable_since.set(gauge_value(i128::from(
+            status.ca_unreachable_since.unwrap_or(0),
+        )));
+        self.expired_while_unreachable.clear();
+        for id in &status.expired_while_unreachable {
+            self.expired_while_unreachable
+                .get_or_create(&vec![("spiffe_id".to_owned(), id.to_string())])
+                .set(1);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
@@ -315,6 +351,11 @@ impl<I: Issuer> TimedIssuer<I> {
     pub fn new(inner: I, metrics: Arc<Metrics>) -> Self {
         Self { inner, metrics }
     }
+
+    /// The wrapped issuer.
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
 }
 
 impl<I: Issuer> Issuer for TimedIssuer<I> {
@@ -352,6 +393,10 @@ impl<I: Issuer> Issuer for TimedIssuer<I> {
 
     fn report(&self, report: NodeReport) -> impl Future<Output = Result<(), IssuerError>> + Send {
         self.inner.report(report)
+    }
+
+    fn probe(&self) -> impl Future<Output = Result<(), IssuerError>> + Send {
+        self.inner.probe()
     }
 
     fn set_identity(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), IssuerError> {
@@ -530,6 +575,28 @@ mod tests {
         let out = m.render(&status(vec![]), 2_500);
         assert_eq!(value(&out, "meshcert_agent_svid_expiry_seconds"), None);
         assert!(!out.contains("state=\"ISSUED\""), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l == "meshcert_agent_ca_unreachable_since_seconds 0"),
+            "{out}"
+        );
+        // The holder down since 2000, one identity expired meanwhile.
+        let mut down = status(vec![]);
+        down.ca_unreachable_since = Some(2_000);
+        down.expired_while_unreachable = vec!["spiffe://a.org/web".into()];
+        let out = m.render(&down, 2_500);
+        for line in [
+            "meshcert_agent_ca_unreachable_since_seconds 2000",
+            "meshcert_agent_svid_expired_while_ca_unreachable{spiffe_id=\"spiffe://a.org/web\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing `{line}` in {out}");
+        }
+        // The outage over: no identity listed any more.
+        let out = m.render(&status(vec![]), 2_600);
+        assert!(
+            !out.contains("meshcert_agent_svid_expired_while_ca_unreachable{"),
+            "{out}"
+        );
     }
 
     #[test]

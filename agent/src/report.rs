@@ -1,6 +1,7 @@
 //! The state sent upward: a [`NodeReport`] to the holder's `/v1/report` on every change
 //! (debounced) and as a heartbeat; after a failed send the latest state goes as soon as the
-//! holder answers again.
+//! holder answers again (retried with backoff, or, while the holder is down, at its return as
+//! the rotator sees it, and at the heartbeat).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -77,7 +78,13 @@ pub async fn run<I: Issuer>(
                     Err(e) => {
                         failures = failures.saturating_add(1);
                         pending = true;
-                        let wait = rotation::backoff(failures, Duration::from_secs(1), RETRY_MAX, fastrand::f64());
+                        // A holder that is down: the next heartbeat, or at once when the
+                        // rotator sees it answer again (an idle agent adds no calls of its own).
+                        let wait = if e.is_holder_down() {
+                            heartbeat
+                        } else {
+                            rotation::backoff(failures, Duration::from_secs(1), RETRY_MAX, fastrand::f64())
+                        };
                         if failures == 1 {
                             tracing::warn!(error = %e, "cannot send the report; retrying");
                         } else {
@@ -130,6 +137,9 @@ mod tests {
             }
             self.got.lock().expect("lock").push(report);
             self.sent.notify_one();
+            Ok(())
+        }
+        async fn probe(&self) -> Result<(), IssuerError> {
             Ok(())
         }
         fn set_identity(&self, _: &[Vec<u8>], _: &PrivateKey) -> Result<(), IssuerError> {

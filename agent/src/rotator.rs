@@ -6,6 +6,10 @@
 //! Network calls run in spawned tasks that send their results back as events; everything that
 //! writes (volume, state folder, cache) happens on this task, one step at a time, so a SIGTERM
 //! is only handled between two complete installs.
+//!
+//! A call that fails because the holder as a whole is down backs nothing off: the rotator
+//! stops sending CSRs, probes the holder while anything is due, and sends every due identity
+//! at the first answer (see [`crate::reachability`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt as _;
 use meshcert_protocol::api::{
-    self, AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
+    AttestRequest, Bundles, CsrRequest, RenewRequest, SignOutcome, SignRequest, SyncResponse,
 };
 use meshcert_protocol::{CertState, Enforcement, Entry, IdentityReport, NodeReport, TrustDomain};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -27,6 +31,7 @@ use crate::heap::Trimmer;
 use crate::issuer::{Issuer, IssuerError};
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
 use crate::node::{self, NodeError, NodeIdentity};
+use crate::reachability::Reachability;
 use crate::rotation::{self, Schedule};
 use crate::svid::{self, LeafInfo};
 use crate::volume::{Contents, Volume};
@@ -72,7 +77,7 @@ pub enum Command {
     SyncNow,
 }
 
-/// CSRs per signing request. The holder takes up to [`api::MAX_BATCH`]; smaller batches keep
+/// CSRs per signing request. The holder takes up to [`meshcert_protocol::api::MAX_BATCH`]; smaller batches keep
 /// the agent's peak memory (keys, CSRs, request and answer bodies of the batches in flight,
 /// `rotation.maxConcurrentSigning` of them) low, for a few more round trips.
 const SIGN_BATCH: usize = 64;
@@ -191,10 +196,13 @@ struct Managed {
     last_error: Option<Arc<str>>,
     attempted: bool,
     in_flight: Option<u64>,
-    /// An agent-local entry the holder refused by policy (`policy_denied`,
-    /// `outside_trust_domain`): not asked for again until the entry or the enforcement mode
-    /// changes (the status keeps showing the refusal).
+    /// An agent-local entry the holder refused by a local-entry rule
+    /// ([`meshcert_protocol::api::ErrorCode::refuses_local_entry`]): not asked for again until
+    /// the entry or the enforcement mode changes (the status keeps showing the refusal).
     denied: bool,
+    /// The folder may hold [`crate::volume::STATE_FILE`] (an expiry, or a previous run's):
+    /// removed at the next install.
+    marked_expired: bool,
 }
 
 impl Managed {
@@ -210,6 +218,7 @@ impl Managed {
             attempted: false,
             in_flight: None,
             denied: false,
+            marked_expired: true,
         }
     }
 
@@ -251,6 +260,21 @@ fn ders(chain: Vec<meshcert_protocol::api::Der>) -> Vec<Vec<u8>> {
     chain.into_iter().map(|c| c.0).collect()
 }
 
+/// Why a node SVID renewal failed, and whether it was because the holder is down.
+struct RenewFailure {
+    message: String,
+    holder_down: bool,
+}
+
+impl RenewFailure {
+    fn other(e: impl std::fmt::Display) -> Self {
+        Self {
+            message: e.to_string(),
+            holder_down: false,
+        }
+    }
+}
+
 enum Event {
     Synced(Result<SyncResponse, IssuerError>),
     Signed {
@@ -258,7 +282,8 @@ enum Event {
         ids: Vec<String>,
         result: SignedBatch,
     },
-    Renewed(Result<NodeIdentity, String>),
+    Renewed(Result<NodeIdentity, RenewFailure>),
+    Probed(Result<(), IssuerError>),
     HookDone {
         entry_id: String,
         error: Option<String>,
@@ -293,6 +318,8 @@ pub struct Rotator<I: Issuer> {
     reports: watch::Sender<NodeReport>,
     ca_connected: bool,
     ca_last_error: Option<String>,
+    /// Whether the holder answers, and the outage in progress.
+    reach: Reachability,
     requests: u64,
     ready_sent: bool,
     node_expired_logged: bool,
@@ -300,6 +327,8 @@ pub struct Rotator<I: Issuer> {
     volume_changed: Arc<crate::changes::Changes>,
     heap: Trimmer,
     intermediates: Intermediates,
+    /// Holder entries whose hook was stripped (shown in the status).
+    hooks_stripped: Vec<String>,
 }
 
 /// Whether a sync answer equals the last one (`b`, whose entries are `b_entries`), field by
@@ -385,6 +414,7 @@ impl<I: Issuer> Rotator<I> {
             reports,
             ca_connected: false,
             ca_last_error: None,
+            reach: Reachability::default(),
             requests: 0,
             ready_sent: false,
             node_expired_logged: false,
@@ -392,6 +422,7 @@ impl<I: Issuer> Rotator<I> {
             volume_changed,
             heap: Trimmer::new(HEAP_TRIM_EVERY),
             intermediates: Intermediates::default(),
+            hooks_stripped: Vec::new(),
         };
         let seed = std::mem::take(&mut rotator.last_sync.entries);
         rotator.apply_sync(
@@ -450,21 +481,44 @@ impl<I: Issuer> Rotator<I> {
     }
 
     /// How long until something is due (an entry, the node SVID, a sync), at most [`TICK`].
+    /// While the holder is down, due entries and the node SVID wait for the next probe.
     fn next_wake(&self, now: SystemTime) -> Duration {
         let mut next = now + TICK;
-        let can_sign = self.can_sign();
-        for m in self.managed.values() {
-            if can_sign && m.in_flight.is_none() {
-                next = next.min(m.schedule.next_at);
+        if self.reach.is_down() {
+            if let Some(probe) = self.reach.next_probe() {
+                next = next.min(probe);
             }
-        }
-        if !self.node_renewing {
-            next = next.min(self.node_schedule.next_at);
+        } else {
+            let can_sign = self.can_sign();
+            for m in self.managed.values() {
+                if can_sign && m.in_flight.is_none() && !m.denied {
+                    next = next.min(m.schedule.next_at);
+                }
+            }
+            if !self.node_renewing {
+                next = next.min(self.node_schedule.next_at);
+            }
         }
         if !self.sync_in_flight {
             next = next.min(self.next_sync);
         }
         next.duration_since(now).unwrap_or_default()
+    }
+
+    /// The entries due at `now` (not in flight, not refused for good), in entry order.
+    fn due_entries(&self, now: SystemTime) -> Vec<String> {
+        if !self.can_sign() {
+            return Vec::new();
+        }
+        self.order
+            .iter()
+            .filter(|id| {
+                self.managed
+                    .get(*id)
+                    .is_some_and(|m| m.in_flight.is_none() && !m.denied && m.schedule.is_due(now))
+            })
+            .cloned()
+            .collect()
     }
 
     fn can_sign(&self) -> bool {
@@ -540,7 +594,7 @@ impl<I: Issuer> Rotator<I> {
         self.sync_attempted = true;
         match result {
             Ok(response) => {
-                self.connected(true, None);
+                self.holder_answered(now);
                 self.sync_failures = 0;
                 self.next_sync = now + self.config.sync_interval;
                 let changed =
@@ -551,6 +605,11 @@ impl<I: Issuer> Rotator<I> {
                 }
                 self.have_sync = true;
                 self.apply_sync(response, now);
+            }
+            Err(e) if e.is_holder_down() => {
+                // The normal schedule: probes (while something is due) see the return first.
+                self.next_sync = now + self.config.sync_interval;
+                self.holder_down(now, &e);
             }
             Err(e) => {
                 self.sync_failures = self.sync_failures.saturating_add(1);
@@ -563,6 +622,7 @@ impl<I: Issuer> Rotator<I> {
                 .min(self.config.sync_interval);
                 self.next_sync = now + wait;
                 self.log_failure("sync", &e, self.sync_failures);
+                self.holder_answered(now);
                 self.connected(!e.is_unreachable(), Some(e.to_string()));
             }
         }
@@ -573,6 +633,16 @@ impl<I: Issuer> Rotator<I> {
     /// valid SVIDs already on disk. New bundles are written into every folder at once, and an
     /// SVID that no longer verifies against them is issued again.
     fn apply_sync(&mut self, mut response: SyncResponse, now: SystemTime) {
+        let stripped = hook::strip_from_holder(&mut response.entries);
+        if stripped != self.hooks_stripped {
+            for id in stripped
+                .iter()
+                .filter(|id| !self.hooks_stripped.contains(id))
+            {
+                tracing::warn!(entry_id = %id, "the holder's entry carries a hook: ignored (hooks are node configuration, set in the agent's config)");
+            }
+            self.hooks_stripped = stripped;
+        }
         // An entry equal to the one already managed keeps that one's allocation.
         let entries = std::mem::take(&mut response.entries)
             .into_iter()
@@ -600,8 +670,8 @@ impl<I: Issuer> Rotator<I> {
             .map(|e| (e.clone(), false))
             .collect();
         // Local entries are asked for under every mode, once per mode: the holder signs them
-        // under DISABLED when they are inside the node's trust domain and refuses them
-        // otherwise (`policy_denied`, `outside_trust_domain`), and the status shows which.
+        // under DISABLED when its local-entry rules allow them and refuses them otherwise (the
+        // refusal's code names the rule), and the status shows which.
         let known: BTreeSet<String> = desired.iter().map(|(e, _)| e.id.clone()).collect();
         for e in &self.config.entries {
             if known.contains(&e.id) {
@@ -674,6 +744,11 @@ impl<I: Issuer> Rotator<I> {
                     }
                     if old.dir != entry.dir {
                         let _ = self.volume.remove(&old.dir);
+                    }
+                    if old.owner != entry.owner {
+                        // The old owner could read the key: the new one gets a fresh key now.
+                        tracing::info!(entry_id = %entry.id, "entry's owner changed; issuing an SVID with a new key");
+                        m.schedule = Schedule::now(now);
                     }
                     if let Some(current) = m.current.clone() {
                         // Selectors, folder, owner or bundles changed: the same SVID is served
@@ -790,7 +865,8 @@ impl<I: Issuer> Rotator<I> {
                 return;
             }
         };
-        match svid::check(&chain, &key, &roots, &m.entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        match svid::check_with_skew(&chain, &key, &roots, &m.entry.spiffe_id, now, skew) {
             Ok(info) => {
                 tracing::info!(entry_id = %m.entry.id, serial = %info.serial, "serving the SVID found on disk");
                 m.schedule = Schedule::for_certificate(
@@ -952,6 +1028,7 @@ impl<I: Issuer> Rotator<I> {
     /// Restores every folder whose files differ from memory (deleted, changed, replaced).
     fn check_volume(&mut self) {
         let restored = self.restore_volume();
+        tracing::debug!(restored, "volume checked");
         if restored > 0 {
             tracing::warn!(
                 restored,
@@ -1017,8 +1094,15 @@ impl<I: Issuer> Rotator<I> {
         let mut changed = false;
         // Expired SVIDs stop being served (their files stay until replaced).
         for m in self.managed.values_mut() {
-            if m.current.as_ref().is_some_and(|c| c.info.not_after <= now) {
-                tracing::warn!(entry_id = %m.entry.id, "the SVID expired before it could be rotated; no longer served");
+            if let Some(c) = m.current.as_ref().filter(|c| c.info.not_after <= now) {
+                tracing::warn!(entry_id = %m.entry.id, holder_down = self.reach.is_down(), "the SVID expired before it could be rotated; no longer served");
+                self.reach
+                    .expired_now(&Arc::from(m.entry.spiffe_id.to_string()));
+                // The files stay, with a state that says they expired.
+                m.marked_expired = true;
+                if let Err(e) = self.volume.mark_expired(&m.entry.dir, c.info.not_after) {
+                    tracing::warn!(entry_id = %m.entry.id, error = %e, "cannot mark the folder expired");
+                }
                 m.current = None;
                 if m.state == CertState::Issued {
                     m.state = CertState::Pending;
@@ -1034,24 +1118,20 @@ impl<I: Issuer> Rotator<I> {
             tracing::error!(
                 node = %self.config.node_name,
                 mesh = %self.config.mesh,
-                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with --join-token)"
+                "the node SVID expired before it could be renewed (the CA holder was unreachable for its whole lifetime); the agent keeps serving what is valid but cannot obtain anything new: re-join with a new token (meshcert-ca token create, then restart the agent with it in --join-token-file or MESHCERT_JOIN_TOKEN)"
             );
         }
-        if !self.node_renewing && self.node_schedule.is_due(now) {
-            self.start_renew();
-        }
-        // Without a sync there are no bundles to check SVIDs against yet.
-        if self.can_sign() {
-            let due: Vec<String> = self
-                .order
-                .iter()
-                .filter(|id| {
-                    self.managed.get(*id).is_some_and(|m| {
-                        m.in_flight.is_none() && !m.denied && m.schedule.is_due(now)
-                    })
-                })
-                .cloned()
-                .collect();
+        let renew_due = !self.node_renewing && self.node_schedule.is_due(now);
+        // Without a sync there are no bundles to check SVIDs against yet (no entry is due).
+        let due = self.due_entries(now);
+        if self.reach.is_down() {
+            if self.reach.should_probe(now, renew_due || !due.is_empty()) {
+                self.start_probe();
+            }
+        } else {
+            if renew_due {
+                self.start_renew();
+            }
             for batch in due.chunks(SIGN_BATCH) {
                 self.start_sign(batch.to_vec());
                 changed = true;
@@ -1096,7 +1176,7 @@ impl<I: Issuer> Rotator<I> {
     fn on_signed(&mut self, request: u64, ids: Vec<String>, result: SignedBatch, now: SystemTime) {
         match result {
             Ok((results, bundles)) => {
-                self.connected(true, None);
+                self.holder_answered(now);
                 if bundles.version > self.last_sync.bundles.version
                     && !bundles.trust_domains.is_empty()
                 {
@@ -1114,11 +1194,7 @@ impl<I: Issuer> Rotator<I> {
                             self.install(&entry_id, request, key, chain, gateway, now);
                         }
                         SignOutcome::Refused { error } => {
-                            let denied = matches!(
-                                error.code,
-                                api::ErrorCode::PolicyDenied | api::ErrorCode::OutsideTrustDomain
-                            );
-                            if denied
+                            if error.code.refuses_local_entry()
                                 && let Some(m) = self.managed.get_mut(&entry_id)
                                 && m.local
                                 && m.in_flight == Some(request)
@@ -1144,6 +1220,13 @@ impl<I: Issuer> Rotator<I> {
                     );
                 }
             }
+            Err(e) if e.is_holder_down() => {
+                self.holder_down(now, &e);
+                let error = format!("waiting for the CA holder: {e}");
+                for id in &ids {
+                    self.requeue(id, request, &error);
+                }
+            }
             Err(e) => {
                 self.connected(!e.is_unreachable(), Some(e.to_string()));
                 for id in &ids {
@@ -1152,6 +1235,21 @@ impl<I: Issuer> Rotator<I> {
             }
         }
         self.publish();
+    }
+
+    /// An entry whose request failed because the holder is down: still due, not backed off;
+    /// it goes out again once the holder answers.
+    fn requeue(&mut self, entry_id: &str, request: u64, error: &str) {
+        let Some(m) = self.managed.get_mut(entry_id) else {
+            return;
+        };
+        if m.in_flight != Some(request) {
+            return;
+        }
+        m.in_flight = None;
+        m.attempted = true;
+        m.state = CertState::Failed;
+        m.last_error = Some(error.into());
     }
 
     fn install(
@@ -1170,8 +1268,10 @@ impl<I: Issuer> Rotator<I> {
             return;
         }
         let entry = m.entry.clone();
+        let local = m.local;
         let roots = self.roots_for(&entry);
-        let info = match svid::check(&chain, &key, &roots, &entry.spiffe_id, now) {
+        let skew = self.config.clock_skew;
+        let info = match svid::check_with_skew(&chain, &key, &roots, &entry.spiffe_id, now, skew) {
             Ok(info) => info,
             Err(e) => {
                 self.failed(
@@ -1222,7 +1322,12 @@ impl<I: Issuer> Rotator<I> {
         m.last_error = None;
         m.attempted = true;
         m.in_flight = None;
-        if let Some(h) = entry.hook.clone() {
+        if std::mem::take(&mut m.marked_expired)
+            && let Err(e) = self.volume.clear_expired(&entry.dir)
+        {
+            tracing::warn!(entry_id = %entry_id, error = %e, "cannot remove the expired state");
+        }
+        if let Some(h) = hook::for_entry(&self.config.hooks, &entry, local).cloned() {
             let dir: PathBuf = self.volume.entry_path(&entry.dir);
             let tx = self.events_tx.clone();
             let entry_id = entry_id.to_owned();
@@ -1262,33 +1367,43 @@ impl<I: Issuer> Rotator<I> {
         let tx = self.events_tx.clone();
         self.tasks.spawn(async move {
             let renewal = async {
-                let key = generate_key(algorithm).await.map_err(|e| e.to_string())?;
-                let csr = csr::build(&key, None).map_err(|e| e.to_string())?;
+                let key = generate_key(algorithm).await.map_err(RenewFailure::other)?;
+                let csr = csr::build(&key, None).map_err(RenewFailure::other)?;
                 let response = issuer
                     .renew(RenewRequest { csr: csr.into() })
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| RenewFailure {
+                        message: e.to_string(),
+                        holder_down: e.is_holder_down(),
+                    })?;
                 let chain = response.svid.chain.into_iter().map(|c| c.0).collect();
-                NodeIdentity::new(key, chain).map_err(|e| e.to_string())
+                NodeIdentity::new(key, chain).map_err(RenewFailure::other)
             };
             let result = unless_panicked(renewal)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(RenewFailure::other)
                 .and_then(|r| r);
             let _ = tx.send(Event::Renewed(result));
         });
     }
 
-    fn on_renewed(&mut self, result: Result<NodeIdentity, String>, now: SystemTime) {
+    fn on_renewed(&mut self, result: Result<NodeIdentity, RenewFailure>, now: SystemTime) {
         self.node_renewing = false;
+        if result.is_ok() || result.as_ref().is_err_and(|f| !f.holder_down) {
+            self.holder_answered(now);
+        }
         let stored = result.and_then(|identity| {
-            node::store(&self.config.state_dir, &identity).map_err(|e| e.to_string())?;
+            node::store(&self.config.state_dir, &identity).map_err(RenewFailure::other)?;
             self.issuer
                 .set_identity(&identity.chain, &identity.key)
-                .map_err(|e| e.to_string())?;
+                .map_err(RenewFailure::other)?;
             Ok(identity)
         });
         match stored {
+            Err(f) if f.holder_down => {
+                // Still due: renewed once the holder answers again.
+                self.holder_down(now, &f.message);
+            }
             Ok(identity) => {
                 tracing::info!(serial = %identity.info.serial, "node SVID renewed");
                 self.node_schedule = Schedule::for_certificate(
@@ -1301,11 +1416,11 @@ impl<I: Issuer> Rotator<I> {
                 self.node_expired_logged = false;
                 self.publish();
             }
-            Err(e) => {
+            Err(f) => {
                 let wait = self
                     .node_schedule
                     .failed(now, &self.config.rotation, fastrand::f64());
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot renew the node SVID");
+                tracing::warn!(error = %f.message, retry_in = ?wait, "cannot renew the node SVID");
             }
         }
     }
@@ -1336,6 +1451,7 @@ impl<I: Issuer> Rotator<I> {
                 result,
             } => self.on_signed(request, ids, result, now),
             Event::Renewed(result) => self.on_renewed(result, now),
+            Event::Probed(result) => self.on_probed(result, now),
             Event::HookDone { entry_id, error } => {
                 if let Some(error) = error {
                     tracing::warn!(entry_id = %entry_id, error = %error, "rotation hook failed");
@@ -1346,6 +1462,58 @@ impl<I: Issuer> Rotator<I> {
                 }
             }
         }
+    }
+
+    // ---- the holder's reachability ------------------------------------------------------
+
+    fn start_probe(&mut self) {
+        self.reach.probe_sent();
+        let issuer = self.issuer.clone();
+        let tx = self.events_tx.clone();
+        self.tasks.spawn(async move {
+            let result = unless_panicked(issuer.probe()).await.and_then(|r| r);
+            let _ = tx.send(Event::Probed(result));
+        });
+    }
+
+    fn on_probed(&mut self, result: Result<(), IssuerError>, now: SystemTime) {
+        match result {
+            Err(e) if e.is_holder_down() => {
+                self.reach.probe_failed(now, fastrand::f64());
+                tracing::debug!(error = %e, "the CA holder still does not answer");
+                self.connected(false, Some(e.to_string()));
+            }
+            // Any other answer means the holder is back.
+            _ => {
+                self.holder_answered(now);
+                // Every due identity goes out now, in batches.
+                self.on_tick(now, false);
+            }
+        }
+    }
+
+    /// A call failed at `now` because the holder as a whole cannot serve.
+    fn holder_down(&mut self, now: SystemTime, e: &dyn std::fmt::Display) {
+        if self.reach.down(now, fastrand::f64()) {
+            tracing::warn!(ca = %self.config.ca_address, error = %e, "the CA holder cannot serve; probing it until it answers, identities are not backed off meanwhile");
+            self.publish();
+        }
+        self.connected(false, Some(e.to_string()));
+    }
+
+    /// The holder answered a call at `now` (a refusal included): an outage ends.
+    fn holder_answered(&mut self, now: SystemTime) {
+        if let Some((lasted, expired)) = self.reach.up(now) {
+            let due = self.due_entries(now).len();
+            tracing::info!(
+                ca = %self.config.ca_address,
+                outage_secs = lasted.as_secs(),
+                expired_meanwhile = expired.len(),
+                due,
+                "the CA holder answers again; sending every due identity"
+            );
+        }
+        self.connected(true, None);
     }
 
     fn connected(&mut self, connected: bool, error: Option<String>) {
@@ -1429,6 +1597,17 @@ impl<I: Issuer> Rotator<I> {
             bundle_version,
             all_attempted,
             identities,
+            warnings: self
+                .hooks_stripped
+                .iter()
+                .map(|id| hook::stripped_warning(id))
+                .collect(),
+            ca_unreachable_since: self
+                .reach
+                .since()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            expired_while_unreachable: self.reach.expired().to_vec(),
         });
         self.reports.send_if_modified(|current| {
             if *current == next {
@@ -1523,6 +1702,12 @@ mod tests {
         rotated: bool,
         /// The next this many syncs and signing calls panic (a bug in the agent's task).
         panics: u32,
+        /// Probes received (while "down" too).
+        probes: u32,
+        /// Syncs received (while "down" too).
+        syncs: u32,
+        /// Signing calls are answered `unavailable` (HTTP 503) as a whole.
+        unavailable: bool,
     }
 
     /// A holder in memory: signs with a test CA, can refuse entries or be "down".
@@ -1551,6 +1736,9 @@ mod tests {
                     local_requests: 0,
                     rotated: false,
                     panics: 0,
+                    probes: 0,
+                    syncs: 0,
+                    unavailable: false,
                 }),
             }
         }
@@ -1614,6 +1802,7 @@ mod tests {
             )))
         }
         async fn sync(&self) -> Result<SyncResponse, IssuerError> {
+            self.with(|s| s.syncs += 1);
             self.check_up()?;
             Ok(SyncResponse {
                 node: "n1".into(),
@@ -1626,6 +1815,12 @@ mod tests {
         }
         async fn sign(&self, request: SignRequest) -> Result<SignResponse, IssuerError> {
             self.check_up()?;
+            if self.with(|s| s.unavailable) {
+                return Err(IssuerError::Api(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the datastore is down",
+                )));
+            }
             let (entries, refuse, ttl) =
                 self.with(|s| (s.entries.clone(), s.refuse.clone(), s.ttl));
             let mut results = Vec::new();
@@ -1698,6 +1893,10 @@ mod tests {
         async fn report(&self, _: NodeReport) -> Result<(), IssuerError> {
             self.check_up()
         }
+        async fn probe(&self) -> Result<(), IssuerError> {
+            self.with(|s| s.probes += 1);
+            self.check_up()
+        }
         fn set_identity(&self, _: &[Vec<u8>], _: &PrivateKey) -> Result<(), IssuerError> {
             Ok(())
         }
@@ -1725,6 +1924,7 @@ mod tests {
             volume_dir: dir.join("svids"),
             workload_socket: dir.join("workload.sock"),
             workload_socket_mode: 0o666,
+            workload_connections_per_uid: 256,
             admin_socket: dir.join("admin.sock"),
             key_algorithm: KeyAlgorithm::EcdsaP256,
             rotation: Rotation {
@@ -1736,6 +1936,8 @@ mod tests {
             heartbeat: Duration::from_secs(30),
             entries: Vec::new(),
             kubernetes: None,
+            hooks: Vec::new(),
+            clock_skew: crate::config::DEFAULT_CLOCK_SKEW,
         }
     }
 
@@ -1850,6 +2052,54 @@ mod tests {
         run.task.await.expect("stopped");
     }
 
+    /// A new owner gets a new key at once; a hook in the holder's entry is stripped and shown
+    /// in the status, never run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_owner_gets_a_new_key_and_a_holder_hook_is_stripped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        let first = run.cache.status().identities[0].serial.clone();
+        assert!(run.cache.status().warnings.is_empty());
+        let volume = Volume::new(&config.volume_dir);
+        let first_key = volume.load("web").expect("load").expect("installed").key;
+
+        let planted = tmp.path().join("planted");
+        let (uid, gid) = crate::sys::current_owner();
+        fake.with(|s| {
+            let web = &mut s.entries[0];
+            web.owner = Some(meshcert_protocol::Owner { uid, gid });
+            web.hook = Some(meshcert_protocol::Hook {
+                pid_file: None,
+                signal: None,
+                command: vec!["touch".into(), planted.display().to_string()],
+                timeout: None,
+            });
+        });
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "a new key for the new owner", |s| {
+            s.identities.len() == 1
+                && s.identities[0].state == CertState::Issued
+                && s.identities[0].serial != first
+        })
+        .await;
+        let status = run.cache.status();
+        assert_eq!(status.warnings.len(), 1, "{:?}", status.warnings);
+        assert!(status.warnings[0].contains("web"), "{:?}", status.warnings);
+        let disk = volume.load("web").expect("load").expect("installed");
+        assert_ne!(
+            disk.key.pkcs8_der(),
+            first_key.pkcs8_der(),
+            "the key on disk is a new one"
+        );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+        assert!(!planted.exists(), "the holder's hook ran");
+    }
+
     /// A sync or signing task that panics is a failed call, retried with backoff: nothing stays
     /// in flight (before, its entries were never asked for again).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1898,6 +2148,142 @@ mod tests {
         );
         assert!(!volume_has(&config, "other"));
         assert_eq!(run.cache.current().svids.len(), 1, "only web is served");
+        assert_eq!(
+            status.ca_unreachable_since, None,
+            "a refusal is not an outage"
+        );
+        assert_eq!(fake.with(|s| s.probes), 0);
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    /// The holder goes down while short-lived SVIDs expire: nothing is backed off, the
+    /// expiries are listed, the agent probes no more often than every PROBE_MIN, and the first
+    /// answer sends every due entry at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_backs_nothing_off_and_ends_at_the_first_probe() {
+        use crate::reachability::PROBE_MIN;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web"), entry("db")]));
+        fake.with(|s| s.ttl = Duration::from_secs(2));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "both issued", all_issued(2)).await;
+        let before: Vec<_> = run
+            .cache
+            .status()
+            .identities
+            .iter()
+            .map(|i| i.serial.clone())
+            .collect();
+
+        fake.with(|s| s.down = true);
+        let down_at = Instant::now();
+        until(&run.cache, "both expired during the outage", |s| {
+            s.ca_unreachable_since.is_some() && s.expired_while_unreachable.len() == 2
+        })
+        .await;
+        // Two more probe periods: the agent waits for the holder, it does not back off.
+        tokio::time::sleep(PROBE_MIN * 2).await;
+        let status = run.cache.status();
+        assert!(!status.ca_connected);
+        assert!(
+            run.cache.current().svids.is_empty(),
+            "expired SVIDs are not served"
+        );
+        // The files stay, with a state that says they expired.
+        let state = config
+            .volume_dir
+            .join("web")
+            .join(crate::volume::STATE_FILE);
+        let text = std::fs::read_to_string(&state).expect("the state file");
+        assert!(text.starts_with("EXPIRED "), "{text}");
+        assert!(config.volume_dir.join("web").join("svid.pem").exists());
+        for i in status.identities.iter() {
+            assert_eq!(i.attempts, 0, "{} was backed off: {i:?}", i.entry_id);
+            assert!(i.not_after.is_none());
+        }
+        let probes = fake.with(|s| s.probes);
+        let bound = (down_at.elapsed().as_secs_f64() / PROBE_MIN.as_secs_f64()).ceil() as u32 + 1;
+        assert!(
+            (1..=bound).contains(&probes),
+            "{probes} probes in {:?}",
+            down_at.elapsed()
+        );
+
+        fake.with(|s| s.down = false);
+        until(&run.cache, "both issued again after the outage", |s| {
+            all_issued(2)(s)
+                && s.ca_unreachable_since.is_none()
+                && s.expired_while_unreachable.is_empty()
+                && s.identities
+                    .iter()
+                    .zip(&before)
+                    .all(|(i, b)| i.serial != *b)
+        })
+        .await;
+        assert!(!state.exists(), "a fresh SVID clears the expired state");
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    /// A holder that answers `unavailable` to a whole signing call cannot serve: that is an
+    /// outage (probed, nothing backed off), not a refusal of the entries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holder_answering_unavailable_is_an_outage_not_a_refusal() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        fake.with(|s| s.unavailable = true);
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "an outage seen", |s| {
+            s.ca_unreachable_since.is_some()
+                && s.identities.iter().any(|i| {
+                    i.state == CertState::Failed
+                        && i.attempts == 0
+                        && i.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("waiting for the CA holder"))
+                })
+        })
+        .await;
+        fake.with(|s| s.unavailable = false);
+        until(&run.cache, "issued once the holder serves", |s| {
+            all_issued(1)(s) && s.ca_unreachable_since.is_none()
+        })
+        .await;
+        assert!(
+            fake.with(|s| s.probes) >= 1,
+            "the return was seen by a probe"
+        );
+        run.stop.send(true).expect("stop");
+        run.task.await.expect("stopped");
+    }
+
+    /// An agent whose SVIDs are all healthy sends nothing but its normal sync while the holder
+    /// is down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_agent_does_not_probe_a_holder_that_is_down() {
+        use crate::reachability::PROBE_MAX;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = config(tmp.path());
+        let fake = Arc::new(FakeIssuer::new(vec![entry("web")]));
+        let node = fake.node_identity();
+        let run = start(&fake, &config, &node);
+        until(&run.cache, "issued", all_issued(1)).await;
+        fake.with(|s| s.down = true);
+        run.commands.send(Command::SyncNow).await.expect("send");
+        until(&run.cache, "the holder seen down", |s| {
+            s.ca_unreachable_since.is_some()
+        })
+        .await;
+        let syncs = fake.with(|s| s.syncs);
+        tokio::time::sleep(PROBE_MAX + Duration::from_secs(1)).await;
+        assert_eq!(fake.with(|s| s.probes), 0, "no probe while nothing is due");
+        assert_eq!(fake.with(|s| s.syncs), syncs, "no sync before syncInterval");
+        assert!(run.cache.status().is_ready(crate::admin::unix_now_secs()));
         run.stop.send(true).expect("stop");
         run.task.await.expect("stopped");
     }

@@ -48,6 +48,16 @@ pub enum SvidError {
     /// The private key does not belong to the leaf.
     #[error("the private key does not match the certificate")]
     KeyMismatch,
+    /// The leaf's notBefore is further ahead of this node's clock than the tolerated skew.
+    #[error(
+        "the SVID becomes valid {ahead:?} after this node's clock, more than the tolerated clockSkew of {skew:?}: check the clocks of this node and of the CA holder"
+    )]
+    AheadOfClock {
+        /// How far ahead.
+        ahead: Duration,
+        /// The tolerance (`clockSkew`).
+        skew: Duration,
+    },
     /// The key could not be read.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -135,6 +145,28 @@ pub fn check(
         return Err(SvidError::KeyMismatch);
     }
     Ok(info)
+}
+
+/// [`check`], tolerating a leaf whose notBefore is at most `skew` ahead of `now` (this node's
+/// clock behind the holder's): such a chain is verified at its notBefore. A notBefore further
+/// ahead is [`SvidError::AheadOfClock`].
+pub fn check_with_skew(
+    chain: &[Vec<u8>],
+    key: &PrivateKey,
+    roots: &[Vec<u8>],
+    expected: &SpiffeId,
+    now: SystemTime,
+    skew: Duration,
+) -> Result<LeafInfo, SvidError> {
+    let leaf = chain.first().ok_or(SvidError::Empty)?;
+    let not_before = leaf_info(leaf)?.not_before;
+    let at = match not_before.duration_since(now) {
+        Ok(ahead) if ahead.is_zero() => now,
+        Ok(ahead) if ahead <= skew => not_before,
+        Ok(ahead) => return Err(SvidError::AheadOfClock { ahead, skew }),
+        Err(_) => now,
+    };
+    check(chain, key, roots, expected, at)
 }
 
 /// Verifies that `chain` (leaf first) chains to one of `roots` at `now`.
@@ -283,6 +315,33 @@ mod tests {
     use super::*;
     use crate::csr;
     use crate::keys::KeyAlgorithm;
+
+    #[test]
+    fn a_not_before_slightly_ahead_of_the_clock_is_tolerated() {
+        let ca = TestCa::new();
+        let id = SpiffeId::new("spiffe://mesh-a.test/web").expect("id");
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let now = SystemTime::now();
+        // The holder's clock is 30 s ahead of this node's.
+        let chain = ca.sign(
+            &csr::build(&key, Some(&id)).expect("csr"),
+            &id,
+            now + Duration::from_secs(30),
+            Duration::from_secs(3600),
+        );
+        let roots = vec![ca.root.clone()];
+        assert!(
+            check(&chain, &key, &roots, &id, now).is_err(),
+            "not valid yet"
+        );
+        let skew = Duration::from_secs(60);
+        check_with_skew(&chain, &key, &roots, &id, now, skew).expect("within the skew");
+        let tight = check_with_skew(&chain, &key, &roots, &id, now, Duration::from_secs(10));
+        assert!(
+            matches!(tight, Err(SvidError::AheadOfClock { .. })),
+            "{tight:?}"
+        );
+    }
 
     #[test]
     fn checks_refuse_what_a_user_would_refuse() {

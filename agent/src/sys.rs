@@ -94,6 +94,76 @@ pub fn kill(pid: i32, signal: Signal) -> Result<(), SysError> {
     })
 }
 
+/// Sends SIGKILL to every process of the process group `pgid` (a hook that timed out and
+/// whatever it started). A group already gone is fine.
+pub fn kill_group(pgid: i32) {
+    let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+}
+
+/// The highest capability number cleared from a hook's bounding set (beyond the kernel's
+/// last, `prctl` fails harmlessly).
+const LAST_CAP: nix::libc::c_ulong = 63;
+
+/// Makes `command` start without any capability: `no_new_privs` (file capabilities and
+/// set-uid bits give nothing), ambient set cleared, bounding set emptied (when the agent may:
+/// as root, so that a hook running as root gets no capability at `exec`), then the
+/// inheritable, permitted and effective sets cleared.
+#[allow(unsafe_code)]
+pub fn drop_privileges_on_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the child between fork and exec; it only makes the
+    // async-signal-safe system calls prctl(2) and capset(2) on its own stack, and allocates
+    // nothing.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::libc;
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Without ambient capabilities in this kernel (EINVAL) there is nothing to clear.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            for cap in 0..=LAST_CAP {
+                // Needs CAP_SETPCAP (root has it); without it, the sets below still go.
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
+            let mut header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let data = [CapData::default(); 2];
+            if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 /// The machine's host name, as a default node name.
 pub fn hostname() -> Result<String, SysError> {
     let name = unistd::gethostname().map_err(SysError::Hostname)?;

@@ -1,30 +1,43 @@
 //! The shared volume's atomic writer, laid out the way Kubernetes writes projected volumes:
 //!
 //! ```text
-//! <volume>/<entry dir>/
-//!   ..2026_11_27_18_00_00.000000001/   data folder, 0550 once complete, owned by the entry owner
+//! <volume>/<entry dir>/                  the agent's, 0755
+//!   ..2026_11_27_18_00_00.000000001/   data folder, the agent's, 0555 once complete
 //!     svid.pem  svid.key  bundle.pem  svid-bundle.pem  federated/<trust domain>.pem
+//!                                       (files owned by the entry's owner)
 //!   ..data -> ..2026_11_27_18_00_00.000000001   swapped with one rename
 //!   svid.pem -> ..data/svid.pem   (and svid.key, bundle.pem, svid-bundle.pem, federated)
 //! ```
 //!
-//! Every file is created with its final mode, handed to its owner before a byte is written,
-//! and fsync'd; the data folder is fsync'd before the swap; older data folders are removed
-//! after it. A reader that resolves `..data` once sees one rotation's key and chain together.
+//! Every file is created with its final mode (`fchmod` of the open descriptor, whatever the
+//! umask), handed to its owner before a byte is written, and fsync'd; the data folder is
+//! fsync'd before the swap; older data folders are removed after it. A reader that resolves
+//! `..data` once sees one rotation's key and chain together.
+//!
+//! Folders belong to the agent, so a workload can read its files but never replace what the
+//! agent later reads, removes or chmods; a pre-existing folder owned by another user is
+//! refused. Every operation goes through [`crate::folder`]: relative to an open folder, never
+//! through a symlink, reading only regular files of a bounded size.
+//!
+//! One file on purpose: the layout, the install that writes it, the check that compares a
+//! folder with it and the load that adopts it must change together.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use meshcert_protocol::{Owner, TrustDomain};
 use zeroize::Zeroizing;
 
+use crate::folder::{Folder, Kind, Meta};
 use crate::keys::{KeyError, PrivateKey};
 use crate::svid;
-use crate::sys::{self, SysError};
+use crate::sys;
+use crate::worker::{self, Worker};
 
 /// The symlink to the current data folder.
 pub const DATA_LINK: &str = "..data";
@@ -68,9 +81,19 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
-    /// Ownership could not be given to the entry's owner.
-    #[error(transparent)]
-    Owner(#[from] SysError),
+    /// A folder of the volume belongs to another user, who could change what the agent
+    /// later reads or removes: the agent does not use it.
+    #[error("{path} belongs to uid {uid}, not to the agent: remove it (the agent creates its own)")]
+    Foreign {
+        /// The folder.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// The volume operation did not finish in time (a hung filesystem) or the folder is still
+    /// busy with one that did not.
+    #[error("the volume did not answer: {0}")]
+    Stalled(String),
     /// The entry's folder name is not one plain path segment.
     #[error("`{0}` is not a usable folder name")]
     BadDir(String),
@@ -107,13 +130,37 @@ pub struct Contents<'a> {
     pub gateway: Option<GatewayFiles<'a>>,
 }
 
-struct Rendered {
+/// An entry folder's files as bytes with their modes and owner: what an install writes and a
+/// check compares, owned so that it can go to the worker thread.
+#[derive(Debug)]
+pub struct Rendered {
     files: Vec<(&'static str, Zeroizing<Vec<u8>>, u32)>,
     federated: Vec<(String, Vec<u8>)>,
+    owner: Option<Owner>,
+    gateway: bool,
+}
+
+impl Rendered {
+    fn visible(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.gateway {
+            names.extend(GATEWAY_VISIBLE);
+        }
+        names.extend(VISIBLE);
+        names
+    }
+
+    /// The owner the files get: the entry's, else the agent's own.
+    fn file_owner(&self) -> (u32, u32) {
+        self.owner
+            .map(|o| (o.uid, o.gid))
+            .unwrap_or_else(sys::current_owner)
+    }
 }
 
 impl Contents<'_> {
-    fn render(&self) -> Rendered {
+    /// The files of this folder, rendered.
+    pub fn render(&self) -> Rendered {
         let key_pem = self.key.to_pem();
         let chain_pem = svid::certs_to_pem(self.chain);
         let key_mode = if self.owner.is_some() { 0o440 } else { 0o400 };
@@ -155,6 +202,8 @@ impl Contents<'_> {
                 .iter()
                 .map(|(td, certs)| (format!("{td}.pem"), svid::certs_to_pem(certs).into_bytes()))
                 .collect(),
+            owner: self.owner,
+            gateway: self.gateway.is_some(),
         }
     }
 }
@@ -170,18 +219,17 @@ pub struct OnDisk {
     pub gateway_chain: Option<Vec<Vec<u8>>>,
 }
 
-fn visible(contents: &Contents<'_>) -> Vec<&'static str> {
-    let mut names = Vec::new();
-    if contents.gateway.is_some() {
-        names.extend(GATEWAY_VISIBLE);
-    }
-    names.extend(VISIBLE);
-    names
-}
-
-/// The shared volume rooted at one folder.
+/// The shared volume rooted at one folder. Its operations run on a [`Worker`] thread, so that
+/// one that blocks (a hung filesystem) costs its caller a timeout, not its loop.
 #[derive(Debug, Clone)]
 pub struct Volume {
+    layout: Layout,
+    worker: Arc<Worker>,
+}
+
+/// The operations themselves, on the calling thread.
+#[derive(Debug, Clone)]
+struct Layout {
     root: PathBuf,
 }
 
@@ -193,25 +241,58 @@ fn check_dir(dir: &str) -> Result<(), VolumeError> {
     }
 }
 
+/// Whether a folder's owner is one the agent trusts not to change it: the agent itself or root.
+fn trusted(meta: &Meta) -> bool {
+    meta.uid == sys::current_owner().0 || meta.uid == 0
+}
+
+/// The data folder `..data` points at, when it is one plain `..<name>` in the entry folder.
+fn data_target(entry: &Folder) -> Option<String> {
+    let target = entry.read_link(DATA_LINK)?;
+    let name = target.to_str()?;
+    (name.starts_with("..")
+        && name != DATA_LINK
+        && name.len() > 2
+        && target.components().count() == 1)
+        .then(|| name.to_owned())
+}
+
 impl Volume {
     /// The volume at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            layout: Layout { root: root.into() },
+            worker: Arc::new(Worker::new(worker::DEFAULT_TIMEOUT)),
+        }
     }
 
     /// The volume's root folder.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.layout.root
     }
 
     /// The folder of entry folder `dir`.
     pub fn entry_path(&self, dir: &str) -> PathBuf {
-        self.root.join(dir)
+        self.layout.root.join(dir)
     }
 
-    /// Creates the root folder (0755) if needed.
+    /// Creates the root folder if needed and makes it 0755; refuses one owned by another user
+    /// (neither the agent nor root). Runs on the calling thread (at start).
     pub fn ensure_root(&self) -> Result<(), VolumeError> {
-        create_traversable(&self.root)
+        self.layout.ensure_root()
+    }
+
+    /// Runs `op` on the worker for folder `dir`.
+    fn off_thread<R: Send + 'static>(
+        &self,
+        dir: &str,
+        op: impl FnOnce(&Layout) -> Result<R, VolumeError> + Send + 'static,
+    ) -> Result<R, VolumeError> {
+        check_dir(dir)?;
+        let layout = self.layout.clone();
+        self.worker
+            .run(dir, move || op(&layout))
+            .map_err(|e| VolumeError::Stalled(e.to_string()))?
     }
 
     /// Writes `contents` into a fresh data folder of `dir` and swaps `..data` to it.
@@ -221,141 +302,209 @@ impl Volume {
         contents: &Contents<'_>,
         now: SystemTime,
     ) -> Result<(), VolumeError> {
-        check_dir(dir)?;
-        let entry = self.entry_path(dir);
-        create_traversable(&entry)?;
         let rendered = contents.render();
-        let data_name = data_folder_name(&entry, now);
-        let data = entry.join(&data_name);
-        if let Err(e) = self.fill(&data, &rendered, contents.owner) {
-            let _ = remove_tree(&data);
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.install_rendered(&owned, &rendered, now))
+    }
+
+    /// Whether the visible files of `dir` are exactly `contents` (nothing deleted or changed).
+    /// A folder whose check did not return in time counts as unchanged: it is skipped.
+    pub fn matches(&self, dir: &str, contents: &Contents<'_>) -> bool {
+        let rendered = contents.render();
+        let owned = dir.to_owned();
+        match self.off_thread(dir, move |l| Ok(l.matches_rendered(&owned, &rendered))) {
+            Ok(same) => same,
+            Err(e) => {
+                tracing::debug!(dir, error = %e, "the entry folder was not checked");
+                true
+            }
+        }
+    }
+
+    /// The chain and key currently installed in `dir`, read through one resolution of `..data`.
+    /// `None` when there is none, or when the data folder is not the agent's (nothing in it
+    /// can be trusted to be what the agent wrote).
+    pub fn load(&self, dir: &str) -> Result<Option<OnDisk>, VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.load(&owned))
+    }
+
+    /// Removes an entry's folder (never following a symlink).
+    pub fn remove(&self, dir: &str) -> Result<(), VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.remove(&owned))
+    }
+
+    /// The entry folders present in the volume.
+    pub fn dirs(&self) -> Vec<String> {
+        self.layout.dirs()
+    }
+}
+
+impl Layout {
+    fn ensure_root(&self) -> Result<(), VolumeError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.root)
+            .map_err(io("cannot create", &self.root))?;
+        let root = self.open_root()?;
+        traversable(&root)
+    }
+
+    fn open_root(&self) -> Result<Folder, VolumeError> {
+        Folder::open(&self.root).map_err(io("cannot open", &self.root))
+    }
+
+    /// Opens (and with `create`, makes) the entry folder `dir`, agent-owned and 0755.
+    fn open_entry(&self, root: &Folder, dir: &str, create: bool) -> Result<Folder, VolumeError> {
+        check_dir(dir)?;
+        if create {
+            root.create_dir(dir)
+                .map_err(io("cannot create", &root.join(dir)))?;
+        }
+        let entry = root
+            .open_dir(dir)
+            .map_err(io("cannot open", &root.join(dir)))?;
+        traversable(&entry)?;
+        Ok(entry)
+    }
+
+    fn install_rendered(
+        &self,
+        dir: &str,
+        rendered: &Rendered,
+        now: SystemTime,
+    ) -> Result<(), VolumeError> {
+        // The root too comes back if it was removed.
+        self.ensure_root()?;
+        let root = self.open_root()?;
+        let entry = self.open_entry(&root, dir, true)?;
+        let data_name = data_folder_name(&entry, now)?;
+        if let Err(e) = fill(&entry, &data_name, rendered) {
+            let _ = entry.remove_tree(&data_name);
             return Err(e);
         }
         // Swap ..data with one rename.
         replace_symlink(&entry, DATA_LINK, Path::new(&data_name))?;
-        for name in visible(contents) {
+        for name in rendered.visible() {
             let target = Path::new(DATA_LINK).join(name);
-            if fs::read_link(entry.join(name)).ok().as_deref() != Some(target.as_path()) {
+            if entry.read_link(name).as_deref() != Some(target.as_path()) {
                 replace_symlink(&entry, name, &target)?;
             }
         }
-        if contents.gateway.is_none() {
+        if !rendered.gateway {
             for name in GATEWAY_VISIBLE {
-                let _ = fs::remove_file(entry.join(name));
+                let _ = entry.remove_tree(name);
             }
         }
-        fsync_dir(&entry)?;
+        entry.fsync().map_err(io("cannot fsync", entry.path()))?;
         // Older data folders are no longer reachable through ..data.
         for old in data_folders(&entry)? {
-            if old != data_name {
-                let path = entry.join(&old);
-                if let Err(e) = remove_tree(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an old data folder");
-                }
+            if old != data_name
+                && let Err(e) = entry.remove_tree(&old)
+            {
+                tracing::warn!(path = %entry.join(&old).display(), error = %e, "cannot remove an old data folder");
             }
         }
         Ok(())
     }
 
-    fn fill(&self, data: &Path, r: &Rendered, owner: Option<Owner>) -> Result<(), VolumeError> {
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(data)
-            .map_err(io("cannot create", data))?;
-        for (name, bytes, mode) in &r.files {
-            write_file(&data.join(name), bytes, *mode, owner)?;
-        }
-        let fed = data.join(FEDERATED_DIR);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&fed)
-            .map_err(io("cannot create", &fed))?;
-        for (name, bytes) in &r.federated {
-            write_file(&fed.join(name), bytes, 0o444, owner)?;
-        }
-        for dir in [&fed, &data.to_path_buf()] {
-            if let Some(o) = owner {
-                sys::lchown(dir, o.uid, o.gid)?;
+    fn matches_rendered(&self, dir: &str, rendered: &Rendered) -> bool {
+        match self.differs(dir, rendered) {
+            None => true,
+            Some(why) => {
+                tracing::debug!(dir, why, "the entry folder differs from what was installed");
+                false
             }
-            fsync_dir(dir)?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o550))
-                .map_err(io("cannot set the mode of", dir))?;
         }
-        Ok(())
     }
 
-    /// Whether the visible files of `dir` are exactly `contents` (nothing deleted or changed).
-    pub fn matches(&self, dir: &str, contents: &Contents<'_>) -> bool {
-        let entry = self.entry_path(dir);
-        let Ok(target) = fs::read_link(entry.join(DATA_LINK)) else {
-            return false;
+    /// How `dir` differs from `r`, if it does.
+    fn differs(&self, dir: &str, r: &Rendered) -> Option<String> {
+        let root = match self.open_root() {
+            Ok(root) => root,
+            Err(e) => return Some(e.to_string()),
         };
-        if !target.to_string_lossy().starts_with("..") || target.components().count() != 1 {
-            return false;
-        }
-        for name in visible(contents) {
-            if fs::read_link(entry.join(name)).ok() != Some(Path::new(DATA_LINK).join(name)) {
-                return false;
+        let entry = match self.open_entry(&root, dir, false) {
+            Ok(entry) => entry,
+            Err(e) => return Some(e.to_string()),
+        };
+        let Some(target) = data_target(&entry) else {
+            return Some("..data is missing or points elsewhere".into());
+        };
+        for name in r.visible() {
+            if entry.read_link(name).as_deref() != Some(Path::new(DATA_LINK).join(name).as_path()) {
+                return Some(format!("{name} is not the symlink through ..data"));
             }
         }
-        if contents.gateway.is_none()
+        if !r.gateway
             && GATEWAY_VISIBLE
                 .iter()
-                .any(|name| fs::symlink_metadata(entry.join(name)).is_ok())
+                .any(|name| entry.meta_of(name).ok().flatten().is_some())
         {
-            return false;
+            return Some("gateway files are present".into());
         }
-        let r = contents.render();
-        for (name, bytes, mode) in &r.files {
-            let path = entry.join(name);
-            // A changed mode or owner counts as tampering too.
-            let Ok(meta) = fs::metadata(&path) else {
-                return false;
-            };
-            if meta.permissions().mode() & 0o7777 != *mode
-                || contents
-                    .owner
-                    .is_some_and(|o| (meta.uid(), meta.gid()) != (o.uid, o.gid))
-            {
-                return false;
-            }
-            match fs::read(&path) {
-                Ok(found) if found == bytes.as_slice() => {}
-                _ => return false,
-            }
-        }
-        let fed = entry.join(FEDERATED_DIR);
-        let Ok(listing) = fs::read_dir(&fed) else {
-            return false;
+        let data = match entry.open_dir(&target) {
+            Ok(data) => data,
+            Err(e) => return Some(format!("the data folder cannot be opened: {e}")),
         };
-        if listing.count() != r.federated.len() {
-            return false;
+        match data.meta() {
+            Ok(m) if trusted(&m) && m.mode == DATA_MODE => {}
+            _ => return Some("the data folder's owner or mode changed".into()),
         }
-        r.federated
-            .iter()
-            .all(|(name, bytes)| fs::read(fed.join(name)).ok().as_deref() == Some(bytes.as_slice()))
+        let owner = r.file_owner();
+        let same =
+            |folder: &Folder, name: &str, bytes: &[u8], mode: u32| match folder.read_file(name) {
+                Ok(Some((found, m))) => found == bytes && m.mode == mode && (m.uid, m.gid) == owner,
+                _ => false,
+            };
+        for (name, bytes, mode) in &r.files {
+            if !same(&data, name, bytes, *mode) {
+                return Some(format!("{name} changed (content, mode, owner or type)"));
+            }
+        }
+        let Ok(fed) = data.open_dir(FEDERATED_DIR) else {
+            return Some("federated/ is missing".into());
+        };
+        if fed.list().map(|l| l.len()).ok() != Some(r.federated.len()) {
+            return Some("federated/ holds other files".into());
+        }
+        for (name, bytes) in &r.federated {
+            if !same(&fed, name, bytes, 0o444) {
+                return Some(format!("federated/{name} changed"));
+            }
+        }
+        None
     }
 
-    /// The chain and key currently installed in `dir`, read through one resolution of `..data`.
-    pub fn load(&self, dir: &str) -> Result<Option<OnDisk>, VolumeError> {
+    fn load(&self, dir: &str) -> Result<Option<OnDisk>, VolumeError> {
         check_dir(dir)?;
-        let entry = self.entry_path(dir);
-        let Ok(target) = fs::read_link(entry.join(DATA_LINK)) else {
+        let root = self.open_root()?;
+        let Ok(entry) = root.open_dir(dir) else {
             return Ok(None);
         };
-        let data = entry.join(target);
-        let cert_path = data.join(SVID_FILE);
-        let key_path = data.join(KEY_FILE);
-        let (Ok(cert), Ok(key)) = (
-            fs::read_to_string(&cert_path),
-            fs::read_to_string(&key_path),
-        ) else {
+        let Some(target) = data_target(&entry) else {
             return Ok(None);
         };
-        let key = Zeroizing::new(key);
-        let gateway_chain = fs::read_to_string(data.join(GATEWAY_SVID_FILE))
-            .ok()
-            .map(|text| svid::certs_from_pem(&text));
+        let Ok(data) = entry.open_dir(&target) else {
+            return Ok(None);
+        };
+        if !data.meta().is_ok_and(|m| trusted(&m)) || !entry.meta().is_ok_and(|m| trusted(&m)) {
+            tracing::warn!(
+                dir,
+                "the entry's data folder is not the agent's; not served"
+            );
+            return Ok(None);
+        }
+        let read = |name: &str| match data.read_file(name) {
+            Ok(Some((bytes, _))) => String::from_utf8(bytes).ok().map(Zeroizing::new),
+            _ => None,
+        };
+        let (Some(cert), Some(key)) = (read(SVID_FILE), read(KEY_FILE)) else {
+            return Ok(None);
+        };
+        let gateway_chain = read(GATEWAY_SVID_FILE).map(|text| svid::certs_from_pem(&text));
         Ok(Some(OnDisk {
             chain: svid::certs_from_pem(&cert),
             key: PrivateKey::from_pem(&key)?,
@@ -363,31 +512,151 @@ impl Volume {
         }))
     }
 
-    /// Removes an entry's folder.
-    pub fn remove(&self, dir: &str) -> Result<(), VolumeError> {
+    fn remove(&self, dir: &str) -> Result<(), VolumeError> {
         check_dir(dir)?;
-        let entry = self.entry_path(dir);
-        if entry.exists() {
-            remove_tree(&entry).map_err(io("cannot remove", &entry))?;
-        }
-        Ok(())
+        let root = self.open_root()?;
+        root.remove_tree(dir)
+            .map_err(io("cannot remove", &self.root.join(dir)))
     }
 
-    /// The entry folders present in the volume.
-    pub fn dirs(&self) -> Vec<String> {
-        fs::read_dir(&self.root)
-            .map(|it| {
-                it.filter_map(Result::ok)
-                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| meshcert_protocol::entry::valid_dir(n))
+    fn dirs(&self) -> Vec<String> {
+        self.open_root()
+            .ok()
+            .and_then(|root| root.list().ok())
+            .map(|names| {
+                names
+                    .into_iter()
+                    .filter(|(n, is_dir)| *is_dir && meshcert_protocol::entry::valid_dir(n))
+                    .map(|(n, _)| n)
                     .collect()
             })
             .unwrap_or_default()
     }
 }
 
-fn data_folder_name(entry: &Path, now: SystemTime) -> String {
+/// The file beside `..data` that says the folder's SVID expired before it could be replaced
+/// (the CA holder could not be reached): its files stay, for the record, but are no longer
+/// valid or served. The next install removes it.
+pub const STATE_FILE: &str = "state";
+
+impl Volume {
+    /// Writes [`STATE_FILE`] into `dir`: `EXPIRED <not_after, RFC 3339>` and a sentence, 0444,
+    /// replaced atomically (a staged `..state.tmp` renamed into place). Nothing when the
+    /// folder is gone.
+    pub fn mark_expired(&self, dir: &str, not_after: SystemTime) -> Result<(), VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.mark_expired(&owned, not_after))
+    }
+
+    /// Removes `dir`'s [`STATE_FILE`], if any (a fresh SVID is installed).
+    pub fn clear_expired(&self, dir: &str) -> Result<(), VolumeError> {
+        let owned = dir.to_owned();
+        self.off_thread(dir, move |l| l.clear_expired(&owned))
+    }
+}
+
+impl Layout {
+    /// The entry folder `dir` when it exists (agent-owned, 0755), never following a symlink.
+    fn existing_entry(&self, dir: &str) -> Result<Option<Folder>, VolumeError> {
+        let root = self.open_root()?;
+        match root
+            .meta_of(dir)
+            .map_err(io("cannot read", &root.join(dir)))?
+        {
+            Some(m) if m.kind == Kind::Dir => self.open_entry(&root, dir, false).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn mark_expired(&self, dir: &str, not_after: SystemTime) -> Result<(), VolumeError> {
+        let Some(entry) = self.existing_entry(dir)? else {
+            return Ok(());
+        };
+        let text = format!(
+            "EXPIRED {}\nThe SVID in this folder expired before the agent could replace it; it is no longer served. A new one replaces it once the CA holder answers.\n",
+            humantime::format_rfc3339_seconds(not_after)
+        );
+        let tmp = format!("..{STATE_FILE}.tmp");
+        let _ = entry.remove_tree(&tmp);
+        write_file(&entry, &tmp, text.as_bytes(), 0o444, None)?;
+        entry
+            .rename(&tmp, STATE_FILE)
+            .map_err(io("cannot rename into", &entry.join(STATE_FILE)))
+    }
+
+    fn clear_expired(&self, dir: &str) -> Result<(), VolumeError> {
+        let Some(entry) = self.existing_entry(dir)? else {
+            return Ok(());
+        };
+        entry
+            .remove_file(STATE_FILE)
+            .map_err(io("cannot remove", &entry.join(STATE_FILE)))
+    }
+}
+
+/// The mode of a complete data folder (and its `federated/`): the agent's, read-only, readable
+/// by everyone (the key files keep their own modes).
+pub const DATA_MODE: u32 = 0o555;
+
+/// Fills the fresh data folder `name` of `entry` with `r`: files created with their final
+/// mode and owner, written and fsync'd; folders fsync'd, then made [`DATA_MODE`].
+fn fill(entry: &Folder, name: &str, r: &Rendered) -> Result<(), VolumeError> {
+    if !entry
+        .create_dir(name)
+        .map_err(io("cannot create", &entry.join(name)))?
+    {
+        return Err(VolumeError::Io {
+            action: "cannot create",
+            path: entry.join(name),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        });
+    }
+    let data = entry
+        .open_dir(name)
+        .map_err(io("cannot open", &entry.join(name)))?;
+    data.chmod(0o700)
+        .map_err(io("cannot set the mode of", data.path()))?;
+    let owner = r.owner.map(|o| (o.uid, o.gid));
+    for (file, bytes, mode) in &r.files {
+        write_file(&data, file, bytes, *mode, owner)?;
+    }
+    data.create_dir(FEDERATED_DIR)
+        .map_err(io("cannot create", &data.join(FEDERATED_DIR)))?;
+    let fed = data
+        .open_dir(FEDERATED_DIR)
+        .map_err(io("cannot open", &data.join(FEDERATED_DIR)))?;
+    for (file, bytes) in &r.federated {
+        write_file(&fed, file, bytes, 0o444, owner)?;
+    }
+    for folder in [&fed, &data] {
+        folder.fsync().map_err(io("cannot fsync", folder.path()))?;
+        folder
+            .chmod(DATA_MODE)
+            .map_err(io("cannot set the mode of", folder.path()))?;
+    }
+    Ok(())
+}
+
+/// Makes an agent's folder 0755 whatever the umask (workloads of other users must traverse
+/// it; it holds no secret, the files in it have their own modes); refuses a folder owned by
+/// another user, who could change what the agent later reads or removes.
+fn traversable(folder: &Folder) -> Result<(), VolumeError> {
+    let meta = folder.meta().map_err(io("cannot read", folder.path()))?;
+    if !trusted(&meta) {
+        return Err(VolumeError::Foreign {
+            path: folder.path().to_owned(),
+            uid: meta.uid,
+        });
+    }
+    if meta.mode != 0o755 {
+        folder
+            .chmod(0o755)
+            .map_err(io("cannot set the mode of", folder.path()))?;
+    }
+    Ok(())
+}
+
+fn data_folder_name(entry: &Folder, now: SystemTime) -> Result<String, VolumeError> {
     // Kubernetes' style: ..2026_11_27_18_00_00.123456789 (UTC).
     let t = time::OffsetDateTime::from(now);
     let base = format!(
@@ -402,98 +671,64 @@ fn data_folder_name(entry: &Path, now: SystemTime) -> String {
     );
     let mut name = base.clone();
     let mut n = 0;
-    while entry.join(&name).exists() {
+    while entry
+        .meta_of(&name)
+        .map_err(io("cannot read", &entry.join(&name)))?
+        .is_some()
+    {
         n += 1;
         name = format!("{base}.{n}");
     }
-    name
+    Ok(name)
 }
 
 fn write_file(
-    path: &Path,
+    folder: &Folder,
+    name: &str,
     bytes: &[u8],
     mode: u32,
-    owner: Option<Owner>,
+    owner: Option<(u32, u32)>,
 ) -> Result<(), VolumeError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io("cannot create", path))?;
-    if let Some(o) = owner {
-        sys::fchown(&file, path, o.uid, o.gid)?;
-    }
-    file.write_all(bytes).map_err(io("cannot write", path))?;
-    file.sync_all().map_err(io("cannot fsync", path))
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), VolumeError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("cannot fsync", dir))
-}
-
-/// Creates `dir` (and its parents) if needed and makes it 0755 whatever the umask: workloads of
-/// other users must traverse the volume and entry folders to reach their files. (A systemd
-/// `UMask=0077` would otherwise leave them 0700 and owned by the agent.) Folders hold no secret;
-/// the files in them are created with their own final modes.
-fn create_traversable(dir: &Path) -> Result<(), VolumeError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(io("cannot create", dir))?;
-    let meta = fs::metadata(dir).map_err(io("cannot read", dir))?;
-    if meta.permissions().mode() & 0o7777 != 0o755 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
-            .map_err(io("cannot set the mode of", dir))?;
-    }
-    Ok(())
+    let path = folder.join(name);
+    let mut file = folder
+        .create_file(name, mode, owner)
+        .map_err(io("cannot create", &path))?;
+    file.write_all(bytes).map_err(io("cannot write", &path))?;
+    file.sync_all().map_err(io("cannot fsync", &path))
 }
 
 /// Points `entry/name` at `target` with one rename of a fresh temporary symlink.
-fn replace_symlink(entry: &Path, name: &str, target: &Path) -> Result<(), VolumeError> {
-    let tmp = entry.join(format!("..{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(io("cannot create the symlink", &tmp))?;
-    let dest = entry.join(name);
-    // A folder put in the way of a visible name is moved aside by removing it first.
-    if fs::symlink_metadata(&dest)
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
+fn replace_symlink(entry: &Folder, name: &str, target: &Path) -> Result<(), VolumeError> {
+    let tmp = format!("..{name}.tmp");
+    let _ = entry.remove_tree(&tmp);
+    entry
+        .symlink(target, &tmp)
+        .map_err(io("cannot create the symlink", &entry.join(&tmp)))?;
+    // A folder put in the way of a visible name is removed first (rename cannot replace it).
+    if entry
+        .meta_of(name)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.kind == Kind::Dir)
     {
-        remove_tree(&dest).map_err(io("cannot remove", &dest))?;
+        entry
+            .remove_tree(name)
+            .map_err(io("cannot remove", &entry.join(name)))?;
     }
-    fs::rename(&tmp, &dest).map_err(io("cannot rename into", &dest))
+    entry
+        .rename(&tmp, name)
+        .map_err(io("cannot rename into", &entry.join(name)))
 }
 
 /// The data folders (`..<time>`) of an entry folder.
-fn data_folders(entry: &Path) -> Result<Vec<String>, VolumeError> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(entry).map_err(io("cannot list", entry))? {
-        let e = e.map_err(io("cannot list", entry))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if is_dir && name.starts_with("..") && name != DATA_LINK {
-            out.push(name);
-        }
-    }
-    Ok(out)
-}
-
-/// Removes a tree whose folders may be read-only (0550) for the agent.
-fn remove_tree(path: &Path) -> std::io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    if meta.is_dir() {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-        for e in fs::read_dir(path)? {
-            remove_tree(&e?.path())?;
-        }
-        fs::remove_dir(path)
-    } else {
-        fs::remove_file(path)
-    }
+fn data_folders(entry: &Folder) -> Result<Vec<String>, VolumeError> {
+    Ok(entry
+        .list()
+        .map_err(io("cannot list", entry.path()))?
+        .into_iter()
+        .filter(|(name, is_dir)| *is_dir && name.starts_with("..") && name != DATA_LINK)
+        .map(|(name, _)| name)
+        .collect())
 }
 
 #[cfg(test)]
@@ -501,6 +736,8 @@ mod tests {
     use std::time::Duration;
 
     use meshcert_protocol::SpiffeId;
+
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
     use crate::csr;
@@ -519,7 +756,8 @@ mod tests {
         }
         let volume = Volume::new(tmp.path().join("svids"));
         volume.ensure_root().expect("root");
-        create_traversable(&entry).expect("entry");
+        let root = volume.layout.open_root().expect("open");
+        volume.layout.open_entry(&root, "web", true).expect("entry");
         for dir in [tmp.path().join("svids"), entry] {
             let mode = fs::metadata(&dir).expect("meta").permissions().mode() & 0o7777;
             assert_eq!(mode, 0o755, "{}", dir.display());
@@ -583,13 +821,15 @@ mod tests {
             (BUNDLE_FILE, 0o444),
             (COMBINED_FILE, 0o440),
             ("federated/mesh-b.test.pem", 0o444),
-            (DATA_LINK, 0o550),
+            (DATA_LINK, 0o555),
         ];
         for (name, mode) in modes {
             let meta = fs::metadata(entry.join(name)).expect(name);
             assert_eq!(meta.mode() & 0o777, mode, "{name}");
             assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{name}");
         }
+        let meta = fs::metadata(&entry).expect("entry");
+        assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o755, uid));
         let combined = fs::read_to_string(entry.join(COMBINED_FILE)).expect("read");
         assert!(combined.starts_with("-----BEGIN PRIVATE KEY-----"));
         assert!(volume.matches("web", &contents));
@@ -622,8 +862,13 @@ mod tests {
                 .expect("install");
             last = Some((chain, key));
         }
-        let entry = volume.entry_path("web");
+        let root = volume.layout.open_root().expect("open");
+        let entry = volume
+            .layout
+            .open_entry(&root, "web", false)
+            .expect("entry");
         assert_eq!(data_folders(&entry).expect("list").len(), 1);
+        let entry = volume.entry_path("web");
         let (chain, key) = last.expect("installed");
         let info = svid::check(&chain, &key, &bundle, &f.id, SystemTime::now()).expect("valid");
         let disk = volume.load("web").expect("load").expect("present");
@@ -639,7 +884,7 @@ mod tests {
     #[test]
     fn tampering_is_detected_and_removal_works() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let volume = Volume::new(tmp.path());
+        let volume = Volume::new(tmp.path().join("svids"));
         let f = Fixture::new();
         let (chain, key) = f.issue();
         let bundle = vec![f.ca.root.clone()];
@@ -654,7 +899,19 @@ mod tests {
         };
         let entry = volume.entry_path("web");
         type Tamper = fn(&Path);
-        let tampers: [(&str, Tamper); 5] = [
+        fn in_data(e: &Path, name: &str, plant: impl FnOnce(&Path)) {
+            let data = e.join(DATA_LINK);
+            fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).expect("chmod");
+            fs::remove_file(data.join(name)).expect("rm");
+            plant(&data.join(name));
+        }
+        let tampers: [(&str, Tamper); 9] = [
+            ("delete the whole volume", |e| {
+                let root = e.parent().expect("volume");
+                let above = Folder::open(root.parent().expect("above")).expect("open");
+                let name = root.file_name().expect("name").to_str().expect("utf-8");
+                above.remove_tree(name).expect("rm")
+            }),
             ("make the key readable by all", |e| {
                 fs::set_permissions(e.join(KEY_FILE), fs::Permissions::from_mode(0o644))
                     .expect("chmod")
@@ -669,7 +926,26 @@ mod tests {
                 fs::remove_file(e.join(KEY_FILE)).expect("rm");
                 fs::write(e.join(KEY_FILE), "x").expect("write");
             }),
-            ("delete the folder", |e| remove_tree(e).expect("rm")),
+            ("delete the folder", |e| {
+                let parent = Folder::open(e.parent().expect("parent")).expect("open");
+                parent.remove_tree("web").expect("rm")
+            }),
+            ("a FIFO in place of the key", |e| {
+                in_data(e, KEY_FILE, |p| {
+                    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o400))
+                        .expect("fifo")
+                })
+            }),
+            ("the chain a symlink to /dev/zero", |e| {
+                in_data(e, SVID_FILE, |p| {
+                    std::os::unix::fs::symlink("/dev/zero", p).expect("symlink")
+                })
+            }),
+            ("the bundle a symlink out of the volume", |e| {
+                in_data(e, BUNDLE_FILE, |p| {
+                    std::os::unix::fs::symlink("/etc/hostname", p).expect("symlink")
+                })
+            }),
         ];
         for (name, tamper) in tampers {
             volume
@@ -683,6 +959,11 @@ mod tests {
             .install("web", &contents, SystemTime::now())
             .expect("install");
         assert_eq!(volume.dirs(), vec!["web".to_owned()]);
+        // A FIFO planted in the served data folder: found, and removed with the folder.
+        in_data(&entry, KEY_FILE, |p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o400)).expect("fifo")
+        });
+        assert!(volume.load("web").expect("load").is_none());
         volume.remove("web").expect("remove");
         assert!(!entry.exists());
         assert!(
@@ -690,6 +971,66 @@ mod tests {
                 .install("../x", &contents, SystemTime::now())
                 .is_err()
         );
+    }
+
+    /// As root (CI runs as root): folders another user owns are refused or not trusted.
+    #[test]
+    fn folders_of_other_users_are_refused() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (CI runs as root): it gives folders to another user"
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let volume = Volume::new(tmp.path().join("svids"));
+        volume.ensure_root().expect("root");
+        let f = Fixture::new();
+        let (chain, key) = f.issue();
+        let bundle = vec![f.ca.root.clone()];
+        let none = BTreeMap::new();
+        let contents = Contents {
+            chain: &chain,
+            key: &key,
+            bundle: &bundle,
+            federated: &none,
+            owner: Some(Owner {
+                uid: 4242,
+                gid: 4242,
+            }),
+            gateway: None,
+        };
+        // An entry folder made beforehand by another user is refused, and left alone.
+        let planted = volume.entry_path("planted");
+        fs::create_dir(&planted).expect("mkdir");
+        sys::lchown(&planted, 4242, 4242).expect("chown");
+        let err = volume
+            .install("planted", &contents, SystemTime::now())
+            .expect_err("refused");
+        assert!(
+            matches!(err, VolumeError::Foreign { uid: 4242, .. }),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(&planted).expect("list").count(), 0);
+
+        // The layout of earlier versions: a data folder the owner could make writable.
+        volume
+            .install("web", &contents, SystemTime::now())
+            .expect("install");
+        assert!(volume.matches("web", &contents));
+        let data = volume.entry_path("web").join(DATA_LINK);
+        let meta = fs::metadata(&data).expect("data");
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, DATA_MODE));
+        let key_meta = fs::metadata(volume.entry_path("web").join(KEY_FILE)).expect("key");
+        assert_eq!((key_meta.uid(), key_meta.gid()), (4242, 4242));
+        sys::lchown(&fs::canonicalize(&data).expect("resolve"), 4242, 4242).expect("chown");
+        assert!(
+            !volume.matches("web", &contents),
+            "a data folder of the owner's"
+        );
+        assert!(volume.load("web").expect("load").is_none(), "not trusted");
+        volume
+            .install("web", &contents, SystemTime::now())
+            .expect("restored");
+        assert!(volume.matches("web", &contents));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! - `process`: the real processes, their CPU time and peak RSS.
 //! - `figures`: percentiles and tables.
-//! - `signing`, `issuance`, `memory`, `workload`, `storm`: one scenario each.
+//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`: one scenario each.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,6 +22,7 @@ mod figures;
 mod issuance;
 mod memory;
 mod process;
+mod recovery;
 mod signing;
 mod storm;
 mod workload;
@@ -56,6 +57,8 @@ enum Scenario {
     Workload(WorkloadArgs),
     /// 5. Rotation storm: many agents, many entries, short TTL, one holder.
     Storm(StormArgs),
+    /// 6. Recovery: holder return → fresh SVIDs after an outage that outlived them.
+    Recovery(RecoveryArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -128,6 +131,25 @@ struct StormArgs {
     /// How long the storm runs.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RecoveryArgs {
+    /// Entries on one agent, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 1000])]
+    entries: Vec<usize>,
+    /// Agents recovering at once in the fleet run (0: no fleet run).
+    #[arg(long, default_value_t = 10)]
+    fleet_agents: usize,
+    /// Entries per agent in the fleet run.
+    #[arg(long, default_value_t = 100)]
+    fleet_entries: usize,
+    /// The entries' TTL (20 s: rotated about 5 s after each issue, expired 20 s after it).
+    #[arg(long, default_value = "20s")]
+    ttl: String,
+    /// How long the holder stays down after the last SVID expired.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    extra_outage: Duration,
 }
 
 fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
@@ -214,6 +236,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )
         .await?;
+    }
+    let recovery_args = match &cli.scenario {
+        Scenario::Recovery(a) => Some(a.clone()),
+        _ if all => Some(defaults::<RecoveryArgs>()),
+        _ => None,
+    };
+    if let Some(a) = recovery_args {
+        let bins = bins.clone();
+        let opts = recovery::Options {
+            entries: a.entries,
+            fleet_agents: a.fleet_agents,
+            fleet_entries: a.fleet_entries,
+            ttl: a.ttl,
+            extra_outage: a.extra_outage,
+        };
+        tokio::task::spawn_blocking(move || recovery::bench(&bins, &opts)).await??;
     }
     Ok(())
 }

@@ -219,40 +219,87 @@ impl Holder {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, config_yaml(dir.path(), entries, holder_extra))?;
-        let log = std::fs::File::create(dir.path().join("meshcert-ca.log"))?;
-        let child = Command::new(bins.path("meshcert-ca"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start meshcert-ca")?;
+        let child = Self::spawn(bins, dir.path(), None)?;
         let mut holder = Holder {
             bins: bins.clone(),
             dir,
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
+        holder.wait_up()?;
+        Ok(holder)
+    }
+
+    fn spawn(bins: &Bins, dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("meshcert-ca.log"))?;
+        let mut cmd = Command::new(bins.path("meshcert-ca"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(dir.join("config.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(addr) = listen {
+            cmd.arg("--listen").arg(addr.to_string());
+        }
+        cmd.spawn().context("cannot start meshcert-ca")
+    }
+
+    /// Waits until the holder answers on its admin socket and says where it listens.
+    fn wait_up(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = holder.child.try_wait()? {
-                bail!("meshcert-ca exited with {status}; log:\n{}", holder.log());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meshcert-ca exited with {status}; log:\n{}", self.log());
             }
-            if let Ok(status) = holder.status()
+            if let Ok(status) = self.status()
                 && let Some(addr) = status["listenAddress"].as_str()
                 && let Ok(addr) = addr.parse()
             {
-                holder.addr = addr;
-                return Ok(holder);
+                self.addr = addr;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("meshcert-ca did not come up; log:\n{}", holder.log());
+                bail!("meshcert-ca did not come up; log:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills the holder with SIGKILL (an outage) and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the holder again on the same state folder and address; returns once it answers,
+    /// with the moment its API port first accepted a connection (when agents can reach it).
+    pub fn restart(&mut self) -> anyhow::Result<SystemTime> {
+        self.kill9();
+        let addr = self.addr;
+        self.child = Self::spawn(&self.bins, self.dir.path(), Some(addr))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let back = loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                break SystemTime::now();
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meshcert-ca exited with {status}; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("meshcert-ca did not listen again; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        self.wait_up()?;
+        if self.addr != addr {
+            bail!("the holder came back on {} instead of {addr}", self.addr);
+        }
+        Ok(back)
     }
 
     /// The holder's log so far.
@@ -386,11 +433,10 @@ impl AgentProc {
             .arg("json")
             .arg("--config")
             .arg(root.join("agent.yaml"))
-            .arg("--join-token")
-            .arg(&token)
             .env("RUST_LOG", log_level)
             .env_remove("NOTIFY_SOCKET")
-            .env_remove("MESHCERT_JOIN_TOKEN")
+            // In the environment: a command line is readable by every local user.
+            .env("MESHCERT_JOIN_TOKEN", &token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

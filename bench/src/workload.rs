@@ -1,6 +1,6 @@
 //! Scenario 4: the Workload API. Time to the first `FetchX509SVID` message for a new client
 //! (connect included) with 1 and 64 concurrent clients, and the time from a published rotation
-//! to the update on open streams.
+//! to the update on open streams (`FetchX509SVID`, and Envoy's SDS `StreamSecrets`).
 //!
 //! The server is the agent's own Workload API (`meshcert_agent::workload::serve`) on a real
 //! Unix socket in this process, fed by the agent's [`Cache`] with SVIDs made here; the clients
@@ -154,6 +154,75 @@ async fn rotation_updates(
     Ok(samples)
 }
 
+/// `streams` open SDS streams (Envoy's client and messages, resource `default`), ACKing every
+/// response; `rotations` snapshots published one after another: the time from each publish to
+/// the new version's arrival on each stream.
+async fn sds_rotation_updates(
+    endpoint: &str,
+    cache: &Cache,
+    pki: &TestPki,
+    streams: usize,
+    rotations: usize,
+) -> anyhow::Result<Samples> {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let endpoint = spiffe::transport::Endpoint::parse(endpoint)?;
+        let (tx, ready) = (tx.clone(), ready_tx.clone());
+        tasks.spawn(async move {
+            let channel = spiffe::transport::connect(&endpoint).await?;
+            let mut client = SecretDiscoveryServiceClient::new(channel);
+            let (requests, outgoing) = tokio::sync::mpsc::unbounded_channel();
+            let ask = |version: String, nonce: String| DiscoveryRequest {
+                version_info: version,
+                resource_names: vec!["default".into()],
+                response_nonce: nonce,
+                ..Default::default()
+            };
+            requests.send(ask(String::new(), String::new()))?;
+            let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
+            let mut responses = client.stream_secrets(outgoing).await?.into_inner();
+            let mut first = true;
+            while let Some(response) = responses.message().await? {
+                let arrived = Instant::now();
+                requests.send(ask(response.version_info, response.nonce))?;
+                if first {
+                    first = false;
+                    let _ = ready.send(());
+                } else if tx.send(arrived).is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    drop(tx);
+    for _ in 0..streams {
+        tokio::time::timeout(PATIENCE, ready_rx.recv())
+            .await
+            .context("an SDS stream did not open")?;
+    }
+    let mut samples = Samples::new();
+    for version in 0..rotations {
+        let snapshot = snapshot(pki, version as u64 + 1000)?;
+        let published = Instant::now();
+        cache.publish(snapshot);
+        for _ in 0..streams {
+            let arrived = tokio::time::timeout(PATIENCE, rx.recv())
+                .await
+                .context("an SDS update did not arrive")?
+                .context("an SDS stream ended")?;
+            samples.push(arrived.saturating_duration_since(published));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    Ok(samples)
+}
+
 /// Against a real agent process (default limits): `fetches` new clients one after another,
 /// then `rotations` rotations of a short-lived SVID watched on one open stream, each timed from
 /// the agent's log line of its install (files on disk, `..data` swapped) to its arrival on the
@@ -274,6 +343,16 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
             ms(s.percentile(99.0)),
             ms(s.max()),
         ]);
+        eprintln!("workload: {clients} open SDS streams, rotations");
+        let s = sds_rotation_updates(&endpoint, &cache, &pki, clients, opts.rotations).await?;
+        table.row(vec![
+            "rotation → SDS stream (new version)".into(),
+            clients.to_string(),
+            s.len().to_string(),
+            ms(s.percentile(50.0)),
+            ms(s.percentile(99.0)),
+            ms(s.max()),
+        ]);
     }
     eprintln!("workload: real agent");
     let (first, updates) = real_agent(bins, opts.fetches.min(90), opts.real_rotations).await?;
@@ -298,7 +377,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
          soon as it has its answer, so the clients are always queued behind each other: p50 ≈ clients × the CPU time of one \
          connect (client + server) / cores. \
          \"rotation → stream\" = Cache::publish (what the rotator calls once an install is on disk) until the new SVID is parsed \
-         on each open stream. \"real agent\" rows: a meshcert-agent process with its default limits (20 calls/s per uid, burst 100, \
+         on each open stream; \"SDS stream\": the same until Envoy's client has the new version of `default` (each response ACKed). \"real agent\" rows: a meshcert-agent process with its default limits (20 calls/s per uid, burst 100, \
          so at most 90 sequential clients); the rotation is timed from the agent's `SVID installed` log line (written once the files are on disk) to the \
          moment the new SVID is parsed on the open stream.",
     );

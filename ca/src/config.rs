@@ -146,6 +146,8 @@ pub struct HolderSettings {
     pub max_connections: usize,
     /// `holder.kubernetes`: the clusters whose agents attest with service-account tokens.
     pub kubernetes: Vec<crate::k8s::Cluster>,
+    /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
+    pub jwt_algorithm: crate::jwt::JwtAlgorithm,
 }
 
 impl HolderSettings {
@@ -299,6 +301,7 @@ struct RawHolder {
     retention: Option<String>,
     max_connections: Option<i64>,
     kubernetes: Option<Vec<crate::k8s::RawCluster>>,
+    jwt_algorithm: Option<String>,
 }
 
 /// Default API listen address.
@@ -695,6 +698,14 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
             }
         },
         kubernetes: Vec::new(),
+        jwt_algorithm: match raw.jwt_algorithm.as_deref().map(str::parse) {
+            None => crate::jwt::JwtAlgorithm::default(),
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                p.add("holder.jwtAlgorithm", e);
+                crate::jwt::JwtAlgorithm::default()
+            }
+        },
     }
 }
 

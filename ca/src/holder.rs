@@ -167,6 +167,8 @@ pub struct Holder {
     pub store: Arc<dyn Store>,
     /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
+    /// The JWT-SVID signing keys (`crate::jwt`).
+    pub jwt: crate::jwt::JwtKeys,
     config_status: RwLock<ConfigStatus>,
     renewal_error: Mutex<Option<String>>,
     server_cert_error: Mutex<Option<String>>,
@@ -231,6 +233,7 @@ impl Holder {
                 source,
             })?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.holder.db_path())?);
+        let jwt = crate::jwt::JwtKeys::new(dir, crate::jwt::KEY_LIFETIME);
         let serving = Serving::open(config, &store, now)?;
         let metrics = Metrics::new();
         metrics.set_bundle_version(serving.bundle_version);
@@ -238,6 +241,7 @@ impl Holder {
             serving: RwLock::new(Arc::new(serving)),
             store,
             metrics,
+            jwt,
             config_status: RwLock::new(ConfigStatus::accepted()),
             renewal_error: Mutex::new(None),
             server_cert_error: Mutex::new(None),

@@ -14,6 +14,7 @@
 //! - [`tokens`]: join tokens.
 //! - [`k8s`]: node attestation with Kubernetes projected service-account tokens (TokenReview,
 //!   then the token's pod's node).
+//! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign.
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait and its SQLite implementation.
 //! - [`status`]: the status document and its table form.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod holder;
+pub mod jwt;
 pub mod k8s;
 pub mod metrics;
 pub mod policy;

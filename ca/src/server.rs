@@ -19,11 +19,11 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
     self, ApiError, AttestRequest, ErrorCode, KubernetesAttestRequest, MAX_BODY_BYTES,
     RenewRequest, SignRequest,
 };
+use meshcert_protocol::{NodeReport, jwt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::Serialize;
@@ -296,6 +296,8 @@ async fn route(
         | api::PATH_SIGN
         | api::PATH_REPORT => Method::POST,
         api::PATH_SYNC | api::PATH_BUNDLE => Method::GET,
+        jwt::PATH_JWT_SIGN => Method::POST,
+        jwt::PATH_JWT_BUNDLES => Method::GET,
         _ => {
             return Err(ApiError::new(
                 ErrorCode::NotFound,
@@ -333,6 +335,11 @@ async fn route(
                     let body: SignRequest = parse_json(&read_body(req).await?)?;
                     Ok(json(ok, &holder.sign(&caller, &body, now)?))
                 }
+                jwt::PATH_JWT_SIGN => {
+                    let body: jwt::JwtSignRequest = parse_json(&read_body(req).await?)?;
+                    Ok(json(ok, &crate::jwt::sign(holder, &caller, &body, now)?))
+                }
+                jwt::PATH_JWT_BUNDLES => Ok(json(ok, &crate::jwt::bundles(holder, &caller, now)?)),
                 _ => {
                     let body: NodeReport = parse_json(&read_body(req).await?)?;
                     holder.report(&caller, body, now)?;

@@ -242,6 +242,11 @@ pub struct NodeStatus {
     pub enforcement: Option<Enforcement>,
     /// Its identities as last reported.
     pub identities: Vec<IdentityReport>,
+    /// The identities (SPIFFE IDs) without a valid SVID now, as last reported: expired (an
+    /// outage of the holder, or of the node) or never obtained. The node fell behind while
+    /// this is not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub behind: Vec<String>,
 }
 
 /// `federationStatus`.
@@ -457,10 +462,24 @@ pub fn node_statuses(
     heartbeat: Duration,
 ) -> Vec<NodeStatus> {
     let at = |s: u64| std::time::UNIX_EPOCH + Duration::from_secs(s);
+    let now_unix = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     nodes
         .iter()
         .map(|n| {
             let report = reports.iter().find(|r| r.node == n.name);
+            let behind = report
+                .filter(|_| !n.banned)
+                .map(|r| {
+                    r.report
+                        .identities
+                        .iter()
+                        .filter(|i| i.not_after.is_none_or(|t| t <= now_unix))
+                        .map(|i| i.spiffe_id.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
             let last = report.map_or(n.first_seen, |r| r.received_at);
             NodeStatus {
                 name: n.name.clone(),
@@ -474,6 +493,7 @@ pub fn node_statuses(
                 identities: report
                     .map(|r| r.report.identities.to_vec())
                     .unwrap_or_default(),
+                behind,
             }
         })
         .collect()
@@ -582,12 +602,23 @@ impl Status {
                 "BANNED"
             } else if n.stale {
                 "STALE"
+            } else if !n.behind.is_empty() {
+                "BEHIND"
             } else {
                 "OK"
             };
+            let behind = if n.behind.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  ({} of {} identities without a valid SVID)",
+                    n.behind.len(),
+                    n.identities.len()
+                )
+            };
             let _ = writeln!(
                 out,
-                "{:<first$} {:<12} {:<9} {:<8} {:<22} {}",
+                "{:<first$} {:<12} {:<9} {:<8} {:<22} {}{behind}",
                 n.name,
                 n.mesh,
                 state,
@@ -680,6 +711,56 @@ mod tests {
         assert!(s[0].last_report.is_none());
         let s = node_statuses(&nodes, &reports, t0 + Duration::from_secs(30), hb);
         assert!(!s[0].stale, "exactly three heartbeats is not yet stale");
+    }
+
+    #[test]
+    fn nodes_whose_reported_svids_expired_fell_behind() {
+        let identity = |path: &str, not_after: Option<u64>| IdentityReport {
+            entry_id: path.into(),
+            spiffe_id: meshcert_protocol::SpiffeId::new(&format!("spiffe://m.test/{path}"))
+                .expect("id"),
+            state: meshcert_protocol::CertState::Issued,
+            serial: None,
+            not_after,
+            next_rotation: None,
+            last_error: None,
+            attempts: 0,
+        };
+        let report = |node: &str, identities: Vec<IdentityReport>| StoredReport {
+            node: node.into(),
+            report: NodeReport {
+                bundle_version: 1,
+                identities: identities.into(),
+                ..NodeReport::default()
+            },
+            received_at: 1000,
+        };
+        let nodes = vec![
+            node("a", "m", false),
+            node("b", "m", false),
+            node("c", "m", true),
+        ];
+        let reports = vec![
+            report(
+                "a",
+                vec![identity("web", Some(1200)), identity("db", Some(1100))],
+            ),
+            report("b", vec![identity("web", Some(2000))]),
+            report("c", vec![identity("web", Some(1100))]),
+        ];
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1150);
+        let s = node_statuses(&nodes, &reports, now, Duration::from_secs(3600));
+        assert_eq!(s[0].behind, ["spiffe://m.test/db"]);
+        assert!(s[1].behind.is_empty());
+        assert!(s[2].behind.is_empty(), "a banned node is not waited for");
+        let json = serde_json::to_value(&s[0]).expect("json");
+        assert_eq!(json["behind"][0], "spiffe://m.test/db");
+        assert!(
+            serde_json::to_value(&s[1])
+                .expect("json")
+                .get("behind")
+                .is_none()
+        );
     }
 
     fn node(name: &str, mesh: &str, banned: bool) -> NodeRecord {

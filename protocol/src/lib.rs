@@ -8,12 +8,14 @@
 //! - [`entry`]: registration entries, selectors, file owners and rotation hooks.
 //! - [`report`]: certificate states, node reports, enforcement modes.
 //! - [`api`]: the holder's HTTPS endpoints, their JSON bodies and error codes.
+//! - [`jwt`]: the holder's JWT-SVID endpoints and their bodies.
 //! - [`duration`]: serde for `10m`-style durations.
 
 pub mod api;
 pub mod duration;
 pub mod entry;
 pub mod id;
+pub mod jwt;
 pub mod report;
 
 pub use entry::{Entry, Hook, Owner, Selector};

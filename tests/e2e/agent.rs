@@ -270,6 +270,37 @@ fn run_restarts_in_place_with_the_allocator_tunables_unless_the_operator_set_the
     assert_eq!(tunables, ["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
 }
 
+/// The exact modes and owners of an entry folder: files the entry owner's (keys 0440,
+/// certificates and bundles 0444), folders the agent's (data folders 0555, the entry folder
+/// and the volume 0755), whatever the agent's umask.
+fn assert_modes(agent: &Agent, entry: &Path) {
+    let (uid, gid) = owner();
+    let agent_uid = nix::unistd::geteuid().as_raw();
+    let mut expected = vec![
+        ("svid.pem".to_owned(), 0o444, uid),
+        ("svid.key".to_owned(), 0o440, uid),
+        ("bundle.pem".to_owned(), 0o444, uid),
+        ("svid-bundle.pem".to_owned(), 0o440, uid),
+        ("..data".to_owned(), 0o555, agent_uid),
+        ("federated".to_owned(), 0o555, agent_uid),
+        (".".to_owned(), 0o755, agent_uid),
+    ];
+    for federated in std::fs::read_dir(entry.join("federated")).expect("federated") {
+        let name = federated.expect("entry").file_name();
+        expected.push((format!("federated/{}", name.to_string_lossy()), 0o444, uid));
+    }
+    for (name, mode, owner_uid) in expected {
+        let meta = std::fs::metadata(entry.join(&name)).expect(&name);
+        assert_eq!(meta.mode() & 0o7777, mode, "mode of {name}");
+        assert_eq!(meta.uid(), owner_uid, "owner of {name}");
+        if owner_uid == uid {
+            assert_eq!(meta.gid(), gid, "group of {name}");
+        }
+    }
+    let root = std::fs::metadata(agent.volume_dir()).expect("volume");
+    assert_eq!(root.mode() & 0o7777, 0o755, "mode of the volume");
+}
+
 #[test]
 fn first_issuance_writes_a_verifiable_svid_with_the_right_modes_and_owner() {
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
@@ -280,19 +311,7 @@ fn first_issuance_writes_a_verifiable_svid_with_the_right_modes_and_owner() {
     assert_eq!(pair.spiffe_id, "spiffe://mesh-a.test/web");
     assert!(pair.not_after > now_unix());
 
-    let (uid, gid) = owner();
-    for (name, mode) in [
-        ("svid.pem", 0o444),
-        ("svid.key", 0o440),
-        ("bundle.pem", 0o444),
-        ("svid-bundle.pem", 0o440),
-        ("..data", 0o550),
-        ("federated", 0o550),
-    ] {
-        let meta = std::fs::metadata(web.join(name)).expect(name);
-        assert_eq!(meta.mode() & 0o777, mode, "mode of {name}");
-        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "owner of {name}");
-    }
+    assert_modes(&agent, &web);
     for name in [
         "svid.pem",
         "svid.key",
@@ -408,8 +427,14 @@ fn ca_outage_keeps_serving_until_expiry_and_recovers() {
     let first = wait_pair(&agent, &web, "first SVID", |_| true).expect("issued");
 
     ca.kill9();
-    wait_until("a failed rotation attempt", WAIT, || {
-        agent.log().contains("cannot obtain an SVID")
+    // The rotation comes due while the holder is down: the agent waits for it (no backoff).
+    wait_until("a rotation due during the outage", WAIT, || {
+        agent.status_json().is_ok_and(|s| {
+            s["caUnreachableSince"].is_u64()
+                && s["identities"][0]["nextRotation"]
+                    .as_u64()
+                    .is_some_and(|t| i64::try_from(t).is_ok_and(|t| t < now_unix()))
+        })
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
     // Still served: the same valid pair is on disk.
@@ -477,6 +502,8 @@ fn tampered_and_deleted_files_are_restored() {
     let agent = Agent::start(&ca, NODE, MESH, "").expect("agent");
     let web = agent.volume_dir().join("web");
     let original = wait_pair(&agent, &web, "issued", |_| true).expect("issued");
+    // `..data` is swapped before the visible names are made: svid.pem comes last.
+    agent.wait_for_file(&web.join("svid.pem")).expect("visible");
 
     std::fs::remove_file(web.join("svid.pem")).expect("delete the link");
     agent
@@ -858,21 +885,19 @@ fn local_entries_are_issued_only_when_enforcement_is_disabled() {
 fn rotation_hooks_run_and_a_failing_hook_does_not_block_rotation() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let marker = tmp.path().join("rotated");
-    // Hooks are declared in the node's own configuration (the holder refuses entries with
-    // hooks): agent-local entries in node-1's namespace, signed under DISABLED.
     let hooked = format!(
-        "entries:\n  - id: hooked\n    spiffeId: spiffe://mesh-a.test/node/{NODE}/hooked\n    ttl: 3s\n    dir: hooked\n    hook:\n      command: [\"sh\", \"-c\", \"echo $MESHCERT_SVID_DIR >> {}\"]\n",
-        marker.display()
+        "  - id: hooked\n    spiffeId: spiffe://mesh-a.test/hooked\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: hooked\n"
     );
     let failing = format!(
-        "  - id: failing\n    spiffeId: spiffe://mesh-a.test/node/{NODE}/failing\n    ttl: 3s\n    dir: failing\n    hook:\n      command: [\"false\"]\n"
+        "  - id: failing\n    spiffeId: spiffe://mesh-a.test/failing\n    nodes: [{NODE}]\n    ttl: 3s\n    dir: failing\n"
     );
-    let disabled = holder_config("1h", "").replace(
-        "enforceAccessControl: ENABLED",
-        "enforceAccessControl: DISABLED",
+    // Hooks are the node's configuration: by folder and by entry id.
+    let hooks = format!(
+        "hooks:\n  - dir: hooked\n    command: [\"sh\", \"-c\", \"echo $MESHCERT_SVID_DIR >> {}\"]\n  - entry: failing\n    command: [\"false\"]\n",
+        marker.display()
     );
-    let ca = CaHolder::start(&disabled).expect("holder");
-    let agent = Agent::start(&ca, NODE, MESH, &format!("{hooked}{failing}")).expect("agent");
+    let ca = CaHolder::start(&holder_config("1h", &format!("{hooked}{failing}"))).expect("holder");
+    let agent = Agent::start(&ca, NODE, MESH, &hooks).expect("agent");
     wait_until("the hook ran three times", WAIT, || {
         std::fs::read_to_string(&marker)
             .map(|t| t.lines().count() >= 3)
@@ -970,4 +995,199 @@ fn the_join_token_file_is_read_once_and_may_go_away() {
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
     assert!(agent.try_exit().expect("status").is_none());
+}
+
+/// How many times the agent's log says `needle`.
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
+/// Under `umask 077` (the shipped unit's `UMask=0077`) every file and folder still gets its
+/// exact mode, and a volume nobody touches is never rewritten: the agent's periodic check
+/// (every 5 s) finds it as it left it.
+#[test]
+fn under_umask_077_modes_are_exact_and_an_idle_volume_is_never_rewritten() {
+    let config = holder_config("1h", &entry_yaml("db", NODE, "1h"))
+        .replacen(
+            "      type: generic\n",
+            "      type: generic\n    - name: mesh-b\n      trustDomain: mesh-b.test\n      type: generic\n",
+            1,
+        )
+        .replace("  shared: {}\n", "  shared: {}\n  federation: {mode: PERMISSIVE}\n");
+    assert!(config.contains("mesh-b.test") && config.contains("PERMISSIVE"));
+    let ca = CaHolder::start(&config).expect("holder");
+    let token = ca.token(NODE, MESH).expect("token");
+    let mut agent = Agent::spawn(&ca, NODE, MESH, "", None).expect("agent");
+    agent
+        .relaunch_with_umask(0o077, Some(&token))
+        .expect("umask 077");
+    agent.wait_joined().expect("joined");
+    let web = agent.volume_dir().join("web");
+    let db = agent.volume_dir().join("db");
+    wait_pair(&agent, &web, "web issued", |_| true).expect("web");
+    wait_pair(&agent, &db, "db issued", |_| true).expect("db");
+    let pid = agent.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        status.lines().any(|l| l == "Umask:\t0077"),
+        "the agent runs under umask 077"
+    );
+    assert!(
+        std::fs::read_dir(web.join("federated"))
+            .expect("federated")
+            .count()
+            > 0,
+        "mesh-b's bundle is there to check"
+    );
+    assert_modes(&agent, &web);
+
+    // Three periodic checks of the whole volume after both installs: none restores anything.
+    let checks = count(&agent.log(), "volume checked");
+    wait_until("three more checks of the volume", WAIT, || {
+        count(&agent.log(), "volume checked") >= checks + 3
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    let log = agent.log();
+    assert_eq!(
+        count(&log, "folder restored from memory"),
+        0,
+        "an untouched volume was rewritten; log:\n{}",
+        tail(&log)
+    );
+    assert_modes(&agent, &web);
+}
+
+/// `--join-token` on the command line (as the harness passes it) is gone from
+/// `/proc/<pid>/cmdline` once the agent runs, also while it cannot reach the holder.
+#[test]
+fn the_join_token_is_not_in_the_command_line_once_the_agent_runs() {
+    let mut ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let token = ca.token(NODE, MESH).expect("token");
+    // The holder is down: the agent keeps retrying with its token.
+    ca.kill9();
+    let agent = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("agent");
+    wait_until("the agent listens", WAIT, || {
+        agent.log().contains("listening")
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    let pid = agent.pid().expect("running");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let text = String::from_utf8_lossy(&cmdline);
+    assert!(!text.contains(&token), "the token is in argv: {text:?}");
+    assert!(!text.contains("--join-token"), "{text:?}");
+    assert!(
+        text.contains("run\0--config"),
+        "the other arguments stay: {text:?}"
+    );
+    // Readable only by the agent's user and root: its environment.
+    assert!(environ(pid).contains(&format!("MESHCERT_JOIN_TOKEN={token}")));
+    let meta = std::fs::metadata(format!("/proc/{pid}/environ")).expect("environ");
+    assert_eq!(meta.mode() & 0o077, 0, "environ is private");
+}
+
+/// Sends `POST <path>` with a JSON body over the holder's admin socket; status and body.
+fn admin_post(socket: &Path, path: &str, body: &serde_json::Value) -> (u16, String) {
+    use std::io::Write as _;
+    let body = body.to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, answer)
+}
+
+/// A hook in an entry created through the holder's admin API never runs on the node (the
+/// holder refuses it, or the agent strips it and says so in its status); a hook from the
+/// agent's own config runs, with an empty environment (but its folder) and no capability.
+#[test]
+fn only_hooks_of_the_agents_config_run_and_without_environment_or_capabilities() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let planted = tmp.path().join("planted-by-the-holder");
+    let env_out = tmp.path().join("env");
+    let status_out = tmp.path().join("status");
+    let config_ran = tmp.path().join("config-hook-ran");
+    let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
+    let (code, answer) = admin_post(
+        &ca.admin_socket(),
+        "/v1/entries",
+        &serde_json::json!({
+            "id": "hooked",
+            "spiffeId": "spiffe://mesh-a.test/hooked",
+            "nodes": [NODE],
+            "ttl": "1h",
+            "dir": "hooked",
+            "hook": {"command": ["/bin/sh", "-c", format!("touch {}", planted.display())]},
+        }),
+    );
+    let accepted = (200..300).contains(&code);
+    assert!(
+        accepted || (400..500).contains(&code),
+        "the holder answers or refuses: {answer}"
+    );
+    let agent_config = format!(
+        "hooks:\n  - dir: web\n    command: [\"/bin/sh\", \"-c\", \"cat /proc/$$/environ > {env}; cat /proc/$$/status > {status}\"]\n  - entry: hooked\n    command: [\"/bin/sh\", \"-c\", \"touch {ran}\"]\n",
+        env = env_out.display(),
+        status = status_out.display(),
+        ran = config_ran.display(),
+    );
+    let agent = Agent::start(&ca, NODE, MESH, &agent_config).expect("agent");
+    let web = agent.volume_dir().join("web");
+    wait_pair(&agent, &web, "web issued", |_| true).expect("web");
+    wait_until("the web hook wrote its status", WAIT, || {
+        std::fs::read_to_string(&status_out).is_ok_and(|s| s.contains("CapAmb"))
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+
+    let env = std::fs::read(&env_out).expect("env");
+    let vars: Vec<String> = env
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(vars, [format!("MESHCERT_SVID_DIR={}", web.display())]);
+    let status = std::fs::read_to_string(&status_out).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("missing")
+            .to_owned()
+    };
+    for name in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(field(name), "0000000000000000", "{name} of the hook");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(field("CapBnd:"), "0000000000000000", "a root agent's hook");
+    }
+
+    if accepted {
+        // The entry is served, its hook phase ran (the config's hook for it), and the
+        // holder's command did not.
+        let hooked = agent.volume_dir().join("hooked");
+        wait_pair(&agent, &hooked, "hooked issued", |_| true).expect("hooked");
+        wait_until("the config's hook of `hooked` ran", WAIT, || {
+            config_ran.exists()
+        })
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+        let status = agent.status_json().expect("status");
+        let warnings = status["warnings"].to_string();
+        assert!(
+            warnings.contains("hooked") && warnings.contains("hook"),
+            "the status says the holder's hook was ignored: {status}"
+        );
+        assert!(agent.log().contains("the holder's entry carries a hook"));
+    }
+    assert!(!planted.exists(), "the holder's hook ran on the node");
 }

@@ -944,3 +944,169 @@ fn arbitrary_bytes_into_the_workload_api_get_an_answer_and_break_nothing() {
     .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", tail(&agent.log())));
     assert_eq!(served.as_deref(), Some(expected.as_str()));
 }
+
+/// Runs `script` with `sh -c` as `uid:gid`; whether it succeeded, and its stderr.
+fn sh_as(uid: u32, gid: u32, script: &str) -> (bool, String) {
+    use std::os::unix::process::CommandExt as _;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The agent's peak resident memory (`VmHWM`), in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// As root (CI runs as root): the entry's owner cannot change its folder, which is the
+/// agent's. Given a data folder of its own (the layout of earlier versions, which handed
+/// data folders to owners), it plants a FIFO, a symlink to a file outside the volume and a
+/// symlink to `/dev/zero` in it: the other entry keeps rotating on time, the file outside is
+/// untouched, the agent's memory stays bounded, and the folder is restored.
+#[test]
+fn fifos_and_symlinks_planted_by_the_owner_stall_nothing_and_are_cleaned_up() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs a process as the entry's owner (uid 1000) and must run as root"
+    );
+    let (owner_uid, owner_gid) = (1000, 1000);
+    // 20 s SVIDs (the holder backdates 10 s): due about 5 s after issue.
+    let config = config_with(&entry_yaml("fast", "node-1", "20s")).replace(
+        "    dir: web\n",
+        &format!("    dir: web\n    owner: \"{owner_uid}:{owner_gid}\"\n"),
+    );
+    assert!(
+        config.contains("owner: \"1000:1000\""),
+        "the example changed shape"
+    );
+    let ca = CaHolder::start(&config).expect("holder");
+    let agent = Agent::start(&ca, "node-1", MESH, QUICK_RETRY).expect("agent");
+    let volume = agent.volume_dir();
+    // The owner must reach its folder through the test's private folder.
+    let top = volume.parent().expect("agent folder");
+    std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let web = volume.join("web");
+    let fast = volume.join("fast");
+    agent.wait_for_file(&web.join("svid.pem")).expect("web");
+    agent.wait_for_file(&fast.join("svid.pem")).expect("fast");
+
+    // The folders are the agent's: the owner can read its key but change nothing.
+    let (ok, _) = sh_as(
+        owner_uid,
+        owner_gid,
+        &format!("cat {}/svid.key > /dev/null", web.display()),
+    );
+    assert!(ok, "the owner reads its key");
+    for script in [
+        format!("mkfifo {}/planted", web.display()),
+        format!("mkfifo {}/..data/planted", web.display()),
+        format!("chmod u+w {}/..data", web.display()),
+    ] {
+        let (ok, _) = sh_as(owner_uid, owner_gid, &script);
+        assert!(!ok, "the owner could run `{script}`");
+    }
+
+    // The earlier layout: the served data folder is the owner's. Made beside the served one
+    // (a copy handed to the owner, who plants in it), then swapped in with one rename.
+    let served = std::fs::canonicalize(web.join("..data")).expect("data folder");
+    let data = web.join("..2000_01_01_00_00_00.000000000");
+    let outside_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        outside_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let outside = outside_dir.path().join("precious");
+    std::fs::write(&outside, b"precious\n").expect("write");
+    let before = std::fs::metadata(&outside).expect("meta");
+    let (ok, err) = sh_as(
+        0,
+        0,
+        &format!(
+            "cp -a {served} {data} && chown -R {owner_uid}:{owner_gid} {data} && chmod 0750 {data}",
+            served = served.display(),
+            data = data.display()
+        ),
+    );
+    assert!(ok, "{err}");
+    let fast_before = installed_pair(&fast, "spiffe://mesh-a.test/fast").expect("fast");
+    let (ok, err) = sh_as(
+        owner_uid,
+        owner_gid,
+        &format!(
+            "cd {data} && chmod u+w . && rm -f svid.pem svid.key bundle.pem && mkfifo svid.pem && ln -s {outside} svid.key && ln -s /dev/zero bundle.pem",
+            data = data.display(),
+            outside = outside.display()
+        ),
+    );
+    assert!(ok, "the owner plants in its own folder: {err}");
+    let (ok, err) = sh_as(
+        0,
+        0,
+        &format!(
+            "cd {web} && ln -s {name} ..data.planted && mv -T ..data.planted ..data",
+            web = web.display(),
+            name = data.file_name().expect("name").to_string_lossy()
+        ),
+    );
+    assert!(ok, "{err}");
+
+    // The other entry keeps rotating on time: twice more, each well before it expires.
+    let mut serials = BTreeSet::from([fast_before.serial.clone()]);
+    wait_until("fast rotated twice more", Duration::from_secs(40), || {
+        if let Ok(p) = installed_pair(&fast, "spiffe://mesh-a.test/fast") {
+            assert!(
+                p.not_after > SystemTime::now(),
+                "fast expired before it was rotated"
+            );
+            serials.insert(p.serial);
+        }
+        serials.len() >= 3
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+
+    // The folder is restored into a data folder of the agent's, the planted one is gone.
+    wait_until("web restored", WAIT, || {
+        std::fs::canonicalize(web.join("..data")).is_ok_and(|d| {
+            d != data
+                && d != served
+                && std::fs::symlink_metadata(d.join("svid.pem")).is_ok_and(|m| m.is_file())
+                && std::fs::metadata(&d).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    installed_pair(&web, "spiffe://mesh-a.test/web").expect("a valid pair again");
+    wait_until("the planted folder removed", WAIT, || !data.exists())
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+
+    // The file outside the volume: same bytes, mode and owner.
+    let after = std::fs::metadata(&outside).expect("still there");
+    assert_eq!(std::fs::read(&outside).expect("read"), b"precious\n");
+    assert_eq!(before.permissions(), after.permissions());
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&before),
+        std::os::unix::fs::MetadataExt::uid(&after)
+    );
+    // A read of /dev/zero would have grown without end; a few tens of MB is the agent's size.
+    let peak = peak_rss_kb(agent.pid().expect("running"));
+    assert!(
+        peak < 200 * 1024,
+        "the agent's peak resident memory is {peak} kB"
+    );
+    println!("agent peak resident memory: {peak} kB");
+}

@@ -6,5 +6,6 @@ mod ca;
 mod faults;
 mod kubernetes;
 mod operations;
+mod outage;
 mod virtualmesh;
 mod workload;

@@ -223,6 +223,57 @@ async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
     Ok(())
 }
 
+/// One uid holding its maximum of connections (here 8, under a global cap of 1024) gets no
+/// more, and another uid's fetch is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_holding_its_maximum_of_connections_does_not_stop_another_uids_fetch() -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let pki = TestPki::new("example.org")?;
+    let nobody = pki.svid(
+        "spiffe://example.org/nobody",
+        &[Selector::Uid(OTHER_UID)],
+        "",
+    )?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&nobody]));
+    let config = WorkloadConfig {
+        max_connections_per_uid: 8,
+        ..WorkloadConfig::default()
+    };
+    let server = Server::start(&cache, config).await?;
+
+    // We hold all our uid may: idle connections, kept open (no idle timeout within the test).
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::UnixStream::connect(&server.socket).await?);
+    }
+    // One more of ours is closed at once: end of stream, never a hang.
+    let mut extra = tokio::net::UnixStream::connect(&server.socket).await?;
+    let mut byte = [0_u8; 1];
+    let n = tokio::time::timeout(PATIENCE, extra.read(&mut byte))
+        .await
+        .context("the connection over the cap was not closed")?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a connection over the uid's cap is closed");
+
+    let endpoint = server.endpoint();
+    let out = tokio::time::timeout(PATIENCE, probe_as_other_user(&["svids", &endpoint]))
+        .await
+        .context("the other uid's fetch hung")??;
+    assert_eq!(out.trim(), "svid spiffe://example.org/nobody");
+
+    // Our held connections stay open (the server's HTTP/2 greeting, or nothing yet; not an
+    // end of stream).
+    let open = match held[0].try_read(&mut byte) {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    };
+    assert!(open, "a held connection stays open");
+    drop(held);
+    server.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_streams_stay_served_while_another_workload_churns_connections() -> Result<()> {
     let pki = TestPki::new("example.org")?;
@@ -509,4 +560,400 @@ async fn spiffe_client_follows_a_real_agent_through_rotations() -> Result<()> {
     assert!(table.contains("node-1"), "{table}");
     tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
     Ok(())
+}
+
+/// The Python Workload API clients (`tests/python/workload_client.py`): the official `spiffe`
+/// library and plain grpcio, installed by `.ci/run`. Their stdout, or their output as an error.
+async fn python_client(args: &[&str]) -> Result<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/workload_client.py");
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the Python client hung")?
+    .context("python3 must be installed (with `pip install spiffe grpcio`, see .ci/run)")?;
+    let stdout = String::from_utf8(output.stdout)?;
+    ensure!(
+        output.status.success(),
+        "python3 {args:?} failed ({}):\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_spiffe_library_fetches_svids_and_bundles() -> Result<()> {
+    let pki = TestPki::new("example.org")?;
+    let me = Selector::Uid(own_uid());
+    let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+    let admin_id = pki.svid("spiffe://example.org/admin", &[me], "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web, &admin_id]));
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let socket = server.socket.display().to_string();
+
+    // py-spiffe runs on gRPC C-core, which sends the percent-encoded socket path as :authority.
+    let out = python_client(&["spiffe-x509", &socket]).await?;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "default spiffe://example.org/web 2",
+            "svid spiffe://example.org/web",
+            "svid spiffe://example.org/admin",
+            "bundle example.org 1",
+        ],
+        "{out}"
+    );
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_are_served_whatever_authority_they_send() -> Result<()> {
+    let pki = TestPki::new("example.org")?;
+    let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
+    let cache = Cache::new();
+    cache.publish(pki.snapshot(&[&web]));
+    let server = Server::start(&cache, WorkloadConfig::default()).await?;
+    let socket = server.socket.display().to_string();
+
+    // Plain grpcio with the authority it picks itself (the percent-encoded path), then with
+    // the raw socket path as grpc-java sends it.
+    for client in ["grpc-default", "grpc-raw-authority"] {
+        let out = python_client(&[client, &socket]).await?;
+        assert_eq!(out.trim(), "svid spiffe://example.org/web", "{client}");
+    }
+    server.stop().await?;
+    Ok(())
+}
+
+/// A real holder (the example config, `web` for our uid, plus `holder_yaml` under `holder:`)
+/// and agent, once the agent serves `web`.
+async fn jwt_agent(
+    holder_yaml: &str,
+) -> Result<(meshcert_tests::ca::CaHolder, meshcert_tests::agent::Agent)> {
+    use meshcert_tests::agent::Agent;
+    use meshcert_tests::ca::{CaHolder, EXAMPLE_CONFIG};
+
+    let config = EXAMPLE_CONFIG
+        .replace(
+            "selectors: [\"unix:uid:1000\"]",
+            &format!("selectors: [\"unix:uid:{}\"]", own_uid()),
+        )
+        .replace("holder:\n", &format!("holder:\n{holder_yaml}"));
+    ensure!(
+        config.contains(&own_uid().to_string()),
+        "the example config changed shape"
+    );
+    let (ca, agent) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let ca = CaHolder::start(&config)?;
+        let agent = Agent::start(&ca, "node-1", "mesh-a", "")?;
+        Ok((ca, agent))
+    })
+    .await??;
+    let endpoint = format!("unix://{}", agent.workload_socket().display());
+    // Wait until the agent serves `web` (X.509 first: a JWT-SVID needs a held identity).
+    tokio::time::timeout(
+        PATIENCE,
+        X509SourceBuilder::new().endpoint(&endpoint).build(),
+    )
+    .await
+    .context("the agent never served web")??
+    .shutdown()
+    .await;
+    Ok((ca, agent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_jwt_svids_verify_with_pyjwt() -> Result<()> {
+    let (ca, agent) = jwt_agent("  jwtAlgorithm: RS256\n").await?;
+    let socket = agent.workload_socket().display().to_string();
+    let out = python_client(&["spiffe-jwt", &socket, "db"]).await?;
+    assert!(
+        out.contains("verified spiffe://mesh-a.test/web True"),
+        "{out}"
+    );
+    assert!(out.contains("validated spiffe://mesh-a.test/web"), "{out}");
+    let state = std::fs::read_to_string(ca.state_dir().join("jwt/mesh-a.test.json"))?;
+    assert!(state.contains("\"alg\":\"RS256\""), "RS256 key expected");
+    tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -> Result<()> {
+    use meshcert_agent::workload::proto::{JwtsvidRequest, ValidateJwtsvidRequest};
+
+    let (ca, agent) = jwt_agent("").await?;
+    let socket = agent.workload_socket().display().to_string();
+    let endpoint = format!("unix://{socket}");
+
+    // py-spiffe fetches a token and the JWKS; PyJWT verifies the token against them; the
+    // agent validates it for its audience and refuses another audience and a tampered one.
+    let out = python_client(&["spiffe-jwt", &socket, "db"]).await?;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "jwt spiffe://mesh-a.test/web ['db']",
+            "jwt-bundle mesh-a.test 1",
+            "verified spiffe://mesh-a.test/web True",
+            "validated spiffe://mesh-a.test/web",
+            "other-audience refused True",
+            "tampered refused True",
+        ],
+        "{out}\nagent log:\n{}",
+        agent.log()
+    );
+
+    // The spec's refusals, seen by a plain gRPC client.
+    let channel =
+        spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&endpoint)?).await?;
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().expect("ascii"));
+        request
+    }
+    let status = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest::default()))
+        .await
+        .err()
+        .context("a request without audience was served")?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "audience must be specified");
+    let status = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: "spiffe://mesh-a.test/not-mine".into(),
+        }))
+        .await
+        .err()
+        .context("an identity the caller does not hold was signed")?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // Two calls, one token: cached per identity and audience set.
+    let request = || {
+        with_header(JwtsvidRequest {
+            audience: vec!["db".into(), "cache".into()],
+            spiffe_id: String::new(),
+        })
+    };
+    let first = raw.fetch_jwtsvid(request()).await?.into_inner();
+    let second = raw.fetch_jwtsvid(request()).await?.into_inner();
+    assert_eq!(first.svids.len(), 1);
+    assert_eq!(first.svids[0].svid, second.svids[0].svid);
+    let status = raw
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: String::new(),
+        }))
+        .await
+        .err()
+        .context("an empty token validated")?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // The calls and refusals are counted per API.
+    let (code, metrics) = http_get(&agent.admin_socket(), "/metrics").await?;
+    assert_eq!(code, 200);
+    for line in [
+        r#"meshcert_agent_workload_calls_total{api="jwt",rpc="FetchJWTSVID"} 5"#,
+        r#"meshcert_agent_workload_refusals_total{api="jwt",rpc="FetchJWTSVID",code="InvalidArgument"} 1"#,
+        r#"meshcert_agent_workload_refusals_total{api="jwt",rpc="FetchJWTSVID",code="PermissionDenied"} 1"#,
+        r#"meshcert_agent_workload_open_streams{api="x509"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    tokio::task::spawn_blocking(move || drop((agent, ca))).await?;
+    Ok(())
+}
+
+/// SDS, as Envoy speaks it: the client and messages of Envoy's own protobuf definitions.
+mod sds {
+    use std::time::Instant;
+
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    use prost::Message as _;
+
+    use super::*;
+
+    const SECRET_TYPE: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+    fn request(names: &[&str], version: &str, nonce: &str, nack: bool) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            type_url: SECRET_TYPE.into(),
+            response_nonce: nonce.into(),
+            error_detail: nack.then(|| RpcStatus {
+                code: 3,
+                message: "rejected by the test".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// One secret of a response: its name, its certificate chain or trusted CAs, and its key
+    /// (empty for a validation context), PEM blocks decoded to DER.
+    type Found = (String, Vec<Vec<u8>>, Vec<u8>);
+
+    /// The secrets of a response, in order.
+    fn secrets(response: &DiscoveryResponse) -> Result<Vec<Found>> {
+        let inline = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| {
+            use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+            match d.as_ref().and_then(|d| d.specifier.clone()) {
+                Some(Specifier::InlineBytes(b)) => b,
+                _ => Vec::new(),
+            }
+        };
+        let ders = |pem_bytes: Vec<u8>| -> Result<Vec<Vec<u8>>> {
+            Ok(pem::parse_many(pem_bytes)?
+                .into_iter()
+                .map(|p| p.contents().to_vec())
+                .collect())
+        };
+        let mut out = Vec::new();
+        for any in &response.resources {
+            ensure!(
+                any.type_url == SECRET_TYPE,
+                "resource type {}",
+                any.type_url
+            );
+            let secret = Secret::decode(any.value.as_slice())?;
+            match secret.r#type {
+                Some(secret::Type::TlsCertificate(tls)) => {
+                    let key = ders(inline(&tls.private_key))?.concat();
+                    out.push((secret.name, ders(inline(&tls.certificate_chain))?, key));
+                }
+                Some(secret::Type::ValidationContext(v)) => {
+                    out.push((secret.name, ders(inline(&v.trusted_ca))?, Vec::new()));
+                }
+                other => anyhow::bail!("unexpected secret {other:?}"),
+            }
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn envoy_fetches_its_certificate_and_root_ca_over_sds() -> Result<()> {
+        let pki = TestPki::new("example.org")?;
+        let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
+        let cache = Cache::new();
+        cache.publish(pki.snapshot(&[&web]));
+        let server = Server::start(&cache, WorkloadConfig::default()).await?;
+        let channel =
+            spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
+                .await?;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        // No `workload.spiffe.io` header: Envoy does not send one.
+        let names = ["default", "ROOTCA", "spiffe://example.org/web", "unknown"];
+        let response = client
+            .fetch_secrets(request(&names, "", "", false))
+            .await?
+            .into_inner();
+        let found = secrets(&response)?;
+        let by_name: Vec<&str> = found.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(by_name, ["default", "ROOTCA", "spiffe://example.org/web"]);
+        assert_eq!(found[0].1, [web.leaf.clone(), pki.intermediate_der()]);
+        assert_eq!(found[0].2, web.key_pkcs8.as_slice());
+        assert_eq!(found[1].1, [pki.root_der()]);
+        assert!(!response.version_info.is_empty());
+        server.stop().await?;
+        Ok(())
+    }
+
+    async fn next(
+        responses: &mut tonic::Streaming<DiscoveryResponse>,
+    ) -> Result<DiscoveryResponse> {
+        tokio::time::timeout(PATIENCE, responses.message())
+            .await
+            .context("no SDS response")??
+            .context("the stream ended")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotation_reaches_an_open_sds_stream_and_a_nack_does_not_loop() -> Result<()> {
+        let pki = TestPki::new("example.org")?;
+        let me = Selector::Uid(own_uid());
+        let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        let cache = Cache::new();
+        cache.publish(pki.snapshot(&[&web]));
+        let server = Server::start(&cache, WorkloadConfig::default()).await?;
+        let channel =
+            spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
+                .await?;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        let mut responses = client
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        requests.send(request(&["default"], "", "", false)).await?;
+        let first = next(&mut responses).await?;
+        assert_eq!(secrets(&first)?[0].1[0], web.leaf);
+        // ACK.
+        requests
+            .send(request(
+                &["default"],
+                &first.version_info,
+                &first.nonce,
+                false,
+            ))
+            .await?;
+
+        // A rotation reaches the open stream as a new version.
+        let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        let published = Instant::now();
+        cache.publish(pki.snapshot(&[&rotated]));
+        let second = next(&mut responses).await?;
+        println!("SDS push after a rotation: {:?}", published.elapsed());
+        assert_ne!(second.version_info, first.version_info);
+        assert_ne!(second.nonce, first.nonce);
+        assert_eq!(secrets(&second)?[0].1[0], rotated.leaf);
+
+        // NACK it: the same version is not sent again; the next message is the next rotation.
+        requests
+            .send(request(
+                &["default"],
+                &first.version_info,
+                &second.nonce,
+                true,
+            ))
+            .await?;
+        let third_svid = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
+        cache.publish(pki.snapshot(&[&third_svid]));
+        let third = next(&mut responses).await?;
+        assert_eq!(
+            secrets(&third)?[0].1[0],
+            third_svid.leaf,
+            "the NACKed version came back"
+        );
+        assert_ne!(third.version_info, second.version_info);
+
+        // New names on the stream are answered at once.
+        requests
+            .send(request(
+                &["default", "ROOTCA"],
+                &third.version_info,
+                &third.nonce,
+                false,
+            ))
+            .await?;
+        let fourth = next(&mut responses).await?;
+        assert_eq!(secrets(&fourth)?.len(), 2);
+        drop(requests);
+        server.stop().await?;
+        Ok(())
+    }
 }

@@ -45,6 +45,7 @@ pub struct Agent {
     child: Option<Child>,
     node: String,
     env: Vec<(String, String)>,
+    umask: Option<u32>,
 }
 
 impl Agent {
@@ -101,9 +102,18 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            umask: None,
         };
         agent.launch(token)?;
         Ok(agent)
+    }
+
+    /// Kills the agent and starts it again with `umask` (as `sh -c 'umask ...; exec agent'`,
+    /// same process id), `token` or none, without waiting; later restarts keep the umask.
+    pub fn relaunch_with_umask(&mut self, umask: u32, token: Option<&str>) -> anyhow::Result<()> {
+        self.kill9();
+        self.umask = Some(umask);
+        self.launch(token)
     }
 
     fn launch(&mut self, token: Option<&str>) -> anyhow::Result<()> {
@@ -111,7 +121,16 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(crate::bin_path("meshcert-agent"));
+        let mut cmd = match self.umask {
+            None => Command::new(crate::bin_path("meshcert-agent")),
+            Some(umask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {umask:03o} && exec \"$0\" \"$@\""))
+                    .arg(crate::bin_path("meshcert-agent"));
+                sh
+            }
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(self.config_path())

@@ -59,6 +59,11 @@ impl TestPki {
         })
     }
 
+    /// The intermediate, DER: the second certificate of every chain.
+    pub fn intermediate_der(&self) -> Vec<u8> {
+        self.intermediate.der().to_vec()
+    }
+
     /// The root, DER: the trust domain's bundle.
     pub fn root_der(&self) -> Vec<u8> {
         self.root.der().to_vec()

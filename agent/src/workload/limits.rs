@@ -1,6 +1,7 @@
 //! What keeps one misbehaving workload from starving the others or the rotation loop: a cap on
-//! connections (over it, a new connection is closed at once, which clients see as
-//! `Unavailable`), an idle timeout on connections with no open call (slowloris and forgotten
+//! connections in all and a smaller one per uid (over either, a new connection is closed at
+//! once, which clients see as `Unavailable`; one uid holding all it may cannot keep another
+//! uid out), an idle timeout on connections with no open call (slowloris and forgotten
 //! connections), a per-uid token bucket on calls, and a cap on open streams.
 //!
 //! tonic's `tcp_*` settings and its per-request `timeout` do not fit Unix sockets and endless
@@ -112,7 +113,100 @@ impl Drop for CallGuard {
     }
 }
 
-/// An accepted connection holding its slot under the connection cap, closed after
+/// The connections each uid holds, under a cap per uid.
+#[derive(Debug)]
+pub struct UidSlots {
+    max: usize,
+    held: Mutex<HashMap<u32, usize>>,
+    /// When a refusal was last logged as a warning (at most one a minute: a refused client
+    /// that retries must not flood the log).
+    warned: Mutex<Option<Instant>>,
+}
+
+/// How often a refusal over the per-uid cap is logged as a warning.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl UidSlots {
+    /// At most `max` connections per uid.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            held: Mutex::new(HashMap::new()),
+            warned: Mutex::new(None),
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Logs a refusal of `uid`: a warning at most once per [`WARN_EVERY`], else at debug.
+    fn refused(&self, uid: u32) {
+        let now = Instant::now();
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if warned.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY) {
+            *warned = Some(now);
+            tracing::warn!(
+                uid,
+                max = self.max,
+                "a uid holds its maximum of Workload API connections: its new connections are closed (workloadConnectionsPerUid)"
+            );
+        } else {
+            tracing::debug!(
+                uid,
+                max = self.max,
+                "this uid holds its maximum of workload connections; closing a new one"
+            );
+        }
+    }
+
+    /// A slot for `uid`, unless it holds its maximum already.
+    pub fn try_take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut held = self.held();
+        let count = held.entry(uid).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// One connection of a uid; dropping it frees the slot.
+#[derive(Debug)]
+pub struct UidSlot {
+    slots: Arc<UidSlots>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held();
+        if let Some(count) = held.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The slots one connection holds: one under the global cap, one under its uid's.
+#[derive(Debug)]
+pub struct Slot {
+    _global: OwnedSemaphorePermit,
+    _uid: Option<UidSlot>,
+}
+
+/// An accepted connection holding its slots under the connection caps, closed after
 /// `idle_timeout` without traffic while no call is open.
 #[derive(Debug)]
 pub struct Conn {
@@ -120,11 +214,11 @@ pub struct Conn {
     info: ConnInfo,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Conn {
-    fn new(inner: UnixStream, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Self {
+    fn new(inner: UnixStream, slot: Slot, idle_timeout: Duration) -> Self {
         let cred = inner.peer_cred().ok().map(|c| Credentials {
             pid: c.pid().unwrap_or(0),
             uid: c.uid(),
@@ -228,17 +322,57 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Accepts connections until `stop` turns true, closing at once those over `max_connections`.
+/// The connection caps of [`incoming`].
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    /// Connections in all.
+    pub total: usize,
+    /// Connections of one uid.
+    pub per_uid: usize,
+}
+
+/// Takes the slots of a new connection: its uid's (checked first, so that a uid at its cap
+/// takes nothing from the others) and one under the global cap.
+fn take_slots(
+    stream: &UnixStream,
+    global: &Arc<Semaphore>,
+    per_uid: &Arc<UidSlots>,
+) -> Option<Slot> {
+    let uid = stream.peer_cred().ok().map(|c| c.uid());
+    let uid_slot = match uid {
+        Some(uid) => match per_uid.try_take(uid) {
+            Some(slot) => Some(slot),
+            None => {
+                per_uid.refused(uid);
+                return None;
+            }
+        },
+        None => None,
+    };
+    match global.clone().try_acquire_owned() {
+        Ok(permit) => Some(Slot {
+            _global: permit,
+            _uid: uid_slot,
+        }),
+        Err(_) => {
+            tracing::debug!("connection cap reached, closing a new connection");
+            None
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true, closing at once those over the caps.
 /// Accept errors (e.g. out of file descriptors) are logged and retried after a pause, so the
 /// server never stops on them. The task ends, and drops the listener, once `stop` is true.
 pub fn incoming(
     listener: UnixListener,
-    max_connections: usize,
+    caps: Caps,
     idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> (ReceiverStream<Result<Conn, io::Error>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(16);
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let global = Arc::new(Semaphore::new(caps.total.max(1)));
+    let per_uid = UidSlots::new(caps.per_uid);
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -247,24 +381,19 @@ pub fn incoming(
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        if tx
-                            .send(Ok(Conn::new(stream, slot, idle_timeout)))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        tracing::debug!(
-                            max_connections,
-                            "connection cap reached, closing a new connection"
-                        );
+                Ok((stream, _)) => {
+                    let Some(slot) = take_slots(&stream, &global, &per_uid) else {
                         drop(stream);
+                        continue;
+                    };
+                    if tx
+                        .send(Ok(Conn::new(stream, slot, idle_timeout)))
+                        .await
+                        .is_err()
+                    {
+                        break;
                     }
-                },
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot accept a workload connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -284,9 +413,12 @@ mod tests {
 
     fn conn_pair(idle: Duration) -> (Conn, UnixStream) {
         let (server, client) = UnixStream::pair().expect("socket pair");
-        let slot = Arc::new(Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("a free slot");
+        let slot = Slot {
+            _global: Arc::new(Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a free slot"),
+            _uid: None,
+        };
         (Conn::new(server, slot, idle), client)
     }
 
@@ -326,7 +458,11 @@ mod tests {
         let path = dir.path().join("cap.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         let (_stop_tx, stop) = watch::channel(false);
-        let (mut incoming, _task) = incoming(listener, 1, Duration::from_secs(60), stop);
+        let caps = Caps {
+            total: 1,
+            per_uid: 8,
+        };
+        let (mut incoming, _task) = incoming(listener, caps, Duration::from_secs(60), stop);
         let _first = UnixStream::connect(&path).await.expect("connect");
         let held = incoming.next().await.expect("accepted").expect("ok");
         let mut second = UnixStream::connect(&path).await.expect("connect");
@@ -338,6 +474,20 @@ mod tests {
         drop(held);
         let _third = UnixStream::connect(&path).await.expect("connect");
         assert!(incoming.next().await.is_some());
+    }
+
+    #[test]
+    fn a_uid_at_its_cap_takes_nothing_from_another() {
+        let slots = UidSlots::new(2);
+        let first = slots.try_take(1000).expect("first");
+        let _second = slots.try_take(1000).expect("second");
+        assert!(slots.try_take(1000).is_none(), "over the cap");
+        let _other = slots.try_take(1001).expect("another uid");
+        drop(first);
+        assert!(
+            slots.try_take(1000).is_some(),
+            "a freed slot is usable again"
+        );
     }
 
     #[test]

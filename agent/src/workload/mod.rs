@@ -8,26 +8,34 @@
 //!
 //! - [`proto`]: the messages, server and client generated from `proto/workload.proto`.
 //! - [`service`]: the gRPC service (header, rate, attestation, streams).
+//! - [`jwt`]: the JWT-SVID calls (fetch, bundles, validate) and their messages.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket.
+//! - [`metrics`]: calls, refusals and open streams of the three APIs.
 //! - [`peer`]: the caller's kernel credentials and `/proc` facts (all `nix`/`/proc` calls).
 //! - [`selection`]: which SVIDs a caller receives (pure).
 //! - [`cgroup`]: the pod UID and container ID in a caller's `/proc/<pid>/cgroup` (pure).
 //! - [`response`]: the messages built from a snapshot (pure).
-//! - [`limits`]: connection cap, idle timeout, per-uid rate limit.
+//! - [`limits`]: connection caps (in all and per uid), idle timeout, per-uid rate limit.
 //! - [`socket`]: socket files (stale socket replacement, modes), shared with the admin socket.
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
+use crate::jwt::Tokens;
 
 pub mod cgroup;
+pub mod jwt;
 pub mod limits;
+pub mod metrics;
 pub mod peer;
 pub mod response;
+pub mod sds;
 pub mod selection;
 pub mod service;
 pub mod socket;
@@ -52,6 +60,9 @@ pub mod proto {
         }
     }
 }
+
+/// Connections one uid may hold at once unless configured (`workloadConnectionsPerUid`).
+pub const DEFAULT_CONNECTIONS_PER_UID: usize = 256;
 
 /// How long open connections get to close once the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -87,6 +98,9 @@ pub struct WorkloadConfig {
     /// Connections served at once; a connection over the cap is closed at once (clients see
     /// `Unavailable` and retry).
     pub max_connections: usize,
+    /// Connections one uid may hold at once (below `max_connections`, so that one uid cannot
+    /// keep the others out).
+    pub max_connections_per_uid: usize,
     /// Streams (`FetchX509SVID`, `FetchX509Bundles`) open at once over all connections; over
     /// it a call gets `ResourceExhausted`.
     pub max_streams: usize,
@@ -113,6 +127,7 @@ impl Default for WorkloadConfig {
             socket: PathBuf::from("/run/meshcert/workload.sock"),
             mode: 0o666,
             max_connections: 1024,
+            max_connections_per_uid: DEFAULT_CONNECTIONS_PER_UID,
             max_streams: 4096,
             max_streams_per_connection: 128,
             rate_per_uid: 20.0,
@@ -138,21 +153,50 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkloadError> {
+    serve_with(listener, config, cache, Extras::default(), shutdown).await
+}
+
+/// What the daemon adds to the Workload API beyond X.509-SVIDs and SDS.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// JWT-SVIDs and JWT bundles (without: the JWT calls answer `Unimplemented`).
+    pub jwt: Option<Arc<Tokens>>,
+    /// Where calls, refusals and open streams are counted.
+    pub metrics: Option<metrics::ApiMetrics>,
+}
+
+/// [`serve`], with `extras`.
+pub async fn serve_with(
+    listener: UnixListener,
+    config: WorkloadConfig,
+    cache: Cache,
+    extras: Extras,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkloadError> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let service = service::WorkloadService::new(
+    let mut service = service::WorkloadService::new(
         cache,
         limits::RateLimiter::new(config.rate_per_uid, config.burst_per_uid),
         config.max_streams,
         stop.clone(),
     )
     .with_kubelet(config.kubelet.clone());
+    if let Some(tokens) = extras.jwt {
+        service = service.with_jwt(tokens);
+    }
+    if let Some(metrics) = extras.metrics {
+        service = service.with_metrics(metrics);
+    }
     let (incoming, acceptor) = limits::incoming(
         listener,
-        config.max_connections,
+        limits::Caps {
+            total: config.max_connections,
+            per_uid: config.max_connections_per_uid,
+        },
         config.idle_timeout,
         stop.clone(),
     );
@@ -162,6 +206,12 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(
+            envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(
+                sds::SdsService::new(service.clone()),
+            )
+            .max_decoding_message_size(64 * 1024),
+        )
         .add_service(
             proto::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(service)
                 .max_decoding_message_size(64 * 1024),

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::limits::{CallGuard, ConnInfo, RateLimiter};
+use super::metrics::{ApiMetrics, OpenStream};
 use super::peer::{self, Names, PeerError, PeerInfo};
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::{
@@ -19,6 +20,7 @@ use super::proto::{
 };
 use super::{response, selection};
 use crate::cache::{Cache, Snapshot};
+use crate::jwt::Tokens;
 use crate::kubelet::Kubelet;
 
 /// The metadata every Workload API request carries.
@@ -43,11 +45,17 @@ pub struct WorkloadService {
     names: Arc<Names>,
     stop: watch::Receiver<bool>,
     kubelet: Option<Arc<Kubelet>>,
+    /// JWT-SVIDs and bundles; the JWT calls answer `Unimplemented` without it.
+    jwt: Option<Arc<Tokens>>,
+    metrics: ApiMetrics,
 }
 
+/// A place among the open streams, counted in the metrics while held.
+pub(super) type StreamSlot = (OwnedSemaphorePermit, OpenStream);
+
 /// An admitted caller: who it is and the open-call mark on its connection.
-struct Caller {
-    peer: PeerInfo,
+pub(super) struct Caller {
+    pub(super) peer: PeerInfo,
     _call: CallGuard,
 }
 
@@ -67,6 +75,8 @@ impl WorkloadService {
             names: Arc::new(Names::new(NAMES_TTL)),
             stop,
             kubelet: None,
+            jwt: None,
+            metrics: ApiMetrics::default(),
         }
     }
 
@@ -92,9 +102,82 @@ impl WorkloadService {
         }
     }
 
+    /// Counts calls, refusals and open streams in `metrics`.
+    pub fn with_metrics(mut self, metrics: ApiMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The call and refusal counters.
+    pub(super) fn metrics(&self) -> &ApiMetrics {
+        &self.metrics
+    }
+
+    /// Serves JWT-SVIDs and JWT bundles from `tokens`.
+    pub fn with_jwt(mut self, tokens: Arc<Tokens>) -> Self {
+        self.jwt = Some(tokens);
+        self
+    }
+
+    /// The JWT side, after the security header was checked.
+    fn tokens<T>(&self, request: &Request<T>) -> Result<Arc<Tokens>, Status> {
+        check_header(request)?;
+        self.jwt
+            .clone()
+            .ok_or_else(|| Status::unimplemented("JWT-SVIDs are not served by this agent"))
+    }
+
+    /// `FetchJWTBundles`: the JWKS at once (once the holder gave them), then on every change.
+    fn jwt_bundle_stream(
+        &self,
+        caller: Caller,
+        tokens: &Tokens,
+    ) -> Result<Response<Updates<JwtBundlesResponse>>, Status> {
+        // Bundles go only to callers entitled to an identity, as for X.509 bundles.
+        if selection::svids_for(&self.cache.current(), &caller.peer, SystemTime::now()).is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let slot = self.stream_slot("FetchJWTBundles")?;
+        let mut jwks = tokens.subscribe();
+        let (tx, rx) = mpsc::channel(2);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let (_slot, _caller) = (slot, caller);
+            loop {
+                let current = jwks.borrow_and_update().clone();
+                if !current.trust_domains.is_empty() {
+                    let message = super::jwt::bundles_response(&current);
+                    tokio::select! {
+                        sent = tx.send(Ok(message)) => if sent.is_err() { return },
+                        () = stopped(&mut stop) => return,
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    () = stopped(&mut stop) => {
+                        let _ = tx.try_send(Err(Status::unavailable("agent shutting down")));
+                        return;
+                    }
+                    changed = jwks.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     /// The checks every call passes: security header, rate, then the caller's identity.
     async fn admit<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
         check_header(request)?;
+        self.identify(request, rpc).await
+    }
+
+    /// The checks of [`Self::admit`] but the header (Envoy's SDS calls do not send it): rate,
+    /// then the caller's identity from its kernel credentials.
+    pub(super) async fn identify<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<Caller, Status> {
         let conn = request
             .extensions()
             .get::<ConnInfo>()
@@ -137,11 +220,23 @@ impl WorkloadService {
         Ok(Caller { peer, _call: call })
     }
 
-    fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.streams.clone().try_acquire_owned().map_err(|_| {
+    /// The cache every call reads.
+    pub(super) fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Turns true when the agent stops.
+    pub(super) fn stop(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+
+    /// A place among the open streams, or `ResourceExhausted`.
+    pub(super) fn stream_slot(&self, rpc: &'static str) -> Result<StreamSlot, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             tracing::warn!("workload stream cap reached");
             Status::resource_exhausted("too many open streams; retry later")
-        })
+        })?;
+        Ok((permit, self.metrics.stream_opened(rpc)))
     }
 
     /// Answers with `build`'s first message at once, then a new one whenever a snapshot
@@ -150,12 +245,13 @@ impl WorkloadService {
     fn stream<T>(
         &self,
         caller: Caller,
+        rpc: &'static str,
         build: fn(&Snapshot, &PeerInfo, SystemTime) -> Built<T>,
     ) -> Result<Response<Updates<T>>, Status>
     where
         T: Clone + PartialEq + Send + Sync + 'static,
     {
-        let slot = self.stream_slot()?;
+        let slot = self.stream_slot(rpc)?;
         let mut snapshots = self.cache.subscribe();
         let first = build(
             &snapshots.borrow_and_update(),
@@ -271,42 +367,63 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let caller = self.admit(&request, "FetchX509SVID").await?;
-        self.stream(caller, x509_svids)
+        let result = async {
+            let caller = self.admit(&request, "FetchX509SVID").await?;
+            self.stream(caller, "FetchX509SVID", x509_svids)
+        };
+        self.metrics.record("FetchX509SVID", result.await)
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let caller = self.admit(&request, "FetchX509Bundles").await?;
-        self.stream(caller, x509_bundles)
+        let result = async {
+            let caller = self.admit(&request, "FetchX509Bundles").await?;
+            self.stream(caller, "FetchX509Bundles", x509_bundles)
+        };
+        self.metrics.record("FetchX509Bundles", result.await)
     }
 
     async fn fetch_jwtsvid(
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let caller = self.admit(&request, "FetchJWTSVID").await?;
+            let snapshot = self.cache.current();
+            let now = SystemTime::now();
+            let request = request.into_inner();
+            super::jwt::fetch_svids(&tokens, &snapshot, &caller.peer, request, now)
+                .await
+                .map(Response::new)
+        };
+        self.metrics.record("FetchJWTSVID", result.await)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented("JWT bundles are not served yet"))
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let caller = self.admit(&request, "FetchJWTBundles").await?;
+            self.jwt_bundle_stream(caller, &tokens)
+        };
+        self.metrics.record("FetchJWTBundles", result.await)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not served yet",
-        ))
+        let result = async {
+            let tokens = self.tokens(&request)?;
+            let _caller = self.admit(&request, "ValidateJWTSVID").await?;
+            super::jwt::validate_svid(&tokens, request.get_ref()).map(Response::new)
+        };
+        self.metrics.record("ValidateJWTSVID", result.await)
     }
 
     async fn fetch_witsvid(

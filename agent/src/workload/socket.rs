@@ -1,8 +1,9 @@
 //! Socket files: the parent folder is created if missing, a stale socket left by a previous
-//! run is replaced (only if it is a socket nobody listens on), and the file gets its mode.
+//! run is replaced (only if it is a socket nobody listens on), and the file has its mode from
+//! the moment it appears (bound in a private folder, then renamed into place).
 //! Shared by the workload socket and the admin socket.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
@@ -21,6 +22,16 @@ pub enum SocketError {
     InUse {
         /// The socket path.
         path: PathBuf,
+    },
+    /// The socket's folder belongs to another user, who could replace the socket.
+    #[error(
+        "{path} belongs to uid {uid}, neither the agent's user nor root: choose another socket folder"
+    )]
+    ForeignFolder {
+        /// The folder.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
     },
     /// A filesystem operation failed.
     #[error("cannot {action} {path}: {source}")]
@@ -47,6 +58,7 @@ pub fn prepare(path: &Path) -> Result<(), SocketError> {
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io("create the folder", parent))?;
+        check_owner(parent)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -68,23 +80,68 @@ pub fn prepare(path: &Path) -> Result<(), SocketError> {
     Ok(())
 }
 
-/// Prepares `path`, binds a listener on it and gives the socket file `mode`.
+/// Prepares `path`, binds a listener on it and gives the socket file `mode`. The socket is
+/// bound in a fresh private folder beside `path` (0700, the agent's), given its mode there,
+/// then renamed into place: it never appears at `path` with another mode, and the chmod by
+/// path happens where no one else can swap the file.
 /// Must be called inside a tokio runtime.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
     prepare(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| SocketError::Io {
-        action: "bind",
-        path: path.to_owned(),
-        source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        SocketError::Io {
-            action: "set the mode of",
-            path: path.to_owned(),
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| SocketError::Io {
+            action,
+            path,
             source,
         }
+    };
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // A fresh name: `create` fails rather than reuse a folder someone else made.
+    let private = parent.join(format!(
+        ".meshcert-socket-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io("create a private folder in", parent))?;
+    let staged = private.join("socket");
+    let bound = UnixListener::bind(&staged)
+        .map_err(io("bind", path))
+        .and_then(|listener| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+                .map_err(io("set the mode of", path))?;
+            std::fs::rename(&staged, path).map_err(io("move the socket to", path))?;
+            Ok(listener)
+        });
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Refuses a socket folder owned by another user than the agent or root: whoever owns it
+/// could replace the socket.
+fn check_owner(dir: &Path) -> Result<(), SocketError> {
+    let meta = std::fs::metadata(dir).map_err(|source| SocketError::Io {
+        action: "inspect",
+        path: dir.to_owned(),
+        source,
     })?;
-    Ok(listener)
+    let own = nix::unistd::geteuid().as_raw();
+    if meta.uid() == own || meta.uid() == 0 {
+        Ok(())
+    } else {
+        Err(SocketError::ForeignFolder {
+            path: dir.to_owned(),
+            uid: meta.uid(),
+        })
+    }
 }
 
 #[cfg(test)]
