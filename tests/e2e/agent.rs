@@ -274,6 +274,11 @@ fn run_restarts_in_place_with_the_allocator_tunables_unless_the_operator_set_the
 /// certificates and bundles 0444), folders the agent's (data folders 0555, the entry folder
 /// and the volume 0755), whatever the agent's umask.
 fn assert_modes(agent: &Agent, entry: &Path) {
+    // Without root the files stay the test's own and the owner checks prove nothing.
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "owner checks chown to uid 1000 and must run as root"
+    );
     let (uid, gid) = owner();
     let agent_uid = nix::unistd::geteuid().as_raw();
     let mut expected = vec![
@@ -1168,9 +1173,11 @@ fn only_hooks_of_the_agents_config_run_and_without_environment_or_capabilities()
         assert_eq!(field(name), "0000000000000000", "{name} of the hook");
     }
     assert_eq!(field("NoNewPrivs:"), "1");
-    if nix::unistd::geteuid().is_root() {
-        assert_eq!(field("CapBnd:"), "0000000000000000", "a root agent's hook");
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test checks a root agent's hook's bounding set and must run as root"
+    );
+    assert_eq!(field("CapBnd:"), "0000000000000000", "a root agent's hook");
 
     if accepted {
         // The entry is served, its hook phase ran (the config's hook for it), and the
