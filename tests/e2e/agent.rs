@@ -577,8 +577,9 @@ fn a_replayed_join_token_is_refused() {
 fn a_node_cannot_obtain_another_nodes_entry() {
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
     let agent = Agent::start(&ca, "node-2", MESH, "").expect("agent");
-    wait_until("node-2 ready", WAIT, || agent.log().contains("ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("node-2 ready");
     assert!(
         !agent.volume_dir().join("web").exists(),
         "node-2 got node-1's entry"
@@ -880,8 +881,9 @@ fn local_entries_are_issued_only_when_enforcement_is_disabled() {
     // ENABLED: the same config gets the holder's entry only.
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
     let agent = Agent::start(&ca, NODE, MESH, LOCAL_ENTRY).expect("agent");
-    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("ready");
     assert!(agent.volume_dir().join("web/svid.pem").exists());
     assert!(!agent.volume_dir().join("debug").exists());
 }
@@ -990,8 +992,9 @@ fn the_join_token_file_is_read_once_and_may_go_away() {
     agent
         .wait_joined()
         .expect("joined with the token from the file");
-    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("ready");
     // Provisioning removes the used token: restarts go on with the node identity.
     std::fs::remove_file(&token_file).expect("remove");
     agent.restart().expect("restarts without the file");
@@ -1071,10 +1074,9 @@ fn the_join_token_is_not_in_the_command_line_once_the_agent_runs() {
     // The holder is down: the agent keeps retrying with its token.
     ca.kill9();
     let agent = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("agent");
-    wait_until("the agent listens", WAIT, || {
-        agent.log().contains("listening")
-    })
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::daemon", "listening")
+        .expect("the agent listens");
     let pid = agent.pid().expect("running");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let text = String::from_utf8_lossy(&cmdline);
@@ -1095,6 +1097,9 @@ fn admin_post(socket: &Path, path: &str, body: &serde_json::Value) -> (u16, Stri
     use std::io::Write as _;
     let body = body.to_string();
     let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    stream
+        .set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
     write!(
         stream,
         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

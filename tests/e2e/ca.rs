@@ -672,11 +672,12 @@ fn systemd_hears_ready_then_stopping() {
         .expect("timeout");
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, EXAMPLE_CONFIG).expect("write");
-    let mut child = meshcert_tests::ca::run_command(&config, dir.path())
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starts");
+    let mut child = meshcert_tests::ChildGuard::spawn(
+        meshcert_tests::ca::run_command(&config, dir.path())
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("starts");
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY arrives");
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -696,6 +697,10 @@ fn systemd_hears_ready_then_stopping() {
 fn admin_call(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     use std::io::{Read as _, Write as _};
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    s.set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
+    s.set_write_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("write timeout");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()

@@ -848,11 +848,12 @@ fn systemd_hears_reloading_with_monotonic_usec_then_ready() {
     let config_path = dir.path().join("config.yaml");
     let text = config("  shared: {}\n");
     std::fs::write(&config_path, &text).expect("write");
-    let mut child = meshcert_tests::ca::run_command(&config_path, dir.path())
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starts");
+    let mut child = meshcert_tests::ChildGuard::spawn(
+        meshcert_tests::ca::run_command(&config_path, dir.path())
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("starts");
     let mut buf = [0u8; 256];
     let mut next = || {
         let n = sock.recv(&mut buf).expect("a notification arrives");

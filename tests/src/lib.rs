@@ -102,3 +102,138 @@ fn build_bins(profile_dir: &Path) -> Result<(), String> {
         ))
     }
 }
+
+/// How long a short command run by the harness ([`output_within`]) may take.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A child process killed and reaped when dropped, so that a panicking test leaves nothing
+/// running.
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Spawns `cmd` under a guard.
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<ChildGuard> {
+        cmd.spawn().map(ChildGuard)
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// [`Command::output`] with a deadline: the command is killed, and an error of kind
+/// `TimedOut` returned, if it has not exited after `timeout`. Stdout and stderr are captured
+/// (stdin is whatever `cmd` says).
+pub fn output_within(
+    cmd: &mut Command,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Read as _;
+    let mut child = ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // The guard kills it; the pipes close and the readers end.
+            drop(child);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{cmd:?} did not exit within {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// Whether `log` (a binary's tracing output) holds an event of `target` (e.g.
+/// `meshcert_agent::rotator`) whose message is exactly `message`, fields may follow: `ready`
+/// does not match `already issued`, nor `ready to serve`.
+pub fn log_has_event(log: &str, target: &str, message: &str) -> bool {
+    let prefix = format!(" {target}: ");
+    log.lines().any(|line| {
+        line.split_once(&prefix).is_some_and(|(_, rest)| {
+            rest == message
+                || rest
+                    .strip_prefix(message)
+                    .is_some_and(|fields| fields.starts_with(' '))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_events_match_whole_messages() {
+        let log = "2026-01-01T00:00:00Z  INFO meshcert_agent::rotator: ready status=\"1/1\"\n\
+                   2026-01-01T00:00:00Z DEBUG meshcert_agent::rotator: already issued\n";
+        assert!(log_has_event(log, "meshcert_agent::rotator", "ready"));
+        assert!(!log_has_event(log, "meshcert_agent::rotator", "read"));
+        assert!(!log_has_event(log, "meshcert_agent::rotator", "issued"));
+        assert!(!log_has_event(log, "meshcert_agent::daemon", "ready"));
+        assert!(!log_has_event(
+            "already\n",
+            "meshcert_agent::rotator",
+            "ready"
+        ));
+    }
+
+    #[test]
+    fn a_command_past_its_deadline_is_killed() {
+        let started = std::time::Instant::now();
+        let err = output_within(
+            Command::new("sleep").arg("30"),
+            std::time::Duration::from_millis(200),
+        )
+        .expect_err("sleep 30 outlives 200 ms");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        // Not a timing assertion on the code under test: the 30 s sleep did not run out.
+        assert!(started.elapsed() < std::time::Duration::from_secs(25));
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo out; echo err >&2"]),
+            COMMAND_TIMEOUT,
+        )
+        .expect("sh runs");
+        assert!(out.status.success());
+        assert_eq!(
+            (out.stdout.as_slice(), out.stderr.as_slice()),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+    }
+}
