@@ -219,7 +219,8 @@ fn openssl_verify(chain: &[Vec<u8>], root: &Path) -> std::process::Output {
         write_pem(&untrusted, &chain[1..]);
         cmd.arg("-untrusted").arg(&untrusted);
     }
-    cmd.arg(&leaf).output().expect("openssl runs")
+    meshcert_tests::output_within(cmd.arg(&leaf), meshcert_tests::COMMAND_TIMEOUT)
+        .expect("openssl runs")
 }
 
 /// The environment of process `pid`, one `NAME=value` per item.
@@ -626,11 +627,13 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
         .expect("issued");
     // The probes Kubernetes runs.
     for (check, want) in [("healthz", Some(0)), ("readyz", Some(0))] {
-        let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-            .args(["status", "--check", check, "--admin-socket"])
-            .arg(agent.admin_socket())
-            .output()
-            .expect("runs");
+        let out = meshcert_tests::output_within(
+            Command::new(meshcert_tests::bin_path("meshcert-agent"))
+                .args(["status", "--check", check, "--admin-socket"])
+                .arg(agent.admin_socket()),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("runs");
         assert_eq!(out.status.code(), want, "{check}: {out:?}");
     }
     let status = agent.terminate().expect("stops");
@@ -639,11 +642,13 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bad = tmp.path().join("agent.yaml");
     std::fs::write(&bad, "caAddress: nope\nrotation: {fraction: 2}\n").expect("write");
-    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["run", "--config"])
+            .arg(&bad),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for problem in ["caAddress", "trustBundle", "mesh", "rotation.fraction"] {
@@ -652,10 +657,11 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
             "{problem} not listed in:\n{stderr}"
         );
     }
-    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["run", "--no-such-flag"])
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent")).args(["run", "--no-such-flag"]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(64));
 }
 

@@ -74,18 +74,18 @@ fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> 
     std::fs::write(dir.join("bundle.pem"), pem(root)).expect("write");
     std::fs::write(dir.join("intermediate.pem"), pem(intermediate)).expect("write");
     std::fs::write(dir.join("leaf.pem"), pem(leaf)).expect("write");
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args([
+    let out = meshcert_tests::output_within(
+        Command::new("openssl").current_dir(dir).args([
             "verify",
             "-CAfile",
             "bundle.pem",
             "-untrusted",
             "intermediate.pem",
             "leaf.pem",
-        ])
-        .output()
-        .expect("openssl verify runs");
+        ]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("openssl verify runs");
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -560,18 +560,20 @@ fn an_invalid_config_exits_78_and_writes_nothing() {
     std::fs::write(&config, text).expect("write");
     let state = dir.path().join("state");
     let socket = dir.path().join("admin.sock");
-    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--admin-socket")
-        .arg(&socket)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--admin-socket")
+            .arg(&socket)
+            .arg("--listen")
+            .arg("127.0.0.1:0"),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("spec.meshes[0].trustDomain"), "{stderr}");
@@ -582,12 +584,14 @@ fn an_invalid_config_exits_78_and_writes_nothing() {
     assert!(!state.exists(), "no state folder");
     assert!(!socket.exists(), "no socket");
 
-    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("validate")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("validate")
+            .arg("--config")
+            .arg(&config),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(78));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -595,22 +599,25 @@ fn an_invalid_config_exits_78_and_writes_nothing() {
         "{stdout}"
     );
 
-    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .args(["run", "--bogus-flag"])
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca")).args(["run", "--bogus-flag"]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(64), "bad arguments");
 }
 
 #[test]
 fn the_example_config_is_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/virtualmesh.yaml");
-    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("validate")
-        .arg("--config")
-        .arg(&example)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("validate")
+            .arg("--config")
+            .arg(&example),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert!(
         out.status.success(),
         "{}",
@@ -798,12 +805,14 @@ fn the_holder_refuses_entries_that_carry_a_hook() {
         "{stderr}"
     );
     assert!(!dir.path().join("state").exists(), "nothing written");
-    let out = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("validate")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("validate")
+            .arg("--config")
+            .arg(&config),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(78));
 }
 

@@ -945,14 +945,16 @@ fn arbitrary_bytes_into_the_workload_api_get_an_answer_and_break_nothing() {
 /// Runs `script` with `sh -c` as `uid:gid`; whether it succeeded, and its stderr.
 fn sh_as(uid: u32, gid: u32, script: &str) -> (bool, String) {
     use std::os::unix::process::CommandExt as _;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .uid(uid)
-        .gid(gid)
-        .stdin(Stdio::null())
-        .output()
-        .expect("sh");
+    let out = meshcert_tests::output_within(
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("sh");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -147,6 +147,8 @@ pub fn output_within(
 ) -> std::io::Result<std::process::Output> {
     use std::io::Read as _;
     let mut child = ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
+    // Like `output`: a piped stdin is closed at once, so the command sees its end.
+    drop(child.stdin.take());
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
