@@ -359,9 +359,12 @@ mod tests {
             assert_eq!(status_field(&status, field), "0000000000000000", "{field}");
         }
         assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
-        if nix::unistd::geteuid().is_root() {
-            assert_eq!(status_field(&status, "CapBnd:"), "0000000000000000");
-        }
+        // A root agent empties the bounding set; without root this part would prove nothing.
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test checks a root agent's bounding set and must run as root"
+        );
+        assert_eq!(status_field(&status, "CapBnd:"), "0000000000000000");
     }
 
     #[tokio::test]
@@ -475,22 +478,35 @@ mod tests {
             Err(HookError::BadPid { .. })
         ));
 
-        // A pid file another user can write names a process of ours: not signalled.
-        if nix::unistd::geteuid().is_root() {
-            let mut ours = std::process::Command::new("sleep")
+        // A pid file another user can write names a process of ours: not signalled. Handing the
+        // file to another user needs root.
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test chowns a pid file to another user and must run as root"
+        );
+        let mut ours = KillOnDrop(
+            std::process::Command::new("sleep")
                 .arg("30")
                 .spawn()
-                .expect("spawn");
-            std::fs::write(&pid_file, format!("{}\n", ours.id())).expect("write");
-            sys::lchown(&pid_file, 4242, 4242).expect("chown");
-            let refused = run(&h, dir.path()).await;
-            assert!(
-                matches!(refused, Err(HookError::ForeignPid { owner: 4242, .. })),
-                "{refused:?}"
-            );
-            assert!(ours.try_wait().expect("wait").is_none(), "not signalled");
-            let _ = ours.kill();
-            let _ = ours.wait();
+                .expect("spawn"),
+        );
+        std::fs::write(&pid_file, format!("{}\n", ours.0.id())).expect("write");
+        sys::lchown(&pid_file, 4242, 4242).expect("chown");
+        let refused = run(&h, dir.path()).await;
+        assert!(
+            matches!(refused, Err(HookError::ForeignPid { owner: 4242, .. })),
+            "{refused:?}"
+        );
+        assert!(ours.0.try_wait().expect("wait").is_none(), "not signalled");
+    }
+
+    /// A child killed and reaped when the test ends, panicking or not.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }

@@ -198,29 +198,19 @@ impl Tokens {
         Ok(())
     }
 
-    /// Polls the JWKS every `interval` until `stop` turns true. Until the first fetch succeeds
-    /// (before the node joined) a failure is retried sooner; after it, a failure (the holder
-    /// is down) waits the whole interval: the JWKS held stay valid, and an agent probing a
-    /// down holder is the rotator's job, not this poll's.
+    /// Polls the JWKS every `interval` until `stop` turns true; a failure waits
+    /// [`retry_after`].
     pub async fn poll_bundles(
         self: Arc<Self>,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut fetched = false;
         loop {
             let wait = match self.refresh_bundles().await {
-                Ok(()) => {
-                    fetched = true;
-                    interval
-                }
+                Ok(()) => interval,
                 Err(e) => {
                     tracing::debug!(error = %e, "JWT bundles not fetched");
-                    if fetched {
-                        interval
-                    } else {
-                        RETRY.min(interval)
-                    }
+                    retry_after(&e, interval)
                 }
             };
             tokio::select! {
@@ -228,6 +218,19 @@ impl Tokens {
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+}
+
+/// How long a failed JWKS poll waits. Before the node joined ([`IssuerError::NoIdentity`]) it
+/// is tried again soon: the JWKS can come right after the join. Any other failure (the holder
+/// down, refusing, or slow) waits the whole `interval`, whether a JWKS was fetched before or
+/// not: the JWKS held stay valid, a token signed with an unseen key fetches it at once, and
+/// probing a down holder is the rotator's job, not this poll's.
+fn retry_after(error: &IssuerError, interval: Duration) -> Duration {
+    if matches!(error, IssuerError::NoIdentity) {
+        RETRY.min(interval)
+    } else {
+        interval
     }
 }
 
@@ -348,6 +351,25 @@ mod tests {
     use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
     use jsonwebtoken::{EncodingKey, Header};
     use meshcert_protocol::TrustDomain;
+
+    /// A holder down before the first JWKS fetch is not probed every few seconds: only a node
+    /// that has not joined yet is asked again soon.
+    #[test]
+    fn a_failed_poll_waits_the_interval_unless_the_node_has_not_joined() {
+        let interval = Duration::from_secs(30);
+        assert_eq!(retry_after(&IssuerError::NoIdentity, interval), RETRY);
+        assert_eq!(
+            retry_after(&IssuerError::NoIdentity, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        for down in [
+            IssuerError::Http("connection reset".into()),
+            IssuerError::Decode("truncated".into()),
+            IssuerError::Setup("no key".into()),
+        ] {
+            assert_eq!(retry_after(&down, interval), interval, "{down}");
+        }
+    }
 
     /// A P-256 key (PKCS#8 PEM), its JWKS under `kid`.
     fn key(kid: &str) -> (EncodingKey, JwkSet) {

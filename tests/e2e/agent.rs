@@ -219,7 +219,8 @@ fn openssl_verify(chain: &[Vec<u8>], root: &Path) -> std::process::Output {
         write_pem(&untrusted, &chain[1..]);
         cmd.arg("-untrusted").arg(&untrusted);
     }
-    cmd.arg(&leaf).output().expect("openssl runs")
+    meshcert_tests::output_within(cmd.arg(&leaf), meshcert_tests::COMMAND_TIMEOUT)
+        .expect("openssl runs")
 }
 
 /// The environment of process `pid`, one `NAME=value` per item.
@@ -274,6 +275,11 @@ fn run_restarts_in_place_with_the_allocator_tunables_unless_the_operator_set_the
 /// certificates and bundles 0444), folders the agent's (data folders 0555, the entry folder
 /// and the volume 0755), whatever the agent's umask.
 fn assert_modes(agent: &Agent, entry: &Path) {
+    // Without root the files stay the test's own and the owner checks prove nothing.
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "owner checks chown to uid 1000 and must run as root"
+    );
     let (uid, gid) = owner();
     let agent_uid = nix::unistd::geteuid().as_raw();
     let mut expected = vec![
@@ -572,8 +578,9 @@ fn a_replayed_join_token_is_refused() {
 fn a_node_cannot_obtain_another_nodes_entry() {
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
     let agent = Agent::start(&ca, "node-2", MESH, "").expect("agent");
-    wait_until("node-2 ready", WAIT, || agent.log().contains("ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("node-2 ready");
     assert!(
         !agent.volume_dir().join("web").exists(),
         "node-2 got node-1's entry"
@@ -620,11 +627,13 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
         .expect("issued");
     // The probes Kubernetes runs.
     for (check, want) in [("healthz", Some(0)), ("readyz", Some(0))] {
-        let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-            .args(["status", "--check", check, "--admin-socket"])
-            .arg(agent.admin_socket())
-            .output()
-            .expect("runs");
+        let out = meshcert_tests::output_within(
+            Command::new(meshcert_tests::bin_path("meshcert-agent"))
+                .args(["status", "--check", check, "--admin-socket"])
+                .arg(agent.admin_socket()),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("runs");
         assert_eq!(out.status.code(), want, "{check}: {out:?}");
     }
     let status = agent.terminate().expect("stops");
@@ -633,11 +642,13 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bad = tmp.path().join("agent.yaml");
     std::fs::write(&bad, "caAddress: nope\nrotation: {fraction: 2}\n").expect("write");
-    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["run", "--config"])
+            .arg(&bad),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for problem in ["caAddress", "trustBundle", "mesh", "rotation.fraction"] {
@@ -646,10 +657,11 @@ fn sigterm_exits_0_and_an_invalid_config_exits_78() {
             "{problem} not listed in:\n{stderr}"
         );
     }
-    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["run", "--no-such-flag"])
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent")).args(["run", "--no-such-flag"]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -875,8 +887,9 @@ fn local_entries_are_issued_only_when_enforcement_is_disabled() {
     // ENABLED: the same config gets the holder's entry only.
     let ca = CaHolder::start(&holder_config("1h", "")).expect("holder");
     let agent = Agent::start(&ca, NODE, MESH, LOCAL_ENTRY).expect("agent");
-    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("ready");
     assert!(agent.volume_dir().join("web/svid.pem").exists());
     assert!(!agent.volume_dir().join("debug").exists());
 }
@@ -985,8 +998,9 @@ fn the_join_token_file_is_read_once_and_may_go_away() {
     agent
         .wait_joined()
         .expect("joined with the token from the file");
-    wait_until("ready", WAIT, || agent.log().contains("rotator: ready"))
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::rotator", "ready")
+        .expect("ready");
     // Provisioning removes the used token: restarts go on with the node identity.
     std::fs::remove_file(&token_file).expect("remove");
     agent.restart().expect("restarts without the file");
@@ -1066,10 +1080,9 @@ fn the_join_token_is_not_in_the_command_line_once_the_agent_runs() {
     // The holder is down: the agent keeps retrying with its token.
     ca.kill9();
     let agent = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("agent");
-    wait_until("the agent listens", WAIT, || {
-        agent.log().contains("listening")
-    })
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
+    agent
+        .wait_for_event("meshcert_agent::daemon", "listening")
+        .expect("the agent listens");
     let pid = agent.pid().expect("running");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let text = String::from_utf8_lossy(&cmdline);
@@ -1090,6 +1103,9 @@ fn admin_post(socket: &Path, path: &str, body: &serde_json::Value) -> (u16, Stri
     use std::io::Write as _;
     let body = body.to_string();
     let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("admin socket");
+    stream
+        .set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
     write!(
         stream,
         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1168,9 +1184,11 @@ fn only_hooks_of_the_agents_config_run_and_without_environment_or_capabilities()
         assert_eq!(field(name), "0000000000000000", "{name} of the hook");
     }
     assert_eq!(field("NoNewPrivs:"), "1");
-    if nix::unistd::geteuid().is_root() {
-        assert_eq!(field("CapBnd:"), "0000000000000000", "a root agent's hook");
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test checks a root agent's hook's bounding set and must run as root"
+    );
+    assert_eq!(field("CapBnd:"), "0000000000000000", "a root agent's hook");
 
     if accepted {
         // The entry is served, its hook phase ran (the config's hook for it), and the

@@ -182,11 +182,13 @@ fn metrics_show_each_identity_expiry_rotations_and_a_holder_outage() {
 
 /// `meshcert-agent status --check <check>` against `socket`.
 fn probe(socket: &Path, check: &str) -> Output {
-    Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["status", "--check", check, "--admin-socket"])
-        .arg(socket)
-        .output()
-        .expect("runs")
+    meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["status", "--check", check, "--admin-socket"])
+            .arg(socket),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs")
 }
 
 #[test]

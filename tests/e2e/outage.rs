@@ -341,10 +341,12 @@ fn a_dead_holder_address_sends_the_agent_to_the_next_one() {
         "{status}"
     );
     // `check-config` reads the list back.
-    let out = Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .args(["check-config", "--config"])
-        .arg(agent.config_path())
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .args(["check-config", "--config"])
+            .arg(agent.config_path()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert!(out.status.success(), "{out:?}");
 }

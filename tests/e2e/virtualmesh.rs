@@ -848,11 +848,12 @@ fn systemd_hears_reloading_with_monotonic_usec_then_ready() {
     let config_path = dir.path().join("config.yaml");
     let text = config("  shared: {}\n");
     std::fs::write(&config_path, &text).expect("write");
-    let mut child = meshcert_tests::ca::run_command(&config_path, dir.path())
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starts");
+    let mut child = meshcert_tests::ChildGuard::spawn(
+        meshcert_tests::ca::run_command(&config_path, dir.path())
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("starts");
     let mut buf = [0u8; 256];
     let mut next = || {
         let n = sock.recv(&mut buf).expect("a notification arrives");
@@ -954,12 +955,14 @@ fn metrics_count_signed_and_refused_csrs_and_nodes() {
 fn the_limited_trust_example_config_is_valid() {
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/limited.yaml");
-    let out = std::process::Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("validate")
-        .arg("--config")
-        .arg(&example)
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        std::process::Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("validate")
+            .arg("--config")
+            .arg(&example),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("ACCEPTED"), "{stdout}");
@@ -1478,12 +1481,14 @@ fn an_agent_local_entry_is_signed_under_disabled_and_refused_under_enabled_by_a_
     let table = String::from_utf8_lossy(&ca.ctl(&["status"]).expect("status").stdout).to_string();
     assert!(table.contains("ENABLED 1/1"), "{table}");
     let table = String::from_utf8_lossy(
-        &std::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
-            .args(["status", "--admin-socket"])
-            .arg(agent.admin_socket())
-            .output()
-            .expect("agent status")
-            .stdout,
+        &meshcert_tests::output_within(
+            std::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
+                .args(["status", "--admin-socket"])
+                .arg(agent.admin_socket()),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("agent status")
+        .stdout,
     )
     .to_string();
     assert!(table.contains("policy_denied"), "{table}");

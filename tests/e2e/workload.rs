@@ -82,12 +82,17 @@ async fn probe_as_other_user(args: &[&str]) -> Result<String> {
         nix::unistd::geteuid().is_root(),
         "this test starts a process as uid {OTHER_UID} and must run as root"
     );
-    let output = tokio::process::Command::new(meshcert_tests::bin_path("workload-probe"))
-        .args(args)
-        .uid(OTHER_UID)
-        .gid(OTHER_UID)
-        .output()
-        .await?;
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(meshcert_tests::bin_path("workload-probe"))
+            .args(args)
+            .uid(OTHER_UID)
+            .gid(OTHER_UID)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("workload-probe hung")??;
     Ok(String::from_utf8(output.stdout)?)
 }
 
@@ -540,12 +545,17 @@ async fn spiffe_client_follows_a_real_agent_through_rotations() -> Result<()> {
         json["identities"][0]["spiffeId"], "spiffe://mesh-a.test/web",
         "{json}"
     );
-    let table = tokio::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
-        .arg("status")
-        .arg("--admin-socket")
-        .arg(agent.admin_socket())
-        .output()
-        .await?;
+    let table = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(meshcert_tests::bin_path("meshcert-agent"))
+            .arg("status")
+            .arg("--admin-socket")
+            .arg(agent.admin_socket())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("meshcert-agent status hung")??;
     ensure!(table.status.success(), "status failed: {table:?}");
     let table = String::from_utf8(table.stdout)?;
     let web_line = table

@@ -283,12 +283,24 @@ impl Agent {
             .with_context(|| format!("agent log:\n{}", self.log()))
     }
 
+    /// Waits until the log holds an event of `target` with exactly `message` (see
+    /// [`crate::log_has_event`]); an error with the log after [`WAIT`].
+    pub fn wait_for_event(&self, target: &str, message: &str) -> anyhow::Result<()> {
+        wait_until(&format!("{target}: {message}"), WAIT, || {
+            crate::log_has_event(&self.log(), target, message)
+        })
+        .with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
     /// The agent's status as JSON (`meshcert-agent status -o json`).
     pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(crate::bin_path("meshcert-agent"))
-            .args(["status", "-o", "json", "--admin-socket"])
-            .arg(self.admin_socket())
-            .output()?;
+        let out = crate::output_within(
+            Command::new(crate::bin_path("meshcert-agent"))
+                .args(["status", "-o", "json", "--admin-socket"])
+                .arg(self.admin_socket())
+                .stdin(Stdio::null()),
+            crate::COMMAND_TIMEOUT,
+        )?;
         if !out.status.success() {
             bail!(
                 "meshcert-agent status failed: {}",

@@ -303,12 +303,14 @@ impl CaHolder {
 
     /// Runs `meshcert-ca ARGS...` against this holder's admin socket.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(crate::bin_path("meshcert-ca"))
-            .args(args)
-            .env("MESHCERT_CA_ADMIN_SOCKET", self.admin_socket())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()?)
+        Ok(crate::output_within(
+            Command::new(crate::bin_path("meshcert-ca"))
+                .args(args)
+                .env("MESHCERT_CA_ADMIN_SOCKET", self.admin_socket())
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null()),
+            crate::COMMAND_TIMEOUT,
+        )?)
     }
 
     /// Kills the holder with SIGKILL and waits for it.
@@ -416,13 +418,16 @@ impl CaHolder {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(https_exchange(
-            self.addr,
-            roots,
-            request,
-            identity,
-            clock_offset,
-        ))
+        // Connect, handshake and answer together: a holder that accepts and never answers
+        // fails the call rather than hanging the test.
+        rt.block_on(async {
+            tokio::time::timeout(
+                crate::COMMAND_TIMEOUT,
+                https_exchange(self.addr, roots, request, identity, clock_offset),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no HTTPS exchange within {:?}", crate::COMMAND_TIMEOUT))?
+        })
     }
 }
 

@@ -5,6 +5,9 @@
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt};
 
 use tokio::net::UnixListener;
 
@@ -62,7 +65,7 @@ pub fn prepare(path: &Path) -> Result<(), SocketError> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if listening(path) {
                 return Err(SocketError::InUse {
                     path: path.to_owned(),
                 });
@@ -78,6 +81,34 @@ pub fn prepare(path: &Path) -> Result<(), SocketError> {
         Err(e) => return Err(io("inspect", path)(e)),
     }
     Ok(())
+}
+
+/// How long a listener made by this very process may keep answering before it counts as live:
+/// a child forked by another thread holds a copy of every descriptor, close-on-exec ones
+/// included, until its `exec`.
+const OWN_LISTENER_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether a process listens on the socket at `path`.
+///
+/// The peer credentials of a connection name the process that made the listener. When that is
+/// this process, which is binding the path again, the listener it closed may still be held by
+/// a child forked by another thread and not yet replaced by `exec` (it would accept the
+/// connection into its backlog and never answer): such a socket is asked again until
+/// [`OWN_LISTENER_GRACE`] has passed, and only one that still answers counts as live.
+fn listening(path: &Path) -> bool {
+    let own = nix::unistd::getpid().as_raw();
+    let deadline = Instant::now() + OWN_LISTENER_GRACE;
+    loop {
+        let Ok(stream) = std::os::unix::net::UnixStream::connect(path) else {
+            return false;
+        };
+        let ours = getsockopt(&stream, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == own);
+        drop(stream);
+        if !ours || Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Prepares `path`, binds a listener on it and gives the socket file `mode`. The socket is
@@ -170,6 +201,43 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o666);
+    }
+
+    /// A listener this process closed while a child forked by another thread still holds a
+    /// copy (between its fork and its exec) is stale, not "in use": the next bind succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(unsafe_code)]
+    async fn a_closed_listener_still_held_by_a_forking_child_is_stale() {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let first = bind(&path, 0o600).expect("first bind");
+        let (forked, tell) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let spawner = std::thread::spawn(move || {
+            let fd = tell.as_raw_fd();
+            let mut cmd = std::process::Command::new("true");
+            // SAFETY: runs in the child between fork and exec; write(2) and usleep(3) (nanosleep)
+            // are async-signal-safe and allocate nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::libc::write(fd, b"f".as_ptr().cast(), 1);
+                    nix::libc::usleep(500_000);
+                    Ok(())
+                });
+            }
+            cmd.status().expect("run true")
+        });
+        // The child exists and holds every descriptor of this process, the listener included.
+        let mut byte = [0u8; 1];
+        std::fs::File::from(forked)
+            .read_exact(&mut byte)
+            .expect("the child forked");
+        drop(first);
+        let _second = bind(&path, 0o600).expect("a listener only a forking child holds is stale");
+        assert!(spawner.join().expect("spawner").success());
     }
 
     #[tokio::test]
