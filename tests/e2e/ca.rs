@@ -10,7 +10,8 @@ use meshcert_protocol::api::{
 };
 use meshcert_protocol::{CertState, IdentityReport, NodeReport, SpiffeId};
 use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG, HttpAnswer};
-use meshcert_tests::pki::{csr, p256, uri_sans};
+use meshcert_tests::oracle::uri_sans;
+use meshcert_tests::pki::{csr, p256};
 use x509_parser::prelude::*;
 
 /// A request body as JSON bytes.
@@ -97,7 +98,7 @@ fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> 
 fn assert_x509_svid(der: &[u8], id: &str) {
     let (_, c) = X509Certificate::from_der(der).expect("leaf parses");
     c.subject_alternative_name().expect("ok").expect("SAN");
-    assert_eq!(uri_sans(&c), vec![id]);
+    assert_eq!(uri_sans(&c).expect("SAN reads"), vec![id]);
     let bc = c
         .basic_constraints()
         .expect("ok")
