@@ -225,6 +225,8 @@ fn holder_killed_during_a_signing_storm_keeps_every_issuance_and_token_use() {
 #[test]
 fn agent_killed_at_random_during_500_rotations_always_leaves_a_valid_pair() {
     const ROTATIONS: u64 = 500;
+    /// Kills the test must make, whatever the rotation rate: each one is a check of every pair.
+    const KILLS: u64 = 20;
     const ENTRIES: usize = 5;
     let ids: Vec<String> = (0..ENTRIES).map(|i| format!("k{i}")).collect();
     let entries: String = ids
@@ -241,7 +243,9 @@ fn agent_killed_at_random_during_500_rotations_always_leaves_a_valid_pair() {
     let start = svids_issued(&ca);
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut kills = 0;
-    while svids_issued(&ca).saturating_sub(start) < ROTATIONS && Instant::now() < deadline {
+    while (svids_issued(&ca).saturating_sub(start) < ROTATIONS || kills < KILLS)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(50 + random_below(450)));
         agent.kill9();
         kills += 1;
@@ -263,6 +267,10 @@ fn agent_killed_at_random_during_500_rotations_always_leaves_a_valid_pair() {
         rotations >= ROTATIONS,
         "only {rotations} rotations in the time allowed ({kills} kills); log:\n{}",
         tail(&agent.log())
+    );
+    assert!(
+        kills >= KILLS,
+        "only {kills} kills in the time allowed ({rotations} rotations)"
     );
     // The restarted agent carries on rotating.
     let entry = agent.volume_dir().join(&ids[0]);
