@@ -1160,9 +1160,17 @@ fn agents_under_limited_trust_separate_plain_workloads_and_join_their_gateways()
         roots: gw_b.roots.clone(),
         ..accept_both_domains(web.clone())
     };
-    handshake(&gw_b, &web_to_gateway).expect_err("a plain SVID is not a gateway's");
-    handshake(&accept_both_domains(web), &gw_b)
+    let err = handshake(&gw_b, &web_to_gateway).expect_err("a plain SVID is not a gateway's");
+    assert!(
+        err.contains("UnknownCA") || err.contains("UnknownIssuer"),
+        "the chain is what fails: {err}"
+    );
+    let err = handshake(&accept_both_domains(web), &gw_b)
         .expect_err("a plain workload does not trust gateways");
+    assert!(
+        err.contains("UnknownCA") || err.contains("UnknownIssuer"),
+        "the chain is what fails: {err}"
+    );
 
     // The Workload API serves the gateway's second SVID under the hint `gateway`.
     let rt = tokio::runtime::Builder::new_current_thread()
