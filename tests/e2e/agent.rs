@@ -87,8 +87,7 @@ fn pair_of(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Pair> {
         "the key does not match the certificate (serial {})",
         leaf.raw_serial_as_string()
     );
-    leaf.subject_alternative_name()?;
-    let spiffe_id = meshcert_tests::pki::uri_sans(&leaf)
+    let spiffe_id = meshcert_tests::oracle::uri_sans(&leaf)?
         .into_iter()
         .next()
         .unwrap_or_default();
@@ -142,6 +141,44 @@ fn read_combined(entry: &Path) -> anyhow::Result<Option<Pair>> {
         "svid-bundle.pem does not start with the key"
     );
     pair_of(&bytes, &bytes).map(Some)
+}
+
+/// One reading of `entry` while rotations run, judged strictly: `..data` is resolved once
+/// (its target read), then `svid.pem` and `svid.key` (or, when `combined`, the visible
+/// `svid-bundle.pem`) are read. `Ok(None)` only when a rotation retired the folder during the
+/// read (`..data` names another folder afterwards); `..data` missing, or a file missing while
+/// `..data` still names the same folder, is an error: a swap that is not atomic fails here.
+fn read_during_rotations(entry: &Path, combined: bool) -> anyhow::Result<Option<Pair>> {
+    let data_link = entry.join("..data");
+    let resolve = || {
+        std::fs::read_link(&data_link).map_err(|e| anyhow::anyhow!("{}: {e}", data_link.display()))
+    };
+    let data = resolve()?;
+    let read = |path: std::path::PathBuf| match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    };
+    let got = if combined {
+        read(entry.join("svid-bundle.pem"))?.map(|b| (b.clone(), b))
+    } else {
+        let folder = entry.join(&data);
+        match (
+            read(folder.join("svid.pem"))?,
+            read(folder.join("svid.key"))?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => None,
+        }
+    };
+    match got {
+        Some((cert, key)) => pair_of(&cert, &key).map(Some),
+        None if resolve()? != data => Ok(None),
+        None => anyhow::bail!(
+            "a file is missing while ..data still names {} (combined: {combined})",
+            data.display()
+        ),
+    }
 }
 
 fn wait_pair(
@@ -359,23 +396,18 @@ fn rotation_replaces_files_atomically() {
             std::thread::spawn(move || {
                 let mut serials = BTreeSet::new();
                 let mut failures = Vec::new();
-                let mut reads = 0u64;
+                let (mut reads, mut retired) = (0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
-                    let got = if combined {
-                        read_combined(&web)
-                    } else {
-                        read_pair(&web)
-                    };
-                    match got {
+                    match read_during_rotations(&web, combined) {
                         Ok(Some(p)) => {
                             reads += 1;
                             serials.insert(p.serial);
                         }
-                        Ok(None) => {}
+                        Ok(None) => retired += 1,
                         Err(e) => failures.push(e.to_string()),
                     }
                 }
-                (serials, failures, reads)
+                (combined, serials, failures, reads, retired)
             })
         })
         .collect();
@@ -390,13 +422,24 @@ fn rotation_replaces_files_atomically() {
     });
     stop.store(true, Ordering::Relaxed);
     for reader in readers {
-        let (serials, failures, reads) = reader.join().expect("reader thread");
+        let (combined, serials, failures, reads, retired) = reader.join().expect("reader thread");
+        eprintln!(
+            "reader (combined: {combined}): {reads} readings, {} serials, {retired} folders retired mid-read, {} failures",
+            serials.len(),
+            failures.len()
+        );
         assert!(
             failures.is_empty(),
-            "torn or mismatched reads: {:?}",
+            "torn, mismatched or missing reads (combined: {combined}): {} of them, first {:?}",
+            failures.len(),
             &failures[..failures.len().min(5)]
         );
-        assert!(reads > 0 && !serials.is_empty());
+        // A reader spinning through the rotations sees most of them.
+        assert!(
+            serials.len() > ROTATIONS / 2,
+            "the reader (combined: {combined}) saw only {} serials in {reads} readings",
+            serials.len()
+        );
     }
     counted.unwrap_or_else(|e| panic!("{e}; agent log tail:\n{}", tail(&agent.log())));
     // Old data folders do not pile up.

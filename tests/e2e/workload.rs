@@ -748,6 +748,7 @@ async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -
         .err()
         .context("an identity the caller does not hold was signed")?;
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "no identity issued", "{status:?}");
     // Two calls, one token: cached per identity and audience set.
     let request = || {
         with_header(JwtsvidRequest {
@@ -768,6 +769,7 @@ async fn jwt_svids_from_a_real_agent_verify_with_an_independent_jose_library() -
         .err()
         .context("an empty token validated")?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "svid must be specified", "{status:?}");
 
     // The calls and refusals are counted per API.
     let (code, metrics) = http_get(&agent.admin_socket(), "/metrics").await?;

@@ -11,6 +11,7 @@
 //!
 //! - [`ca`]: a running CA holder with its config, state folder and admin socket.
 //! - [`agent`]: a running node agent with its volume and sockets.
+//! - [`oracle`]: independent readings of certificates and installed SVIDs (x509-parser, openssl).
 //! - [`pki`]: keys and CSRs made at test time.
 //! - [`kube`]: a stand-in Kubernetes API server (TokenReview, pods) speaking Kubernetes' JSON.
 
@@ -21,6 +22,7 @@ use std::sync::OnceLock;
 pub mod agent;
 pub mod ca;
 pub mod kube;
+pub mod oracle;
 pub mod pki;
 
 /// The packages whose binaries the e2e tests run.

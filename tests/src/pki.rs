@@ -27,9 +27,6 @@ pub fn csr(key: &KeyPair, uris: &[&str]) -> Der {
     Der(p.serialize_request(key).expect("csr").der().to_vec())
 }
 
-/// The URI SANs of a certificate, in order: the holder's own reading.
-pub use meshcert_ca::authority::uri_sans;
-
 /// A root and an intermediate that sign X509-SVIDs for one trust domain, and the agent
 /// [`Snapshot`]s serving them: feeds the Workload API without a holder or an agent.
 pub struct TestPki {
