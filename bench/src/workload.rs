@@ -16,6 +16,7 @@ use meshcert_agent::workload::{self, WorkloadConfig};
 use meshcert_protocol::Selector;
 use meshcert_tests::pki::TestPki;
 use spiffe::WorkloadApiClient;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::StreamExt as _;
 
 use crate::figures::{Samples, Table, ms};
@@ -131,27 +132,16 @@ async fn rotation_updates(
         });
     }
     drop(tx);
-    for _ in 0..streams {
-        tokio::time::timeout(PATIENCE, ready_rx.recv())
-            .await
-            .context("a stream did not open")?;
-    }
-    let mut samples = Samples::new();
-    for version in 0..rotations {
-        let snapshot = snapshot(pki, version as u64 + 2)?;
-        let published = Instant::now();
-        cache.publish(snapshot);
-        for _ in 0..streams {
-            let arrived = tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .context("an update did not arrive")?
-                .context("a stream ended")?;
-            samples.push(arrived.saturating_duration_since(published));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rotations = Rotations {
+        streams,
+        count: rotations,
+        first_version: 2,
+    };
+    let samples = rotations
+        .time(cache, pki, &mut ready_rx, &mut rx, "X.509")
+        .await;
     tasks.abort_all();
-    Ok(samples)
+    samples
 }
 
 /// `streams` open SDS streams (Envoy's client and messages, resource `default`), ACKing every
@@ -200,27 +190,57 @@ async fn sds_rotation_updates(
         });
     }
     drop(tx);
-    for _ in 0..streams {
-        tokio::time::timeout(PATIENCE, ready_rx.recv())
-            .await
-            .context("an SDS stream did not open")?;
-    }
-    let mut samples = Samples::new();
-    for version in 0..rotations {
-        let snapshot = snapshot(pki, version as u64 + 1000)?;
-        let published = Instant::now();
-        cache.publish(snapshot);
-        for _ in 0..streams {
-            let arrived = tokio::time::timeout(PATIENCE, rx.recv())
-                .await
-                .context("an SDS update did not arrive")?
-                .context("an SDS stream ended")?;
-            samples.push(arrived.saturating_duration_since(published));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rotations = Rotations {
+        streams,
+        count: rotations,
+        first_version: 1000,
+    };
+    let samples = rotations
+        .time(cache, pki, &mut ready_rx, &mut rx, "SDS")
+        .await;
     tasks.abort_all();
-    Ok(samples)
+    samples
+}
+
+/// Rotations published to `streams` open streams, one after another, from `first_version`.
+struct Rotations {
+    streams: usize,
+    count: usize,
+    first_version: u64,
+}
+
+impl Rotations {
+    /// Once every stream said it is open (`ready`), publishes each rotation and takes the time
+    /// from the publish to its arrival on each stream (`arrivals`, one per stream and rotation).
+    async fn time(
+        &self,
+        cache: &Cache,
+        pki: &TestPki,
+        ready: &mut UnboundedReceiver<()>,
+        arrivals: &mut UnboundedReceiver<Instant>,
+        kind: &str,
+    ) -> anyhow::Result<Samples> {
+        for _ in 0..self.streams {
+            tokio::time::timeout(PATIENCE, ready.recv())
+                .await
+                .with_context(|| format!("an {kind} stream did not open"))?;
+        }
+        let mut samples = Samples::new();
+        for version in 0..self.count {
+            let snapshot = snapshot(pki, version as u64 + self.first_version)?;
+            let published = Instant::now();
+            cache.publish(snapshot);
+            for _ in 0..self.streams {
+                let arrived = tokio::time::timeout(PATIENCE, arrivals.recv())
+                    .await
+                    .with_context(|| format!("an {kind} update did not arrive"))?
+                    .with_context(|| format!("an {kind} stream ended"))?;
+                samples.push(arrived.saturating_duration_since(published));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(samples)
+    }
 }
 
 /// Against a real agent process (default limits): `fetches` new clients one after another,

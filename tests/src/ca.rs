@@ -349,23 +349,7 @@ impl CaHolder {
         body: Option<&[u8]>,
         identity: Option<&ClientIdentity>,
     ) -> anyhow::Result<HttpAnswer> {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n")
-                .into_bytes();
-        if let Some(b) = body {
-            req.extend_from_slice(
-                format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                    b.len()
-                )
-                .as_bytes(),
-            );
-        }
-        req.extend_from_slice(b"\r\n");
-        if let Some(b) = body {
-            req.extend_from_slice(b);
-        }
-        self.https_raw(&req, identity)
+        self.https_at(method, path, body, identity, Duration::ZERO)
     }
 
     /// Sends raw request bytes over TLS (for malformed or oversized requests) and reads the
