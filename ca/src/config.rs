@@ -111,6 +111,8 @@ pub enum TrustModel {
 pub enum Datastore {
     /// SQLite at this path, or `<stateDir>/meshcert.db` when `None`.
     Sqlite(Option<PathBuf>),
+    /// PostgreSQL at this `postgres://` URL, shared by every replica.
+    Postgres(String),
 }
 
 /// The holder's own settings (`holder:`).
@@ -151,11 +153,12 @@ pub struct HolderSettings {
 }
 
 impl HolderSettings {
-    /// The SQLite database path.
-    pub fn db_path(&self) -> PathBuf {
+    /// The datastore as shown to people: the SQLite path, or the URL without its password.
+    pub fn datastore_display(&self) -> String {
         match &self.datastore {
-            Datastore::Sqlite(Some(p)) => p.clone(),
-            Datastore::Sqlite(None) => self.state_dir.join("meshcert.db"),
+            Datastore::Sqlite(Some(p)) => p.display().to_string(),
+            Datastore::Sqlite(None) => self.state_dir.join("meshcert.db").display().to_string(),
+            Datastore::Postgres(url) => crate::store::postgres::redact(url),
         }
     }
 }
@@ -659,10 +662,16 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
         Some(s) if s.starts_with("sqlite://") => {
             Datastore::Sqlite(Some(PathBuf::from(&s["sqlite://".len()..])))
         }
+        Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+            Datastore::Postgres(s.to_owned())
+        }
         Some(other) => {
             p.add(
                 "holder.datastore",
-                format!("`{other}` is not supported; use `sqlite` or `sqlite:///path/to/db`"),
+                format!(
+                    "`{other}` is not supported; use `sqlite`, `sqlite:///path/to/db` or \
+                     `postgres://user@host/db`"
+                ),
             );
             Datastore::Sqlite(None)
         }

@@ -24,8 +24,8 @@ use crate::status::{
     ServerCertStatus, State, Status, enforcement_status, federation_status, node_statuses,
 };
 use crate::store::{
-    Issuance, KubernetesNodeOutcome, NodeRecord, SqliteStore, Store, StoreError, StoredReport,
-    TokenOutcome, TokenRecord,
+    Issuance, KubernetesNodeOutcome, NodeRecord, Store, StoreError, StoredReport, TokenOutcome,
+    TokenRecord,
 };
 use crate::tokens;
 
@@ -122,7 +122,7 @@ impl Serving {
         csr: &meshcert_protocol::api::CsrRequest,
         enforcement: Enforcement,
     ) -> Result<(Option<meshcert_protocol::Entry>, bool), ApiError> {
-        let read = |e: crate::entries::EntryError| internal("reading entries", &e);
+        let read = |e: crate::entries::EntryError| entries_failed("reading entries", &e);
         match &csr.local {
             Some(l) if enforcement == Enforcement::Disabled => {
                 Ok((None, self.entries.registers(&l.spiffe_id).map_err(read)?))
@@ -191,6 +191,28 @@ fn internal(what: &str, e: &dyn std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, "the holder failed; see its log")
 }
 
+/// A datastore failure: retryable ones (connection lost, database restarting, serialization
+/// race) answer `UNAVAILABLE` so that agents retry, possibly on another replica; the others
+/// are internal failures.
+fn stored(what: &str, e: &StoreError) -> ApiError {
+    if e.is_retryable() {
+        tracing::warn!(error = %e, "{what}: the datastore is unavailable");
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            "the holder's datastore is unavailable; retry",
+        );
+    }
+    internal(what, e)
+}
+
+/// An entry lookup failure: a datastore one as [`stored`] answers it.
+fn entries_failed(what: &str, e: &crate::entries::EntryError) -> ApiError {
+    match e {
+        crate::entries::EntryError::Store(s) => stored(what, s),
+        other => internal(what, other),
+    }
+}
+
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
     lock.read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,7 +231,7 @@ fn restart_only(h: &crate::config::HolderSettings) -> Vec<(&'static str, String)
         ("holder.listen", h.listen.to_string()),
         ("holder.stateDir", h.state_dir.display().to_string()),
         ("holder.adminSocket", h.admin_socket.display().to_string()),
-        ("holder.datastore", h.db_path().display().to_string()),
+        ("holder.datastore", h.datastore_display()),
         (
             "holder.metricsListen",
             h.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
@@ -232,7 +254,7 @@ impl Holder {
                 path: dir.clone(),
                 source,
             })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.holder.db_path())?);
+        let store = crate::store::open(&config.holder.datastore, dir)?;
         let jwt = crate::jwt::JwtKeys::new(dir, crate::jwt::KEY_LIFETIME);
         let serving = Serving::open(config, &store, now)?;
         let metrics = Metrics::new();
@@ -440,7 +462,7 @@ impl Holder {
         let record = self
             .store
             .node(name)
-            .map_err(|e| internal("reading a node", &e))?
+            .map_err(|e| stored("reading a node", &e))?
             .ok_or_else(unknown)?;
         if record.banned {
             return Err(ApiError::new(
@@ -507,7 +529,7 @@ impl Holder {
                 issued_at: unix(now),
                 local: false,
             }])
-            .map_err(|e| internal("recording an issuance", &e))?;
+            .map_err(|e| stored("recording an issuance", &e))?;
         tracing::info!(node, spiffe_id = %id, serial = %issued.serial, "node SVID issued");
         Ok(NodeSvidResponse {
             node: node.to_owned(),
@@ -541,13 +563,13 @@ impl Holder {
         let outcome = self
             .store
             .consume_token(&hash, unix(now), &ids)
-            .map_err(|e| internal("consuming a token", &e))?;
+            .map_err(|e| stored("consuming a token", &e))?;
         match outcome {
             TokenOutcome::Consumed { node, mesh } => {
                 let banned = self
                     .store
                     .node(&node)
-                    .map_err(|e| internal("reading a node", &e))?
+                    .map_err(|e| stored("reading a node", &e))?
                     .is_some_and(|n| n.banned);
                 if banned {
                     return Err(ApiError::new(
@@ -602,7 +624,7 @@ impl Holder {
         match self
             .store
             .attest_kubernetes_node(&record)
-            .map_err(|e| internal("registering a node", &e))?
+            .map_err(|e| stored("registering a node", &e))?
         {
             KubernetesNodeOutcome::Registered => Ok(()),
             KubernetesNodeOutcome::Banned => Err(ApiError::new(
@@ -638,7 +660,7 @@ impl Holder {
         let entries = serving
             .entries
             .for_node(&caller.node, &caller.mesh)
-            .map_err(|e| internal("listing entries", &e))?;
+            .map_err(|e| entries_failed("listing entries", &e))?;
         let mesh = serving
             .config
             .mesh(&caller.mesh)
@@ -718,7 +740,7 @@ impl Holder {
         }
         self.store
             .record_issuances(&records)
-            .map_err(|e| internal("recording issuances", &e))?;
+            .map_err(|e| stored("recording issuances", &e))?;
         for r in &records {
             tracing::info!(node = %r.node, spiffe_id = %r.spiffe_id, serial = %r.serial, local = r.local, "SVID issued");
         }
@@ -785,7 +807,7 @@ impl Holder {
                 report,
                 received_at: unix(now),
             })
-            .map_err(|e| internal("storing a report", &e))
+            .map_err(|e| stored("storing a report", &e))
     }
 
     /// Creates a join token for `node` in `mesh`.
@@ -818,7 +840,7 @@ impl Holder {
                 mesh: mesh.to_owned(),
                 expires_at: unix(now + ttl),
             })
-            .map_err(|e| internal("storing a token", &e))?;
+            .map_err(|e| stored("storing a token", &e))?;
         tracing::info!(node, mesh, ttl = %humantime::format_duration(ttl), "join token created");
         Ok(token)
     }
@@ -861,15 +883,15 @@ impl Holder {
         let nodes = self
             .store
             .nodes()
-            .map_err(|e| internal("listing nodes", &e))?;
+            .map_err(|e| stored("listing nodes", &e))?;
         let reports = self
             .store
             .reports()
-            .map_err(|e| internal("listing reports", &e))?;
+            .map_err(|e| stored("listing reports", &e))?;
         let issued = self
             .store
             .issuance_count()
-            .map_err(|e| internal("counting issuances", &e))?;
+            .map_err(|e| stored("counting issuances", &e))?;
         let root = authority.root();
         let mut messages = Vec::new();
         if now >= root.not_after {

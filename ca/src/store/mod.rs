@@ -1,13 +1,20 @@
 //! The holder's datastore: join tokens, nodes, admin-created entries, issuances and the latest
-//! report of each node, behind the [`Store`] trait (SQLite now; PostgreSQL can follow).
+//! report of each node, behind the [`Store`] trait: SQLite ([`sqlite`], the embedded default)
+//! or PostgreSQL ([`postgres`], shared by several holder replicas).
 //!
 //! Every write is committed before the caller answers, so whatever the holder acknowledged
 //! survives a kill -9.
 
 use meshcert_protocol::{Entry, NodeReport};
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
+#[cfg(test)]
+pub(crate) mod throwaway_pg;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Why the datastore failed.
@@ -35,6 +42,44 @@ pub enum StoreError {
     /// The record already exists.
     #[error("{0} already exists")]
     Exists(String),
+    /// A PostgreSQL query failed.
+    #[error("datastore query failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The datastore cannot be reached now (no connection in time, the pool is closing).
+    #[error("the datastore is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed when tried again: the database connection was lost,
+    /// the server is restarting, a transaction lost a serialization race, or the database was
+    /// busy. The holder answers these with the retryable `UNAVAILABLE` code.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Postgres(e) => postgres::is_retryable(e),
+            Self::Unavailable(_) => true,
+            Self::Query(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            Self::Open { .. } | Self::Query(_) | Self::Corrupt { .. } | Self::Exists(_) => false,
+        }
+    }
+}
+
+/// Opens the configured datastore.
+pub fn open(
+    datastore: &crate::config::Datastore,
+    state_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    use crate::config::Datastore;
+    Ok(match datastore {
+        Datastore::Sqlite(Some(path)) => std::sync::Arc::new(SqliteStore::open(path)?),
+        Datastore::Sqlite(None) => {
+            std::sync::Arc::new(SqliteStore::open(&state_dir.join("meshcert.db"))?)
+        }
+        Datastore::Postgres(url) => std::sync::Arc::new(PostgresStore::open(url)?),
+    })
 }
 
 /// A join token as stored (the token itself is kept only as a hash).
@@ -197,4 +242,14 @@ pub trait Store: Send + Sync {
     /// stored version when the digest is the stored one, else the stored version plus one
     /// (1 the first time), persisted with the new digest.
     fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError>;
+    /// A named, versioned document every replica shares (root rotation state, encrypted builtin root).
+    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Writes `value` if the stored revision is still `expected` (0: absent); returns the new
+    /// revision, or None when another writer got there first.
+    fn store_document(
+        &self,
+        name: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>, StoreError>;
 }

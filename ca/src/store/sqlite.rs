@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL,
     received_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS documents (
+    name TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries (json_extract(body, '$.spiffeId'));
 CREATE INDEX IF NOT EXISTS issuances_not_after ON issuances (not_after);
 CREATE INDEX IF NOT EXISTS tokens_expires_at ON tokens (expires_at);
@@ -423,6 +428,39 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+
+    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT revision, value FROM documents WHERE name = ?1",
+                params![name],
+                |r| Ok((to_u64(r.get(0)?), r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    fn store_document(
+        &self,
+        name: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn();
+        let changed = if expected == 0 {
+            conn.execute(
+                "INSERT OR IGNORE INTO documents (name, revision, value) VALUES (?1, 1, ?2)",
+                params![name, value],
+            )?
+        } else {
+            conn.execute(
+                "UPDATE documents SET revision = revision + 1, value = ?3
+                 WHERE name = ?1 AND revision = ?2",
+                params![name, to_i64(expected), value],
+            )?
+        };
+        Ok((changed == 1).then_some(expected + 1))
+    }
 }
 
 impl SqliteStore {
@@ -465,105 +503,6 @@ fn settle(conn: &mut Connection, digest: &str) -> Result<u64, StoreError> {
 mod tests {
     use super::*;
 
-    fn id(n: &str, m: &str) -> String {
-        format!("spiffe://{m}.test/meshcert/node/{n}")
-    }
-
-    #[test]
-    fn tokens_are_consumed_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
-        let t = TokenRecord {
-            hash: "h".into(),
-            node: "node-1".into(),
-            mesh: "mesh-a".into(),
-            expires_at: 100,
-        };
-        s.create_token(&t).expect("create");
-        s.create_token(&TokenRecord {
-            hash: "old".into(),
-            expires_at: 10,
-            ..t.clone()
-        })
-        .expect("create");
-        assert_eq!(
-            s.consume_token("nope", 50, &id).expect("q"),
-            TokenOutcome::Unknown
-        );
-        assert_eq!(
-            s.consume_token("old", 50, &id).expect("q"),
-            TokenOutcome::Expired
-        );
-        assert_eq!(
-            s.consume_token("h", 50, &id).expect("q"),
-            TokenOutcome::Consumed {
-                node: "node-1".into(),
-                mesh: "mesh-a".into()
-            }
-        );
-        assert_eq!(
-            s.consume_token("h", 51, &id).expect("q"),
-            TokenOutcome::Used
-        );
-        let n = s.node("node-1").expect("q").expect("registered");
-        assert_eq!(n.spiffe_id, "spiffe://mesh-a.test/meshcert/node/node-1");
-        assert!(!n.banned);
-        assert!(s.ban_node("node-1").expect("ban"));
-        assert!(s.node("node-1").expect("q").expect("n").banned);
-        assert!(!s.ban_node("ghost").expect("ban"));
-    }
-
-    #[test]
-    fn kubernetes_nodes_attest_again_but_never_take_another_nodes_name() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
-        let record = |name: &str, cluster: &str, mesh: &str| NodeRecord {
-            name: name.into(),
-            mesh: mesh.into(),
-            spiffe_id: format!("spiffe://{mesh}.test/meshcert/node/{name}"),
-            first_seen: 10,
-            banned: false,
-            cluster: Some(cluster.into()),
-        };
-        let east = record("east.w1", "east", "mesh-a");
-        assert_eq!(
-            s.attest_kubernetes_node(&east).expect("q"),
-            KubernetesNodeOutcome::Registered
-        );
-        assert_eq!(
-            s.attest_kubernetes_node(&east).expect("again"),
-            KubernetesNodeOutcome::Registered
-        );
-        let n = s.node("east.w1").expect("q").expect("registered");
-        assert_eq!(n.cluster.as_deref(), Some("east"));
-        assert_eq!(
-            s.attest_kubernetes_node(&record("east.w1", "west", "mesh-a"))
-                .expect("q"),
-            KubernetesNodeOutcome::Taken {
-                cluster: Some("east".into()),
-                mesh: "mesh-a".into()
-            }
-        );
-        s.create_token(&TokenRecord {
-            hash: "h".into(),
-            node: "vm-1".into(),
-            mesh: "mesh-a".into(),
-            expires_at: 100,
-        })
-        .expect("token");
-        s.consume_token("h", 50, &id).expect("join");
-        assert!(matches!(
-            s.attest_kubernetes_node(&record("vm-1", "east", "mesh-a"))
-                .expect("q"),
-            KubernetesNodeOutcome::Taken { cluster: None, .. }
-        ));
-        assert!(s.ban_node("east.w1").expect("ban"));
-        assert_eq!(
-            s.attest_kubernetes_node(&east).expect("q"),
-            KubernetesNodeOutcome::Banned
-        );
-    }
-
     #[test]
     fn the_bundle_version_grows_only_when_the_content_changes_and_survives_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -576,79 +515,6 @@ mod tests {
         let s = SqliteStore::open(&path).expect("reopen");
         assert_eq!(s.settle_bundle_version("b").expect("v"), 2);
         assert_eq!(s.settle_bundle_version("a").expect("v"), 3);
-    }
-
-    #[test]
-    fn issuances_keep_the_local_marker() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
-        let i = Issuance {
-            serial: "01".into(),
-            spiffe_id: "spiffe://a.test/x".into(),
-            node: "n".into(),
-            not_after: 10,
-            issued_at: 1,
-            local: true,
-        };
-        s.record_issuances(std::slice::from_ref(&i))
-            .expect("record");
-        assert_eq!(s.issuances().expect("list"), vec![i]);
-    }
-
-    #[test]
-    fn pruning_removes_what_expired_before_the_cut_and_keeps_the_count() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
-        let issued = |serial: &str, not_after: u64| Issuance {
-            serial: serial.into(),
-            spiffe_id: "spiffe://a.test/x".into(),
-            node: "n".into(),
-            not_after,
-            issued_at: 1,
-            local: false,
-        };
-        s.record_issuances(&[issued("01", 100), issued("02", 200), issued("03", 300)])
-            .expect("record");
-        let token = |hash: &str, expires_at: u64| TokenRecord {
-            hash: hash.into(),
-            node: "node-1".into(),
-            mesh: "mesh-a".into(),
-            expires_at,
-        };
-        s.create_token(&token("spent", 150)).expect("token");
-        s.create_token(&token("fresh", 500)).expect("token");
-        assert_eq!(
-            s.consume_token("spent", 120, &id).expect("q"),
-            TokenOutcome::Consumed {
-                node: "node-1".into(),
-                mesh: "mesh-a".into()
-            }
-        );
-        assert_eq!(s.issuance_count().expect("count"), 3);
-        let pruned = s.prune(250).expect("prune");
-        assert_eq!(
-            pruned,
-            Pruned {
-                issuances: 2,
-                tokens: 1
-            }
-        );
-        let left: Vec<String> = s
-            .issuances()
-            .expect("list")
-            .into_iter()
-            .map(|i| i.serial)
-            .collect();
-        assert_eq!(left, vec!["03".to_owned()]);
-        assert_eq!(
-            s.issuance_count().expect("count"),
-            3,
-            "pruned issuances stay counted"
-        );
-        assert_eq!(s.token_used("spent").expect("q"), None);
-        assert_eq!(s.token_used("fresh").expect("q"), Some(false));
-        assert_eq!(s.prune(250).expect("again"), Pruned::default());
-        assert_eq!(s.issuance_count().expect("count"), 3);
     }
 
     #[test]
