@@ -283,12 +283,12 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AuthorityErr
 
 /// Writes a private key (PEM) with mode 0600 from creation; the caller's text is zeroised by
 /// the caller ([`Zeroizing`]).
-fn write_private(path: &Path, text: &Zeroizing<String>) -> Result<(), AuthorityError> {
+pub(crate) fn write_private(path: &Path, text: &Zeroizing<String>) -> Result<(), AuthorityError> {
     write_atomic(path, text.as_bytes(), 0o600)
 }
 
 /// Writes a public file (certificate) atomically.
-fn write_public(path: &Path, text: &str) -> Result<(), AuthorityError> {
+pub(crate) fn write_public(path: &Path, text: &str) -> Result<(), AuthorityError> {
     write_atomic(path, text.as_bytes(), 0o644)
 }
 
@@ -395,7 +395,7 @@ pub fn load_or_create_root(
 }
 
 /// Loads a root, or generates and persists a builtin one at the given paths.
-fn load_or_create_root_at(
+pub(crate) fn load_or_create_root_at(
     source: &RootSource,
     common_name: &str,
     builtin_cert: &Path,

@@ -150,6 +150,9 @@ pub struct HolderSettings {
     pub kubernetes: Vec<crate::k8s::Cluster>,
     /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
     pub jwt_algorithm: crate::jwt::JwtAlgorithm,
+    /// `holder.keyEncryptionKeyFile`: the 32-byte key (base64) that seals a builtin root in a
+    /// PostgreSQL datastore, the same file on every replica; required there, unused on SQLite.
+    pub key_encryption_key_file: Option<PathBuf>,
 }
 
 impl HolderSettings {
@@ -305,6 +308,7 @@ struct RawHolder {
     max_connections: Option<i64>,
     kubernetes: Option<Vec<crate::k8s::RawCluster>>,
     jwt_algorithm: Option<String>,
+    key_encryption_key_file: Option<PathBuf>,
 }
 
 /// Default API listen address.
@@ -446,6 +450,19 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
         p.add(&path, msg);
     }
     let entries = validate_entries(raw.entries, &meshes, &mut p);
+    let builtin = std::iter::once(&root)
+        .chain(mesh_roots.values())
+        .any(|r| matches!(r, RootSource::Builtin { .. }));
+    if matches!(holder.datastore, Datastore::Postgres(_))
+        && builtin
+        && holder.key_encryption_key_file.is_none()
+    {
+        p.add(
+            "holder.keyEncryptionKeyFile",
+            "required when holder.datastore is PostgreSQL and a root is builtin: every replica \
+             decrypts the shared builtin root with it (the database never holds it in clear)",
+        );
+    }
 
     if !p.0.is_empty() {
         return Err(p.0);
@@ -715,6 +732,7 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
                 crate::jwt::JwtAlgorithm::default()
             }
         },
+        key_encryption_key_file: raw.key_encryption_key_file,
     }
 }
 
@@ -1067,6 +1085,11 @@ entries:
                 "heartbeat: 5s",
                 "heartbeat: 5s\n  datastore: mysql",
                 &["holder.datastore: `mysql`"],
+            ),
+            (
+                "heartbeat: 5s",
+                "heartbeat: 5s\n  datastore: postgres://meshcert@db/meshcert",
+                &["holder.keyEncryptionKeyFile: required when holder.datastore is PostgreSQL"],
             ),
             (
                 "spiffe://mesh-a.test/web",

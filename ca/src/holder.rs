@@ -47,6 +47,9 @@ pub enum HolderError {
     /// The datastore cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The builtin root the replicas share cannot be read or stored.
+    #[error(transparent)]
+    Sealed(#[from] crate::sealed::SealError),
 }
 
 /// What a holder serves with one accepted configuration: swapped as a whole on reload.
@@ -77,6 +80,7 @@ impl Serving {
         store: &Arc<dyn Store>,
         now: SystemTime,
     ) -> Result<Self, HolderError> {
+        crate::sealed::share_builtin_roots(&config, store.as_ref(), now)?;
         let authority = Authority::open_with_roots(
             &config.root,
             &config.mesh_roots,

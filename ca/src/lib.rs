@@ -16,7 +16,8 @@
 //!   then the token's pod's node).
 //! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign.
 //! - [`entries`]: registration entries from the config and the datastore.
-//! - [`store`]: the datastore trait and its SQLite implementation.
+//! - [`store`]: the datastore trait, SQLite (the default) and PostgreSQL (holder replicas).
+//! - [`sealed`]: builtin roots shared by replicas, sealed with a key-encryption key.
 //! - [`status`]: the status document and its table form.
 //! - [`holder`]: the running holder's state and operations, shared by both front ends; the
 //!   configuration it serves is swapped as a whole on reload.
@@ -36,6 +37,7 @@ pub mod jwt;
 pub mod k8s;
 pub mod metrics;
 pub mod policy;
+pub mod sealed;
 pub mod server;
 pub mod status;
 pub mod store;

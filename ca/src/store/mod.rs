@@ -10,7 +10,7 @@ use meshcert_protocol::{Entry, NodeReport};
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 #[cfg(test)]
 pub(crate) mod throwaway_pg;
 
