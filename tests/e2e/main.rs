@@ -4,6 +4,7 @@
 mod agent;
 mod ca;
 mod faults;
+mod ha;
 mod kubernetes;
 mod operations;
 mod outage;

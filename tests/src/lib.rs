@@ -24,6 +24,7 @@ pub mod ca;
 pub mod kube;
 pub mod oracle;
 pub mod pki;
+pub mod postgres;
 
 /// The packages whose binaries the e2e tests run.
 const BIN_PACKAGES: [&str; 3] = ["meshcert-ca", "meshcert-agent", "meshcert-tests"];
