@@ -7,6 +7,7 @@
 
 use meshcert_protocol::{Entry, NodeReport};
 
+pub mod group;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
@@ -48,6 +49,14 @@ pub enum StoreError {
     /// The datastore cannot be reached now (no connection in time, the pool is closing).
     #[error("the datastore is unavailable: {0}")]
     Unavailable(String),
+    /// The group commit this write joined failed (see [`group`]).
+    #[error("the group commit failed: {reason}")]
+    GroupFailed {
+        /// Why the commit failed.
+        reason: String,
+        /// Whether that failure was retryable.
+        retryable: bool,
+    },
 }
 
 impl StoreError {
@@ -58,6 +67,7 @@ impl StoreError {
         match self {
             Self::Postgres(e) => postgres::is_retryable(e),
             Self::Unavailable(_) => true,
+            Self::GroupFailed { retryable, .. } => *retryable,
             Self::Query(rusqlite::Error::SqliteFailure(e, _)) => matches!(
                 e.code,
                 rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
@@ -73,12 +83,17 @@ pub fn open(
     state_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     use crate::config::Datastore;
+    use group::GroupCommit;
     Ok(match datastore {
-        Datastore::Sqlite(Some(path)) => std::sync::Arc::new(SqliteStore::open(path)?),
-        Datastore::Sqlite(None) => {
-            std::sync::Arc::new(SqliteStore::open(&state_dir.join("meshcert.db"))?)
+        Datastore::Sqlite(Some(path)) => {
+            std::sync::Arc::new(GroupCommit::new(SqliteStore::open(path)?))
         }
-        Datastore::Postgres(url) => std::sync::Arc::new(PostgresStore::open(url)?),
+        Datastore::Sqlite(None) => std::sync::Arc::new(GroupCommit::new(SqliteStore::open(
+            &state_dir.join("meshcert.db"),
+        )?)),
+        Datastore::Postgres(url) => {
+            std::sync::Arc::new(GroupCommit::new(PostgresStore::open(url)?))
+        }
     })
 }
 
