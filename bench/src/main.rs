@@ -72,6 +72,9 @@ struct SigningArgs {
     /// CSRs per `/v1/sign` request (at most 256).
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Datastores to measure (`sqlite`, `postgres`), each with group commit off and on.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite")]
+    datastore: Vec<signing::Datastore>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -174,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agents: a.agents,
                 certs: a.certs,
                 batch: a.batch.clamp(1, meshcert_protocol::api::MAX_BATCH),
+                datastores: a.datastore,
             },
         )
         .await?;

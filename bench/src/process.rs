@@ -22,6 +22,8 @@ pub struct Bins {
     /// The folder agents' volumes are created in (a tmpfs such as `/dev/shm`, as the default
     /// `/run/meshcert/svids` is); `None`: beside the agent's state, on the temp folder's disk.
     pub volume_base: Option<PathBuf>,
+    /// Extra environment for the holders started (e.g. `MESHCERT_CA_GROUP_COMMIT=off`).
+    pub holder_env: Vec<(String, String)>,
 }
 
 impl Bins {
@@ -80,6 +82,7 @@ impl Bins {
             }
         }
         Ok(Bins {
+            holder_env: Vec::new(),
             dir,
             volume_base: None,
         })
@@ -240,6 +243,7 @@ impl Holder {
             .arg("--config")
             .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "warn")
+            .envs(bins.holder_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

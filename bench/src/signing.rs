@@ -28,6 +28,56 @@ pub struct Options {
     pub certs: usize,
     /// CSRs per `/v1/sign` request.
     pub batch: usize,
+    /// The datastores to measure, each with group commit off (the baseline) and on.
+    pub datastores: Vec<Datastore>,
+}
+
+/// A holder datastore to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Datastore {
+    /// SQLite in the holder's state folder (the default).
+    Sqlite,
+    /// A throwaway PostgreSQL cluster started by the benchmark (Unix socket, fsync on).
+    Postgres,
+}
+
+/// Where the holders of one run keep their data.
+struct Backend {
+    cluster: Option<meshcert_tests::postgres::Cluster>,
+    keys: tempfile::TempDir,
+    databases: usize,
+}
+
+impl Backend {
+    fn new(datastores: &[Datastore]) -> anyhow::Result<Self> {
+        let keys = tempfile::tempdir()?;
+        meshcert_tests::postgres::write_kek(&keys.path().join("kek"))?;
+        let cluster = datastores
+            .contains(&Datastore::Postgres)
+            .then(meshcert_tests::postgres::Cluster::start);
+        Ok(Self {
+            cluster,
+            keys,
+            databases: 0,
+        })
+    }
+
+    /// The `holder:` lines for a fresh datastore of this kind.
+    fn holder_yaml(&mut self, datastore: Datastore) -> anyhow::Result<String> {
+        let Some(cluster) = self
+            .cluster
+            .as_ref()
+            .filter(|_| datastore == Datastore::Postgres)
+        else {
+            return Ok(String::new());
+        };
+        self.databases += 1;
+        let url = cluster.create_database(&format!("bench{}", self.databases));
+        Ok(format!(
+            "  datastore: \"{url}\"\n  keyEncryptionKeyFile: {}\n",
+            self.keys.path().join("kek").display()
+        ))
+    }
 }
 
 /// CSRs made before any timing: the agents' key generation is not the holder's cost.
@@ -181,17 +231,14 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let (ceiling_1, _) = ceiling(&csrs, &id, 1)?;
     let (ceiling_n, _) = ceiling(&csrs, &id, threads)?;
 
-    let mut entry = EntrySpec::for_node(ENTRY, "unused", "1h");
-    entry.path = format!("/{ENTRY}");
-    entry.nodes.clear();
-    let holder = Holder::start(bins, &[entry], "")?;
-    let roots = holder.roots()?;
     let mut table = Table::new(
         &format!(
             "Holder signing throughput over mTLS (batches of {}, {} ECDSA P-256 CSRs per run)",
             opts.batch, opts.certs
         ),
         &[
+            "datastore",
+            "group commit",
             "agents",
             "signed",
             "refused",
@@ -202,6 +249,53 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
             "vs ceiling",
         ],
     );
+    let mut backend = Backend::new(&opts.datastores)?;
+    for &datastore in &opts.datastores {
+        for group in [false, true] {
+            let mut bins = bins.clone();
+            if !group {
+                bins.holder_env.push((
+                    meshcert_ca::store::GROUP_COMMIT_ENV.to_owned(),
+                    "off".to_owned(),
+                ));
+            }
+            let label = [
+                format!("{datastore:?}").to_lowercase(),
+                if group { "on" } else { "off (baseline)" }.to_owned(),
+            ];
+            let yaml = backend.holder_yaml(datastore)?;
+            measure(&bins, &yaml, opts, &csrs, ceiling_n, &label, &mut table).await?;
+        }
+    }
+    table.note(format!(
+        "In-process ceiling (meshcert_ca::policy::check_csr + Authority::sign_leaf, no TLS, no HTTP, no JSON, no datastore): \
+         {ceiling_1:.0} SVIDs/s on 1 thread, {ceiling_n:.0} SVIDs/s on {threads} threads; \"vs ceiling\" divides by the {threads}-thread figure."
+    ));
+    table.note(
+        "Each agent is a real node: attested with a join token, then `/v1/sign` over mTLS with the agent's own HTTPS client \
+         (a new TLS connection per request, as the agent does). The load generator runs on the same machine and its CPU is not counted \
+         in \"holder CPU\". Group commit off (the baseline): one transaction and one durable commit per request; on: concurrent \
+         requests share them. PostgreSQL: a throwaway local cluster on a Unix socket, fsync and synchronous_commit on.",
+    );
+    table.print();
+    Ok(())
+}
+
+/// One holder, every agent count: rows of `table` starting with `label`.
+async fn measure(
+    bins: &Bins,
+    holder_yaml: &str,
+    opts: &Options,
+    csrs: &Arc<Vec<Vec<u8>>>,
+    ceiling_n: f64,
+    label: &[String; 2],
+    table: &mut Table,
+) -> anyhow::Result<()> {
+    let mut entry = EntrySpec::for_node(ENTRY, "unused", "1h");
+    entry.path = format!("/{ENTRY}");
+    entry.nodes.clear();
+    let holder = Holder::start(bins, &[entry], holder_yaml)?;
+    let roots = holder.roots()?;
     let mut joined: Vec<Arc<HttpsIssuer>> = Vec::new();
     for &agents in &opts.agents {
         while joined.len() < agents {
@@ -210,15 +304,20 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
                 || format!("attesting {name}; holder log:\n{}", holder.log()),
             )?));
         }
-        eprintln!("signing: {agents} agents");
+        eprintln!(
+            "signing: {} group commit {}: {agents} agents",
+            label[0], label[1]
+        );
         let cpu_before = cpu_time(holder.pid())?;
-        let (ok, refused, wall) = run(&joined[..agents], &csrs, opts.batch).await?;
+        let (ok, refused, wall) = run(&joined[..agents], csrs, opts.batch).await?;
         let cpu = cpu_time(holder.pid())?.saturating_sub(cpu_before);
         if ok == 0 {
             bail!("nothing was signed; holder log:\n{}", holder.log());
         }
         let per_sec = rate(ok, wall);
         table.row(vec![
+            label[0].clone(),
+            label[1].clone(),
             agents.to_string(),
             ok.to_string(),
             refused.to_string(),
@@ -229,15 +328,5 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
             format!("{:.2}", per_sec / ceiling_n),
         ]);
     }
-    table.note(format!(
-        "In-process ceiling (meshcert_ca::policy::check_csr + Authority::sign_leaf, no TLS, no HTTP, no JSON, no datastore): \
-         {ceiling_1:.0} SVIDs/s on 1 thread, {ceiling_n:.0} SVIDs/s on {threads} threads; \"vs ceiling\" divides by the {threads}-thread figure."
-    ));
-    table.note(
-        "Each agent is a real node: attested with a join token, then `/v1/sign` over mTLS with the agent's own HTTPS client \
-         (a new TLS connection per request, as the agent does). The load generator runs on the same machine and its CPU is not counted \
-         in \"holder CPU\".",
-    );
-    table.print();
     Ok(())
 }

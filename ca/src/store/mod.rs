@@ -77,13 +77,28 @@ impl StoreError {
     }
 }
 
-/// Opens the configured datastore.
+/// The environment variable that turns group commit off (`off`): for benchmarks that measure
+/// it against one commit per write, in the same run.
+pub const GROUP_COMMIT_ENV: &str = "MESHCERT_CA_GROUP_COMMIT";
+
+/// Opens the configured datastore (issuance writes group-committed, see [`group`]).
 pub fn open(
     datastore: &crate::config::Datastore,
     state_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     use crate::config::Datastore;
     use group::GroupCommit;
+    if std::env::var(GROUP_COMMIT_ENV).is_ok_and(|v| v == "off") {
+        tracing::warn!("group commit is off ({GROUP_COMMIT_ENV}=off): one commit per write");
+        return Ok(match datastore {
+            Datastore::Sqlite(path) => std::sync::Arc::new(SqliteStore::open(
+                &path
+                    .clone()
+                    .unwrap_or_else(|| state_dir.join("meshcert.db")),
+            )?),
+            Datastore::Postgres(url) => std::sync::Arc::new(PostgresStore::open(url)?),
+        });
+    }
     Ok(match datastore {
         Datastore::Sqlite(Some(path)) => {
             std::sync::Arc::new(GroupCommit::new(SqliteStore::open(path)?))
