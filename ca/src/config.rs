@@ -148,6 +148,8 @@ pub struct HolderSettings {
     pub kubernetes: Vec<crate::k8s::Cluster>,
     /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
     pub jwt_algorithm: crate::jwt::JwtAlgorithm,
+    /// `holder.rootRotation`: how root rotations progress ([`crate::rotation`]).
+    pub root_rotation: crate::rotation::Settings,
 }
 
 impl HolderSettings {
@@ -302,6 +304,7 @@ struct RawHolder {
     max_connections: Option<i64>,
     kubernetes: Option<Vec<crate::k8s::RawCluster>>,
     jwt_algorithm: Option<String>,
+    root_rotation: Option<crate::rotation::RawSettings>,
 }
 
 /// Default API listen address.
@@ -706,6 +709,14 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
                 crate::jwt::JwtAlgorithm::default()
             }
         },
+        root_rotation: crate::rotation::Settings::from_raw(raw.root_rotation).unwrap_or_else(
+            |problems| {
+                for (path, msg) in problems {
+                    p.add(&path, msg);
+                }
+                crate::rotation::Settings::default()
+            },
+        ),
     }
 }
 

@@ -7,5 +7,6 @@ mod faults;
 mod kubernetes;
 mod operations;
 mod outage;
+mod rotation;
 mod virtualmesh;
 mod workload;

@@ -197,4 +197,14 @@ pub trait Store: Send + Sync {
     /// stored version when the digest is the stored one, else the stored version plus one
     /// (1 the first time), persisted with the new digest.
     fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError>;
+    /// A named, versioned document every replica shares (root rotation state, encrypted builtin root).
+    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Writes `value` if the stored revision is still `expected` (0: absent); returns the new
+    /// revision, or None when another writer got there first.
+    fn store_document(
+        &self,
+        name: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>, StoreError>;
 }

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL,
     received_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS documents (
+    name TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries (json_extract(body, '$.spiffeId'));
 CREATE INDEX IF NOT EXISTS issuances_not_after ON issuances (not_after);
 CREATE INDEX IF NOT EXISTS tokens_expires_at ON tokens (expires_at);
@@ -404,6 +409,43 @@ impl Store for SqliteStore {
         settle(&mut self.conn(), digest)
     }
 
+    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let row: Option<(i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT revision, value FROM documents WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(rev, value)| (u64::try_from(rev).unwrap_or(0), value)))
+    }
+
+    fn store_document(
+        &self,
+        name: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn();
+        let expected = i64::try_from(expected).unwrap_or(i64::MAX);
+        let next = expected.saturating_add(1);
+        // One statement: insert when absent (expected 0), else update only at the expected
+        // revision; zero rows changed means another writer got there first.
+        let changed = if expected == 0 {
+            conn.execute(
+                "INSERT INTO documents (name, revision, value) VALUES (?1, 1, ?2) ON CONFLICT (name) DO NOTHING",
+                rusqlite::params![name, value],
+            )?
+        } else {
+            conn.execute(
+                "UPDATE documents SET revision = ?3, value = ?2 WHERE name = ?1 AND revision = ?4",
+                rusqlite::params![name, value, next, expected],
+            )?
+        };
+        Ok((changed == 1).then(|| u64::try_from(next).unwrap_or(0)))
+    }
+
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT node, body, received_at FROM reports ORDER BY node")?;
@@ -467,6 +509,29 @@ mod tests {
 
     fn id(n: &str, m: &str) -> String {
         format!("spiffe://{m}.test/meshcert/node/{n}")
+    }
+
+    #[test]
+    fn documents_are_written_only_at_the_expected_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(&dir.path().join("db")).expect("open");
+        assert_eq!(s.load_document("d").expect("load"), None);
+        assert_eq!(s.store_document("d", 0, b"one").expect("store"), Some(1));
+        assert_eq!(
+            s.store_document("d", 0, b"again").expect("store"),
+            None,
+            "exists"
+        );
+        assert_eq!(
+            s.store_document("d", 2, b"x").expect("store"),
+            None,
+            "stale"
+        );
+        assert_eq!(s.store_document("d", 1, b"two").expect("store"), Some(2));
+        assert_eq!(
+            s.load_document("d").expect("load"),
+            Some((2, b"two".to_vec()))
+        );
     }
 
     #[test]
