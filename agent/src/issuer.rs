@@ -27,8 +27,8 @@ use meshcert_protocol::api::{
     self, ApiError, AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest,
     SignRequest, SignResponse, SyncResponse,
 };
+use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
