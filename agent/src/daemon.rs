@@ -137,6 +137,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         )?,
         metrics.clone(),
     ));
+    crate::push::follow_last_sync(issuer.inner(), &config.state_dir);
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
@@ -278,6 +279,11 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
 
     let (commands_tx, commands_rx) = mpsc::channel(8);
     let rotator_task = tokio::spawn(rotator.run(commands_rx, stop_future(&stop_rx)));
+    let push_task = tokio::spawn(crate::push::run(
+        issuer.clone(),
+        commands_tx.clone(),
+        stop_future(&stop_rx),
+    ));
     let report_task = tokio::spawn(report::run(
         issuer.clone(),
         reports,
@@ -319,6 +325,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let _ = rotator_task.await;
     let _ = report_task.await;
+    let _ = push_task.await;
     stop_servers(stop_tx).await;
     tracing::info!("stopped");
     Ok(())

@@ -1,7 +1,7 @@
 //! The CA holder as the agent sees it: the [`Issuer`] trait (attest, renew, sync, sign, report)
 //! and [`HttpsIssuer`], its implementation over HTTPS (hyper 1 on tokio-rustls). Calls after the
 //! join authenticate with the node SVID as client certificate; the holder is trusted through
-//! the configured trust bundle.
+//! the configured trust bundle and the roots of the last synced bundles ([`crate::trust`]).
 //!
 //! Connections are kept alive and reused (a small pool of idle HTTP/1.1 connections), so a
 //! rotation does not pay a TCP and mTLS handshake on the holder. A pooled connection belongs
@@ -27,8 +27,8 @@ use meshcert_protocol::api::{
     self, ApiError, AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest,
     SignRequest, SignResponse, SyncResponse,
 };
+use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
@@ -199,7 +199,7 @@ pub struct HttpsIssuer {
     next_replica: AtomicUsize,
     server_name: ServerName<'static>,
     anonymous: Arc<ClientConfig>,
-    roots: Arc<RootCertStore>,
+    roots: Arc<crate::trust::HolderTrust>,
     /// The mTLS settings with their generation (1 for the first identity; 0 is anonymous).
     mtls: RwLock<Option<(u64, Arc<ClientConfig>)>>,
     /// Idle connections, newest last.
@@ -286,19 +286,17 @@ impl HttpsIssuer {
         if replicas.is_empty() {
             return Err(IssuerError::Setup("no CA holder address".into()));
         }
-        let mut store = RootCertStore::empty();
-        for root in roots {
-            store
-                .add(CertificateDer::from(root.clone()))
-                .map_err(|e| IssuerError::Setup(format!("trust bundle: {e}")))?;
-        }
+        let roots = Arc::new(
+            crate::trust::HolderTrust::new(roots, provider())
+                .map_err(|e| IssuerError::Setup(e.to_string()))?,
+        );
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| IssuerError::Setup(format!("server name `{server_name}`: {e}")))?;
-        let roots = Arc::new(store);
         let anonymous = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| IssuerError::Setup(e.to_string()))?
-            .with_root_certificates(roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(roots.clone())
             .with_no_client_auth();
         Ok(Self {
             replicas,
@@ -578,6 +576,35 @@ impl HttpsIssuer {
 }
 
 impl HttpsIssuer {
+    /// Trusts the holder through these bundles' roots too (the last sync, at start).
+    pub fn follow_bundles(&self, bundles: &meshcert_protocol::api::Bundles) {
+        self.roots.follow(bundles);
+    }
+
+    /// `GET /v1/watch`: waits up to `wait` for the holder's change version to differ from
+    /// `version` ([`crate::push`]); the call may take `wait` plus [`CALL_TIMEOUT`].
+    pub async fn watch(
+        &self,
+        version: Option<u64>,
+        wait: Duration,
+    ) -> Result<api::WatchResponse, IssuerError> {
+        let (generation, config) = self.mtls_config()?;
+        let path = match version {
+            Some(v) => format!("{}?version={v}&wait={}", api::PATH_WATCH, wait.as_secs()),
+            None => api::PATH_WATCH.to_owned(),
+        };
+        let exchange = self.exchange(Method::GET, &path, Vec::new(), generation, config);
+        let limit = wait + CALL_TIMEOUT;
+        let bytes =
+            tokio::time::timeout(limit, exchange)
+                .await
+                .map_err(|_| IssuerError::Timeout {
+                    address: self.addresses(),
+                    timeout: limit,
+                })??;
+        serde_json::from_slice(&bytes).map_err(|e| IssuerError::Decode(e.to_string()))
+    }
+
     /// A call over mTLS (the node SVID) outside the [`Issuer`] seam: the JWT-SVID calls of
     /// [`crate::jwt`].
     pub async fn call_as_node<B: Serialize, R: DeserializeOwned>(
@@ -633,8 +660,11 @@ impl Issuer for HttpsIssuer {
 
     async fn sync(&self) -> Result<SyncResponse, IssuerError> {
         let config = self.mtls_config()?;
-        self.call::<(), _>(Method::GET, api::PATH_SYNC, None, config)
-            .await
+        let response: SyncResponse = self
+            .call::<(), _>(Method::GET, api::PATH_SYNC, None, config)
+            .await?;
+        self.roots.follow(&response.bundles);
+        Ok(response)
     }
 
     async fn sign(&self, request: SignRequest) -> Result<SignResponse, IssuerError> {
@@ -672,7 +702,8 @@ impl Issuer for HttpsIssuer {
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| IssuerError::Setup(e.to_string()))?
-            .with_root_certificates(self.roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(self.roots.clone())
             .with_client_auth_cert(certs, key)
             .map_err(|e| IssuerError::Setup(format!("node SVID: {e}")))?;
         let mut mtls = self

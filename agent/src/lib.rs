@@ -28,6 +28,9 @@
 //!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
 //! - [`report`]: the state sent upward to the holder.
+//! - [`push`]: the long-poll watch of the holder that triggers a sync when something changed.
+//! - [`reissue`]: when a root rotation makes an SVID due (pure).
+//! - [`trust`]: the holder's roots: the configured bundle plus the synced ones.
 //! - [`systemd`]: `sd_notify` messages.
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
@@ -60,7 +63,9 @@ pub mod keys;
 pub mod kubelet;
 pub mod metrics;
 pub mod node;
+pub mod push;
 pub mod reachability;
+pub mod reissue;
 pub mod report;
 pub mod restart;
 pub mod rotation;
@@ -68,6 +73,7 @@ pub mod rotator;
 pub mod svid;
 pub mod sys;
 pub mod systemd;
+pub mod trust;
 pub mod volume;
 pub mod worker;
 pub mod workload;

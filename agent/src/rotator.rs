@@ -32,6 +32,7 @@ use crate::issuer::{Issuer, IssuerError};
 use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
 use crate::node::{self, NodeError, NodeIdentity};
 use crate::reachability::Reachability;
+use crate::reissue;
 use crate::rotation::{self, Schedule};
 use crate::svid::{self, LeafInfo};
 use crate::volume::{Contents, Volume};
@@ -783,6 +784,17 @@ impl<I: Issuer> Rotator<I> {
         } else {
             self.check_volume_quiet();
         }
+        // A root rotation's activation brings every SVID under the previous root forward.
+        let hint = self.last_sync.bundles.rotation.clone();
+        for m in self.managed.values_mut() {
+            if let Some(c) = &m.current {
+                let (at, chain) = (m.schedule.next_at, c.served.chain());
+                m.schedule.next_at = reissue::earliest(at, &chain, hint.as_ref(), &m.entry.id, now);
+            }
+        }
+        let (at, node) = (self.node_schedule.next_at, &self.node.chain);
+        let name = &self.config.node_name;
+        self.node_schedule.next_at = reissue::earliest(at, node, hint.as_ref(), name, now);
         self.publish();
     }
 
@@ -1758,6 +1770,7 @@ mod tests {
                     vec![Der(self.mesh_ca().root.clone())],
                 )]),
                 shared_root: vec![Der(self.shared.root.clone())],
+                ..Bundles::default()
             }
         }
         fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {

@@ -249,6 +249,13 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(json(&holder.status(now)?)),
+        (_, ["v1", "root", rest @ ..]) => Ok(json(&crate::rotation_admin::route(
+            holder,
+            &method,
+            rest,
+            &read_body(req).await?,
+            now,
+        )?)),
         (&Method::POST, ["v1", "tokens"]) => {
             let body: TokenRequest = parse_json(&read_body(req).await?)?;
             let token = holder.create_token(
@@ -263,6 +270,7 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
         (&Method::POST, ["v1", "nodes", name, "ban"]) => {
             if holder.store.ban_node(name).map_err(store_error)? {
                 tracing::warn!(node = %name, "node banned");
+                holder.changed();
                 Ok(json(&serde_json::json!({})))
             } else {
                 Err(ApiError::new(
@@ -288,11 +296,13 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
                 .entries
                 .create(&entry)
                 .map_err(entry_error)?;
+            holder.changed();
             tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
             Ok(json(&entry))
         }
         (&Method::DELETE, ["v1", "entries", id]) => {
             holder.serving().entries.delete(id).map_err(entry_error)?;
+            holder.changed();
             tracing::info!(entry_id = %id, "entry deleted");
             Ok(json(&serde_json::json!({})))
         }
@@ -316,6 +326,9 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
                 Some(m) => serving.authority.trust_root(m).pem(),
                 None => serving.authority.root().pem(),
             };
+            // During a root rotation both roots are trusted: the one that signs the API's
+            // server certificate first.
+            let pem = crate::rotation::bundle_pem(&serving, mesh.as_deref()).unwrap_or(pem);
             let mut r = Response::new(Full::new(Bytes::from(pem)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -360,7 +360,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// Creates a folder (and its parents) and makes the new entries durable: the folders the
 /// holder creates are at most two levels deep (`intermediates/gateway`), so the parent and
 /// grandparent are fsync'd.
-fn create_dir(dir: &Path) -> Result<(), AuthorityError> {
+pub(crate) fn create_dir(dir: &Path) -> Result<(), AuthorityError> {
     let io = |source| AuthorityError::Io {
         path: dir.to_owned(),
         source,
@@ -459,6 +459,50 @@ pub(crate) fn load_or_create_root_at(
     write_public(&cert_path, &cert.pem())?;
     tracing::info!(path = %cert_path.display(), "root certificate created");
     SigningCa::from_parts(cert.der().to_vec(), key, &cert_path)
+}
+
+/// Loads and checks a provided root (certificate and key files).
+pub fn load_root(source: &RootSource, now: SystemTime) -> Result<SigningCa, AuthorityError> {
+    let none = Path::new("/nonexistent");
+    load_or_create_root_at(source, "", none, none, now)
+}
+
+/// Generates a new root with the builtin parameters, in memory (see [`persist_root`]).
+pub fn generate_root(
+    common_name: &str,
+    org_name: &str,
+    rsa_bits: u32,
+    ttl_days: u32,
+    now: SystemTime,
+) -> Result<SigningCa, AuthorityError> {
+    let size = match rsa_bits {
+        2048 => rcgen::RsaKeySize::_2048,
+        3072 => rcgen::RsaKeySize::_3072,
+        _ => rcgen::RsaKeySize::_4096,
+    };
+    tracing::info!(bits = rsa_bits, "generating the next root key");
+    let key = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, size)
+        .map_err(crypto("generate the root key"))?;
+    let cert = root_params(common_name, org_name, ttl_days, now)
+        .self_signed(&key)
+        .map_err(crypto("sign the root certificate"))?;
+    SigningCa::from_parts(cert.der().to_vec(), key, Path::new("(new root)"))
+}
+
+/// Writes a root to a provided source's files: the key (0600 from creation) first, then the
+/// certificate, each atomically.
+pub fn persist_root(ca: &SigningCa, to: &RootSource) -> Result<(), AuthorityError> {
+    let RootSource::Provided {
+        cert_file,
+        key_file,
+    } = to
+    else {
+        return Err(AuthorityError::UnknownMesh(
+            "(a builtin source has no files)".into(),
+        ));
+    };
+    write_private(key_file, &Zeroizing::new(ca.key.serialize_pem()))?;
+    write_public(cert_file, &ca.pem())
 }
 
 /// The builtin root's parameters.
@@ -578,7 +622,14 @@ enum Kind {
 /// signing.
 #[derive(Debug)]
 pub struct Authority {
+    /// The shared root that signs.
     root: SigningCa,
+    /// The fingerprint of the configured shared root (which a finished rotation may replace).
+    configured: String,
+    /// PREPARED: the next shared root, in the bundles, not signing.
+    next: Option<SigningCa>,
+    /// ACTIVE: the previous shared root, in the bundles, signing the API's server certificate.
+    previous: Option<SigningCa>,
     mesh_roots: BTreeMap<String, SigningCa>,
     meshes: Vec<Mesh>,
     dir: PathBuf,
@@ -604,9 +655,7 @@ impl Authority {
         )
     }
 
-    /// Loads (or creates) the shared root, the mesh roots (limited trust when `mesh_roots` is
-    /// not empty; builtin ones live in `roots/<mesh>.pem|.key`), every mesh's intermediate and,
-    /// under limited trust, every mesh's gateway intermediate (`intermediates/gateway/`).
+    /// [`Self::open_with_plan`] without a rotation.
     pub fn open_with_roots(
         source: &RootSource,
         mesh_roots: &BTreeMap<String, RootSource>,
@@ -615,7 +664,49 @@ impl Authority {
         state_dir: &Path,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
-        let root = load_or_create_root(source, common_name, state_dir, now)?;
+        let plan = crate::rotation::RootPlan::default();
+        Self::open_with_plan(
+            source,
+            mesh_roots,
+            common_name,
+            meshes,
+            state_dir,
+            now,
+            &plan,
+        )
+    }
+
+    /// Loads (or creates) the shared root, the mesh roots (limited trust when `mesh_roots` is
+    /// not empty; builtin ones live in `roots/<mesh>.pem|.key`), every mesh's intermediate and,
+    /// under limited trust, every mesh's gateway intermediate (`intermediates/gateway/`).
+    /// The shared root follows the rotation `plan` ([`crate::rotation`]).
+    pub fn open_with_plan(
+        source: &RootSource,
+        mesh_roots: &BTreeMap<String, RootSource>,
+        common_name: &str,
+        meshes: &[Mesh],
+        state_dir: &Path,
+        now: SystemTime,
+        plan: &crate::rotation::RootPlan,
+    ) -> Result<Self, AuthorityError> {
+        let configured = load_or_create_root(source, common_name, state_dir, now)?;
+        let configured_fp = configured.fingerprint();
+        let base = match &plan.base {
+            Some((replaced, files)) if *replaced == configured_fp => load_root(files, now)?,
+            Some(_) => {
+                tracing::warn!(
+                    "the configuration names another root than the one a finished rotation replaced: the configured root serves"
+                );
+                configured
+            }
+            None => configured,
+        };
+        let next = plan.next.as_ref().map(|f| load_root(f, now)).transpose()?;
+        let (root, next, previous) = match next {
+            Some(n) if plan.next_signs => (n, None, Some(base)),
+            Some(n) => (base, Some(n), None),
+            None => (base, None, None),
+        };
         let mut roots = BTreeMap::new();
         if !mesh_roots.is_empty() {
             let dir = state_dir.join("roots");
@@ -644,6 +735,9 @@ impl Authority {
         create_dir(&dir.join("gateway"))?;
         let this = Self {
             root,
+            configured: configured_fp,
+            next,
+            previous,
             mesh_roots: roots,
             meshes: meshes.to_vec(),
             dir,
@@ -762,9 +856,41 @@ impl Authority {
         Ok(renewed)
     }
 
-    /// The virtual mesh's (shared) root.
+    /// The virtual mesh's (shared) root: the one that signs.
     pub fn root(&self) -> &SigningCa {
         &self.root
+    }
+
+    /// PREPARED: the next shared root (in the bundles, not signing yet).
+    pub fn next_root(&self) -> Option<&SigningCa> {
+        self.next.as_ref()
+    }
+
+    /// ACTIVE: the previous shared root (still in the bundles).
+    pub fn previous_root(&self) -> Option<&SigningCa> {
+        self.previous.as_ref()
+    }
+
+    /// The fingerprint of the shared root the configuration names.
+    pub fn configured_fingerprint(&self) -> &str {
+        &self.configured
+    }
+
+    /// Every shared root in the bundles: the signing one first, then the next or previous.
+    pub fn shared_roots(&self) -> Vec<&SigningCa> {
+        std::iter::once(&self.root)
+            .chain(self.next.as_ref())
+            .chain(self.previous.as_ref())
+            .collect()
+    }
+
+    /// The roots a mesh's SVIDs may chain to: its own under limited trust, else every shared
+    /// root in the bundles.
+    fn trust_roots(&self, mesh: &str) -> Vec<&SigningCa> {
+        match self.mesh_roots.get(mesh) {
+            Some(r) => vec![r],
+            None => self.shared_roots(),
+        }
     }
 
     /// A mesh's own root under limited trust.
@@ -800,9 +926,16 @@ impl Authority {
         now: SystemTime,
     ) -> Result<(), String> {
         let leaf = chain.first().ok_or("no client certificate")?;
-        let root = CertificateDer::from(self.trust_root(&mesh.name).der.as_slice());
-        let anchor =
-            webpki::anchor_from_trusted_cert(&root).map_err(|e| format!("the mesh root: {e}"))?;
+        let roots: Vec<CertificateDer<'_>> = self
+            .trust_roots(&mesh.name)
+            .into_iter()
+            .map(|r| CertificateDer::from(r.der.as_slice()))
+            .collect();
+        let anchors = roots
+            .iter()
+            .map(webpki::anchor_from_trusted_cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the mesh root: {e}"))?;
         let leaf = CertificateDer::from(leaf.as_slice());
         let end_entity = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
         let intermediates: Vec<CertificateDer<'_>> = chain[1..]
@@ -812,7 +945,6 @@ impl Authority {
         let time = rustls::pki_types::UnixTime::since_unix_epoch(
             now.duration_since(UNIX_EPOCH).unwrap_or_default(),
         );
-        let anchors = [anchor];
         let path = end_entity
             .verify_for_usage(
                 webpki::ALL_VERIFICATION_ALGS,
@@ -847,7 +979,7 @@ impl Authority {
 
     /// Every root a node SVID may chain to: the shared root and every mesh root.
     pub fn client_roots(&self) -> Vec<Vec<u8>> {
-        let mut out = vec![self.root.der.clone()];
+        let mut out: Vec<Vec<u8>> = self.shared_roots().iter().map(|r| r.der.clone()).collect();
         out.extend(self.mesh_roots.values().map(|r| r.der.clone()));
         out
     }
@@ -863,15 +995,22 @@ impl Authority {
                 .map(|m| {
                     (
                         m.trust_domain.clone(),
-                        vec![Der(self.trust_root(&m.name).der.clone())],
+                        self.trust_roots(&m.name)
+                            .into_iter()
+                            .map(|r| Der(r.der.clone()))
+                            .collect(),
                     )
                 })
                 .collect(),
             shared_root: if self.limited() {
-                vec![Der(self.root.der.clone())]
+                self.shared_roots()
+                    .into_iter()
+                    .map(|r| Der(r.der.clone()))
+                    .collect()
             } else {
                 Vec::new()
             },
+            rotation: None,
         }
     }
 
@@ -979,11 +1118,20 @@ impl Authority {
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         p.not_before = (now - BACKDATE).into();
-        p.not_after = (now + SERVER_CERT_LIFETIME).min(self.root.not_after).into();
+        // While ACTIVE the previous root signs it: a node that missed the bundle with the next
+        // root can still reach the holder and catch up.
+        let signer = self.server_root();
+        p.not_after = (now + SERVER_CERT_LIFETIME).min(signer.not_after).into();
         let cert = p
-            .signed_by(&key, &self.root.issuer()?)
+            .signed_by(&key, &signer.issuer()?)
             .map_err(crypto("sign the server certificate"))?;
         Ok((cert.der().to_vec(), key))
+    }
+
+    /// The root that signs the API's server certificate: the previous root while ACTIVE, else
+    /// the signing root.
+    pub fn server_root(&self) -> &SigningCa {
+        self.previous.as_ref().unwrap_or(&self.root)
     }
 
     /// The root key size in bits (0 when it is not RSA).

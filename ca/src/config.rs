@@ -153,6 +153,8 @@ pub struct HolderSettings {
     /// `holder.keyEncryptionKeyFile`: the 32-byte key (base64) that seals a builtin root in a
     /// PostgreSQL datastore, the same file on every replica; required there, unused on SQLite.
     pub key_encryption_key_file: Option<PathBuf>,
+    /// `holder.rootRotation`: how root rotations progress ([`crate::rotation`]).
+    pub root_rotation: crate::rotation::Settings,
 }
 
 impl HolderSettings {
@@ -309,6 +311,7 @@ struct RawHolder {
     kubernetes: Option<Vec<crate::k8s::RawCluster>>,
     jwt_algorithm: Option<String>,
     key_encryption_key_file: Option<PathBuf>,
+    root_rotation: Option<crate::rotation::RawSettings>,
 }
 
 /// Default API listen address.
@@ -733,6 +736,14 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
             }
         },
         key_encryption_key_file: raw.key_encryption_key_file,
+        root_rotation: crate::rotation::Settings::from_raw(raw.root_rotation).unwrap_or_else(
+            |problems| {
+                for (path, msg) in problems {
+                    p.add(&path, msg);
+                }
+                crate::rotation::Settings::default()
+            },
+        ),
     }
 }
 

@@ -234,6 +234,8 @@ async fn renewal(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()
                 let h = Arc::clone(&holder);
                 // Signing a certificate: off the async workers.
                 let _ = tokio::task::spawn_blocking(move || renew_server_cert(&h, SystemTime::now())).await;
+                let h = Arc::clone(&holder);
+                let _ = tokio::task::spawn_blocking(move || crate::rotation::tick_logged(&h, SystemTime::now())).await;
             }
         }
     }

@@ -62,6 +62,8 @@ pub struct Serving {
     pub entries: EntryBook,
     /// The current bundle version (persisted in the datastore).
     pub bundle_version: u64,
+    /// The root rotation state this authority was opened with.
+    pub rotation: crate::rotation::RotationDoc,
 }
 
 impl std::fmt::Debug for Serving {
@@ -81,13 +83,15 @@ impl Serving {
         now: SystemTime,
     ) -> Result<Self, HolderError> {
         crate::sealed::share_builtin_roots(&config, store.as_ref(), now)?;
-        let authority = Authority::open_with_roots(
+        let (_, rotation) = crate::rotation::load(store.as_ref())?;
+        let authority = Authority::open_with_plan(
             &config.root,
             &config.mesh_roots,
             &config.display_name,
             &config.meshes,
             &config.holder.state_dir,
             now,
+            &crate::rotation::plan(&rotation, &config.holder.state_dir),
         )?;
         // The federation mode changes what nodes receive: it counts as bundle content.
         let digest = format!(
@@ -110,12 +114,15 @@ impl Serving {
             authority,
             entries,
             bundle_version,
+            rotation,
         })
     }
 
-    /// Every bundle at the current version.
+    /// Every bundle at the current version (with the activation of a rotation under way).
     pub fn bundles(&self) -> Bundles {
-        self.authority.bundles(self.bundle_version)
+        let mut b = self.authority.bundles(self.bundle_version);
+        b.rotation = crate::rotation::hint(&self.rotation, &self.authority, &self.config);
+        b
     }
 
     /// What one CSR of a batch asks for: the holder entry with its id (a lookup by key), or for
@@ -179,6 +186,9 @@ pub struct Holder {
     tls: RwLock<Option<crate::server::ServerTls>>,
     listen_address: Mutex<Option<SocketAddr>>,
     metrics_address: Mutex<Option<SocketAddr>>,
+    /// Grows whenever what nodes sync changes (`crate::push`); starts at a value unique to
+    /// this start so that agents watching across a restart sync again.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Holder {
@@ -274,7 +284,18 @@ impl Holder {
             tls: RwLock::new(None),
             listen_address: Mutex::new(None),
             metrics_address: Mutex::new(None),
+            changes: tokio::sync::watch::Sender::new(crate::push::start_version()),
         })
+    }
+
+    /// Tells watching agents that what they sync may have changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The change version, to wait on ([`crate::push`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// What the holder serves now.
@@ -336,6 +357,7 @@ impl Holder {
                 );
                 self.metrics.set_bundle_version(next.bundle_version);
                 write(&self.serving, Arc::new(next));
+                self.changed();
                 write(
                     &self.config_status,
                     ConfigStatus {
@@ -360,6 +382,16 @@ impl Holder {
                 ReloadOutcome::Failed
             }
         }
+    }
+
+    /// Opens the authority again with the configuration in force (a root rotation step was
+    /// persisted); the configuration status is left as it is.
+    pub fn reopen(&self, now: SystemTime) -> Result<(), HolderError> {
+        let next = Serving::open(self.config(), &self.store, now)?;
+        self.metrics.set_bundle_version(next.bundle_version);
+        write(&self.serving, Arc::new(next));
+        self.changed();
+        Ok(())
     }
 
     /// Records the outcome of the last intermediate renewal (`None`: it worked).

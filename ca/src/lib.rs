@@ -24,6 +24,10 @@
 //! - [`metrics`]: Prometheus counters and the optional plaintext `/metrics` listener.
 //! - [`server`]: the HTTPS API (hyper + rustls, mTLS for nodes).
 //! - [`admin`]: the admin Unix socket and the client the CLI uses.
+//! - [`rotation`]: root rotation phases (PREPARED, ACTIVE, RETIRED), their persistence and
+//!   driver; [`rotation_admin`]: its admin endpoints and `meshcert-ca root` subcommands.
+//! - [`push`]: the long-poll sync that wakes agents when entries, bundles or enforcement
+//!   change.
 //! - [`daemon`]: `run`: wires the tasks, signals, live reload (SIGHUP and file changes) and
 //!   systemd notifications.
 
@@ -38,6 +42,9 @@ pub mod k8s;
 pub mod metrics;
 pub mod policy;
 pub mod sealed;
+pub mod push;
+pub mod rotation;
+pub mod rotation_admin;
 pub mod server;
 pub mod status;
 pub mod store;

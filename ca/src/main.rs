@@ -91,6 +91,9 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Root rotation: rotate, status, abort.
+    #[command(subcommand)]
+    Root(meshcert_ca::rotation_admin::RootCommand),
     /// Print the VirtualMesh status.
     Status {
         /// Output format.
@@ -510,6 +513,10 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 .request(Method::GET, &path, None)
                 .await?;
             print!("{}", String::from_utf8_lossy(&pem));
+            Ok(())
+        }
+        Command::Root(c) => {
+            print!("{}", c.run().await?);
             Ok(())
         }
         Command::Status { output, admin } => {

@@ -288,6 +288,7 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
     let method = req.method().clone();
     let expected = match path.as_str() {
         api::PATH_ATTEST
@@ -295,7 +296,7 @@ async fn route(
         | api::PATH_RENEW
         | api::PATH_SIGN
         | api::PATH_REPORT => Method::POST,
-        api::PATH_SYNC | api::PATH_BUNDLE => Method::GET,
+        api::PATH_SYNC | api::PATH_BUNDLE | api::PATH_WATCH => Method::GET,
         jwt::PATH_JWT_SIGN => Method::POST,
         jwt::PATH_JWT_BUNDLES => Method::GET,
         _ => {
@@ -327,6 +328,7 @@ async fn route(
             let caller = holder.caller(client_chain, now)?;
             match path.as_str() {
                 api::PATH_SYNC => Ok(json(ok, &holder.sync(&caller)?)),
+                api::PATH_WATCH => Ok(json(ok, &crate::push::wait(holder, &query).await?)),
                 api::PATH_RENEW => {
                     let body: RenewRequest = parse_json(&read_body(req).await?)?;
                     Ok(json(ok, &holder.renew(&caller, &body, now)?))

@@ -29,6 +29,20 @@ pub const PATH_SIGN: &str = "/v1/sign";
 pub const PATH_REPORT: &str = "/v1/report";
 /// `GET`: the bundles, for bootstrapping trust out of band (public data).
 pub const PATH_BUNDLE: &str = "/v1/bundle";
+/// `GET /v1/watch?version=N&wait=SECONDS` (node SVID): answers [`WatchResponse`] as soon as the
+/// holder's change version differs from `N` (entries, bundles, enforcement, the rotation), or
+/// after `wait` seconds (at most [`WATCH_MAX_WAIT_SECS`]) with the same version.
+pub const PATH_WATCH: &str = "/v1/watch";
+/// The longest a watch waits before answering.
+pub const WATCH_MAX_WAIT_SECS: u64 = 55;
+
+/// `GET /v1/watch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchResponse {
+    /// The holder's change version: a different one means "sync now".
+    pub version: u64,
+}
 
 /// Largest request body the holder reads, in bytes.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -118,6 +132,10 @@ pub struct Bundles {
     /// trust): gateways trust it and hold a second SVID chained to it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_root: Vec<Der>,
+    /// While a root rotation is ACTIVE: what every SVID must now chain to, and the window
+    /// agents spread their re-issuance over (absent otherwise, and from older holders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationHint>,
 }
 
 /// `POST /v1/attest`.
@@ -202,6 +220,18 @@ pub struct SyncResponse {
     pub entries: Vec<Entry>,
     /// The current bundles.
     pub bundles: Bundles,
+}
+
+/// A root rotation's activation, as agents see it in the sync answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationHint {
+    /// The roots that sign now (DER); an SVID that chains to none of them is re-issued.
+    pub active_roots: Vec<Der>,
+    /// When the next root started signing, Unix seconds.
+    pub activated_at: u64,
+    /// The window, in seconds, re-issuance is spread over from `activated_at`.
+    pub window_secs: u64,
 }
 
 /// One CSR of a signing batch.
@@ -349,6 +379,14 @@ pub enum ErrorCode {
     Internal,
     /// The holder cannot serve now; retry.
     Unavailable,
+    /// A root rotation is already under way.
+    RotationInProgress,
+    /// The rotation's next root already signs: it can no longer be aborted.
+    RotationActive,
+    /// No root rotation is under way.
+    NoRotation,
+    /// The staged root is unusable (not a CA, expired, key mismatch, or the current root).
+    BadRoot,
 }
 
 impl ErrorCode {
@@ -359,7 +397,8 @@ impl ErrorCode {
             | Self::BadCsr
             | Self::KeyNotAllowed
             | Self::BatchTooLarge
-            | Self::HookNotAllowed => 400,
+            | Self::HookNotAllowed
+            | Self::BadRoot => 400,
             Self::InvalidToken
             | Self::TokenExpired
             | Self::TokenUsed
@@ -380,6 +419,7 @@ impl ErrorCode {
             | Self::NodeBanned => 403,
             Self::UnknownEntry | Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RotationInProgress | Self::RotationActive | Self::NoRotation => 409,
             Self::BodyTooLarge => 413,
             Self::Internal => 500,
             Self::Unavailable => 503,

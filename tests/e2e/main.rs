@@ -8,5 +8,6 @@ mod ha;
 mod kubernetes;
 mod operations;
 mod outage;
+mod rotation;
 mod virtualmesh;
 mod workload;

@@ -145,11 +145,11 @@ fn refusal(outcome: &SignOutcome) -> Option<&ApiError> {
 /// A workload as its agent would set it up: its SVID (chain, leaf first), its key, and what it
 /// trusts (root certificates and the trust domains whose IDs it accepts).
 #[derive(Clone)]
-struct Workload {
-    chain: Vec<Vec<u8>>,
-    key_pkcs8: Vec<u8>,
-    roots: Vec<Vec<u8>>,
-    domains: Vec<String>,
+pub(crate) struct Workload {
+    pub(crate) chain: Vec<Vec<u8>>,
+    pub(crate) key_pkcs8: Vec<u8>,
+    pub(crate) roots: Vec<Vec<u8>>,
+    pub(crate) domains: Vec<String>,
 }
 
 /// The trust a workload gets from its bundles: every trust domain's roots (what the Workload
@@ -202,7 +202,7 @@ fn issue(
 }
 
 /// The one URI SAN of a certificate, as a SPIFFE ID.
-fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
+pub(crate) fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
     let (_, c) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     c.subject_alternative_name()
         .map_err(|e| e.to_string())?
@@ -320,7 +320,7 @@ fn assert_chains_do_not_cross_meshes(a: &Workload, b: &Workload) {
 
 /// One mTLS exchange on loopback, `client` → `server`, each verifying the other with what it
 /// trusts. Ok((the ID the client saw, the ID the server saw)) when both sides accepted.
-fn handshake(server: &Workload, client: &Workload) -> Result<(String, String), String> {
+pub(crate) fn handshake(server: &Workload, client: &Workload) -> Result<(String, String), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -976,7 +976,7 @@ fn the_limited_trust_example_config_is_valid() {
 // holder's answers.
 
 /// [`config`] with every entry served to this test process's uid on the Workload API.
-fn agent_config(spec_tail: &str) -> String {
+pub(crate) fn agent_config(spec_tail: &str) -> String {
     let uid = nix::unistd::geteuid().as_raw();
     config(spec_tail).replace(
         "    dir: ",
@@ -986,10 +986,10 @@ fn agent_config(spec_tail: &str) -> String {
 
 /// Agent config lines: sync every second, so a holder-side change reaches the agent at once
 /// (agents pull; the default interval is 30 s).
-const FAST_SYNC: &str = "syncInterval: 1s\n";
+pub(crate) const FAST_SYNC: &str = "syncInterval: 1s\n";
 
 /// Every PEM block labelled `label` in `path`, as DER.
-fn pem_blocks(path: &Path, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(crate) fn pem_blocks(path: &Path, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     let mut out = Vec::new();
     for block in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
@@ -1003,7 +1003,7 @@ fn pem_blocks(path: &Path, label: &str) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 /// Waits (bounded by [`WAIT`]) until an agent has written `dir`'s SVID; the folder.
-fn wait_svid(agent: &Agent, dir: &str) -> PathBuf {
+pub(crate) fn wait_svid(agent: &Agent, dir: &str) -> PathBuf {
     let path = agent.volume_dir().join(dir);
     agent
         .wait_for_file(&path.join("svid.pem"))

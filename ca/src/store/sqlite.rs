@@ -409,6 +409,43 @@ impl Store for SqliteStore {
         settle(&mut self.conn(), digest)
     }
 
+    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let row: Option<(i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT revision, value FROM documents WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(rev, value)| (u64::try_from(rev).unwrap_or(0), value)))
+    }
+
+    fn store_document(
+        &self,
+        name: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn();
+        let expected = i64::try_from(expected).unwrap_or(i64::MAX);
+        let next = expected.saturating_add(1);
+        // One statement: insert when absent (expected 0), else update only at the expected
+        // revision; zero rows changed means another writer got there first.
+        let changed = if expected == 0 {
+            conn.execute(
+                "INSERT INTO documents (name, revision, value) VALUES (?1, 1, ?2) ON CONFLICT (name) DO NOTHING",
+                rusqlite::params![name, value],
+            )?
+        } else {
+            conn.execute(
+                "UPDATE documents SET revision = ?3, value = ?2 WHERE name = ?1 AND revision = ?4",
+                rusqlite::params![name, value, next, expected],
+            )?
+        };
+        Ok((changed == 1).then(|| u64::try_from(next).unwrap_or(0)))
+    }
+
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT node, body, received_at FROM reports ORDER BY node")?;
@@ -427,39 +464,6 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
-    }
-
-    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT revision, value FROM documents WHERE name = ?1",
-                params![name],
-                |r| Ok((to_u64(r.get(0)?), r.get(1)?)),
-            )
-            .optional()?)
-    }
-
-    fn store_document(
-        &self,
-        name: &str,
-        expected: u64,
-        value: &[u8],
-    ) -> Result<Option<u64>, StoreError> {
-        let conn = self.conn();
-        let changed = if expected == 0 {
-            conn.execute(
-                "INSERT OR IGNORE INTO documents (name, revision, value) VALUES (?1, 1, ?2)",
-                params![name, value],
-            )?
-        } else {
-            conn.execute(
-                "UPDATE documents SET revision = revision + 1, value = ?3
-                 WHERE name = ?1 AND revision = ?2",
-                params![name, to_i64(expected), value],
-            )?
-        };
-        Ok((changed == 1).then_some(expected + 1))
     }
 }
 

@@ -1,0 +1,140 @@
+//! Pushed changes: one task keeps a long-poll `GET /v1/watch` open to the holder and asks the
+//! rotator to sync (the existing [`Command::SyncNow`]) as soon as the holder's change version
+//! moves: a new entry, a bundle or enforcement change, a root rotation step. The interval sync
+//! stays as it was, so a holder without the watch endpoint (it answers `not_found`) is simply
+//! watched again much later.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshcert_protocol::api::{ErrorCode, WATCH_MAX_WAIT_SECS, WatchResponse};
+use tokio::sync::mpsc;
+
+use crate::issuer::{HttpsIssuer, IssuerError};
+use crate::metrics::TimedIssuer;
+use crate::rotator::Command;
+
+/// How long to wait before watching a holder again that has no watch endpoint.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(300);
+/// The first and the longest wait after a failed watch.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+/// The long-poll seam (the holder over HTTPS, or a fake in tests).
+pub trait Watch: Send + Sync + 'static {
+    /// Waits for the holder's change version to differ from `version` (answers at once when
+    /// `version` is `None`), at most `wait`.
+    fn watch(
+        &self,
+        version: Option<u64>,
+        wait: Duration,
+    ) -> impl Future<Output = Result<WatchResponse, IssuerError>> + Send;
+}
+
+impl Watch for TimedIssuer<HttpsIssuer> {
+    async fn watch(
+        &self,
+        version: Option<u64>,
+        wait: Duration,
+    ) -> Result<WatchResponse, IssuerError> {
+        self.inner().watch(version, wait).await
+    }
+}
+
+/// Trusts the holder through the last synced bundles from the start (a root rotation may have
+/// finished while the agent was stopped).
+pub fn follow_last_sync(issuer: &HttpsIssuer, state_dir: &std::path::Path) {
+    if let Ok(Some(last)) = crate::node::load_last_sync(state_dir) {
+        issuer.follow_bundles(&last.bundles);
+    }
+}
+
+/// Watches until `stop`; sends [`Command::SyncNow`] whenever the version moves.
+pub async fn run<W: Watch>(
+    holder: Arc<W>,
+    commands: mpsc::Sender<Command>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut version: Option<u64> = None;
+    let mut failures: u32 = 0;
+    let wait = Duration::from_secs(WATCH_MAX_WAIT_SECS);
+    loop {
+        let answer = tokio::select! {
+            () = &mut stop => return,
+            a = holder.watch(version, wait) => a,
+        };
+        let pause = match answer {
+            Ok(r) => {
+                failures = 0;
+                if version.is_some_and(|v| v != r.version) {
+                    tracing::debug!(version = r.version, "the holder changed: syncing now");
+                    if commands.send(Command::SyncNow).await.is_err() {
+                        return;
+                    }
+                }
+                version = Some(r.version);
+                Duration::ZERO
+            }
+            Err(IssuerError::Api(e)) if e.code == ErrorCode::NotFound => {
+                tracing::info!("the holder has no watch endpoint: syncing on the interval only");
+                UNSUPPORTED_RETRY
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::debug!(error = %e, failures, "watch failed; watching again");
+                // Whatever changed meanwhile: the next answer's version differs.
+                crate::rotation::backoff(failures, BACKOFF.0, BACKOFF.1, fastrand::f64())
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Answers from a script: each call takes the next answer.
+    struct Script(Mutex<Vec<Result<u64, ErrorCode>>>);
+
+    impl Watch for Script {
+        async fn watch(&self, _: Option<u64>, _: Duration) -> Result<WatchResponse, IssuerError> {
+            let next = self.0.lock().expect("lock").pop();
+            match next {
+                Some(Ok(version)) => Ok(WatchResponse { version }),
+                Some(Err(code)) => Err(IssuerError::Api(meshcert_protocol::api::ApiError::new(
+                    code, "x",
+                ))),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_version_asks_for_one_sync_each_time() {
+        // Popped from the end: 7 (first: no sync), 7 (same), 8 (sync), error, 9 (sync).
+        let script = Arc::new(Script(Mutex::new(vec![
+            Ok(9),
+            Err(ErrorCode::Unavailable),
+            Ok(8),
+            Ok(7),
+            Ok(7),
+        ])));
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = tokio::spawn(run(script, tx, std::future::pending()));
+        let mut syncs = 0;
+        while let Ok(Some(c)) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            assert!(matches!(c, Command::SyncNow));
+            syncs += 1;
+        }
+        assert_eq!(syncs, 2);
+        task.abort();
+    }
+}

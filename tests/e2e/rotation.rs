@@ -1,0 +1,414 @@
+//! Root rotation gated on the fleet's acknowledgements (`meshcert-ca root ...`): mTLS between
+//! two nodes' workloads never fails across a whole rotation; an offline node holds activation
+//! back until the timeout and is named; `abort` leaves the old root alone; a holder killed in
+//! any phase resumes it. Short settings (TTLs and windows of seconds) keep each run near a
+//! minute.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use meshcert_tests::agent::{Agent, wait_until};
+use meshcert_tests::ca::CaHolder;
+use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+use crate::virtualmesh::{
+    FAST_SYNC, Workload, agent_config, handshake, pem_blocks, spiffe_id_of, wait_svid,
+};
+
+/// Short rotation settings: SVIDs live 20 s, re-issuance spreads over 3 s, the old root may
+/// leave 8 s after activation.
+const ROTATION: &str = "holder:\n  heartbeat: 2s\n  svidMaxTtl: 20s\n  nodeSvidTtl: 20s\n  rootRotation:\n    window: 3s\n    retireAfter: 8s\n    ackTimeout: ACK\n    minShare: 50%\n";
+
+/// Two meshes under shared trust with PERMISSIVE federation and the rotation settings.
+fn rotation_config(ack_timeout: &str) -> String {
+    agent_config(
+        "  shared: {}\n  federation: {mode: PERMISSIVE}\n  enforceAccessControl: ENABLED\n",
+    )
+    .replace(
+        "holder:\n  heartbeat: 30s\n",
+        &ROTATION.replace("ACK", ack_timeout),
+    )
+}
+
+/// `meshcert-ca root status -o json`.
+fn root_status(ca: &CaHolder) -> serde_json::Value {
+    let out = ca
+        .ctl(&["root", "status", "-o", "json"])
+        .expect("root status runs");
+    assert!(
+        out.status.success(),
+        "root status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("root status prints JSON")
+}
+
+/// Polls the rotation status until `done`; panics with the last status after `timeout`.
+fn wait_rotation(
+    ca: &CaHolder,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = root_status(ca);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what}: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn phase(s: &serde_json::Value) -> &str {
+    s["phase"].as_str().unwrap_or_default()
+}
+
+/// `meshcert-ca root rotate`, which must succeed; the next root's fingerprint.
+fn rotate(ca: &CaHolder) -> String {
+    let out = ca.ctl(&["root", "rotate"]).expect("root rotate runs");
+    assert!(
+        out.status.success(),
+        "root rotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = root_status(ca);
+    assert_eq!(phase(&s), "PREPARED", "{s:#}");
+    s["rotation"]["next"]
+        .as_str()
+        .expect("next root")
+        .to_owned()
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    meshcert_ca::authority::fingerprint(der)
+}
+
+/// The fingerprints of the roots an admin `meshcert-ca bundle` prints.
+fn bundle_fingerprints(ca: &CaHolder) -> Vec<String> {
+    let out = ca.ctl(&["bundle"]).expect("bundle runs");
+    assert!(out.status.success());
+    x509_parser::pem::Pem::iter_from_buffer(&out.stdout)
+        .map(|b| sha256_hex(&b.expect("PEM").contents))
+        .collect()
+}
+
+/// A workload set up from one consistent generation of its folder (`..data` resolved once, so
+/// key and certificate belong together, as a workload reading through `..data` sees them).
+fn workload_at(dir: &Path) -> anyhow::Result<Workload> {
+    let data = dir.join(std::fs::read_link(dir.join("..data"))?);
+    let chain = pem_blocks(&data.join("svid.pem"), "CERTIFICATE")?;
+    let key_pkcs8 = pem_blocks(&data.join("svid.key"), "PRIVATE KEY")?.remove(0);
+    let own = spiffe_id_of(&chain[0]).map_err(anyhow::Error::msg)?;
+    let mut roots = pem_blocks(&data.join("bundle.pem"), "CERTIFICATE")?;
+    let mut domains = vec![own.trust_domain().to_string()];
+    if let Ok(files) = std::fs::read_dir(data.join("federated")) {
+        for f in files {
+            let path = f?.path();
+            if let Some(td) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pem"))
+            {
+                domains.push(td.to_owned());
+                roots.extend(pem_blocks(&path, "CERTIFICATE")?);
+            }
+        }
+    }
+    Ok(Workload {
+        chain,
+        key_pkcs8,
+        roots,
+        domains,
+    })
+}
+
+/// A workload as the Workload API serves it (SVID, key, bundle and federated bundles).
+async fn workload_from_api(socket: &Path) -> anyhow::Result<Workload> {
+    let endpoint = format!("unix://{}", socket.display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await?;
+    let svid = client.fetch_x509_svid().await?;
+    let bundles = client.fetch_x509_bundles().await?;
+    let mut roots = Vec::new();
+    let mut domains = vec![svid.spiffe_id().trust_domain().to_string()];
+    for (td, b) in bundles.iter() {
+        if td.to_string() != domains[0] {
+            domains.push(td.to_string());
+        }
+        roots.extend(b.authorities().iter().map(|c| c.as_bytes().to_vec()));
+    }
+    Ok(Workload {
+        chain: svid
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect(),
+        key_pkcs8: svid.private_key().as_bytes().to_vec(),
+        roots,
+        domains,
+    })
+}
+
+/// Handshake failures seen by the sampler, with their reasons.
+#[derive(Default)]
+struct Samples {
+    taken: AtomicUsize,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+/// Every 100 ms until `stop`: an mTLS handshake between the two nodes' workloads with the files
+/// their agents wrote, and one with what their Workload APIs serve.
+fn sample(
+    a: (std::path::PathBuf, std::path::PathBuf),
+    b: (std::path::PathBuf, std::path::PathBuf),
+    stop: Arc<AtomicBool>,
+    samples: Arc<Samples>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        while !stop.load(Ordering::SeqCst) {
+            let tick = Instant::now();
+            let files = workload_at(&a.0)
+                .and_then(|x| Ok((x, workload_at(&b.0)?)))
+                .map_err(|e| format!("reading the files: {e}"))
+                .and_then(|(x, y)| handshake(&x, &y).map_err(|e| format!("files: {e}")));
+            let api = rt
+                .block_on(async {
+                    Ok::<_, anyhow::Error>((
+                        workload_from_api(&a.1).await?,
+                        workload_from_api(&b.1).await?,
+                    ))
+                })
+                .map_err(|e| format!("the Workload API: {e}"))
+                .and_then(|(x, y)| handshake(&y, &x).map_err(|e| format!("workload API: {e}")));
+            samples.taken.fetch_add(1, Ordering::SeqCst);
+            for r in [files, api] {
+                if let Err(e) = r {
+                    samples.failures.lock().expect("lock").push(e);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
+        }
+    })
+}
+
+/// Whether `chain` (leaf first) ends in an intermediate issued by the root with this
+/// fingerprint (its signature verifies under that root's key).
+fn chains_to(chain: &[Vec<u8>], root: &[u8]) -> bool {
+    let Some(top) = chain.last() else {
+        return false;
+    };
+    let (Ok((_, top)), Ok((_, root))) = (
+        X509Certificate::from_der(top),
+        X509Certificate::from_der(root),
+    ) else {
+        return false;
+    };
+    top.verify_signature(Some(root.public_key())).is_ok()
+}
+
+#[test]
+fn mtls_between_two_nodes_never_fails_across_a_whole_root_rotation() {
+    let ca = CaHolder::start(&rotation_config("1m")).expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent a");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
+    let web = wait_svid(&agent_a, "web");
+    let api = wait_svid(&agent_b, "api");
+    let old = bundle_fingerprints(&ca);
+    assert_eq!(old.len(), 1, "one root before the rotation");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Samples::default());
+    let sampler = sample(
+        (web.clone(), agent_a.workload_socket()),
+        (api.clone(), agent_b.workload_socket()),
+        Arc::clone(&stop),
+        Arc::clone(&samples),
+    );
+    let next = rotate(&ca);
+    let active = wait_rotation(&ca, "ACTIVE", Duration::from_secs(60), |s| {
+        phase(s) == "ACTIVE"
+    });
+    assert_eq!(
+        active["rotation"]["leftBehind"].as_array().map(Vec::len),
+        Some(0),
+        "every node acknowledged: {active:#}"
+    );
+    let done = wait_rotation(&ca, "RETIRED", Duration::from_secs(90), |s| {
+        phase(s) == "IDLE"
+    });
+    // A few more samples under the new root alone.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().expect("the sampler ran");
+
+    let failures = samples.failures.lock().expect("lock").clone();
+    let taken = samples.taken.load(Ordering::SeqCst);
+    assert!(taken > 50, "sampled {taken} times");
+    assert!(
+        failures.is_empty(),
+        "{} of {taken} samples failed: {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
+    assert_eq!(done["signingRoot"], next.as_str());
+    assert_eq!(
+        bundle_fingerprints(&ca),
+        vec![next.clone()],
+        "only the new root"
+    );
+    for dir in [&web, &api] {
+        let w = workload_at(dir).expect("the folder");
+        // bundle.pem and, under PERMISSIVE federation, the other mesh's federated file.
+        let roots: Vec<String> = w.roots.iter().map(|r| sha256_hex(r)).collect();
+        assert!(
+            roots.iter().all(|r| *r == next),
+            "{}: only the new root in the bundles: {roots:?}",
+            dir.display()
+        );
+        assert!(
+            chains_to(&w.chain, &w.roots[0]),
+            "{}: the SVID chains to the new root",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn an_offline_node_holds_activation_back_until_the_timeout_and_is_named() {
+    let ca = CaHolder::start(&rotation_config("12s")).expect("holder starts");
+    let _agent_a = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent a");
+    let mut agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
+    wait_svid(&agent_b, "api");
+    // node-b reported: it counts. Then it goes offline.
+    wait_until("node-b reported", Duration::from_secs(30), || {
+        ca.status()
+            .ok()
+            .and_then(|s| serde_json::to_string(&s).ok())
+            .is_some_and(|t| t.contains("\"lastReport\""))
+    })
+    .expect("a report");
+    agent_b.kill9();
+    rotate(&ca);
+    let blocked = wait_rotation(
+        &ca,
+        "node-b named as pending",
+        Duration::from_secs(30),
+        |s| {
+            s["progress"]["pending"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == "node-b"))
+                && s["progress"]["acknowledged"] == 1
+        },
+    );
+    assert_eq!(
+        phase(&blocked),
+        "PREPARED",
+        "held back by node-b: {blocked:#}"
+    );
+    assert!(
+        blocked["progress"]["blockedBy"]
+            .as_str()
+            .is_some_and(|b| b.contains("node-b") && b.contains("ackTimeout")),
+        "{blocked:#}"
+    );
+    let active = wait_rotation(
+        &ca,
+        "ACTIVE after the timeout",
+        Duration::from_secs(60),
+        |s| phase(s) == "ACTIVE",
+    );
+    assert_eq!(
+        active["rotation"]["leftBehind"],
+        serde_json::json!(["node-b"]),
+        "{active:#}"
+    );
+    let out = ca.ctl(&["root", "status"]).expect("table");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("left behind at activation: node-b"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn abort_before_active_leaves_the_old_root_and_a_killed_holder_resumes_every_phase() {
+    let mut ca = CaHolder::start(&rotation_config("1m")).expect("holder starts");
+    let agent = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent");
+    wait_svid(&agent, "web");
+    let old = bundle_fingerprints(&ca);
+
+    // Abort while PREPARED: the next root leaves, the old one stays and signs.
+    let next = rotate(&ca);
+    assert!(
+        bundle_fingerprints(&ca).contains(&next),
+        "PREPARED: in the bundle"
+    );
+    let out = ca.ctl(&["root", "abort"]).expect("abort runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = root_status(&ca);
+    assert_eq!(phase(&s), "IDLE");
+    assert_eq!(s["last"]["phase"], "ABORTED");
+    assert_eq!(bundle_fingerprints(&ca), old, "the old root alone");
+    assert_eq!(s["signingRoot"], old[0].as_str());
+    let again = ca.ctl(&["root", "abort"]).expect("abort runs");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no_rotation"));
+
+    // kill -9 in PREPARED: the same rotation resumes.
+    let next = rotate(&ca);
+    ca.restart().expect("restart in PREPARED");
+    let s = root_status(&ca);
+    assert_eq!(s["rotation"]["next"], next.as_str(), "{s:#}");
+    // ACTIVE is persisted, then the next root signs from the following second.
+    wait_rotation(&ca, "the next root signing", Duration::from_secs(60), |s| {
+        phase(s) == "ACTIVE" && s["signingRoot"] == next.as_str()
+    });
+
+    // kill -9 in ACTIVE: still ACTIVE, and abort is refused with its code.
+    ca.restart().expect("restart in ACTIVE");
+    let s = root_status(&ca);
+    assert_eq!(phase(&s), "ACTIVE", "{s:#}");
+    assert_eq!(s["signingRoot"], next.as_str());
+    let refused = ca.ctl(&["root", "abort"]).expect("abort runs");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("rotation_active"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Retired, then kill -9: the new root stays the root.
+    wait_rotation(&ca, "RETIRED", Duration::from_secs(90), |s| {
+        phase(s) == "IDLE"
+    });
+    ca.restart().expect("restart after RETIRED");
+    let s = root_status(&ca);
+    assert_eq!(phase(&s), "IDLE");
+    assert_eq!(s["signingRoot"], next.as_str());
+    assert_eq!(bundle_fingerprints(&ca), vec![next.clone()]);
+    // The agent, trusting the holder through the synced bundle, still gets SVIDs.
+    wait_until(
+        "a fresh SVID under the new root",
+        Duration::from_secs(60),
+        || {
+            workload_at(&agent.volume_dir().join("web")).is_ok_and(|w| {
+                w.roots.iter().all(|r| sha256_hex(r) == next) && chains_to(&w.chain, &w.roots[0])
+            })
+        },
+    )
+    .expect("the agent follows");
+}
