@@ -68,23 +68,27 @@ fn assert_ctl_refused(out: &std::process::Output, code: i32, words: &[&str]) {
 }
 
 fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> String {
-    let pem = |der: &[u8]| {
-        let out = Command::new("openssl")
-            .args(["x509", "-inform", "DER", "-outform", "PEM"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().expect("stdin").write_all(der)?;
-                c.wait_with_output()
-            })
-            .expect("openssl x509 runs");
-        out.stdout
+    let pem = |name: &str, der: &[u8]| {
+        let der_path = dir.join(format!("{name}.der"));
+        std::fs::write(&der_path, der).expect("write");
+        let out = meshcert_tests::output_within(
+            Command::new("openssl")
+                .args(["x509", "-inform", "DER", "-outform", "PEM", "-in"])
+                .arg(&der_path)
+                .arg("-out")
+                .arg(dir.join(format!("{name}.pem"))),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("openssl x509 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    std::fs::write(dir.join("bundle.pem"), pem(root)).expect("write");
-    std::fs::write(dir.join("intermediate.pem"), pem(intermediate)).expect("write");
-    std::fs::write(dir.join("leaf.pem"), pem(leaf)).expect("write");
+    pem("bundle", root);
+    pem("intermediate", intermediate);
+    pem("leaf", leaf);
     let out = meshcert_tests::output_within(
         Command::new("openssl").current_dir(dir).args([
             "verify",
@@ -309,6 +313,7 @@ fn calls_without_a_valid_node_identity_are_refused() {
         token: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         csr: csr(&p256(), &[]),
     };
+    // The token must outlive its 1 s TTL (stored in whole seconds): the sleep is the point.
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let a = ca
         .https("POST", "/v1/attest", Some(&body!(expired)), None)
@@ -660,14 +665,16 @@ fn another_user_cannot_use_the_admin_socket() {
     let folder = socket.parent().expect("parent");
     std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let as_nobody = || {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(meshcert_tests::bin_path("meshcert-ca"))
-            .args(["token", "create", "--node", "n", "--mesh", "mesh-a"])
-            .arg("--admin-socket")
-            .arg(&socket)
-            .output()
-            .expect("setpriv runs")
+        meshcert_tests::output_within(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(meshcert_tests::bin_path("meshcert-ca"))
+                .args(["token", "create", "--node", "n", "--mesh", "mesh-a"])
+                .arg("--admin-socket")
+                .arg(&socket),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("setpriv runs")
     };
     // The file mode stops another user...
     let out = as_nobody();
@@ -711,7 +718,10 @@ fn systemd_hears_ready_then_stopping() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
     let n = sock.recv(&mut buf).expect("STOPPING arrives");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
-    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    let status = child
+        .wait_within(meshcert_tests::COMMAND_TIMEOUT)
+        .expect("exits");
+    assert_eq!(status.code(), Some(0));
 }
 
 /// One HTTP request over the admin socket; returns the status code and the body.
@@ -809,9 +819,11 @@ fn the_holder_refuses_entries_that_carry_a_hook() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("hooked.yaml");
     std::fs::write(&config, with_hook(EXAMPLE_CONFIG)).expect("write");
-    let out = meshcert_tests::ca::run_command(&config, dir.path())
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        &mut meshcert_tests::ca::run_command(&config, dir.path()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
@@ -900,7 +912,15 @@ fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them()
             .any(|w| closed.to_lowercase().contains(w)),
         "the third connection is closed, not refused otherwise: {closed}"
     );
-    assert!(ca.log().contains("connection cap reached"), "{}", ca.log());
+    assert!(
+        meshcert_tests::log_has_event(
+            &ca.log(),
+            "meshcert_ca",
+            "connection cap reached (holder.maxConnections); closing new connections"
+        ),
+        "{}",
+        ca.log()
+    );
     drop(held);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
