@@ -952,3 +952,160 @@ fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them()
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `spiffe://<td>/meshcert/node/<name>` is a node's own identity: an entry there would let
+/// every node it is assigned to mint that node's SVID. The admin API and the command line
+/// refuse it with `reserved_id`, a config file declaring one is INVALID (exit 78 at start, the
+/// previous config kept on a live edit), and no node gets it signed: not through an entry
+/// written into the datastore by hand (skipping every check at creation), not as a local entry.
+#[test]
+fn the_node_identity_path_is_never_an_entry_nor_signed() {
+    const STOLEN: &str = "spiffe://mesh-a.test/meshcert/node/node-2";
+    // A mesh whose local entries are allowed (DISABLED), so only the reserved rule can refuse.
+    let disabled = EXAMPLE_CONFIG.replace(
+        "enforceAccessControl: ENABLED",
+        "enforceAccessControl: DISABLED",
+    );
+    assert_ne!(disabled, EXAMPLE_CONFIG, "the example config changed shape");
+    let mut ca = CaHolder::start(&disabled).expect("holder starts");
+    let stolen = serde_json::json!({
+        "id": "stolen",
+        "spiffeId": STOLEN,
+        "nodes": ["node-1"],
+        "dir": "stolen",
+    });
+
+    // The admin API and the command line: refused with the code, nothing stored.
+    let (status, body) = admin_call(&ca.admin_socket(), "POST", "/v1/entries", &body!(stolen));
+    let e: ApiError = serde_json::from_slice(&body).expect("ApiError");
+    assert_eq!(
+        (status, e.code),
+        (ErrorCode::ReservedId.http_status(), ErrorCode::ReservedId),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("reserved for node identities"),
+        "{}",
+        e.message
+    );
+    let out = ca
+        .ctl(&["entry", "create", "--spiffe-id", STOLEN, "--node", "node-1"])
+        .expect("ctl");
+    // A refusal by rule (403), not a malformed request: exit 1.
+    assert_ctl_refused(&out, 1, &["reserved_id", "reserved for node identities"]);
+    let out = ca.ctl(&["entry", "list", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .all(|e| e["spiffeId"] != STOLEN),
+        "{list:#}"
+    );
+
+    // The config file: a live edit is INVALID and names the rule; the running config stays.
+    let declared = format!(
+        "{disabled}  - id: stolen\n    spiffeId: {STOLEN}\n    nodes: [node-1]\n    dir: stolen\n"
+    );
+    ca.write_config(&declared).expect("edit");
+    let status = ca
+        .wait_for_status("the edit refused", |s| {
+            s["configStatus"]["state"] == "INVALID"
+        })
+        .expect("refused");
+    let messages = status["configStatus"]["messages"].to_string();
+    assert!(
+        messages.contains("entries[1].spiffeId") && messages.contains("reserved for node"),
+        "{messages}"
+    );
+    // ...and at start: exit 78, nothing written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("stolen.yaml");
+    std::fs::write(&config, &declared).expect("write");
+    let out = meshcert_tests::output_within(
+        &mut meshcert_tests::ca::run_command(&config, dir.path()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("reserved for node identities"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing written");
+    ca.write_config(&disabled).expect("restore");
+    ca.wait_for_status("the good config back", |s| {
+        s["configStatus"]["state"] == "ACCEPTED"
+    })
+    .expect("accepted");
+
+    // An entry written into the datastore by hand (as an older holder might have stored it):
+    // served to node-1, but its CSR is refused with the code, and so is the same ID asked
+    // for as a local entry.
+    ca.terminate().expect("stops");
+    let db = ca.state_dir().join("meshcert.db");
+    let insert = meshcert_tests::output_within(
+        Command::new("python3").args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             c.execute('INSERT INTO entries (id, body) VALUES (?, ?)', ('stolen', sys.argv[2])); \
+             c.commit()",
+            &db.display().to_string(),
+            &stolen.to_string(),
+        ]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("python3 runs");
+    assert!(
+        insert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insert.stderr)
+    );
+    ca.restart().expect("restarts");
+    let (node, _, _) = join(&ca, "node-1");
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    let sync: SyncResponse = serde_json::from_slice(&a.body).expect("sync");
+    assert!(
+        sync.entries.iter().any(|e| e.id == "stolen"),
+        "the hand-written entry is not served, so the refusal below proves nothing: {sync:?}"
+    );
+    let local: meshcert_protocol::Entry = serde_json::from_value(
+        serde_json::json!({"id": "local-stolen", "spiffeId": STOLEN, "dir": "x"}),
+    )
+    .expect("entry");
+    let batch = SignRequest {
+        csrs: vec![
+            CsrRequest {
+                entry_id: "stolen".into(),
+                csr: csr(&p256(), &[STOLEN]),
+                local: None,
+            },
+            CsrRequest {
+                entry_id: "local-stolen".into(),
+                csr: csr(&p256(), &[STOLEN]),
+                local: Some(local),
+            },
+        ],
+    };
+    let a = ca
+        .https("POST", "/v1/sign", Some(&body!(batch)), Some(&node))
+        .expect("sign");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let signed: SignResponse = serde_json::from_slice(&a.body).expect("sign answer");
+    let refusals: Vec<(ErrorCode, String)> = signed
+        .results
+        .iter()
+        .map(|r| match &r.outcome {
+            SignOutcome::Refused { error } => (error.code, error.message.clone()),
+            SignOutcome::Issued { svid, .. } => {
+                panic!("{} was signed for node-1: {svid:?}", r.entry_id)
+            }
+        })
+        .collect();
+    assert_eq!(
+        refusals.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![ErrorCode::ReservedId, ErrorCode::ReservedId],
+        "{refusals:?}"
+    );
+}
