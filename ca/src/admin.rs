@@ -228,6 +228,7 @@ fn entry_error(e: EntryError) -> ApiError {
         EntryError::Invalid(_) | EntryError::Exists(_) | EntryError::Declared(_) => {
             ApiError::new(ErrorCode::BadRequest, e.to_string())
         }
+        EntryError::Reserved(_) => ApiError::new(ErrorCode::ReservedId, e.to_string()),
         EntryError::NotFound(_) => ApiError::new(ErrorCode::NotFound, e.to_string()),
         EntryError::Store(s) => {
             tracing::error!(error = %s, "entry datastore failure");

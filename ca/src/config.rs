@@ -825,7 +825,10 @@ pub fn entry_problems(e: &Entry, meshes: &[Mesh]) -> Vec<String> {
             e.spiffe_id
         ));
     }
-    if e.spiffe_id.path().starts_with("/meshcert/node/") {
+    if e.spiffe_id
+        .path()
+        .starts_with(crate::policy::NODE_ID_PREFIX)
+    {
         out.push(format!(
             "spiffeId: `{}` is reserved for node identities",
             e.spiffe_id

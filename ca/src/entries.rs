@@ -19,6 +19,9 @@ pub enum EntryError {
     /// The entry is invalid; one message per problem.
     #[error("invalid entry: {}", .0.join("; "))]
     Invalid(Vec<String>),
+    /// The SPIFFE ID is a node identity (`/meshcert/node/...`), never a workload's.
+    #[error("spiffeId: `{0}` is reserved for node identities")]
+    Reserved(String),
     /// The id is taken.
     #[error("an entry with id `{0}` already exists")]
     Exists(String),
@@ -112,6 +115,13 @@ impl EntryBook {
 
     /// Validates and stores a new entry.
     pub fn create(&self, entry: &Entry) -> Result<(), EntryError> {
+        if entry
+            .spiffe_id
+            .path()
+            .starts_with(crate::policy::NODE_ID_PREFIX)
+        {
+            return Err(EntryError::Reserved(entry.spiffe_id.to_string()));
+        }
         let problems = entry_problems(entry, &self.meshes);
         if !problems.is_empty() {
             return Err(EntryError::Invalid(problems));

@@ -8,7 +8,8 @@
 //!    a node identity or a bare trust domain is never granted (`reserved_id`), nor an ID any
 //!    holder entry registers (`id_registered`), nor one outside `holder.localEntryPrefixes`
 //!    (default `/node/{node}/`: the node's own namespace; `outside_local_prefixes`);
-//! 2. the entry's ID is inside the calling node's trust domain (`outside_trust_domain`);
+//! 2. the entry's ID is inside the calling node's trust domain (`outside_trust_domain`) and
+//!    not a node identity (`reserved_id`, even for a holder entry stored without validation);
 //! 3. the CSR parses (`bad_csr`) and its key is ECDSA P-256, P-384 or RSA ≥ 2048
 //!    (`key_not_allowed`; checked before the signature, since aws-lc-rs will not even verify
 //!    an RSA-1024 signature);
@@ -28,6 +29,10 @@ use x509_parser::prelude::{FromDer as _, GeneralName, ParsedExtension};
 use x509_parser::public_key::PublicKey;
 
 use crate::authority::CsrKey;
+
+/// The path prefix of node identities (`spiffe://<td>/meshcert/node/<name>`): never a
+/// workload's, whoever registers it.
+pub const NODE_ID_PREFIX: &str = "/meshcert/node/";
 
 /// OID of the P-256 curve.
 const P256: &str = "1.2.840.10045.3.1.7";
@@ -295,6 +300,18 @@ pub fn check_sign(
             format!(
                 "`{}` is outside the node's trust domain `{}`",
                 entry.spiffe_id, caller.trust_domain
+            ),
+        ));
+    }
+    // A holder entry is validated when declared or created, but one stored by an older holder
+    // (or written into the datastore by hand) is not: a node identity is never signed as a
+    // workload SVID, whatever the entry says (it would be another node's identity).
+    if entry.spiffe_id.path().starts_with(NODE_ID_PREFIX) {
+        return Err(refuse(
+            ErrorCode::ReservedId,
+            format!(
+                "`{}` is reserved for node identities; entry `{entry_id}` cannot be signed",
+                entry.spiffe_id
             ),
         ));
     }
@@ -595,6 +612,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A holder entry naming a node identity (stored without validation, e.g. by hand in the
+    /// datastore) would mint another node's identity: refused with `reserved_id`.
+    #[test]
+    fn a_holder_entry_naming_a_node_identity_is_never_signed() {
+        let k = p256();
+        let id = "spiffe://mesh-a.test/meshcert/node/node-2";
+        let e = entry("stolen", id, &["node-1"]);
+        let got = check_sign(
+            &caller(),
+            "stolen",
+            Some(&e),
+            None,
+            &rules(Enforcement::Enabled, DEFAULT_PREFIXES),
+            &csr_with(&k, &[id], false),
+        );
+        let err = got.expect_err("a node identity is signed as a workload's");
+        assert_eq!(err.code, ErrorCode::ReservedId, "{}", err.message);
+        assert!(err.message.contains("reserved for node identities"));
     }
 
     #[test]
@@ -949,9 +986,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bytes_are_refused_as_a_bad_csr(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let e = entry("web", "spiffe://mesh-a.test/web", &["node-1"]);
-            prop_assert!(check_sign(&caller(), "web", Some(&e), None, &rules(Enforcement::Enabled, DEFAULT_PREFIXES), &bytes).is_err());
+            let got = check_sign(&caller(), "web", Some(&e), None, &rules(Enforcement::Enabled, DEFAULT_PREFIXES), &bytes);
+            // Refused for what the bytes are (not a CSR, or not an allowed key), never approved.
+            let code = got.map(|_| ()).map_err(|e| e.code);
+            prop_assert!(
+                matches!(code, Err(ErrorCode::BadCsr | ErrorCode::KeyNotAllowed)),
+                "{:?}", code
+            );
         }
 
         #[test]

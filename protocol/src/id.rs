@@ -368,15 +368,45 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_input_never_panics(s in "\\PC{0,300}") {
-            let _ = SpiffeId::new(&s);
-            let _ = TrustDomain::new(&s);
+        fn arbitrary_input_is_refused_or_kept_exactly(s in "\\PC{0,300}") {
+            assert_accepted_ids_are_exact(&s)?;
+            if let Ok(td) = TrustDomain::new(&s) {
+                // A trust domain is kept as given and only of the allowed characters.
+                prop_assert_eq!(td.as_str(), s.as_str());
+                prop_assert!(s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)), "{}", s);
+            }
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let s = String::from_utf8_lossy(&b);
-            let _ = SpiffeId::new(&s);
+        fn arbitrary_bytes_are_refused_or_kept_exactly(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            assert_accepted_ids_are_exact(&String::from_utf8_lossy(&b))?;
         }
+    }
+
+    /// An accepted SPIFFE ID is the input itself (no normalisation), round-trips through its
+    /// text, and holds only the characters the SPIFFE standard allows; anything else is
+    /// refused with a reason.
+    fn assert_accepted_ids_are_exact(s: &str) -> Result<(), TestCaseError> {
+        match SpiffeId::new(s) {
+            Ok(id) => {
+                prop_assert_eq!(id.to_string(), s);
+                prop_assert_eq!(SpiffeId::new(&id.to_string()), Ok(id.clone()));
+                let rest = s.strip_prefix("spiffe://").expect("the scheme");
+                prop_assert!(
+                    rest.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)),
+                    "{}",
+                    s
+                );
+                // No empty trust domain or segment.
+                prop_assert!(
+                    !rest.starts_with('/') && !rest.ends_with('/') && !rest.contains("//"),
+                    "{}",
+                    s
+                );
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
     }
 }

@@ -513,6 +513,7 @@ fn kill_9_at_random_moments_leaves_a_valid_pair_and_restart_does_not_reissue() {
     wait_pair(&agent, &fast, "fast issued", |_| true).expect("fast");
 
     for round in 0..8 {
+        // A random moment to kill at: the sleep is the point, not a wait for an effect.
         std::thread::sleep(Duration::from_millis(fastrand_ms(round)));
         agent.kill9();
         for entry in [&web, &fast] {
@@ -596,11 +597,10 @@ fn tampered_and_deleted_files_are_restored() {
 
 /// `rm -rf` of a folder with read-only (0550) subfolders.
 fn remove_all(path: &Path) {
-    let _ = Command::new("chmod")
-        .arg("-R")
-        .arg("u+w")
-        .arg(path)
-        .status();
+    let _ = meshcert_tests::output_within(
+        Command::new("chmod").arg("-R").arg("u+w").arg(path),
+        meshcert_tests::COMMAND_TIMEOUT,
+    );
     std::fs::remove_dir_all(path).expect("remove");
 }
 
@@ -779,9 +779,10 @@ fn node_svid_renews_and_an_expired_one_asks_to_rejoin() {
     // Ready again, serving the entry.
     wait_until("ready after the re-join", WAIT, || {
         let log = agent.log();
-        log.split("re-joining with the given token")
-            .nth(1)
-            .is_some_and(|after| after.contains("rotator: ready"))
+        log.split_once("re-joining with the given token")
+            .is_some_and(|(_, after)| {
+                meshcert_tests::log_has_event(after, "meshcert_agent", "ready")
+            })
     })
     .unwrap_or_else(|e| {
         let log = agent.log();
@@ -810,7 +811,11 @@ fn a_bad_reload_is_logged_and_the_running_config_stays() {
     let good = std::fs::read_to_string(&config).expect("config");
     std::fs::write(&config, format!("{good}rotation: {{fraction: 3}}\n")).expect("write");
     wait_until("the refused reload in the log", WAIT, || {
-        agent.log().contains("keeping the running one")
+        meshcert_tests::log_has_event(
+            &agent.log(),
+            "meshcert_agent",
+            "the new configuration is invalid; keeping the running one",
+        )
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
     assert!(
@@ -824,7 +829,7 @@ fn a_bad_reload_is_logged_and_the_running_config_stays() {
         .signal(nix::sys::signal::Signal::SIGHUP)
         .expect("SIGHUP");
     wait_until("a reload", WAIT, || {
-        agent.log().contains("configuration reloaded")
+        meshcert_tests::log_has_event(&agent.log(), "meshcert_agent", "configuration reloaded")
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
     let mut agent = agent;
@@ -973,7 +978,11 @@ fn rotation_hooks_run_and_a_failing_hook_does_not_block_rotation() {
         p.serial != first.serial && p.serial != second.serial
     })
     .expect("rotation goes on");
-    assert!(agent.log().contains("rotation hook failed"));
+    assert!(
+        meshcert_tests::log_has_event(&agent.log(), "meshcert_agent", "rotation hook failed"),
+        "{}",
+        tail(&agent.log())
+    );
 }
 
 #[test]
@@ -1248,7 +1257,15 @@ fn only_hooks_of_the_agents_config_run_and_without_environment_or_capabilities()
             warnings.contains("hooked") && warnings.contains("hook"),
             "the status says the holder's hook was ignored: {status}"
         );
-        assert!(agent.log().contains("the holder's entry carries a hook"));
+        assert!(
+            meshcert_tests::log_has_event(
+                &agent.log(),
+                "meshcert_agent",
+                "the holder's entry carries a hook: ignored (hooks are node configuration, set in the agent's config)",
+            ),
+            "{}",
+            tail(&agent.log())
+        );
     }
     assert!(!planted.exists(), "the holder's hook ran on the node");
 }

@@ -68,23 +68,27 @@ fn assert_ctl_refused(out: &std::process::Output, code: i32, words: &[&str]) {
 }
 
 fn openssl_verify(dir: &Path, root: &[u8], intermediate: &[u8], leaf: &[u8]) -> String {
-    let pem = |der: &[u8]| {
-        let out = Command::new("openssl")
-            .args(["x509", "-inform", "DER", "-outform", "PEM"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().expect("stdin").write_all(der)?;
-                c.wait_with_output()
-            })
-            .expect("openssl x509 runs");
-        out.stdout
+    let pem = |name: &str, der: &[u8]| {
+        let der_path = dir.join(format!("{name}.der"));
+        std::fs::write(&der_path, der).expect("write");
+        let out = meshcert_tests::output_within(
+            Command::new("openssl")
+                .args(["x509", "-inform", "DER", "-outform", "PEM", "-in"])
+                .arg(&der_path)
+                .arg("-out")
+                .arg(dir.join(format!("{name}.pem"))),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("openssl x509 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    std::fs::write(dir.join("bundle.pem"), pem(root)).expect("write");
-    std::fs::write(dir.join("intermediate.pem"), pem(intermediate)).expect("write");
-    std::fs::write(dir.join("leaf.pem"), pem(leaf)).expect("write");
+    pem("bundle", root);
+    pem("intermediate", intermediate);
+    pem("leaf", leaf);
     let out = meshcert_tests::output_within(
         Command::new("openssl").current_dir(dir).args([
             "verify",
@@ -309,6 +313,7 @@ fn calls_without_a_valid_node_identity_are_refused() {
         token: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         csr: csr(&p256(), &[]),
     };
+    // The token must outlive its 1 s TTL (stored in whole seconds): the sleep is the point.
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let a = ca
         .https("POST", "/v1/attest", Some(&body!(expired)), None)
@@ -660,14 +665,16 @@ fn another_user_cannot_use_the_admin_socket() {
     let folder = socket.parent().expect("parent");
     std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let as_nobody = || {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(meshcert_tests::bin_path("meshcert-ca"))
-            .args(["token", "create", "--node", "n", "--mesh", "mesh-a"])
-            .arg("--admin-socket")
-            .arg(&socket)
-            .output()
-            .expect("setpriv runs")
+        meshcert_tests::output_within(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(meshcert_tests::bin_path("meshcert-ca"))
+                .args(["token", "create", "--node", "n", "--mesh", "mesh-a"])
+                .arg("--admin-socket")
+                .arg(&socket),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .expect("setpriv runs")
     };
     // The file mode stops another user...
     let out = as_nobody();
@@ -711,7 +718,10 @@ fn systemd_hears_ready_then_stopping() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
     let n = sock.recv(&mut buf).expect("STOPPING arrives");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
-    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    let status = child
+        .wait_within(meshcert_tests::COMMAND_TIMEOUT)
+        .expect("exits");
+    assert_eq!(status.code(), Some(0));
 }
 
 /// One HTTP request over the admin socket; returns the status code and the body.
@@ -809,9 +819,11 @@ fn the_holder_refuses_entries_that_carry_a_hook() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("hooked.yaml");
     std::fs::write(&config, with_hook(EXAMPLE_CONFIG)).expect("write");
-    let out = meshcert_tests::ca::run_command(&config, dir.path())
-        .output()
-        .expect("runs");
+    let out = meshcert_tests::output_within(
+        &mut meshcert_tests::ca::run_command(&config, dir.path()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
@@ -900,7 +912,15 @@ fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them()
             .any(|w| closed.to_lowercase().contains(w)),
         "the third connection is closed, not refused otherwise: {closed}"
     );
-    assert!(ca.log().contains("connection cap reached"), "{}", ca.log());
+    assert!(
+        meshcert_tests::log_has_event(
+            &ca.log(),
+            "meshcert_ca",
+            "connection cap reached (holder.maxConnections); closing new connections"
+        ),
+        "{}",
+        ca.log()
+    );
     drop(held);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -931,4 +951,161 @@ fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// `spiffe://<td>/meshcert/node/<name>` is a node's own identity: an entry there would let
+/// every node it is assigned to mint that node's SVID. The admin API and the command line
+/// refuse it with `reserved_id`, a config file declaring one is INVALID (exit 78 at start, the
+/// previous config kept on a live edit), and no node gets it signed: not through an entry
+/// written into the datastore by hand (skipping every check at creation), not as a local entry.
+#[test]
+fn the_node_identity_path_is_never_an_entry_nor_signed() {
+    const STOLEN: &str = "spiffe://mesh-a.test/meshcert/node/node-2";
+    // A mesh whose local entries are allowed (DISABLED), so only the reserved rule can refuse.
+    let disabled = EXAMPLE_CONFIG.replace(
+        "enforceAccessControl: ENABLED",
+        "enforceAccessControl: DISABLED",
+    );
+    assert_ne!(disabled, EXAMPLE_CONFIG, "the example config changed shape");
+    let mut ca = CaHolder::start(&disabled).expect("holder starts");
+    let stolen = serde_json::json!({
+        "id": "stolen",
+        "spiffeId": STOLEN,
+        "nodes": ["node-1"],
+        "dir": "stolen",
+    });
+
+    // The admin API and the command line: refused with the code, nothing stored.
+    let (status, body) = admin_call(&ca.admin_socket(), "POST", "/v1/entries", &body!(stolen));
+    let e: ApiError = serde_json::from_slice(&body).expect("ApiError");
+    assert_eq!(
+        (status, e.code),
+        (ErrorCode::ReservedId.http_status(), ErrorCode::ReservedId),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("reserved for node identities"),
+        "{}",
+        e.message
+    );
+    let out = ca
+        .ctl(&["entry", "create", "--spiffe-id", STOLEN, "--node", "node-1"])
+        .expect("ctl");
+    // A refusal by rule (403), not a malformed request: exit 1.
+    assert_ctl_refused(&out, 1, &["reserved_id", "reserved for node identities"]);
+    let out = ca.ctl(&["entry", "list", "-o", "json"]).expect("ctl");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .all(|e| e["spiffeId"] != STOLEN),
+        "{list:#}"
+    );
+
+    // The config file: a live edit is INVALID and names the rule; the running config stays.
+    let declared = format!(
+        "{disabled}  - id: stolen\n    spiffeId: {STOLEN}\n    nodes: [node-1]\n    dir: stolen\n"
+    );
+    ca.write_config(&declared).expect("edit");
+    let status = ca
+        .wait_for_status("the edit refused", |s| {
+            s["configStatus"]["state"] == "INVALID"
+        })
+        .expect("refused");
+    let messages = status["configStatus"]["messages"].to_string();
+    assert!(
+        messages.contains("entries[1].spiffeId") && messages.contains("reserved for node"),
+        "{messages}"
+    );
+    // ...and at start: exit 78, nothing written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("stolen.yaml");
+    std::fs::write(&config, &declared).expect("write");
+    let out = meshcert_tests::output_within(
+        &mut meshcert_tests::ca::run_command(&config, dir.path()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("reserved for node identities"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing written");
+    ca.write_config(&disabled).expect("restore");
+    ca.wait_for_status("the good config back", |s| {
+        s["configStatus"]["state"] == "ACCEPTED"
+    })
+    .expect("accepted");
+
+    // An entry written into the datastore by hand (as an older holder might have stored it):
+    // served to node-1, but its CSR is refused with the code, and so is the same ID asked
+    // for as a local entry.
+    ca.terminate().expect("stops");
+    let db = ca.state_dir().join("meshcert.db");
+    let insert = meshcert_tests::output_within(
+        Command::new("python3").args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             c.execute('INSERT INTO entries (id, body) VALUES (?, ?)', ('stolen', sys.argv[2])); \
+             c.commit()",
+            &db.display().to_string(),
+            &stolen.to_string(),
+        ]),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("python3 runs");
+    assert!(
+        insert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insert.stderr)
+    );
+    ca.restart().expect("restarts");
+    let (node, _, _) = join(&ca, "node-1");
+    let a = ca
+        .https("GET", "/v1/sync", None, Some(&node))
+        .expect("sync");
+    let sync: SyncResponse = serde_json::from_slice(&a.body).expect("sync");
+    assert!(
+        sync.entries.iter().any(|e| e.id == "stolen"),
+        "the hand-written entry is not served, so the refusal below proves nothing: {sync:?}"
+    );
+    let local: meshcert_protocol::Entry = serde_json::from_value(
+        serde_json::json!({"id": "local-stolen", "spiffeId": STOLEN, "dir": "x"}),
+    )
+    .expect("entry");
+    let batch = SignRequest {
+        csrs: vec![
+            CsrRequest {
+                entry_id: "stolen".into(),
+                csr: csr(&p256(), &[STOLEN]),
+                local: None,
+            },
+            CsrRequest {
+                entry_id: "local-stolen".into(),
+                csr: csr(&p256(), &[STOLEN]),
+                local: Some(local),
+            },
+        ],
+    };
+    let a = ca
+        .https("POST", "/v1/sign", Some(&body!(batch)), Some(&node))
+        .expect("sign");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let signed: SignResponse = serde_json::from_slice(&a.body).expect("sign answer");
+    let refusals: Vec<(ErrorCode, String)> = signed
+        .results
+        .iter()
+        .map(|r| match &r.outcome {
+            SignOutcome::Refused { error } => (error.code, error.message.clone()),
+            SignOutcome::Issued { svid, .. } => {
+                panic!("{} was signed for node-1: {svid:?}", r.entry_id)
+            }
+        })
+        .collect();
+    assert_eq!(
+        refusals.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![ErrorCode::ReservedId, ErrorCode::ReservedId],
+        "{refusals:?}"
+    );
 }

@@ -183,10 +183,12 @@ fn holder_killed_during_a_signing_storm_keeps_every_issuance_and_token_use() {
             })
             .unwrap_or_else(|e| panic!("round {round}: {e}; log:\n{}", tail(&agent.log())));
         }
+        // A random moment of the storm to kill at: the sleep is the point, not a wait.
         std::thread::sleep(Duration::from_millis(random_below(300)));
         ca.kill9();
         let at_kill: Vec<BTreeSet<String>> =
             agents.iter().map(|a| installed_serials(&a.log())).collect();
+        // The holder stays down a moment while the agents keep calling (the point, not a wait).
         std::thread::sleep(Duration::from_millis(500));
         ca.restart().expect("the holder restarts on its datastore");
 
@@ -246,6 +248,7 @@ fn agent_killed_at_random_during_500_rotations_always_leaves_a_valid_pair() {
     while (svids_issued(&ca).saturating_sub(start) < ROTATIONS || kills < KILLS)
         && Instant::now() < deadline
     {
+        // A random moment to kill at: the sleep is the point, not a wait for an effect.
         std::thread::sleep(Duration::from_millis(50 + random_below(450)));
         agent.kill9();
         kills += 1;
@@ -293,13 +296,15 @@ impl Mount {
         if !nix::unistd::geteuid().is_root() {
             return Err("mounting a tmpfs needs root".into());
         }
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0755"))
-            .arg("tmpfs")
-            .arg(path)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
+        let out = meshcert_tests::output_within(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size},mode=0755"))
+                .arg("tmpfs")
+                .arg(path),
+            meshcert_tests::COMMAND_TIMEOUT,
+        )
+        .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "mount is not permitted here: {}",
@@ -314,7 +319,10 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = meshcert_tests::output_within(
+            Command::new("umount").arg("-l").arg(&self.path),
+            meshcert_tests::COMMAND_TIMEOUT,
+        );
     }
 }
 
@@ -532,7 +540,8 @@ fn a_clock_jump_past_half_life_rotates_at_once() {
         maps.contains("libfaketime"),
         "libfaketime is not loaded into the agent"
     );
-    // Nothing is due for about half an hour: the SVID stays put on its own.
+    // Nothing is due for about half an hour: the SVID stays put on its own. This sleep is the
+    // point (nothing happens while time passes), not a wait for an effect.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         installed_pair(&entry, id).expect("pair").serial,
@@ -551,33 +560,18 @@ fn a_clock_jump_past_half_life_rotates_at_once() {
 
 /// Starts `meshcert-ca run` on `config` and waits (bounded) for it to exit on its own.
 fn run_holder_expecting_failure(config: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(meshcert_tests::bin_path("meshcert-ca"))
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("meshcert-ca starts");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("meshcert-ca kept running on a corrupted state folder");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    (status.code(), stderr)
+    let out = meshcert_tests::output_within(
+        Command::new(meshcert_tests::bin_path("meshcert-ca"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null()),
+        WAIT,
+    )
+    .unwrap_or_else(|e| panic!("meshcert-ca kept running on a corrupted state folder: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
 }
 
 #[test]
@@ -650,10 +644,15 @@ fn a_corrupted_agent_state_file_is_named_and_never_reset() {
             // The last sync is a cache of what the holder says: the agent names it, says it
             // ignores it, and carries on with a fresh sync.
             wait_until("the ignored last sync in the log", WAIT, || {
-                agent
-                    .log()
-                    .lines()
-                    .any(|l| l.contains(file) && l.contains("WARN"))
+                agent.log().lines().any(|l| {
+                    l.contains(file)
+                        && l.contains(" WARN ")
+                        && meshcert_tests::log_has_event(
+                            l,
+                            "meshcert_agent",
+                            "ignoring the last sync",
+                        )
+                })
             })
             .unwrap_or_else(|e| panic!("{e}; log:\n{}", tail(&agent.log())));
             assert!(agent.try_exit().expect("status").is_none(), "still running");
@@ -661,11 +660,15 @@ fn a_corrupted_agent_state_file_is_named_and_never_reset() {
     }
 }
 
-/// A proptest runner for `cases` cases, without regression files.
+/// A proptest runner for `cases` cases that keeps failing cases: a failure's seed is written
+/// to `tests/e2e/proptest-regressions/faults.txt` (commit it) and tried first on every run.
 fn runner(cases: u32) -> TestRunner {
     TestRunner::new(ProptestConfig {
         cases,
-        failure_persistence: None,
+        source_file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/faults.rs")),
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
+        )),
         ..ProptestConfig::default()
     })
 }

@@ -291,14 +291,15 @@ fn pod_agent(ca: &CaHolder, api: &FakeApiServer, kubelet_url: &str) -> (Agent, t
 fn probe_in_pod(agent: &Agent, pod: &WorkloadPod, uid: u32) -> String {
     let cgroup = PodCgroup::create(pod).expect("cgroup folders (needs root)");
     let endpoint = format!("unix://{}", agent.workload_socket().display());
-    let output = cgroup
-        .command(
+    let output = meshcert_tests::output_within(
+        &mut cgroup.command(
             &meshcert_tests::bin_path("workload-probe"),
             &["svids", &endpoint],
             uid,
-        )
-        .output()
-        .expect("probe runs");
+        ),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("probe runs");
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
@@ -373,19 +374,22 @@ fn a_pod_gets_the_svid_of_its_service_account_entry_and_others_are_denied() {
     let cgroup = PodCgroup::create(&web).expect("cgroup");
     let probes: Vec<_> = (0..8)
         .map(|_| {
-            cgroup
-                .command(
-                    &meshcert_tests::bin_path("workload-probe"),
-                    &["svids", &endpoint],
-                    65534,
-                )
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("probe starts")
+            meshcert_tests::ChildGuard::spawn(
+                cgroup
+                    .command(
+                        &meshcert_tests::bin_path("workload-probe"),
+                        &["svids", &endpoint],
+                        65534,
+                    )
+                    .stdout(std::process::Stdio::piped()),
+            )
+            .expect("probe starts")
         })
         .collect();
     for probe in probes {
-        let out = probe.wait_with_output().expect("probe ends");
+        let out = probe
+            .output_within(meshcert_tests::COMMAND_TIMEOUT)
+            .expect("probe ends");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             "svid spiffe://mesh-a.test/ns/shop/sa/web"
@@ -400,21 +404,24 @@ fn a_pod_gets_the_svid_of_its_service_account_entry_and_others_are_denied() {
     let late = WorkloadPod::new("shop", "web-1", "web", "worker-1");
     let cgroup = PodCgroup::create(&late).expect("cgroup");
     let lists_before = api.pod_lists();
-    let probe = cgroup
-        .command(
-            &meshcert_tests::bin_path("workload-probe"),
-            &["svids", &endpoint],
-            65534,
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("probe starts");
+    let probe = meshcert_tests::ChildGuard::spawn(
+        cgroup
+            .command(
+                &meshcert_tests::bin_path("workload-probe"),
+                &["svids", &endpoint],
+                65534,
+            )
+            .stdout(std::process::Stdio::piped()),
+    )
+    .expect("probe starts");
     meshcert_tests::agent::wait_until("the agent to look for the new pod", WAIT, || {
         api.pod_lists() >= lists_before + 2
     })
     .expect("the agent asks the kubelet again while the pod is not listed");
     api.add_workload_pod(&late);
-    let output = probe.wait_with_output().expect("probe ends");
+    let output = probe
+        .output_within(meshcert_tests::COMMAND_TIMEOUT)
+        .expect("probe ends");
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         "svid spiffe://mesh-a.test/ns/shop/sa/web"

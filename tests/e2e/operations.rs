@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshcert_tests::agent::{Agent, WAIT, wait_until};
@@ -64,6 +64,9 @@ fn exchange(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (Str
 /// `GET /metrics` from the plaintext listener, as Prometheus scrapes it.
 fn scrape(address: &str) -> String {
     let stream = std::net::TcpStream::connect(address).expect("connect to metricsListen");
+    stream
+        .set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
     let (head, body) = exchange(stream, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body
@@ -71,10 +74,11 @@ fn scrape(address: &str) -> String {
 
 /// `GET path` on the agent's admin socket.
 fn admin_get(socket: &Path, path: &str) -> (String, String) {
-    exchange(
-        UnixStream::connect(socket).expect("connect to the admin socket"),
-        path,
-    )
+    let stream = UnixStream::connect(socket).expect("connect to the admin socket");
+    stream
+        .set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
+    exchange(stream, path)
 }
 
 /// The value of the sample `name` + `labels` (`""` for none) in an exposition.
@@ -115,7 +119,9 @@ fn metrics_show_each_identity_expiry_rotations_and_a_holder_outage() {
     .unwrap_or_else(|e| panic!("{e}:\n{text}"));
     let t0 = now_unix();
     let left0 = sample(&text, "meshcert_agent_svid_expiry_seconds", WEB).expect("gauge");
-    assert!(left0 > 0.0 && left0 <= TTL + 1.0, "{left0} s left:\n{text}");
+    // Never more than the TTL left (whenever the scrape ran: under load the 4 s SVID may be
+    // near its end, so no lower bound; the expiry moving later is asserted below).
+    assert!(left0 <= TTL + 1.0, "{left0} s left:\n{text}");
     let rotations0 = sample(&text, "meshcert_agent_rotations_total", WEB).unwrap_or(0.0);
     for (name, check) in [
         ("meshcert_agent_ca_connected", 1.0),
@@ -334,7 +340,11 @@ fn a_broken_reload_still_tells_systemd_ready_and_keeps_serving() {
     }
     assert!(stamps[0] > 0 && stamps[1] > stamps[0], "{stamps:?}");
     assert!(
-        agent.log().contains("keeping the running one"),
+        meshcert_tests::log_has_event(
+            &agent.log(),
+            "meshcert_agent",
+            "the new configuration is invalid; keeping the running one",
+        ),
         "log:\n{}",
         tail(&agent.log())
     );
@@ -348,16 +358,6 @@ fn a_broken_reload_still_tells_systemd_ready_and_keeps_serving() {
     agent.signal(Signal::SIGTERM).expect("SIGTERM");
     notify.wait_for("STOPPING=1", after);
     assert_eq!(agent.wait_exit(WAIT).expect("exits").code(), Some(0));
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Every line of `log` as a JSON object (panics on the first line that is not one).
@@ -413,28 +413,27 @@ fn json_logs_are_one_object_per_line_and_text_is_the_default() {
     };
     let config_arg = config.display().to_string();
     let token_arg = format!("--join-token={token}");
-    let mut running = Running(
-        agent(
-            &[
-                "run",
-                "--log-format",
-                "json",
-                "--config",
-                &config_arg,
-                &token_arg,
-            ],
-            Stdio::from(File::create(&log_path).expect("log file")),
-        )
-        .spawn()
-        .expect("start the agent"),
-    );
+    let mut running = meshcert_tests::ChildGuard::spawn(&mut agent(
+        &[
+            "run",
+            "--log-format",
+            "json",
+            "--config",
+            &config_arg,
+            &token_arg,
+        ],
+        Stdio::from(File::create(&log_path).expect("log file")),
+    ))
+    .expect("start the agent");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let svid = root.join("svids/web/svid.pem");
     wait_until("the SVID", WAIT, || svid.exists())
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(running.0.id()).expect("pid"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(running.id()).expect("pid"));
     nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let status = running.0.wait().expect("exits");
+    let status = running
+        .wait_within(meshcert_tests::COMMAND_TIMEOUT)
+        .expect("exits");
     assert_eq!(status.code(), Some(0), "log:\n{}", log());
 
     let lines = json_lines(&log());
@@ -450,9 +449,11 @@ fn json_logs_are_one_object_per_line_and_text_is_the_default() {
     let bad = root.join("bad.yaml");
     std::fs::write(&bad, "caAddress: nope\n").expect("write");
     let bad_arg = bad.display().to_string();
-    let text = agent(&["run", "--config", &bad_arg], Stdio::piped())
-        .output()
-        .expect("runs");
+    let text = meshcert_tests::output_within(
+        &mut agent(&["run", "--config", &bad_arg], Stdio::piped()),
+        meshcert_tests::COMMAND_TIMEOUT,
+    )
+    .expect("runs");
     assert_eq!(text.status.code(), Some(78), "{text:?}");
     let stderr = String::from_utf8_lossy(&text.stderr);
     assert!(
@@ -465,11 +466,13 @@ fn json_logs_are_one_object_per_line_and_text_is_the_default() {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()),
         "text logs by default:\n{stderr}"
     );
-    let json = agent(
-        &["--log-format", "json", "run", "--config", &bad_arg],
-        Stdio::piped(),
+    let json = meshcert_tests::output_within(
+        &mut agent(
+            &["--log-format", "json", "run", "--config", &bad_arg],
+            Stdio::piped(),
+        ),
+        meshcert_tests::COMMAND_TIMEOUT,
     )
-    .output()
     .expect("runs");
     assert_eq!(json.status.code(), Some(78), "{json:?}");
     let lines = json_lines(&String::from_utf8_lossy(&json.stderr));
@@ -669,7 +672,7 @@ fn the_holder_renews_its_server_certificate_at_half_life_and_nodes_keep_syncing_
         renewed_from.saturating_sub(first.1 + half)
     );
     assert!(
-        ca.log().contains("server certificate renewed"),
+        meshcert_tests::log_has_event(&ca.log(), "meshcert_ca", "server certificate renewed"),
         "{}",
         tail(&ca.log())
     );
@@ -711,7 +714,7 @@ fn expired_issuances_are_pruned_past_the_retention_and_still_counted() {
         2
     );
     assert!(
-        ca.log().contains("pruned expired records"),
+        meshcert_tests::log_has_event(&ca.log(), "meshcert_ca", "pruned expired records"),
         "{}",
         tail(&ca.log())
     );

@@ -873,13 +873,18 @@ fn systemd_hears_reloading_with_monotonic_usec_then_ready() {
     assert!(next().contains("READY=1"), "READY after the reload");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("term");
     assert!(next().contains("STOPPING=1"));
-    assert_eq!(child.wait().expect("exits").code(), Some(0));
+    let status = child
+        .wait_within(meshcert_tests::COMMAND_TIMEOUT)
+        .expect("exits");
+    assert_eq!(status.code(), Some(0));
 }
 
 /// `GET /metrics` over plain HTTP/1.0 on loopback.
 fn scrape(addr: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(meshcert_tests::COMMAND_TIMEOUT))
+        .expect("read timeout");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write");
     let mut text = String::new();

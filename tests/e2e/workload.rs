@@ -465,7 +465,9 @@ async fn http_get(socket: &std::path::Path, path: &str) -> Result<(u16, String)>
         )
         .await?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
+        .await
+        .context("no answer in time")??;
     let code = answer
         .split_whitespace()
         .nth(1)

@@ -150,56 +150,121 @@ pub fn output_within(
     cmd: &mut Command,
     timeout: std::time::Duration,
 ) -> std::io::Result<std::process::Output> {
-    use std::io::Read as _;
-    let mut child = ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
-    // Like `output`: a piped stdin is closed at once, so the command sees its end.
-    drop(child.stdin.take());
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = std::time::Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            // The guard kills it; the pipes close and the readers end.
-            drop(child);
-            return Err(std::io::Error::new(
+    let child = ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
+    child.output_within(timeout).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("{cmd:?} did not exit within {timeout:?}"),
-            ));
+            )
+        } else {
+            e
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    Ok(std::process::Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
     })
 }
 
-/// Whether `log` (a binary's tracing output) holds an event of `target` (e.g.
-/// `meshcert_agent::rotator`) whose message is exactly `message`, fields may follow: `ready`
-/// does not match `already issued`, nor `ready to serve`.
-pub fn log_has_event(log: &str, target: &str, message: &str) -> bool {
-    let prefix = format!(" {target}: ");
-    log.lines().any(|line| {
-        line.split_once(&prefix).is_some_and(|(_, rest)| {
-            rest == message
-                || rest
-                    .strip_prefix(message)
-                    .is_some_and(|fields| fields.starts_with(' '))
+impl ChildGuard {
+    /// [`std::process::Child::wait`] with a deadline: an error of kind `TimedOut` if the child
+    /// has not exited after `timeout` (it is killed when the guard drops).
+    pub fn wait_within(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the child did not exit within {timeout:?}"),
+                ));
+            }
+            // A poll interval, not a wait for an effect.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// [`std::process::Child::wait_with_output`] with a deadline: the child is killed, and an
+    /// error of kind `TimedOut` returned, if it has not exited after `timeout`. Only the pipes
+    /// the child was spawned with are read.
+    pub fn output_within(
+        mut self,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<std::process::Output> {
+        use std::io::Read as _;
+        // Like `output`: a piped stdin is closed at once, so the command sees its end.
+        drop(self.stdin.take());
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(self.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(self.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                // The guard kills it; the pipes close and the readers end.
+                drop(self);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the child did not exit within {timeout:?}"),
+                ));
+            }
+            // A poll interval, not a wait for an effect.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        Ok(std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
         })
-    })
+    }
+}
+
+/// Whether `log` (a binary's tracing output) holds an event of `target` (e.g.
+/// `meshcert_agent::rotator`, or a crate, `meshcert_agent`, for any of its modules) whose
+/// message is exactly `message`, fields may follow: `ready` does not match `already issued`,
+/// nor `ready to serve`.
+pub fn log_has_event(log: &str, target: &str, message: &str) -> bool {
+    log.lines()
+        .any(|line| event_text(line, target).is_some_and(|text| is_message(text, message)))
+}
+
+/// The text of `line` after its target (the message, then the fields) if its target is
+/// `target` or one of its modules.
+fn event_text<'a>(line: &'a str, target: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {target}"))? + 1;
+    let after = &line[start + target.len()..];
+    let rest = match after.strip_prefix(": ") {
+        Some(rest) => rest,
+        None => {
+            let module = after.strip_prefix("::")?;
+            let (path, rest) = module.split_once(": ")?;
+            if path.is_empty() || path.contains(' ') {
+                return None;
+            }
+            rest
+        }
+    };
+    Some(rest)
+}
+
+/// Whether an event line's text (message, then fields) starts with exactly `message`.
+fn is_message(text: &str, message: &str) -> bool {
+    text == message
+        || text
+            .strip_prefix(message)
+            .is_some_and(|fields| fields.starts_with(' '))
 }
 
 #[cfg(test)]
@@ -214,6 +279,11 @@ mod tests {
         assert!(!log_has_event(log, "meshcert_agent::rotator", "read"));
         assert!(!log_has_event(log, "meshcert_agent::rotator", "issued"));
         assert!(!log_has_event(log, "meshcert_agent::daemon", "ready"));
+        // A crate stands for any of its modules, not for another crate of the same prefix.
+        assert!(log_has_event(log, "meshcert_agent", "ready"));
+        assert!(log_has_event(log, "meshcert_agent", "already issued"));
+        assert!(!log_has_event(log, "meshcert", "ready"));
+        assert!(!log_has_event(log, "meshcert_ag", "ready"));
         assert!(!log_has_event(
             "already\n",
             "meshcert_agent::rotator",

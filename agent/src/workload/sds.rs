@@ -458,13 +458,24 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn garbage_resource_names_never_panic(names in proptest::collection::vec(".{0,80}", 0..8)) {
+        fn garbage_resource_names_get_only_what_they_name(names in proptest::collection::vec(".{0,80}", 0..8)) {
             let found = secrets(&snapshot(true), &PeerInfo::default(), &names, SystemTime::now())
                 .expect("entitled");
             proptest::prop_assert!(found.len() <= names.len());
-            let r = check_type(&DiscoveryRequest { type_url: names.concat(), ..Default::default() });
-            if let Err(status) = r {
-                proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            // Every secret answered was asked for by name (an empty list asks for every one).
+            if !names.is_empty() {
+                for secret in &found {
+                    proptest::prop_assert!(names.contains(&secret.name), "{} not asked for", secret.name);
+                }
+            }
+            let type_url = names.concat();
+            let r = check_type(&DiscoveryRequest { type_url: type_url.clone(), ..Default::default() });
+            match r {
+                Ok(()) => proptest::prop_assert!(type_url.is_empty() || type_url == SECRET_TYPE),
+                Err(status) => {
+                    proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    proptest::prop_assert!(status.message().contains(SECRET_TYPE));
+                }
             }
         }
     }
