@@ -1947,6 +1947,7 @@ mod tests {
             },
             sync_interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
+            watch_holder: false,
             entries: Vec::new(),
             kubernetes: None,
             hooks: Vec::new(),
