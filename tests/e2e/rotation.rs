@@ -474,3 +474,24 @@ fn under_limited_trust_the_shared_root_rotates_and_gateways_follow_it() {
         .expect("the gateway follows");
     }
 }
+
+#[test]
+fn a_builtin_root_starts_its_rotation_at_five_sixths_of_its_life() {
+    // A 30-day builtin root: its rotation is due after 25 days.
+    let ca = CaHolder::start_with_fake_clock(&rotation_config("1m")).expect("holder starts");
+    let s = root_status(&ca);
+    assert_eq!(phase(&s), "IDLE", "{s:#}");
+    assert!(s["automaticAt"].is_string(), "{s:#}");
+    ca.set_clock_offset(24 * 86400).expect("clock");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        phase(&root_status(&ca)),
+        "IDLE",
+        "not before 5/6 of its life"
+    );
+    ca.set_clock_offset(25 * 86400 + 60).expect("clock");
+    let s = wait_rotation(&ca, "an automatic rotation", Duration::from_secs(30), |s| {
+        phase(s) != "IDLE"
+    });
+    assert_eq!(s["rotation"]["reason"], "automatic", "{s:#}");
+}
