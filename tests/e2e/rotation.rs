@@ -483,6 +483,7 @@ fn a_builtin_root_starts_its_rotation_at_five_sixths_of_its_life() {
     assert_eq!(phase(&s), "IDLE", "{s:#}");
     assert!(s["automaticAt"].is_string(), "{s:#}");
     ca.set_clock_offset(24 * 86400).expect("clock");
+    // Something that must not happen: watched over one round of the driver (every 5 s).
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(
         phase(&root_status(&ca)),
