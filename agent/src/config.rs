@@ -91,6 +91,9 @@ pub struct FileConfig {
     /// How often to report when nothing changed.
     #[serde(default, with = "meshcert_protocol::duration::option")]
     pub heartbeat: Option<Duration>,
+    /// Whether to keep a long poll open so the holder's changes arrive at once (default true).
+    #[serde(default)]
+    pub watch_holder: Option<bool>,
     /// Agent-local entries (used only under DISABLED enforcement).
     #[serde(default)]
     pub entries: Vec<Entry>,
@@ -306,6 +309,8 @@ pub struct Config {
     pub sync_interval: Duration,
     /// Report heartbeat.
     pub heartbeat: Duration,
+    /// `watchHolder`: long-poll the holder for changes ([`crate::push`]).
+    pub watch_holder: bool,
     /// Agent-local entries.
     pub entries: Vec<Entry>,
     /// Kubernetes settings, when the node runs in a cluster.
@@ -574,6 +579,7 @@ pub fn resolve_with_listeners(
         rotation,
         sync_interval,
         heartbeat,
+        watch_holder: file.watch_holder.unwrap_or(true),
         entries: file.entries,
         kubernetes,
         hooks,

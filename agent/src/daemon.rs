@@ -279,11 +279,13 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
 
     let (commands_tx, commands_rx) = mpsc::channel(8);
     let rotator_task = tokio::spawn(rotator.run(commands_rx, stop_future(&stop_rx)));
-    let push_task = tokio::spawn(crate::push::run(
-        issuer.clone(),
-        commands_tx.clone(),
-        stop_future(&stop_rx),
-    ));
+    let push_task = config.watch_holder.then(|| {
+        tokio::spawn(crate::push::run(
+            issuer.clone(),
+            commands_tx.clone(),
+            stop_future(&stop_rx),
+        ))
+    });
     let report_task = tokio::spawn(report::run(
         issuer.clone(),
         reports,
@@ -325,7 +327,9 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let _ = rotator_task.await;
     let _ = report_task.await;
-    let _ = push_task.await;
+    if let Some(t) = push_task {
+        let _ = t.await;
+    }
     stop_servers(stop_tx).await;
     tracing::info!("stopped");
     Ok(())

@@ -8,14 +8,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshcert_protocol::api::RotationHint;
 
-/// Where `id` falls in the window, in `[0, 1)`: FNV-1a of its bytes (stable across runs and
-/// Rust versions).
+/// Where `id` falls in the window, in `[0, 1)`: FNV-1a of its bytes, finalised (stable across
+/// runs and Rust versions).
 pub fn spread(id: &str) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    // MurmurHash3's finaliser: FNV alone leaves the high bits of ids that differ only in
+    // their last characters close together.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 

@@ -790,6 +790,12 @@ impl<I: Issuer> Rotator<I> {
             if let Some(c) = &m.current {
                 let (at, chain) = (m.schedule.next_at, c.served.chain());
                 m.schedule.next_at = reissue::earliest(at, &chain, hint.as_ref(), &m.entry.id, now);
+                // A gateway's second SVID chains to the shared root: it counts the same.
+                if let Some(g) = &c.gateway {
+                    let (at, chain) = (m.schedule.next_at, g.served.chain());
+                    m.schedule.next_at =
+                        reissue::earliest(at, &chain, hint.as_ref(), &m.entry.id, now);
+                }
             }
         }
         let (at, node) = (self.node_schedule.next_at, &self.node.chain);
@@ -1947,6 +1953,7 @@ mod tests {
             },
             sync_interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(30),
+            watch_holder: false,
             entries: Vec::new(),
             kubernetes: None,
             hooks: Vec::new(),

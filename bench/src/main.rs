@@ -11,7 +11,7 @@
 //!
 //! - `process`: the real processes, their CPU time and peak RSS.
 //! - `figures`: percentiles and tables.
-//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`: one scenario each.
+//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `push`: one scenario each.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,6 +22,7 @@ mod figures;
 mod issuance;
 mod memory;
 mod process;
+mod push;
 mod recovery;
 mod signing;
 mod storm;
@@ -59,6 +60,18 @@ enum Scenario {
     Storm(StormArgs),
     /// 6. Recovery: holder return → fresh SVIDs after an outage that outlived them.
     Recovery(RecoveryArgs),
+    /// 7. Pushed changes: entry created on the holder → SVID on disk, watching vs interval sync.
+    Push(PushArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct PushArgs {
+    /// Entries created, one after the other.
+    #[arg(long, default_value_t = 40)]
+    entries: usize,
+    /// Pause between two creations.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    gap: Duration,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -256,6 +269,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             extra_outage: a.extra_outage,
         };
         tokio::task::spawn_blocking(move || recovery::bench(&bins, &opts)).await??;
+    }
+    let push_args = match &cli.scenario {
+        Scenario::Push(a) => Some(a.clone()),
+        _ if all => Some(defaults::<PushArgs>()),
+        _ => None,
+    };
+    if let Some(a) = push_args {
+        let bins = bins.clone();
+        let opts = push::Options {
+            entries: a.entries,
+            gap: a.gap,
+        };
+        tokio::task::spawn_blocking(move || push::bench(&bins, &opts)).await??;
     }
     Ok(())
 }

@@ -1445,4 +1445,74 @@ mod tests {
         assert_ne!(first.der, second.der);
         assert!(second.not_after <= a.root().not_after);
     }
+
+    #[test]
+    fn a_rotation_plan_puts_both_roots_in_the_bundle_and_switches_signing_at_activation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let old = Authority::open(&builtin(), "V", &[mesh()], dir.path(), now).expect("open");
+        let next = generate_root("V", "acme", 2048, 100, now).expect("next root");
+        let fp = next.fingerprint();
+        let files = crate::rotation::root_files(dir.path(), &fp);
+        create_dir(&dir.path().join(crate::rotation::FOLDER)).expect("folder");
+        persist_root(&next, &files).expect("persist");
+        let mut plan = crate::rotation::RootPlan {
+            base: None,
+            next: Some(files.clone()),
+            next_signs: false,
+        };
+        let td = mesh().trust_domain;
+        let open = |plan: &crate::rotation::RootPlan| {
+            Authority::open_with_plan(
+                &builtin(),
+                &BTreeMap::new(),
+                "V",
+                &[mesh()],
+                dir.path(),
+                now,
+                plan,
+            )
+            .expect("open with the plan")
+        };
+
+        // PREPARED: both roots in the bundle; the old root signs.
+        let prepared = open(&plan);
+        let bundle: Vec<String> = prepared.bundles(1).trust_domains[&td]
+            .iter()
+            .map(|d| fingerprint(&d.0))
+            .collect();
+        assert_eq!(bundle, vec![old.root().fingerprint(), fp.clone()]);
+        assert_eq!(prepared.root().fingerprint(), old.root().fingerprint());
+        assert_ne!(
+            prepared.bundle_digest(),
+            old.bundle_digest(),
+            "the bundle version grows"
+        );
+
+        // ACTIVE: the next root signs new intermediates; the server certificate stays under
+        // the previous root.
+        plan.next_signs = true;
+        let active = open(&plan);
+        assert_eq!(active.root().fingerprint(), fp);
+        assert_eq!(active.server_root().fingerprint(), old.root().fingerprint());
+        let int = active.intermediate("mesh-a").expect("intermediate");
+        let (_, int_cert) = X509Certificate::from_der(&int.der).expect("parse");
+        let (_, next_cert) = X509Certificate::from_der(&next.der).expect("parse");
+        assert!(
+            int_cert
+                .verify_signature(Some(next_cert.public_key()))
+                .is_ok()
+        );
+        assert_eq!(active.bundles(2).trust_domains[&td].len(), 2);
+
+        // RETIRED: the next root alone, in place of the configured one.
+        let retired = open(&crate::rotation::RootPlan {
+            base: Some((old.root().fingerprint(), files)),
+            next: None,
+            next_signs: false,
+        });
+        assert_eq!(retired.root().fingerprint(), fp);
+        assert_eq!(retired.bundles(3).trust_domains[&td].len(), 1);
+        assert_eq!(retired.configured_fingerprint(), old.root().fingerprint());
+    }
 }

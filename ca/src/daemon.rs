@@ -245,7 +245,7 @@ async fn renewal(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()
 /// left (renewal keeps failing, or the root that signs it ends soon).
 fn renew_server_cert(holder: &Holder, now: SystemTime) {
     let Some(current) = holder.tls() else { return };
-    let root_not_after = holder.serving().authority.root().not_after;
+    let root_not_after = holder.serving().authority.server_root().not_after;
     if current.renewal_due(root_not_after, now) {
         match server::tls_config(holder, now) {
             Ok(next) => {

@@ -23,6 +23,9 @@
 //! The phase machine is pure ([`assess`]: facts and settings in, the step out); this module
 //! also holds its persistence and the holder-side driver ([`tick`], [`rotate`], [`abort`],
 //! [`status`]). Builtin roots start a rotation on their own at `autoAt` of their life.
+//!
+//! One file past 600 lines on purpose: the document, the machine that reads it and the driver
+//! that writes it change together, and every write goes through the same compare-and-swap.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -819,6 +822,13 @@ pub fn tick(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
     };
     let settings = holder.config().holder.root_rotation;
     let Some(r) = doc.rotation.clone() else {
+        if holder.serving().rotation != doc {
+            // Retired or aborted by another replica: serve that first.
+            let _guard = STEPS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return serve_state(holder, now);
+        }
         let serving = holder.serving();
         let root = serving.authority.root();
         let builtin = matches!(serving.config.root, RootSource::Builtin { .. });
@@ -834,8 +844,8 @@ pub fn tick(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
     let _guard = STEPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if holder.serving().authority.next_root().is_none() && r.phase == Phase::Prepared {
-        // Persisted by another replica or before a restart: serve it first.
+    if holder.serving().rotation.rotation.as_ref().map(|s| s.phase) != Some(r.phase) {
+        // A step persisted by another replica: serve it first.
         serve_state(holder, now)?;
     }
     if r.prepared_version.is_none() {

@@ -412,3 +412,87 @@ fn abort_before_active_leaves_the_old_root_and_a_killed_holder_resumes_every_pha
     )
     .expect("the agent follows");
 }
+
+/// The fingerprints `meshcert-ca bundle --mesh MESH` prints.
+fn mesh_bundle(ca: &CaHolder, mesh: &str) -> Vec<String> {
+    let out = ca.ctl(&["bundle", "--mesh", mesh]).expect("bundle runs");
+    assert!(out.status.success());
+    x509_parser::pem::Pem::iter_from_buffer(&out.stdout)
+        .map(|b| sha256_hex(&b.expect("PEM").contents))
+        .collect()
+}
+
+#[test]
+fn under_limited_trust_the_shared_root_rotates_and_gateways_follow_it() {
+    let config = agent_config("  limited: {}\n  enforceAccessControl: ENABLED\n").replace(
+        "holder:\n  heartbeat: 30s\n",
+        &ROTATION.replace("ACK", "1m"),
+    );
+    let ca = CaHolder::start(&config).expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent a");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
+    let gw_a = agent_a.volume_dir().join("gw-a");
+    let gw_b = agent_b.volume_dir().join("gw-b");
+    for gw in [&gw_a, &gw_b] {
+        agent_a
+            .wait_for_file(&gw.join("gateway-svid.pem"))
+            .expect("gateway SVIDs");
+    }
+    let mesh_roots = (mesh_bundle(&ca, "mesh-a"), mesh_bundle(&ca, "mesh-b"));
+    let next = rotate(&ca);
+    wait_rotation(&ca, "RETIRED", Duration::from_secs(90), |s| {
+        phase(s) == "IDLE"
+    });
+    assert_eq!(
+        bundle_fingerprints(&ca),
+        vec![next.clone()],
+        "the shared root"
+    );
+    assert_eq!(
+        (mesh_bundle(&ca, "mesh-a"), mesh_bundle(&ca, "mesh-b")),
+        mesh_roots,
+        "each mesh keeps its own root"
+    );
+    for gw in [&gw_a, &gw_b] {
+        wait_until(
+            "the gateway under the new shared root",
+            Duration::from_secs(30),
+            || {
+                let data = match std::fs::read_link(gw.join("..data")) {
+                    Ok(d) => gw.join(d),
+                    Err(_) => return false,
+                };
+                let (Ok(chain), Ok(roots)) = (
+                    pem_blocks(&data.join("gateway-svid.pem"), "CERTIFICATE"),
+                    pem_blocks(&data.join("gateway-bundle.pem"), "CERTIFICATE"),
+                ) else {
+                    return false;
+                };
+                roots.iter().all(|r| sha256_hex(r) == next) && chains_to(&chain, &roots[0])
+            },
+        )
+        .expect("the gateway follows");
+    }
+}
+
+#[test]
+fn a_builtin_root_starts_its_rotation_at_five_sixths_of_its_life() {
+    // A 30-day builtin root: its rotation is due after 25 days.
+    let ca = CaHolder::start_with_fake_clock(&rotation_config("1m")).expect("holder starts");
+    let s = root_status(&ca);
+    assert_eq!(phase(&s), "IDLE", "{s:#}");
+    assert!(s["automaticAt"].is_string(), "{s:#}");
+    ca.set_clock_offset(24 * 86400).expect("clock");
+    // Something that must not happen: watched over one round of the driver (every 5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        phase(&root_status(&ca)),
+        "IDLE",
+        "not before 5/6 of its life"
+    );
+    ca.set_clock_offset(25 * 86400 + 60).expect("clock");
+    let s = wait_rotation(&ca, "an automatic rotation", Duration::from_secs(30), |s| {
+        phase(s) != "IDLE"
+    });
+    assert_eq!(s["rotation"]["reason"], "automatic", "{s:#}");
+}
