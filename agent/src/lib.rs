@@ -28,7 +28,7 @@
 //!   events without the agent's own installs).
 //! - [`hook`]: what runs after a rotation (signal a process, or run a command).
 //! - [`report`]: the state sent upward to the holder.
-//! - [`systemd`]: `sd_notify` messages.
+//! - [`systemd`]: `sd_notify` messages (from `meshcert-daemon`).
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
 //!   freed pages returned after bursts).
@@ -67,7 +67,7 @@ pub mod rotation;
 pub mod rotator;
 pub mod svid;
 pub mod sys;
-pub mod systemd;
+pub use meshcert_daemon::systemd;
 pub mod volume;
 pub mod worker;
 pub mod workload;
