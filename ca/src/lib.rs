@@ -17,12 +17,13 @@
 //! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign.
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait and its SQLite implementation.
-//! - [`status`]: the status document and its table form.
+//! - [`status`]: the status document, its builder (from the holder's state) and its table form.
 //! - [`holder`]: the running holder's state and operations, shared by both front ends; the
 //!   configuration it serves is swapped as a whole on reload.
 //! - [`metrics`]: Prometheus counters and the optional plaintext `/metrics` listener.
 //! - [`server`]: the HTTPS API (hyper + rustls, mTLS for nodes).
-//! - [`admin`]: the admin Unix socket and the client the CLI uses.
+//! - [`admin`]: the admin Unix socket (one handler per route) and its typed client, which
+//!   the CLI (`src/cli/`, binary side) uses.
 //! - [`daemon`]: `run`: wires the tasks, signals, live reload (SIGHUP and file changes) and
 //!   systemd notifications.
 
