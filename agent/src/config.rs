@@ -383,15 +383,7 @@ pub fn resolve_with_listeners(
     if mesh.is_empty() {
         p.push("mesh is required (the mesh this node joins)".to_owned());
     }
-    let workload_socket_mode = match &file.workload_socket_mode {
-        None => 0o666,
-        Some(m) => m.parse().unwrap_or_else(|| {
-            p.push(format!(
-                "workloadSocketMode {m:?} is not an octal file mode"
-            ));
-            0o666
-        }),
-    };
+    let workload_socket_mode = resolve_socket_mode(file.workload_socket_mode.as_ref(), p);
     let rotation = resolve_rotation(&file.rotation, p);
     let sync_interval = at_least_1s("syncInterval", file.sync_interval, p);
     let heartbeat = at_least_1s("heartbeat", file.heartbeat, p);
@@ -405,12 +397,8 @@ pub fn resolve_with_listeners(
         .enumerate()
         .filter_map(|(n, h)| hook_rule(n, h, p))
         .collect();
-    let workload_connections_per_uid = file
-        .workload_connections_per_uid
-        .unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
-    if workload_connections_per_uid == 0 {
-        p.push("workloadConnectionsPerUid must be at least 1".to_owned());
-    }
+    let workload_connections_per_uid =
+        resolve_connections_per_uid(file.workload_connections_per_uid, p);
     let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
     if clock_skew > Duration::from_secs(3600) {
         p.push("clockSkew must be at most 1h".to_owned());
@@ -445,6 +433,28 @@ pub fn resolve_with_listeners(
         clock_skew,
     };
     Ok((config, Listeners { metrics_listen }))
+}
+
+/// `workloadSocketMode`, an octal mode (0666 when unset).
+fn resolve_socket_mode(mode: Option<&ModeText>, problems: &mut Vec<String>) -> u32 {
+    match mode {
+        None => 0o666,
+        Some(m) => m.parse().unwrap_or_else(|| {
+            problems.push(format!(
+                "workloadSocketMode {m:?} is not an octal file mode"
+            ));
+            0o666
+        }),
+    }
+}
+
+/// `workloadConnectionsPerUid`, at least 1.
+fn resolve_connections_per_uid(value: Option<usize>, problems: &mut Vec<String>) -> usize {
+    let value = value.unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
+    if value == 0 {
+        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
+    }
+    value
 }
 
 /// The command line's path, else the file's, else `default`.
