@@ -192,6 +192,79 @@ mod tests {
         );
     }
 
+    const CONFIG: &str = r#"
+apiVersion: networking.smh.solo.io/v1alpha1
+kind: VirtualMesh
+metadata:
+  name: vm
+spec:
+  meshes:
+    - name: mesh-a
+      trustDomain: mesh-a.test
+  certificateAuthority:
+    builtin:
+      rsaKeySizeBytes: 2048
+  shared: {}
+holder:
+  listen: 127.0.0.1:0
+  stateDir: STATE
+"#;
+
+    /// A holder serving its admin socket in a temporary folder, and a client of it.
+    fn admin() -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = CONFIG.replace("STATE", &dir.path().join("state").display().to_string());
+        let config = crate::config::parse(&text).expect("valid config");
+        let holder = std::sync::Arc::new(
+            crate::holder::Holder::open(config, std::time::SystemTime::now()).expect("open"),
+        );
+        let socket = dir.path().join("admin.sock");
+        let listener = super::super::bind(&socket).expect("bind");
+        tokio::spawn(super::super::serve(
+            listener,
+            holder,
+            std::future::pending(),
+        ));
+        (dir, Client::new(socket))
+    }
+
+    #[tokio::test]
+    async fn ids_and_names_with_reserved_characters_reach_their_route() {
+        let (_dir, client) = admin();
+        let id = "a?c%d#e";
+        let entry = Entry {
+            id: id.to_owned(),
+            spiffe_id: meshcert_protocol::SpiffeId::new_leaf("spiffe://mesh-a.test/odd")
+                .expect("id"),
+            nodes: Vec::new(),
+            mesh: Some("mesh-a".to_owned()),
+            selectors: Vec::new(),
+            ttl: std::time::Duration::from_secs(3600),
+            dir: "odd".to_owned(),
+            owner: None,
+            hook: None,
+            gateway: false,
+        };
+        assert_eq!(client.create_entry(&entry).await.expect("create").id, id);
+        let ids = |entries: Vec<Entry>| entries.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(client.entries().await.expect("list")), [id]);
+        client
+            .delete_entry(id)
+            .await
+            .expect("delete by the same id");
+        assert!(client.entries().await.expect("list").is_empty());
+        let missing = client
+            .ban_node("no/such node?")
+            .await
+            .expect_err("no such node");
+        assert!(
+            missing.to_string().contains("no node `no/such node?`"),
+            "{missing}"
+        );
+        let pem = client.bundle(Some("mesh-a")).await.expect("bundle");
+        assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    }
+
     #[test]
     fn escaped_segments_round_trip_through_the_server_decoding() {
         let id = "a/b?c%d e";
