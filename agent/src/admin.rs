@@ -22,16 +22,19 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use meshcert_daemon::serve::{Connection, Limits, Pools};
 use meshcert_protocol::IdentityReport;
 use serde::Deserialize;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::cache::{AgentStatus, Cache};
 use crate::metrics::Metrics;
 use crate::workload::socket::{self, SocketError};
+
+// Tests elsewhere in the crate still reach the clock through this module.
+#[cfg(test)]
+pub(crate) use crate::cache::unix_now_secs;
 
 /// The admin socket's mode: the agent's user only.
 pub const MODE: u32 = 0o600;
@@ -43,6 +46,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REFUSALS: usize = 4;
 /// How long a refused connection may take.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request's headers may take.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +104,21 @@ pub async fn serve(
     serve_with_metrics(listener, cache, Arc::new(Metrics::new()), shutdown).await
 }
 
+/// The pool of root and the agent's user.
+const ALLOWED: Limits = Limits {
+    max_connections: MAX_CONNECTIONS,
+    header_read_timeout: HEADER_TIMEOUT,
+    lifetime: CONNECTION_TIMEOUT,
+    keep_alive: true,
+};
+/// The pool of other users, answered 403.
+const REFUSED: Limits = Limits {
+    max_connections: MAX_REFUSALS,
+    header_read_timeout: HEADER_TIMEOUT,
+    lifetime: REFUSAL_TIMEOUT,
+    keep_alive: false,
+};
+
 /// Serves the admin API until `shutdown` completes; `GET /metrics` renders `metrics`.
 pub async fn serve_with_metrics(
     listener: UnixListener,
@@ -107,48 +127,25 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
     let own_uid = nix::unistd::geteuid().as_raw();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        while connections.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "cannot accept an admin connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // The caller is checked before it takes a slot: other users get their 403 from a small
-        // pool of their own, so they cannot hold the slots of root and the agent's user.
+    // The caller is checked before it takes a slot: other users get their 403 from a small
+    // pool of their own, so they cannot hold the slots of root and the agent's user.
+    let check = move |stream: &UnixStream| {
         let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
-        let allowed = peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid);
-        let pool = if allowed { &slots } else { &refusals };
-        let Ok(slot) = pool.clone().try_acquire_owned() else {
-            tracing::debug!(
-                allowed,
-                "admin connection cap reached, closing a new connection"
-            );
-            continue;
-        };
-        let timeout = if allowed {
-            CONNECTION_TIMEOUT
-        } else {
-            tracing::info!(uid = ?peer_uid, "admin socket: caller is neither root nor the agent's user");
-            REFUSAL_TIMEOUT
-        };
-        let cache = cache.clone();
-        let metrics = metrics.clone();
-        connections.spawn(async move {
-            let _slot = slot;
+        peer_uid.is_some_and(|uid| uid == 0 || uid == own_uid)
+    };
+    let handle = move |connection: Connection<UnixStream, _>| {
+        let (cache, metrics) = (cache.clone(), metrics.clone());
+        async move {
+            let allowed = connection.allowed;
+            if !allowed {
+                let uid = connection.io.peer_cred().ok().map(|c| c.uid());
+                tracing::info!(
+                    ?uid,
+                    "admin socket: caller is neither root nor the agent's user"
+                );
+            }
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let now = unix_now_secs();
+                let now = crate::cache::unix_now_secs();
                 let response = respond(
                     request.method(),
                     request.uri().path(),
@@ -159,27 +156,18 @@ pub async fn serve_with_metrics(
                 );
                 async move { Ok::<_, Infallible>(response) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(timeout, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "admin connection failed"),
-                Err(_) => tracing::debug!("admin connection timed out"),
-            }
-        });
-    }
+            connection
+                .limits
+                .serve_http1("admin", connection.io, service)
+                .await;
+        }
+    };
+    let pools = Pools {
+        allowed: ALLOWED,
+        refused: Some(REFUSED),
+    };
+    meshcert_daemon::serve::serve("admin", listener, pools, check, handle, shutdown).await;
     Ok(())
-}
-
-fn unix_now(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The wall clock in Unix seconds (what every admin and metrics answer is computed at).
-pub(crate) fn unix_now_secs() -> u64 {
-    unix_now(SystemTime::now())
 }
 
 /// The status JSON: the [`AgentStatus`], plus `metricsAddress` when the listener is on.
@@ -399,6 +387,19 @@ struct StatusView {
 
 /// The table a person reads at a glance: node, CA, then one line per identity.
 fn render(view: &StatusView, now: SystemTime) -> String {
+    let mut out = render_header(view, now);
+    out.push('\n');
+    if view.identities.is_empty() {
+        out.push_str("No identities assigned to this node.\n");
+    } else {
+        out.push_str(&render_identities(&view.identities));
+    }
+    out
+}
+
+/// The node, its SVID, the CA, the bundle, metrics and warnings, one per line.
+fn render_header(view: &StatusView, now: SystemTime) -> String {
+    let now_secs = crate::cache::unix_secs(now);
     let mut out = String::new();
     let node = view.node.as_deref().unwrap_or("(not joined)");
     let mesh = view
@@ -409,24 +410,15 @@ fn render(view: &StatusView, now: SystemTime) -> String {
     out.push_str(&format!("Node:       {node}{mesh}\n"));
     let node_svid = match view.node_svid_not_after {
         None => "none".to_owned(),
-        Some(t) if t <= unix_now(now) => format!("EXPIRED at {}", time(Some(t))),
+        Some(t) if t <= now_secs => format!("EXPIRED at {}", time(Some(t))),
         Some(t) => format!("valid until {}", time(Some(t))),
     };
     out.push_str(&format!("Node SVID:  {node_svid}\n"));
-    let ca = match (view.ca_unreachable_since, view.ca_connected) {
-        (Some(since), _) => format!(
-            "UNREACHABLE since {} ({} ago): {}",
-            time(Some(since)),
-            humantime::format_duration(Duration::from_secs(unix_now(now).saturating_sub(since))),
-            view.ca_last_error.as_deref().unwrap_or("-")
-        ),
-        (None, true) => "connected".to_owned(),
-        (None, false) => match &view.ca_last_error {
-            Some(e) => format!("UNREACHABLE: {e}"),
-            None => "not contacted yet".to_owned(),
-        },
-    };
-    out.push_str(&format!("CA:         {} ({ca})\n", view.ca_address));
+    out.push_str(&format!(
+        "CA:         {} ({})\n",
+        view.ca_address,
+        ca_state(view, now_secs)
+    ));
     if !view.expired_while_unreachable.is_empty() {
         out.push_str(&format!(
             "Expired while the CA is unreachable: {}\n",
@@ -442,13 +434,29 @@ fn render(view: &StatusView, now: SystemTime) -> String {
     for warning in &view.warnings {
         out.push_str(&format!("Warning:    {warning}\n"));
     }
-    out.push('\n');
-    if view.identities.is_empty() {
-        out.push_str("No identities assigned to this node.\n");
-        return out;
+    out
+}
+
+/// Whether the CA answers: connected, not contacted yet, or unreachable (since when, why).
+fn ca_state(view: &StatusView, now_secs: u64) -> String {
+    match (view.ca_unreachable_since, view.ca_connected) {
+        (Some(since), _) => format!(
+            "UNREACHABLE since {} ({} ago): {}",
+            time(Some(since)),
+            humantime::format_duration(Duration::from_secs(now_secs.saturating_sub(since))),
+            view.ca_last_error.as_deref().unwrap_or("-")
+        ),
+        (None, true) => "connected".to_owned(),
+        (None, false) => match &view.ca_last_error {
+            Some(e) => format!("UNREACHABLE: {e}"),
+            None => "not contacted yet".to_owned(),
+        },
     }
-    let rows: Vec<[String; 6]> = view
-        .identities
+}
+
+/// One aligned line per identity, under a heading.
+fn render_identities(identities: &[IdentityReport]) -> String {
+    let rows: Vec<[String; 6]> = identities
         .iter()
         .map(|i| {
             [
@@ -487,7 +495,7 @@ fn render(view: &StatusView, now: SystemTime) -> String {
         s.push('\n');
         s
     };
-    out.push_str(&line(&head));
+    let mut out = line(&head);
     for row in &rows {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         out.push_str(&line(&cells));

@@ -13,6 +13,17 @@ use meshcert_protocol::{Entry, IdentityReport, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
+/// `t` in Unix seconds (0 before the epoch).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The wall clock in Unix seconds (what every admin and metrics answer is computed at).
+pub fn unix_now_secs() -> u64 {
+    unix_secs(SystemTime::now())
+}
+
 /// An SVID the agent has installed and may serve.
 #[derive(Clone)]
 pub struct InstalledSvid {

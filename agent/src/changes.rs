@@ -319,17 +319,7 @@ impl Classifier {
         if matches!(kind, EventKind::Access(_)) {
             return Verdict::Ignore;
         }
-        let Ok(rel) = path.strip_prefix(root) else {
-            return Verdict::All;
-        };
-        let names: Vec<&str> = rel
-            .components()
-            .map(|c| match c {
-                Component::Normal(n) => n.to_str(),
-                _ => None,
-            })
-            .collect::<Option<_>>()
-            .unwrap_or_default();
+        let names = relative_names(root, path).unwrap_or_default();
         let Some((&dir, rest)) = names.split_first() else {
             return Verdict::All;
         };
@@ -348,6 +338,26 @@ impl Classifier {
             };
         };
         let folder = self.folders.entry(dir.to_owned()).or_default();
+        folder.follow(kind, name, !inside.is_empty(), foreign)
+    }
+}
+
+/// The plain names of `path` below `root`; `None` outside it or for a name that is not UTF-8.
+fn relative_names<'a>(root: &Path, path: &'a Path) -> Option<Vec<&'a str>> {
+    path.strip_prefix(root)
+        .ok()?
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => n.to_str(),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Folder {
+    /// Follows an event on `name` in this entry folder (`inside`: on a name within `name`);
+    /// `foreign` is the verdict for a change the agent did not make.
+    fn follow(&mut self, kind: &EventKind, name: &str, inside: bool, foreign: Verdict) -> Verdict {
         let arrives = matches!(
             kind,
             EventKind::Create(_)
@@ -356,17 +366,17 @@ impl Classifier {
         if let Some(staged) = staged_name(name) {
             // A temporary symlink: never served.
             if matches!(kind, EventKind::Create(_)) {
-                folder.staged.insert(staged.to_owned());
+                self.staged.insert(staged.to_owned());
             }
             return Verdict::Ignore;
         }
-        if !inside.is_empty() {
+        if inside {
             // Inside a data folder.
             return if !is_data_folder(name) {
                 foreign
-            } else if folder.filling.as_deref() == Some(name) {
+            } else if self.filling.as_deref() == Some(name) {
                 Verdict::Ignore
-            } else if folder.current.as_deref().is_some_and(|c| c != name) {
+            } else if self.current.as_deref().is_some_and(|c| c != name) {
                 // An older data folder: no longer served.
                 Verdict::Ignore
             } else {
@@ -374,8 +384,8 @@ impl Classifier {
             };
         }
         if name == DATA_LINK {
-            return if arrives && folder.staged.remove(DATA_LINK) {
-                folder.current = folder.filling.take();
+            return if arrives && self.staged.remove(DATA_LINK) {
+                self.current = self.filling.take();
                 Verdict::Ignore
             } else {
                 foreign
@@ -383,10 +393,10 @@ impl Classifier {
         }
         if is_data_folder(name) {
             return if matches!(kind, EventKind::Create(_)) {
-                folder.filling = Some(name.to_owned());
+                self.filling = Some(name.to_owned());
                 Verdict::Ignore
-            } else if folder.filling.as_deref() == Some(name)
-                || folder.current.as_deref().is_some_and(|c| c != name)
+            } else if self.filling.as_deref() == Some(name)
+                || self.current.as_deref().is_some_and(|c| c != name)
             {
                 // Its mode set while filled, or an older one removed.
                 Verdict::Ignore
@@ -395,7 +405,7 @@ impl Classifier {
             };
         }
         // A visible name.
-        if arrives && folder.staged.remove(name) {
+        if arrives && self.staged.remove(name) {
             Verdict::Ignore
         } else {
             foreign

@@ -4,6 +4,9 @@
 //! Most settings are [`Config`] and take effect on reload. The listeners bound once at start
 //! (`metricsListen`) are [`Listeners`]: a reload checks them but cannot move them, so changing
 //! them needs a restart.
+//!
+//! One file on purpose: the file's serde shape, the overrides and the `resolve_*` step of each
+//! setting read together as the configuration's schema; each function stays short.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -369,8 +372,109 @@ pub fn resolve_with_listeners(
     o: &Overrides,
 ) -> Result<(Config, Listeners), ConfigError> {
     let mut problems = Vec::new();
+    let p = &mut problems;
+    let metrics_listen =
+        resolve_metrics_listen(o.metrics_listen, file.metrics_listen.as_deref(), p);
+    let (ca_address, ca_server_name) =
+        resolve_ca_address(o, file.ca_address, file.ca_server_name, p);
+    let trust_bundle = o
+        .trust_bundle
+        .clone()
+        .or(file.trust_bundle)
+        .unwrap_or_default();
+    let trust_roots = read_trust_bundle(&trust_bundle, p);
+    let node_name = resolve_node_name(o.node_name.clone().or(file.node_name), p);
+    let mesh = o.mesh.clone().or(file.mesh).unwrap_or_default();
+    if mesh.is_empty() {
+        p.push("mesh is required (the mesh this node joins)".to_owned());
+    }
+    let workload_socket_mode = resolve_socket_mode(file.workload_socket_mode.as_ref(), p);
+    let rotation = resolve_rotation(&file.rotation, p);
+    let sync_interval = at_least_1s("syncInterval", file.sync_interval, p);
+    let heartbeat = at_least_1s("heartbeat", file.heartbeat, p);
+    check_entries(&file.entries, p);
+    let kubernetes = file
+        .kubernetes
+        .map(|k| crate::k8s::Kubernetes::resolve(k, p));
+    let hooks = file
+        .hooks
+        .iter()
+        .enumerate()
+        .filter_map(|(n, h)| hook_rule(n, h, p))
+        .collect();
+    let workload_connections_per_uid =
+        resolve_connections_per_uid(file.workload_connections_per_uid, p);
+    let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
+    if clock_skew > Duration::from_secs(3600) {
+        p.push("clockSkew must be at most 1h".to_owned());
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+    let config = Config {
+        ca_address,
+        ca_server_name,
+        trust_bundle,
+        trust_roots,
+        node_name,
+        mesh,
+        state_dir: path_or(&o.state_dir, file.state_dir, DEFAULT_STATE_DIR),
+        volume_dir: path_or(&o.volume_dir, file.volume_dir, DEFAULT_VOLUME_DIR),
+        workload_socket: path_or(
+            &o.workload_socket,
+            file.workload_socket,
+            DEFAULT_WORKLOAD_SOCKET,
+        ),
+        workload_socket_mode,
+        workload_connections_per_uid,
+        admin_socket: path_or(&o.admin_socket, file.admin_socket, DEFAULT_ADMIN_SOCKET),
+        key_algorithm: file.key_algorithm.unwrap_or_default(),
+        rotation,
+        sync_interval,
+        heartbeat,
+        watch_holder: file.watch_holder.unwrap_or(true),
+        entries: file.entries,
+        kubernetes,
+        hooks,
+        clock_skew,
+    };
+    Ok((config, Listeners { metrics_listen }))
+}
 
-    let metrics_listen = match (o.metrics_listen, &file.metrics_listen) {
+/// `workloadSocketMode`, an octal mode (0666 when unset).
+fn resolve_socket_mode(mode: Option<&ModeText>, problems: &mut Vec<String>) -> u32 {
+    match mode {
+        None => 0o666,
+        Some(m) => m.parse().unwrap_or_else(|| {
+            problems.push(format!(
+                "workloadSocketMode {m:?} is not an octal file mode"
+            ));
+            0o666
+        }),
+    }
+}
+
+/// `workloadConnectionsPerUid`, at least 1.
+fn resolve_connections_per_uid(value: Option<usize>, problems: &mut Vec<String>) -> usize {
+    let value = value.unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
+    if value == 0 {
+        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
+    }
+    value
+}
+
+/// The command line's path, else the file's, else `default`.
+fn path_or(flag: &Option<PathBuf>, file: Option<PathBuf>, default: &str) -> PathBuf {
+    flag.clone().or(file).unwrap_or_else(|| default.into())
+}
+
+/// `metricsListen`: the flag, else the file's address (off when neither is set).
+fn resolve_metrics_listen(
+    flag: Option<SocketAddr>,
+    file: Option<&str>,
+    problems: &mut Vec<String>,
+) -> Option<SocketAddr> {
+    match (flag, file) {
         (Some(address), _) => Some(address),
         (None, None) => None,
         (None, Some(text)) => match text.trim().parse::<SocketAddr>() {
@@ -382,58 +486,70 @@ pub fn resolve_with_listeners(
                 None
             }
         },
-    };
+    }
+}
 
+/// `caAddress` (one or more replicas, joined with `,`) and the TLS name, which defaults to the
+/// first replica's host.
+fn resolve_ca_address(
+    o: &Overrides,
+    file: Option<CaAddress>,
+    server_name: Option<String>,
+    problems: &mut Vec<String>,
+) -> (String, String) {
     let addresses = o
         .ca_address
         .clone()
         .map(CaAddress::One)
-        .or(file.ca_address)
+        .or(file)
         .map(|a| a.addresses())
         .unwrap_or_default();
-    let mut ca_server_name = file.ca_server_name.unwrap_or_default();
+    let mut ca_server_name = server_name.unwrap_or_default();
     if addresses.is_empty() {
         problems.push("caAddress is required (host:port of the CA holder)".to_owned());
     }
     for address in &addresses {
         match host_of(address) {
-            // The TLS name defaults to the first replica's host.
             Some(host) if ca_server_name.is_empty() => ca_server_name = host.to_owned(),
             Some(_) => {}
             None => problems.push(format!("caAddress `{address}` is not host:port")),
         }
     }
-    let ca_address = addresses.join(",");
+    (addresses.join(","), ca_server_name)
+}
 
-    let trust_bundle = o
-        .trust_bundle
-        .clone()
-        .or(file.trust_bundle)
-        .unwrap_or_default();
-    let mut trust_roots = Vec::new();
-    if trust_bundle.as_os_str().is_empty() {
+/// The roots in `trustBundle` (required, at least one PEM certificate).
+fn read_trust_bundle(path: &Path, problems: &mut Vec<String>) -> Vec<Vec<u8>> {
+    if path.as_os_str().is_empty() {
         problems.push(
             "trustBundle is required (PEM file of the root(s) the holder chains to)".to_owned(),
         );
-    } else {
-        match std::fs::read_to_string(&trust_bundle) {
-            Ok(text) => {
-                trust_roots = svid::certs_from_pem(&text);
-                if trust_roots.is_empty() {
-                    problems.push(format!(
-                        "trustBundle {} holds no PEM certificate",
-                        trust_bundle.display()
-                    ));
-                }
+        return Vec::new();
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let roots = svid::certs_from_pem(&text);
+            if roots.is_empty() {
+                problems.push(format!(
+                    "trustBundle {} holds no PEM certificate",
+                    path.display()
+                ));
             }
-            Err(e) => problems.push(format!(
+            roots
+        }
+        Err(e) => {
+            problems.push(format!(
                 "trustBundle {} cannot be read: {e}",
-                trust_bundle.display()
-            )),
+                path.display()
+            ));
+            Vec::new()
         }
     }
+}
 
-    let node_name = match o.node_name.clone().or(file.node_name) {
+/// `nodeName`, else the host name in lowercase.
+fn resolve_node_name(name: Option<String>, problems: &mut Vec<String>) -> String {
+    let node_name = match name {
         Some(n) => n,
         None => match sys::hostname() {
             Ok(h) => h.to_ascii_lowercase(),
@@ -448,24 +564,12 @@ pub fn resolve_with_listeners(
             "nodeName `{node_name}` is not a valid node name (lowercase letters, digits, `.`, `-`, `_`)"
         ));
     }
+    node_name
+}
 
-    let mesh = o.mesh.clone().or(file.mesh).unwrap_or_default();
-    if mesh.is_empty() {
-        problems.push("mesh is required (the mesh this node joins)".to_owned());
-    }
-
-    let workload_socket_mode = match &file.workload_socket_mode {
-        None => 0o666,
-        Some(m) => m.parse().unwrap_or_else(|| {
-            problems.push(format!(
-                "workloadSocketMode {m:?} is not an octal file mode"
-            ));
-            0o666
-        }),
-    };
-
+/// The `rotation` section over its defaults, with its bounds checked.
+fn resolve_rotation(r: &RotationFile, problems: &mut Vec<String>) -> Rotation {
     let d = Rotation::default();
-    let r = &file.rotation;
     let rotation = Rotation {
         fraction: r.fraction.unwrap_or(d.fraction),
         jitter: r.jitter.unwrap_or(d.jitter),
@@ -497,19 +601,23 @@ pub fn resolve_with_listeners(
     if rotation.max_concurrent_signing == 0 {
         problems.push("rotation.maxConcurrentSigning must be at least 1".to_owned());
     }
+    rotation
+}
 
-    let sync_interval = file.sync_interval.unwrap_or(Duration::from_secs(30));
-    if sync_interval < Duration::from_secs(1) {
-        problems.push("syncInterval must be at least 1s".to_owned());
+/// An interval of at least one second (30 s when unset).
+fn at_least_1s(field: &str, value: Option<Duration>, problems: &mut Vec<String>) -> Duration {
+    let value = value.unwrap_or(Duration::from_secs(30));
+    if value < Duration::from_secs(1) {
+        problems.push(format!("{field} must be at least 1s"));
     }
-    let heartbeat = file.heartbeat.unwrap_or(Duration::from_secs(30));
-    if heartbeat < Duration::from_secs(1) {
-        problems.push("heartbeat must be at least 1s".to_owned());
-    }
+    value
+}
 
+/// Local entries: unique ids, and each `dir` one plain folder name used once.
+fn check_entries(entries: &[Entry], problems: &mut Vec<String>) {
     let mut ids = BTreeSet::new();
     let mut dirs = BTreeSet::new();
-    for e in &file.entries {
+    for e in entries {
         if !ids.insert(e.id.as_str()) {
             problems.push(format!("entries: id `{}` appears twice", e.id));
         }
@@ -522,70 +630,6 @@ pub fn resolve_with_listeners(
             problems.push(format!("entries: dir `{}` is used twice", e.dir));
         }
     }
-
-    let kubernetes = file
-        .kubernetes
-        .map(|k| crate::k8s::Kubernetes::resolve(k, &mut problems));
-    let hooks = file
-        .hooks
-        .iter()
-        .enumerate()
-        .filter_map(|(n, h)| hook_rule(n, h, &mut problems))
-        .collect();
-    let workload_connections_per_uid = file
-        .workload_connections_per_uid
-        .unwrap_or(crate::workload::DEFAULT_CONNECTIONS_PER_UID);
-    if workload_connections_per_uid == 0 {
-        problems.push("workloadConnectionsPerUid must be at least 1".to_owned());
-    }
-    let clock_skew = file.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
-    if clock_skew > Duration::from_secs(3600) {
-        problems.push("clockSkew must be at most 1h".to_owned());
-    }
-
-    if !problems.is_empty() {
-        return Err(ConfigError::Invalid(problems));
-    }
-    let config = Config {
-        ca_address,
-        ca_server_name,
-        trust_bundle,
-        trust_roots,
-        node_name,
-        mesh,
-        state_dir: o
-            .state_dir
-            .clone()
-            .or(file.state_dir)
-            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-        volume_dir: o
-            .volume_dir
-            .clone()
-            .or(file.volume_dir)
-            .unwrap_or_else(|| DEFAULT_VOLUME_DIR.into()),
-        workload_socket: o
-            .workload_socket
-            .clone()
-            .or(file.workload_socket)
-            .unwrap_or_else(|| DEFAULT_WORKLOAD_SOCKET.into()),
-        workload_socket_mode,
-        workload_connections_per_uid,
-        admin_socket: o
-            .admin_socket
-            .clone()
-            .or(file.admin_socket)
-            .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
-        key_algorithm: file.key_algorithm.unwrap_or_default(),
-        rotation,
-        sync_interval,
-        heartbeat,
-        watch_holder: file.watch_holder.unwrap_or(true),
-        entries: file.entries,
-        kubernetes,
-        hooks,
-        clock_skew,
-    };
-    Ok((config, Listeners { metrics_listen }))
 }
 
 /// Checks `hooks[n]`, adding what is wrong to `problems`.

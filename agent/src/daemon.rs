@@ -4,13 +4,14 @@
 //! watchers, and turns SIGHUP or a change of the config file into a reload, SIGTERM/SIGINT into
 //! a clean stop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use notify::{RecursiveMode, Watcher};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Notify, mpsc, watch};
+use meshcert_daemon::exit;
+use meshcert_daemon::watch::ConfigWatcher;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{mpsc, watch};
 
 use crate::cache::Cache;
 use crate::changes::{Changes, VolumeWatch};
@@ -92,11 +93,12 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
-    /// The process exit code: 78 for configuration problems, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    /// The process exit code: [`exit::CONFIG`] for configuration problems, else
+    /// [`exit::RUNTIME`].
+    pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => 78,
-            _ => 1,
+            Self::Config(_) => exit::CONFIG,
+            _ => exit::RUNTIME,
         }
     }
 }
@@ -121,6 +123,32 @@ fn stop_future(
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP, installed before anything starts.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, DaemonError> {
+        let install = |kind| signal(kind).map_err(DaemonError::Signal);
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves at SIGTERM or SIGINT.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let (config, listeners) =
@@ -138,133 +166,28 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         metrics.clone(),
     ));
     crate::push::follow_last_sync(issuer.inner(), &config.state_dir);
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
-
+    let mut signals = Signals::install()?;
     // Sockets first: the admin socket answers (not ready) while the node joins.
     let cache = Cache::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let workload_config = WorkloadConfig {
-        socket: config.workload_socket.clone(),
-        mode: config.workload_socket_mode,
-        kubelet: kubelet(&config)?,
-        max_connections_per_uid: config.workload_connections_per_uid,
-        ..Default::default()
-    };
-    let workload_listener =
-        workload::bind(&workload_config).map_err(|e| DaemonError::Socket(e.to_string()))?;
-    let admin_listener =
-        admin::bind(&config.admin_socket).map_err(|e| DaemonError::Socket(e.to_string()))?;
-    let metrics_listener = match listeners.metrics_listen {
-        Some(address) => {
-            let bind_error = |source| DaemonError::MetricsListen { address, source };
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(bind_error)?;
-            metrics.set_address(listener.local_addr().map_err(bind_error)?);
-            Some(listener)
-        }
-        None => None,
-    };
-    tracing::info!(
-        workload_socket = %config.workload_socket.display(),
-        admin_socket = %config.admin_socket.display(),
-        metrics = ?metrics.address(),
-        "listening"
-    );
-    cache.update_status(|s| {
-        s.node = Some(config.node_name.clone());
-        s.mesh = Some(config.mesh.clone());
-        s.ca_address = config.ca_address.clone();
-    });
-    // JWT-SVIDs: signed by the holder, cached here; the JWKS polled at the sync interval.
-    let tokens = Arc::new(crate::jwt::Tokens::new(
-        issuer.clone(),
-        Duration::from_secs(meshcert_protocol::jwt::DEFAULT_JWT_TTL_SECONDS),
-    ));
-    let jwks_task = tokio::spawn(
-        tokens
-            .clone()
-            .poll_bundles(config.sync_interval, stop_rx.clone()),
-    );
-    let workload_task = tokio::spawn(workload::serve_with(
-        workload_listener,
-        workload_config,
-        cache.clone(),
-        workload::Extras {
-            jwt: Some(tokens),
-            metrics: Some(metrics.workload.clone()),
-        },
-        stop_future(&stop_rx),
-    ));
-    let admin_task = tokio::spawn(admin::serve_with_metrics(
-        admin_listener,
-        cache.clone(),
-        metrics.clone(),
-        stop_future(&stop_rx),
-    ));
-    let metrics_task = metrics_listener.map(|listener| {
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            cache.clone(),
-            stop_future(&stop_rx),
-        ))
-    });
-    let status_task = tokio::spawn(metrics::watch_status(
-        metrics.clone(),
-        cache.subscribe_status(),
-        stop_future(&stop_rx),
-    ));
-    let stop_servers = |stop_tx: watch::Sender<bool>| async move {
-        let _ = stop_tx.send(true);
-        if let Some(task) = metrics_task {
-            let _ = task.await;
-        }
-        let _ = status_task.await;
-        let _ = jwks_task.await;
-        if let Ok(Err(e)) = workload_task.await {
-            tracing::warn!(error = %e, "the Workload API server stopped with an error");
-        }
-        if let Ok(Err(e)) = admin_task.await {
-            tracing::warn!(error = %e, "the admin socket stopped with an error");
-        }
-    };
-
+    let servers = Servers::start(&config, listeners, &cache, &metrics, &issuer).await?;
     let joined = tokio::select! {
         result = identity(&*issuer, &config, options.join_token.as_deref()) => Some(result),
-        _ = sigterm.recv() => None,
-        _ = sigint.recv() => None,
+        () = signals.stop() => None,
     };
     let (identity, seed) = match joined {
         Some(Ok(found)) => found,
-        Some(Err(e)) => {
-            stop_servers(stop_tx).await;
-            return Err(e);
-        }
-        None => {
-            stop_servers(stop_tx).await;
-            return Ok(());
-        }
+        Some(Err(e)) => return servers.stop(Err(e)).await,
+        None => return servers.stop(Ok(())).await,
     };
     if let Err(e) = issuer.set_identity(&identity.chain, &identity.key) {
-        stop_servers(stop_tx).await;
-        return Err(e.into());
+        return servers.stop(Err(e.into())).await;
     }
     tracing::info!(
         spiffe_id = %identity.info.spiffe_id,
         serial = %identity.info.serial,
         "node identity loaded"
     );
-    let last_sync = match node::load_last_sync(&config.state_dir) {
-        Ok(Some(s)) => Some(s),
-        Ok(None) => seed,
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring the last sync");
-            seed
-        }
-    };
+    let last_sync = last_sync(&config, seed);
 
     let volume_changed = Arc::new(Changes::new());
     let rotator = Rotator::new(
@@ -278,12 +201,12 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let reports = rotator.reports();
 
     let (commands_tx, commands_rx) = mpsc::channel(8);
-    let rotator_task = tokio::spawn(rotator.run(commands_rx, stop_future(&stop_rx)));
+    let rotator_task = tokio::spawn(rotator.run(commands_rx, servers.stopped()));
     let push_task = config.watch_holder.then(|| {
         tokio::spawn(crate::push::run(
             issuer.clone(),
             commands_tx.clone(),
-            stop_future(&stop_rx),
+            servers.stopped(),
         ))
     });
     let report_task = tokio::spawn(report::run(
@@ -291,48 +214,215 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         reports,
         cache.clone(),
         config.heartbeat,
-        stop_future(&stop_rx),
+        servers.stopped(),
     ));
-
-    // File watchers: the volume (restore what others change) and the config file (reload).
-    let config_changed = Arc::new(Notify::new());
-    let mut volume_watch = VolumeWatch::start(&config.volume_dir, volume_changed);
-    let new_folders = volume_watch.new_folders();
-    let _config_watcher = watch_config(&options.config_path, config_changed.clone());
-    let mut rewatch = tokio::time::interval(Duration::from_secs(5));
-
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = rewatch.tick() => volume_watch.renew_if_replaced(),
-            () = new_folders.changed() => volume_watch.follow_new_folders(),
-            _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                reload(&options, listeners, &commands_tx).await;
-            }
-            () = config_changed.notified() => {
-                // Editors write in several steps: let the file settle.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                // Events of the same write that arrived meanwhile need no second reload.
-                let _ = tokio::time::timeout(Duration::ZERO, config_changed.notified()).await;
-                tracing::info!(path = %options.config_path.display(), "config file changed: reloading");
-                reload(&options, listeners, &commands_tx).await;
-            }
-        }
-    }
+    let volume_watch = VolumeWatch::start(&config.volume_dir, volume_changed);
+    let reloads = Reloads {
+        options: &options,
+        running: listeners,
+        commands: &commands_tx,
+    };
+    serve_until_stopped(&mut signals, volume_watch, reloads).await;
 
     tracing::info!("stopping: finishing in-flight installs");
     systemd::stopping();
-    let _ = stop_tx.send(true);
+    servers.signal_stop();
     let _ = rotator_task.await;
     let _ = report_task.await;
     if let Some(t) = push_task {
         let _ = t.await;
     }
-    stop_servers(stop_tx).await;
+    servers.stop(Ok(())).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The last sync recorded in the state folder, else the one that came with the join.
+fn last_sync(
+    config: &Config,
+    seed: Option<meshcert_protocol::api::SyncResponse>,
+) -> Option<meshcert_protocol::api::SyncResponse> {
+    match node::load_last_sync(&config.state_dir) {
+        Ok(Some(s)) => Some(s),
+        Ok(None) => seed,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the last sync");
+            seed
+        }
+    }
+}
+
+/// The file watchers' and signals' loop until SIGTERM or SIGINT: the volume (restore what
+/// others change), the config file and SIGHUP (reload).
+async fn serve_until_stopped(
+    signals: &mut Signals,
+    mut volume_watch: VolumeWatch,
+    reloads: Reloads<'_>,
+) {
+    let new_folders = volume_watch.new_folders();
+    let mut config_watch = ConfigWatcher::start(&reloads.options.config_path);
+    let mut rewatch = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = rewatch.tick() => volume_watch.renew_if_replaced(),
+            () = new_folders.changed() => volume_watch.follow_new_folders(),
+            _ = signals.hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                config_watch.seen();
+                reloads.reload().await;
+            }
+            () = config_watch.changed() => {
+                tracing::info!(path = %reloads.options.config_path.display(), "config file changed: reloading");
+                reloads.reload().await;
+            }
+        }
+    }
+}
+
+/// The servers that answer from the start (Workload API, admin socket, metrics, JWT bundles,
+/// the status gauges), and the flag that stops every task.
+struct Servers {
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    workload: tokio::task::JoinHandle<Result<(), workload::WorkloadError>>,
+    admin: tokio::task::JoinHandle<Result<(), admin::AdminError>>,
+}
+
+impl Servers {
+    /// Binds the sockets and the metrics listener, then starts serving.
+    async fn start(
+        config: &Config,
+        listeners: Listeners,
+        cache: &Cache,
+        metrics: &Arc<Metrics>,
+        issuer: &Arc<TimedIssuer<HttpsIssuer>>,
+    ) -> Result<Self, DaemonError> {
+        let workload_config = WorkloadConfig {
+            socket: config.workload_socket.clone(),
+            mode: config.workload_socket_mode,
+            kubelet: kubelet(config)?,
+            max_connections_per_uid: config.workload_connections_per_uid,
+            ..Default::default()
+        };
+        let workload_listener =
+            workload::bind(&workload_config).map_err(|e| DaemonError::Socket(e.to_string()))?;
+        let admin_listener =
+            admin::bind(&config.admin_socket).map_err(|e| DaemonError::Socket(e.to_string()))?;
+        let metrics_listener = bind_metrics(listeners, metrics).await?;
+        tracing::info!(
+            workload_socket = %config.workload_socket.display(),
+            admin_socket = %config.admin_socket.display(),
+            metrics = ?metrics.address(),
+            "listening"
+        );
+        cache.update_status(|s| {
+            s.node = Some(config.node_name.clone());
+            s.mesh = Some(config.mesh.clone());
+            s.ca_address = config.ca_address.clone();
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = || stop_future(&stop_rx);
+        // JWT-SVIDs: signed by the holder, cached here; the JWKS polled at the sync interval.
+        let tokens = Arc::new(crate::jwt::Tokens::new(
+            issuer.clone(),
+            Duration::from_secs(meshcert_protocol::jwt::DEFAULT_JWT_TTL_SECONDS),
+        ));
+        let mut tasks = vec![tokio::spawn(
+            tokens
+                .clone()
+                .poll_bundles(config.sync_interval, stop_rx.clone()),
+        )];
+        let workload = tokio::spawn(workload::serve_with(
+            workload_listener,
+            workload_config,
+            cache.clone(),
+            workload::Extras {
+                jwt: Some(tokens),
+                metrics: Some(metrics.workload.clone()),
+            },
+            stopped(),
+        ));
+        let admin = tokio::spawn(admin::serve_with_metrics(
+            admin_listener,
+            cache.clone(),
+            metrics.clone(),
+            stopped(),
+        ));
+        if let Some(listener) = metrics_listener {
+            let serve = metrics::serve(listener, metrics.clone(), cache.clone(), stopped());
+            tasks.push(tokio::spawn(serve));
+        }
+        tasks.push(tokio::spawn(metrics::watch_status(
+            metrics.clone(),
+            cache.subscribe_status(),
+            stopped(),
+        )));
+        Ok(Self {
+            stop_tx,
+            stop_rx,
+            tasks,
+            workload,
+            admin,
+        })
+    }
+
+    /// A future that resolves once the stop flag is set.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        stop_future(&self.stop_rx)
+    }
+
+    /// Sets the stop flag: every task winds down.
+    fn signal_stop(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+
+    /// Stops the servers, waits for them, and returns `result`.
+    async fn stop(self, result: Result<(), DaemonError>) -> Result<(), DaemonError> {
+        self.signal_stop();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Ok(Err(e)) = self.workload.await {
+            tracing::warn!(error = %e, "the Workload API server stopped with an error");
+        }
+        if let Ok(Err(e)) = self.admin.await {
+            tracing::warn!(error = %e, "the admin socket stopped with an error");
+        }
+        result
+    }
+}
+
+/// Binds the plaintext metrics listener when `metricsListen` is set.
+async fn bind_metrics(
+    listeners: Listeners,
+    metrics: &Metrics,
+) -> Result<Option<tokio::net::TcpListener>, DaemonError> {
+    let Some(address) = listeners.metrics_listen else {
+        return Ok(None);
+    };
+    let bind_error = |source| DaemonError::MetricsListen { address, source };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(bind_error)?;
+    metrics.set_address(listener.local_addr().map_err(bind_error)?);
+    Ok(Some(listener))
+}
+
+/// What a reload needs: where the config comes from, the listeners bound at start (they only
+/// change at a restart), and the rotator's command channel.
+struct Reloads<'a> {
+    options: &'a RunOptions,
+    running: Listeners,
+    commands: &'a mpsc::Sender<Command>,
+}
+
+impl Reloads<'_> {
+    async fn reload(&self) {
+        reload(self.options, self.running, self.commands).await;
+    }
 }
 
 async fn reload(options: &RunOptions, running: Listeners, commands: &mpsc::Sender<Command>) {
@@ -467,31 +557,4 @@ async fn join_kubernetes<I: Issuer>(
             Err(e) => return Err(DaemonError::KubernetesJoin(e)),
         }
     }
-}
-
-fn watch_config(path: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    let file = path.file_name()?.to_owned();
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let relevant = !matches!(event.kind, notify::EventKind::Access(_))
-                && event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(file.as_os_str()));
-            if relevant {
-                changed.notify_one();
-            }
-        }
-    })
-    .map_err(|e| tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
-    .ok()?;
-    watcher
-        .watch(&parent, RecursiveMode::NonRecursive)
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
-        .ok()?;
-    Some(watcher)
 }

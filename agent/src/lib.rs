@@ -31,7 +31,7 @@
 //! - [`push`]: the long-poll watch of the holder that triggers a sync when something changed.
 //! - [`reissue`]: when a root rotation makes an SVID due (pure).
 //! - [`trust`]: the holder's roots: the configured bundle plus the synced ones.
-//! - [`systemd`]: `sd_notify` messages.
+//! - [`systemd`]: `sd_notify` messages (from `meshcert-daemon`).
 //! - [`sys`]: every `nix` call of the agent core.
 //! - [`heap`]: the C allocator's settings (tunables set by a restart in place, one arena,
 //!   freed pages returned after bursts).
@@ -72,7 +72,7 @@ pub mod rotation;
 pub mod rotator;
 pub mod svid;
 pub mod sys;
-pub mod systemd;
+pub use meshcert_daemon::systemd;
 pub mod trust;
 pub mod volume;
 pub mod worker;

@@ -2,7 +2,6 @@
 //!
 //! Exit codes: 0 success, 64 bad arguments, 78 bad configuration, 1 runtime failure.
 
-use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +12,9 @@ use meshcert_agent::config::{self, Overrides};
 use meshcert_agent::daemon::{self, RunOptions};
 use meshcert_agent::heap;
 use meshcert_agent::restart;
+use meshcert_daemon::exit;
+use meshcert_daemon::logging::{self, LogFormat};
+use tracing::level_filters::LevelFilter;
 
 mod math;
 
@@ -35,12 +37,6 @@ enum Command {
     CheckConfig(ConfigArgs),
     /// Show the running agent's status (from its admin socket).
     Status(StatusArgs),
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Args)]
@@ -144,42 +140,6 @@ struct StatusArgs {
     admin_socket: PathBuf,
 }
 
-const EXIT_USAGE: u8 = 64;
-const EXIT_CONFIG: u8 = 78;
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    // The builder's own level (INFO unless told) would drop what `RUST_LOG` asks for below it:
-    // the `Targets` filter alone decides.
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
-        .with_writer(std::io::stderr);
-    let filter = log_filter(tracing::level_filters::LevelFilter::INFO);
-    match format {
-        // Colours only for a person at a terminal, never into a file or the journal.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .finish()
-            .with(filter)
-            .init(),
-        LogFormat::Json => builder.with_ansi(false).json().finish().with(filter).init(),
-    }
-}
-
-/// `RUST_LOG` as `target=level` directives (`info,meshcert_agent=debug`), or `default`.
-/// (Plain targets rather than `EnvFilter`: no regular-expression engine in the agent.)
-fn log_filter(default: tracing::level_filters::LevelFilter) -> tracing_subscriber::filter::Targets {
-    let fallback = || tracing_subscriber::filter::Targets::new().with_default(default);
-    match std::env::var("RUST_LOG") {
-        Ok(text) if !text.trim().is_empty() => text.parse().unwrap_or_else(|e| {
-            eprintln!("meshcert-agent: RUST_LOG ignored ({e}); logging at {default}");
-            fallback()
-        }),
-        _ => fallback(),
-    }
-}
-
 /// Runtime worker threads: the agent's work is mostly waiting (holder, sockets, timers).
 const WORKER_THREADS: usize = 2;
 /// Runtime blocking threads: key generation, volume installs (`block_in_place`), caller
@@ -190,7 +150,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -202,16 +162,7 @@ fn main() -> ExitCode {
         _ => Ok(()),
     };
     heap::use_one_arena();
-    // A small, fixed runtime: every thread that allocates gets its own glibc arena, and a
-    // default runtime (one worker per core, up to 512 blocking threads) multiplied them with
-    // the entries (42 threads and 69 MB anonymous at 1000 entries).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
-        .max_blocking_threads(BLOCKING_THREADS)
-        .thread_keep_alive(std::time::Duration::from_secs(10))
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshcert-agent: cannot start the runtime: {e}");
@@ -220,98 +171,129 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            init_logging(cli.log_format);
+            logging::init("meshcert-agent", cli.log_format, LevelFilter::INFO);
             if let Err(e) = tunables {
                 tracing::warn!(error = %e, tunables = heap::TUNABLES, "cannot start again in place (allocator tunables, join token out of the arguments); going on as started");
             }
-            let join_token = match (&args.join_token, &args.join_token_file) {
-                (Some(t), _) => Some(t.trim().to_owned()),
-                (None, Some(path)) => match std::fs::read_to_string(path) {
-                    Ok(t) => Some(t.trim().to_owned()),
-                    // Deleted after the join: the node identity in the state folder is used.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "cannot read the join token file");
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                },
-                (None, None) => None,
-            };
-            let options = RunOptions {
-                config_path: args.config.config.clone(),
-                overrides: args.config.overrides(),
-                join_token: join_token.filter(|t| !t.is_empty()),
-            };
-            match runtime.block_on(daemon::run(options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-                }
-            }
+            run(&runtime, args)
         }
-        Command::CheckConfig(args) => {
-            match config::load_with_listeners(&args.config, &args.overrides()) {
-                Ok((c, listeners)) => {
-                    println!("config OK");
-                    println!(
-                        "caAddress: {} (TLS name {})",
-                        c.ca_address, c.ca_server_name
-                    );
-                    println!("nodeName: {}", c.node_name);
-                    println!("mesh: {}", c.mesh);
-                    println!("stateDir: {}", c.state_dir.display());
-                    println!("volumeDir: {}", c.volume_dir.display());
-                    println!("workloadSocket: {}", c.workload_socket.display());
-                    println!("adminSocket: {}", c.admin_socket.display());
-                    println!(
-                        "metricsListen: {}",
-                        listeners
-                            .metrics_listen
-                            .map_or_else(|| "off".to_owned(), |a| a.to_string())
-                    );
-                    println!("keyAlgorithm: {}", c.key_algorithm);
-                    println!("local entries: {}", c.entries.len());
+        Command::CheckConfig(args) => check_config(&args),
+        Command::Status(args) => status(&runtime, &args),
+    }
+}
+
+/// A small, fixed runtime: every thread that allocates gets its own glibc arena, and a default
+/// runtime (one worker per core, up to 512 blocking threads) multiplied them with the entries
+/// (42 threads and 69 MB anonymous at 1000 entries).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(std::time::Duration::from_secs(10))
+        .enable_all()
+        .build()
+}
+
+/// `meshcert-agent run`.
+fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> ExitCode {
+    let join_token = match join_token(&args) {
+        Ok(token) => token,
+        Err(code) => return code,
+    };
+    let options = RunOptions {
+        config_path: args.config.config.clone(),
+        overrides: args.config.overrides(),
+        join_token: join_token.filter(|t| !t.is_empty()),
+    };
+    match runtime.block_on(daemon::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The join token from `--join-token`, else from `--join-token-file` (a missing file is fine:
+/// deleted after the join, the node identity in the state folder is used).
+fn join_token(args: &RunArgs) -> Result<Option<String>, ExitCode> {
+    match (&args.join_token, &args.join_token_file) {
+        (Some(t), _) => Ok(Some(t.trim().to_owned())),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(t) => Ok(Some(t.trim().to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the join token file");
+                Err(ExitCode::from(exit::USAGE))
+            }
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// `meshcert-agent check-config`.
+fn check_config(args: &ConfigArgs) -> ExitCode {
+    match config::load_with_listeners(&args.config, &args.overrides()) {
+        Ok((c, listeners)) => {
+            println!("config OK");
+            println!(
+                "caAddress: {} (TLS name {})",
+                c.ca_address, c.ca_server_name
+            );
+            println!("nodeName: {}", c.node_name);
+            println!("mesh: {}", c.mesh);
+            println!("stateDir: {}", c.state_dir.display());
+            println!("volumeDir: {}", c.volume_dir.display());
+            println!("workloadSocket: {}", c.workload_socket.display());
+            println!("adminSocket: {}", c.admin_socket.display());
+            println!(
+                "metricsListen: {}",
+                listeners
+                    .metrics_listen
+                    .map_or_else(|| "off".to_owned(), |a| a.to_string())
+            );
+            println!("keyAlgorithm: {}", c.key_algorithm);
+            println!("local entries: {}", c.entries.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshcert-agent: {e}");
+            ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+/// `meshcert-agent status`: the status table or JSON, or one probe.
+fn status(runtime: &tokio::runtime::Runtime, args: &StatusArgs) -> ExitCode {
+    if let Some(check) = args.check {
+        return match runtime.block_on(admin::probe(&args.admin_socket, check.into())) {
+            Ok(answer) => {
+                print!("{}", answer.body);
+                if answer.ok {
                     ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("meshcert-agent: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
-        Command::Status(args) => {
-            if let Some(check) = args.check {
-                return match runtime.block_on(admin::probe(&args.admin_socket, check.into())) {
-                    Ok(answer) => {
-                        print!("{}", answer.body);
-                        if answer.ok {
-                            ExitCode::SUCCESS
-                        } else {
-                            ExitCode::FAILURE
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("meshcert-agent: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
-            }
-            let json = match args.output.as_deref() {
-                None | Some("table") | Some("text") => false,
-                Some("json") => true,
-                Some(other) => {
-                    eprintln!("meshcert-agent: unknown output format `{other}` (use json)");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            match runtime.block_on(admin::print_status(&args.admin_socket, json)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("meshcert-agent: {e}");
+                } else {
                     ExitCode::FAILURE
                 }
             }
+            Err(e) => {
+                eprintln!("meshcert-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let json = match args.output.as_deref() {
+        None | Some("table") | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            eprintln!("meshcert-agent: unknown output format `{other}` (use json)");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match runtime.block_on(admin::print_status(&args.admin_socket, json)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshcert-agent: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_daemon::serve::{Connection, Limits, Pools};
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
     AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest, SignRequest,
@@ -48,7 +48,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::cache::{AgentStatus, Cache};
@@ -126,73 +126,42 @@ fn gauge_value(n: i128) -> i64 {
 impl Metrics {
     /// Every metric at zero, registered.
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let expiry = Family::<Labels, Gauge>::default();
-        let rotations = Family::<Labels, Counter>::default();
-        let failures = Family::<Labels, Counter>::default();
-        let identities = Family::<Labels, Gauge>::default();
-        // 1 ms to about 33 s: a loopback holder answers in milliseconds, a distant or busy one
-        // (RSA keys, large batches) in seconds.
-        let signing = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let node_expiry = Gauge::default();
-        let bundle_version = Gauge::default();
-        let ca_connected = Gauge::default();
+        let mut r = Registry::default();
         let workload = crate::workload::metrics::ApiMetrics::default();
-        workload.register(&mut registry);
-        let ca_unreachable_since = Gauge::default();
-        let expired_while_unreachable = Family::<Labels, Gauge>::default();
-        registry.register(
+        workload.register(&mut r);
+        let ca_unreachable_since = registered(
+            &mut r,
             "meshcert_agent_ca_unreachable_since_seconds",
             "Since when (Unix seconds) the CA holder cannot serve; 0 while it answers",
-            ca_unreachable_since.clone(),
+            Gauge::default(),
         );
-        registry.register(
+        let expired_while_unreachable = registered(
+            &mut r,
             "meshcert_agent_svid_expired_while_ca_unreachable",
             "1 for each identity whose SVID expired while the CA holder could not serve (this outage)",
-            expired_while_unreachable.clone(),
+            Family::<Labels, Gauge>::default(),
         );
-        registry.register(
-            "meshcert_agent_svid_expiry_seconds",
-            "Seconds until the installed SVID expires (negative once expired)",
-            expiry.clone(),
-        );
-        registry.register(
-            "meshcert_agent_rotations",
-            "New SVIDs installed since start, the first issuance included",
-            rotations.clone(),
-        );
-        registry.register(
-            "meshcert_agent_rotation_failures",
-            "Failed attempts to obtain or install an SVID",
-            failures.clone(),
-        );
-        registry.register(
-            "meshcert_agent_identities",
-            "Identities managed by this agent, by state",
-            identities.clone(),
-        );
-        registry.register(
-            "meshcert_agent_signing_duration_seconds",
-            "Time for the CA holder to answer one signing request (a batch of CSRs)",
-            signing.clone(),
-        );
-        registry.register(
+        let (expiry, rotations, failures, identities, signing) = svid_metrics(&mut r);
+        let node_expiry = registered(
+            &mut r,
             "meshcert_agent_node_svid_expiry_seconds",
             "Seconds until the node SVID expires (negative once expired)",
-            node_expiry.clone(),
+            Gauge::default(),
         );
-        registry.register(
+        let bundle_version = registered(
+            &mut r,
             "meshcert_agent_bundle_version",
             "The trust bundle version held",
-            bundle_version.clone(),
+            Gauge::default(),
         );
-        registry.register(
+        let ca_connected = registered(
+            &mut r,
             "meshcert_agent_ca_connected",
             "1 when the last call to the CA holder succeeded, else 0",
-            ca_connected.clone(),
+            Gauge::default(),
         );
         Self {
-            registry,
+            registry: r,
             expiry,
             rotations,
             failures,
@@ -404,6 +373,71 @@ impl<I: Issuer> Issuer for TimedIssuer<I> {
     }
 }
 
+/// The per-identity metrics and the signing histogram, registered.
+#[allow(clippy::type_complexity)]
+fn svid_metrics(
+    r: &mut Registry,
+) -> (
+    Family<Labels, Gauge>,
+    Family<Labels, Counter>,
+    Family<Labels, Counter>,
+    Family<Labels, Gauge>,
+    Histogram,
+) {
+    let expiry = registered(
+        r,
+        "meshcert_agent_svid_expiry_seconds",
+        "Seconds until the installed SVID expires (negative once expired)",
+        Family::<Labels, Gauge>::default(),
+    );
+    let rotations = registered(
+        r,
+        "meshcert_agent_rotations",
+        "New SVIDs installed since start, the first issuance included",
+        Family::<Labels, Counter>::default(),
+    );
+    let failures = registered(
+        r,
+        "meshcert_agent_rotation_failures",
+        "Failed attempts to obtain or install an SVID",
+        Family::<Labels, Counter>::default(),
+    );
+    let identities = registered(
+        r,
+        "meshcert_agent_identities",
+        "Identities managed by this agent, by state",
+        Family::<Labels, Gauge>::default(),
+    );
+    // 1 ms to about 33 s: a loopback holder answers in milliseconds, a distant or busy one
+    // (RSA keys, large batches) in seconds.
+    let signing = registered(
+        r,
+        "meshcert_agent_signing_duration_seconds",
+        "Time for the CA holder to answer one signing request (a batch of CSRs)",
+        Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+    );
+    (expiry, rotations, failures, identities, signing)
+}
+
+/// Registers `metric` under `name` and returns a handle to it (metrics are shared handles).
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// The plaintext listener's bounds (a scraper polls; a few connections are plenty).
+const LIMITS: Limits = Limits {
+    max_connections: 16,
+    header_read_timeout: Duration::from_secs(10),
+    lifetime: Duration::from_secs(60),
+    keep_alive: true,
+};
+
 /// Serves `GET /metrics` in plaintext on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -411,40 +445,27 @@ pub async fn serve(
     cache: Cache,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = Arc::clone(&metrics);
-        let cache = cache.clone();
-        tokio::spawn(async move {
+    let handle = move |connection: Connection<TcpStream, _>| {
+        let (metrics, cache) = (Arc::clone(&metrics), cache.clone());
+        async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let answer = answer(&metrics, &cache, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(answer) }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-        });
-    }
+            connection
+                .limits
+                .serve_http1("metrics", connection.io, service)
+                .await;
+        }
+    };
+    let pools = Pools::single(LIMITS);
+    meshcert_daemon::serve::serve("metrics", listener, pools, |_| true, handle, shutdown).await;
 }
 
 fn answer(metrics: &Metrics, cache: &Cache, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match (method, path) {
         (&Method::GET, "/metrics") => {
-            return metrics.response(&cache.status(), crate::admin::unix_now_secs());
+            return metrics.response(&cache.status(), crate::cache::unix_now_secs());
         }
         (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
         _ => (StatusCode::NOT_FOUND, "only /metrics here\n"),

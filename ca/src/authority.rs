@@ -12,8 +12,6 @@
 //! a usable key is an error naming the file, never a reason to generate a new root.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -249,36 +247,15 @@ pub fn leaf_params(
 
 /// Makes a rename or a new entry in `dir` durable: fsync of the folder itself.
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    std::fs::File::open(dir)?.sync_all()
+    meshcert_daemon::fs::sync_dir(dir)
 }
 
-/// Writes `bytes` to `path` through a temporary file created with `mode` (never a looser mode,
-/// even for an instant), fsync'd, renamed over `path`, and the folder fsync'd so that the
-/// rename survives a crash.
+/// Writes `bytes` to `path` atomically with `mode` from creation ([`meshcert_daemon::fs`]).
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AuthorityError> {
-    let io = |source| AuthorityError::Io {
+    meshcert_daemon::fs::write_atomic(path, bytes, mode).map_err(|source| AuthorityError::Io {
         path: path.to_owned(),
         source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    sync_dir(path.parent().unwrap_or(Path::new("."))).map_err(io)
+    })
 }
 
 /// Writes a private key (PEM) with mode 0600 from creation; the caller's text is zeroised by

@@ -13,6 +13,10 @@
 //! `holder.metricsListen` (`address:port`) turns on the plaintext Prometheus listener.
 //! On reload everything takes effect except `holder.listen`, `holder.stateDir`,
 //! `holder.adminSocket`, `holder.datastore` and `holder.metricsListen`, which need a restart.
+//!
+//! One file on purpose: the raw serde shapes, their defaults and the `validate_*` function of
+//! each section read top to bottom as the file's schema; split apart, a field's shape, default
+//! and rule would sit in three places. Each function stays short; the length is the schema's.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -329,13 +333,73 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// Parses and validates configuration text; on failure, every problem with its field path.
+/// Each section has its own `validate_*` function: a new field is one line here and one there.
 pub fn parse(text: &str) -> Result<Config, Vec<String>> {
     let raw: RawFile = match serde_norway::from_str(text) {
         Ok(raw) => raw,
         Err(e) => return Err(vec![format!("(file): {e}")]),
     };
     let mut p = Problems::default();
+    let name = validate_header(&raw, &mut p);
+    let spec = raw.spec.unwrap_or_else(|| {
+        p.add("spec", "is missing");
+        RawSpec::default()
+    });
+    let display_name = spec.display_name.clone().unwrap_or_else(|| name.clone());
+    let meshes = validate_meshes(&spec.meshes, &mut p);
+    let root = validate_root(
+        spec.certificate_authority,
+        "spec.certificateAuthority",
+        &mut p,
+    );
+    let trust = validate_trust(spec.shared.is_some(), spec.limited.is_some(), &mut p);
+    let mesh_roots = validate_mesh_roots(spec.meshes, trust, &root, &mut p);
+    let federation_permissive = validate_federation(spec.federation, &mut p);
+    let enforcement = validate_enforcement(spec.enforce_access_control.as_deref(), &mut p);
+    let holder = validate_holder_section(raw.holder, &meshes, &mut p);
+    let entries = validate_entries(raw.entries, &meshes, &mut p);
+    check_sealing_key(&holder, &root, &mesh_roots, &mut p);
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    Ok(Config {
+        name,
+        display_name,
+        meshes,
+        root,
+        mesh_roots,
+        trust,
+        federation_permissive,
+        enforcement,
+        holder,
+        entries,
+    })
+}
 
+/// A builtin root on PostgreSQL is shared sealed: every replica needs the key-encryption key.
+fn check_sealing_key(
+    holder: &HolderSettings,
+    root: &RootSource,
+    mesh_roots: &BTreeMap<String, RootSource>,
+    p: &mut Problems,
+) {
+    let builtin = std::iter::once(root)
+        .chain(mesh_roots.values())
+        .any(|r| matches!(r, RootSource::Builtin { .. }));
+    if matches!(holder.datastore, Datastore::Postgres(_))
+        && builtin
+        && holder.key_encryption_key_file.is_none()
+    {
+        p.add(
+            "holder.keyEncryptionKeyFile",
+            "required when holder.datastore is PostgreSQL and a root is builtin: every replica \
+             decrypts the shared builtin root with it (the database never holds it in clear)",
+        );
+    }
+}
+
+/// `apiVersion`, `kind` and `metadata.name`; returns the name.
+fn validate_header(raw: &RawFile, p: &mut Problems) -> String {
     match raw.api_version.as_deref() {
         Some(API_VERSION) => {}
         Some(other) => p.add(
@@ -352,7 +416,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
         Some(other) => p.add("kind", format!("is `{other}`, expected `{KIND}`")),
         None => p.add("kind", format!("is missing, expected `{KIND}`")),
     }
-    let name = match raw.metadata.and_then(|m| m.name) {
+    match raw.metadata.as_ref().and_then(|m| m.name.clone()) {
         Some(n) if valid_node_name(&n) => n,
         Some(n) => {
             p.add("metadata.name", format!("`{n}` is not a DNS-style name"));
@@ -362,32 +426,31 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             p.add("metadata.name", "is missing");
             String::new()
         }
-    };
-    let spec = match raw.spec {
-        Some(s) => s,
-        None => {
-            p.add("spec", "is missing");
-            RawSpec::default()
-        }
-    };
-    let display_name = spec.display_name.clone().unwrap_or_else(|| name.clone());
+    }
+}
 
-    let meshes = validate_meshes(&spec.meshes, &mut p);
-    let root = validate_root(
-        spec.certificate_authority,
-        "spec.certificateAuthority",
-        &mut p,
-    );
-    let trust = match (&spec.shared, &spec.limited) {
-        (Some(_), Some(_)) => {
+/// `spec.shared` or `spec.limited` (shared when neither is set).
+fn validate_trust(shared: bool, limited: bool, p: &mut Problems) -> TrustModel {
+    match (shared, limited) {
+        (true, true) => {
             p.add("spec", "sets both `shared` and `limited`; choose one");
             TrustModel::Shared
         }
-        (_, Some(_)) => TrustModel::Limited,
+        (_, true) => TrustModel::Limited,
         _ => TrustModel::Shared,
-    };
+    }
+}
+
+/// Each mesh's own root under limited trust (`spec.meshes[i].certificateAuthority`, else the
+/// builtin root's settings); no two meshes may share the shared root's certificate.
+fn validate_mesh_roots(
+    meshes: Vec<RawMesh>,
+    trust: TrustModel,
+    root: &RootSource,
+    p: &mut Problems,
+) -> std::collections::BTreeMap<String, RootSource> {
     let mut mesh_roots = std::collections::BTreeMap::new();
-    for (i, m) in spec.meshes.into_iter().enumerate() {
+    for (i, m) in meshes.into_iter().enumerate() {
         let base = format!("spec.meshes[{i}].certificateAuthority");
         let own = match (m.certificate_authority, trust) {
             (Some(_), TrustModel::Shared) => {
@@ -397,10 +460,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
                 );
                 continue;
             }
-            (Some(ca), TrustModel::Limited) => validate_root(Some(ca), &base, &mut p),
-            (None, TrustModel::Limited) => match &root {
+            (Some(ca), TrustModel::Limited) => validate_root(Some(ca), &base, p),
+            (None, TrustModel::Limited) => match root {
                 b @ RootSource::Builtin { .. } => b.clone(),
-                RootSource::Provided { .. } => validate_root(None, &base, &mut p),
+                RootSource::Provided { .. } => validate_root(None, &base, p),
             },
             (None, TrustModel::Shared) => continue,
         };
@@ -408,7 +471,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             mesh_roots.insert(name, own);
         }
     }
-    if let RootSource::Provided { cert_file, .. } = &root {
+    if let RootSource::Provided { cert_file, .. } = root {
         for (name, r) in &mesh_roots {
             if let RootSource::Provided { cert_file: c, .. } = r
                 && c == cert_file
@@ -420,7 +483,12 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             }
         }
     }
-    let federation_permissive = match spec.federation.and_then(|f| f.mode) {
+    mesh_roots
+}
+
+/// `spec.federation.mode`: PERMISSIVE or unset.
+fn validate_federation(federation: Option<RawFederation>, p: &mut Problems) -> bool {
+    match federation.and_then(|f| f.mode) {
         None => false,
         Some(m) if m == "PERMISSIVE" => true,
         Some(m) => {
@@ -430,8 +498,12 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             );
             false
         }
-    };
-    let enforcement = match spec.enforce_access_control.as_deref() {
+    }
+}
+
+/// `spec.enforceAccessControl`.
+fn validate_enforcement(value: Option<&str>, p: &mut Problems) -> Enforcement {
+    match value {
         None | Some("MESH_DEFAULT") => Enforcement::MeshDefault,
         Some("ENABLED") => Enforcement::Enabled,
         Some("DISABLED") => Enforcement::Disabled,
@@ -442,46 +514,24 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
             );
             Enforcement::MeshDefault
         }
-    };
-    let mut raw_holder = raw.holder;
-    let raw_clusters = raw_holder.kubernetes.take().unwrap_or_default();
-    let mut holder = validate_holder(raw_holder, &mut p);
+    }
+}
+
+/// The `holder` section, with its Kubernetes clusters checked against the meshes.
+fn validate_holder_section(
+    mut raw: RawHolder,
+    meshes: &[Mesh],
+    p: &mut Problems,
+) -> HolderSettings {
+    let raw_clusters = raw.kubernetes.take().unwrap_or_default();
+    let mut holder = validate_holder(raw, p);
     let mesh_names: Vec<String> = meshes.iter().map(|m| m.name.clone()).collect();
     let mut cluster_problems = Vec::new();
     holder.kubernetes = crate::k8s::validate(raw_clusters, &mesh_names, &mut cluster_problems);
     for (path, msg) in cluster_problems {
         p.add(&path, msg);
     }
-    let entries = validate_entries(raw.entries, &meshes, &mut p);
-    let builtin = std::iter::once(&root)
-        .chain(mesh_roots.values())
-        .any(|r| matches!(r, RootSource::Builtin { .. }));
-    if matches!(holder.datastore, Datastore::Postgres(_))
-        && builtin
-        && holder.key_encryption_key_file.is_none()
-    {
-        p.add(
-            "holder.keyEncryptionKeyFile",
-            "required when holder.datastore is PostgreSQL and a root is builtin: every replica \
-             decrypts the shared builtin root with it (the database never holds it in clear)",
-        );
-    }
-
-    if !p.0.is_empty() {
-        return Err(p.0);
-    }
-    Ok(Config {
-        name,
-        display_name,
-        meshes,
-        root,
-        mesh_roots,
-        trust,
-        federation_permissive,
-        enforcement,
-        holder,
-        entries,
-    })
+    holder
 }
 
 #[derive(Default)]
@@ -639,44 +689,15 @@ fn duration_field(raw: Option<String>, default: u64, path: &str, p: &mut Problem
 }
 
 fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
-    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let listen = listen_text.parse().unwrap_or_else(|_| {
-        p.add(
-            "holder.listen",
-            format!("`{listen_text}` is not an address:port such as 127.0.0.1:8443"),
-        );
-        SocketAddr::from(([127, 0, 0, 1], 8443))
-    });
+    let listen = validate_listen(raw.listen, p);
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let admin_socket = raw
         .admin_socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
-    let server_names = raw
-        .server_names
-        .unwrap_or_else(|| vec!["localhost".to_owned()]);
-    for (i, n) in server_names.iter().enumerate() {
-        let ok = !n.is_empty()
-            && n.len() <= 253
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*'));
-        if !ok {
-            p.add(
-                &format!("holder.serverNames[{i}]"),
-                format!("`{n}` is not a DNS name"),
-            );
-        }
-    }
-    let metrics_listen = raw.metrics_listen.and_then(|text| {
-        text.parse().map(Some).unwrap_or_else(|_| {
-            p.add(
-                "holder.metricsListen",
-                format!("`{text}` is not an address:port such as 127.0.0.1:9090"),
-            );
-            None
-        })
-    });
+    let server_names = validate_server_names(raw.server_names, p);
+    let metrics_listen = validate_metrics_listen(raw.metrics_listen, p);
     let datastore = match raw.datastore.as_deref() {
         None | Some("sqlite") => Datastore::Sqlite(None),
         Some(s) if s.starts_with("sqlite://") => {
@@ -713,28 +734,9 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
             "holder.retention",
             p,
         ),
-        max_connections: match raw.max_connections {
-            None => DEFAULT_MAX_CONNECTIONS,
-            Some(n) if (1..=1_000_000).contains(&n) => {
-                usize::try_from(n).unwrap_or(DEFAULT_MAX_CONNECTIONS)
-            }
-            Some(n) => {
-                p.add(
-                    "holder.maxConnections",
-                    format!("{n} is not between 1 and 1000000"),
-                );
-                DEFAULT_MAX_CONNECTIONS
-            }
-        },
+        max_connections: validate_max_connections(raw.max_connections, p),
         kubernetes: Vec::new(),
-        jwt_algorithm: match raw.jwt_algorithm.as_deref().map(str::parse) {
-            None => crate::jwt::JwtAlgorithm::default(),
-            Some(Ok(a)) => a,
-            Some(Err(e)) => {
-                p.add("holder.jwtAlgorithm", e);
-                crate::jwt::JwtAlgorithm::default()
-            }
-        },
+        jwt_algorithm: validate_jwt_algorithm(raw.jwt_algorithm.as_deref(), p),
         key_encryption_key_file: raw.key_encryption_key_file,
         root_rotation: crate::rotation::Settings::from_raw(raw.root_rotation).unwrap_or_else(
             |problems| {
@@ -744,6 +746,78 @@ fn validate_holder(raw: RawHolder, p: &mut Problems) -> HolderSettings {
                 crate::rotation::Settings::default()
             },
         ),
+    }
+}
+
+/// `holder.listen`.
+fn validate_listen(text: Option<String>, p: &mut Problems) -> SocketAddr {
+    let text = text.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    text.parse().unwrap_or_else(|_| {
+        p.add(
+            "holder.listen",
+            format!("`{text}` is not an address:port such as 127.0.0.1:8443"),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 8443))
+    })
+}
+
+/// `holder.serverNames`: DNS names (`localhost` when unset).
+fn validate_server_names(names: Option<Vec<String>>, p: &mut Problems) -> Vec<String> {
+    let names = names.unwrap_or_else(|| vec!["localhost".to_owned()]);
+    for (i, n) in names.iter().enumerate() {
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*'));
+        if !ok {
+            p.add(
+                &format!("holder.serverNames[{i}]"),
+                format!("`{n}` is not a DNS name"),
+            );
+        }
+    }
+    names
+}
+
+/// `holder.metricsListen` (off when unset).
+fn validate_metrics_listen(text: Option<String>, p: &mut Problems) -> Option<SocketAddr> {
+    text.and_then(|text| {
+        text.parse().map(Some).unwrap_or_else(|_| {
+            p.add(
+                "holder.metricsListen",
+                format!("`{text}` is not an address:port such as 127.0.0.1:9090"),
+            );
+            None
+        })
+    })
+}
+
+/// `holder.maxConnections`.
+fn validate_max_connections(value: Option<i64>, p: &mut Problems) -> usize {
+    match value {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if (1..=1_000_000).contains(&n) => {
+            usize::try_from(n).unwrap_or(DEFAULT_MAX_CONNECTIONS)
+        }
+        Some(n) => {
+            p.add(
+                "holder.maxConnections",
+                format!("{n} is not between 1 and 1000000"),
+            );
+            DEFAULT_MAX_CONNECTIONS
+        }
+    }
+}
+
+/// `holder.jwtAlgorithm`.
+fn validate_jwt_algorithm(value: Option<&str>, p: &mut Problems) -> crate::jwt::JwtAlgorithm {
+    match value.map(str::parse) {
+        None => crate::jwt::JwtAlgorithm::default(),
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            p.add("holder.jwtAlgorithm", e);
+            crate::jwt::JwtAlgorithm::default()
+        }
     }
 }
 

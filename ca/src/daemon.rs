@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use notify::Watcher as _;
+use meshcert_daemon::systemd;
+use meshcert_daemon::watch::ConfigWatcher;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::{self, Config, ConfigError};
 use crate::holder::{Holder, HolderError, ReloadOutcome};
@@ -27,8 +28,6 @@ use crate::{admin, metrics, server};
 const RENEWAL_CHECK: Duration = Duration::from_secs(5);
 /// How often expired issuances and spent join tokens are pruned (`holder.retention`).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Quiet time after the last file event before the file is re-read.
-const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Why the holder stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -118,14 +117,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     let listener = TcpListener::bind(listen).await.map_err(bind_err(listen))?;
     let addr = listener.local_addr().map_err(bind_err(listen))?;
     holder.set_listen_address(addr);
-    let metrics_listener = match metrics_listen {
-        Some(m) => {
-            let l = TcpListener::bind(m).await.map_err(bind_err(m))?;
-            holder.set_metrics_address(l.local_addr().map_err(bind_err(m))?);
-            Some(l)
-        }
-        None => None,
-    };
+    let metrics_listener = bind_metrics(metrics_listen, &holder).await?;
     let tls = server::tls_config(&holder, now)?;
     holder.set_tls(tls.clone());
     let admin_path = holder.serving().config.holder.admin_socket.clone();
@@ -162,13 +154,50 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         )),
     ];
     if let Some(l) = metrics_listener {
+        let h = Arc::clone(&holder);
+        let render = move || {
+            let heartbeat = h.serving().config.holder.heartbeat;
+            h.metrics.render(&*h.store, heartbeat, SystemTime::now())
+        };
         tasks.push(tokio::spawn(metrics::serve(
             l,
-            Arc::clone(&holder),
+            render,
             stopped(stop_rx.clone()),
         )));
     }
 
+    log_serving(&holder, addr, &admin_path);
+    systemd::ready("serving");
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    systemd::stopping();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+/// Binds the plaintext metrics listener when `holder.metricsListen` is set.
+async fn bind_metrics(
+    address: Option<std::net::SocketAddr>,
+    holder: &Holder,
+) -> Result<Option<TcpListener>, DaemonError> {
+    let Some(m) = address else { return Ok(None) };
+    let l = TcpListener::bind(m).await.map_err(bind_err(m))?;
+    holder.set_metrics_address(l.local_addr().map_err(bind_err(m))?);
+    Ok(Some(l))
+}
+
+/// Logs what the holder serves, once it is up.
+fn log_serving(holder: &Holder, addr: std::net::SocketAddr, admin_path: &Path) {
     let serving = holder.serving();
     for m in &serving.config.meshes {
         tracing::info!(
@@ -187,25 +216,6 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         bundle_version = serving.bundle_version,
         "meshcert-ca is serving"
     );
-    drop(serving);
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
-
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        for t in tasks {
-            let _ = t.await;
-        }
-    })
-    .await;
-    let _ = std::fs::remove_file(&admin_path);
-    Ok(())
 }
 
 /// Renews intermediates and the API's server certificate past half of their life, on the
@@ -288,50 +298,6 @@ async fn pruning(holder: Arc<Holder>, stop: impl std::future::Future<Output = ()
     }
 }
 
-/// Watches the configuration file's folder; sends a unit per relevant event.
-fn watch_file(path: &Path) -> Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let name = path.file_name()?.to_owned();
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let handler = move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
-        if matches!(event.kind, notify::EventKind::Access(_)) {
-            return;
-        }
-        // The file itself, or a Kubernetes ConfigMap's `..data` symlink swap.
-        let relevant = event.paths.iter().any(|p| {
-            p.file_name()
-                .is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with(".."))
-        });
-        if relevant {
-            let _ = tx.send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP");
-            return None;
-        }
-    };
-    if let Err(e) = watcher.watch(&folder, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the configuration folder; reload with SIGHUP");
-        return None;
-    }
-    Some((watcher, rx))
-}
-
-fn digest(path: &Path) -> Option<Vec<u8>> {
-    std::fs::read(path).ok().map(|b| {
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b)
-            .as_ref()
-            .to_vec()
-    })
-}
-
 /// The reload loop: SIGHUP always reloads; a file change reloads when the content changed.
 async fn reloads(
     holder: Arc<Holder>,
@@ -340,26 +306,16 @@ async fn reloads(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    let (_watcher, mut events) = match watch_file(&source.path) {
-        Some((w, rx)) => (Some(w), rx),
-        None => (None, mpsc::unbounded_channel().1),
-    };
-    let mut last = digest(&source.path);
+    let mut watcher = ConfigWatcher::start(&source.path);
     loop {
         let why = tokio::select! {
             _ = &mut stop => break,
-            _ = hup.recv() => "SIGHUP",
-            Some(()) = events.recv() => {
-                // Debounce: wait until the folder is quiet.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-                let now = digest(&source.path);
-                if now.is_none() || now == last {
-                    continue;
-                }
-                "file changed"
+            _ = hup.recv() => {
+                watcher.seen();
+                "SIGHUP"
             }
+            () = watcher.changed() => "file changed",
         };
-        last = digest(&source.path);
         reload(&holder, &source, why).await;
     }
 }
@@ -367,11 +323,7 @@ async fn reloads(
 /// One reload, told to systemd.
 async fn reload(holder: &Arc<Holder>, source: &ConfigSource, why: &str) {
     tracing::info!(reason = why, path = %source.path.display(), "reloading the configuration");
-    let mut states = vec![sd_notify::NotifyState::Reloading];
-    if let Ok(m) = sd_notify::NotifyState::monotonic_usec_now() {
-        states.push(m);
-    }
-    let _ = sd_notify::notify(false, &states);
+    systemd::reloading();
     let work = {
         let holder = Arc::clone(holder);
         let source = source.clone();
@@ -394,5 +346,5 @@ async fn reload(holder: &Arc<Holder>, source: &ConfigSource, why: &str) {
         Ok(outcome) => tracing::info!(outcome = ?outcome, "reload done"),
         Err(e) => tracing::error!(error = %e, "the reload task failed"),
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    systemd::reloaded();
 }

@@ -1,5 +1,9 @@
 //! The running holder: configuration, authority, datastore and entries, and the operations the
 //! HTTPS API and the admin socket expose. Transport-free, so both front ends share it.
+//!
+//! One file on purpose: every operation here reads or swaps the one `Serving` snapshot under the
+//! same locks (attest, renew, sync, sign, report, reload), and keeping them together keeps that
+//! discipline visible. The status document is built in `status`, the policy checks in `policy`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt as _;
@@ -14,15 +18,12 @@ use meshcert_protocol::api::{
 use meshcert_protocol::{Enforcement, NodeReport, SpiffeId};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
-use crate::authority::{Authority, AuthorityError, rfc3339, unix};
+use crate::authority::{Authority, AuthorityError, unix};
 use crate::config::{Config, TrustModel};
 use crate::entries::EntryBook;
 use crate::metrics::Metrics;
 use crate::policy::{Caller, LocalRules, check_csr, check_sign};
-use crate::status::{
-    CertificateStatus, ConfigStatus, IntermediateStatus, MeshFacts, MeshRootStatus, RootStatus,
-    ServerCertStatus, State, Status, enforcement_status, federation_status, node_statuses,
-};
+use crate::status::{ConfigStatus, ServerCert, State, Status, StatusBuilder};
 use crate::store::{
     Issuance, KubernetesNodeOutcome, NodeRecord, Store, StoreError, StoredReport, TokenOutcome,
     TokenRecord,
@@ -881,161 +882,32 @@ impl Holder {
         Ok(token)
     }
 
-    /// The server certificate's facts for the status; adds its renewal failure and its
-    /// expiry warning to `messages`.
-    fn server_cert_status(
-        &self,
-        now: SystemTime,
-        messages: &mut Vec<String>,
-    ) -> Option<ServerCertStatus> {
-        let error = self
-            .server_cert_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some(e) = error {
-            messages.push(format!("server certificate renewal failed: {e}"));
-        }
-        let t = self.tls()?;
-        messages.extend(crate::status::server_cert_warning(
-            t.not_before,
-            t.not_after,
-            now,
-        ));
-        let life = t.not_after.duration_since(t.not_before).unwrap_or_default();
-        Some(ServerCertStatus {
-            fingerprint_sha256: t.fingerprint,
-            not_before: rfc3339(t.not_before),
-            not_after: rfc3339(t.not_after),
-            renew_at: rfc3339(t.not_before + life / 2),
-        })
-    }
-
     /// The status document.
     pub fn status(&self, now: SystemTime) -> Result<Status, ApiError> {
         let serving = self.serving();
-        let config = &serving.config;
-        let authority = &serving.authority;
-        let nodes = self
-            .store
-            .nodes()
-            .map_err(|e| stored("listing nodes", &e))?;
-        let reports = self
-            .store
-            .reports()
-            .map_err(|e| stored("listing reports", &e))?;
-        let issued = self
-            .store
-            .issuance_count()
-            .map_err(|e| stored("counting issuances", &e))?;
-        let root = authority.root();
-        let mut messages = Vec::new();
-        if now >= root.not_after {
-            messages.push(format!(
-                "the shared root expired at {}",
-                rfc3339(root.not_after)
-            ));
-        }
-        let mut intermediates = Vec::new();
-        let mut mesh_roots = Vec::new();
-        for m in &config.meshes {
-            if let Some(r) = authority.mesh_root(&m.name) {
-                if now >= r.not_after {
-                    messages.push(format!(
-                        "the root of mesh `{}` expired at {}",
-                        m.name,
-                        rfc3339(r.not_after)
-                    ));
-                }
-                mesh_roots.push(MeshRootStatus {
-                    mesh: m.name.clone(),
-                    trust_domain: m.trust_domain.to_string(),
-                    fingerprint_sha256: r.fingerprint(),
-                    not_after: rfc3339(r.not_after),
-                });
-            }
-            let kinds = [
-                (false, authority.intermediate(&m.name)),
-                (true, authority.gateway_intermediate(&m.name)),
-            ];
-            for (gateway, ca) in kinds {
-                let Some(ca) = ca else { continue };
-                if now >= ca.not_after {
-                    messages.push(format!(
-                        "the {}intermediate of mesh `{}` expired at {}",
-                        if gateway { "gateway " } else { "" },
-                        m.name,
-                        rfc3339(ca.not_after)
-                    ));
-                }
-                intermediates.push(IntermediateStatus {
-                    mesh: m.name.clone(),
-                    trust_domain: m.trust_domain.to_string(),
-                    gateway,
-                    fingerprint_sha256: ca.fingerprint(),
-                    not_after: rfc3339(ca.not_after),
-                });
-            }
-        }
-        if let Some(e) = self
-            .renewal_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        {
-            messages.push(format!("intermediate renewal failed: {e}"));
-        }
-        let server_certificate = self.server_cert_status(now, &mut messages);
-        let facts: Vec<MeshFacts> = config
-            .meshes
-            .iter()
-            .map(|m| MeshFacts {
-                mesh: m.name.clone(),
-                trust_domain: m.trust_domain.to_string(),
-                configured: config.enforcement,
-                effective: config.effective_enforcement(m),
-            })
-            .collect();
-        Ok(Status {
-            display_name: config.display_name.clone(),
-            listen_address: self
-                .listen_address()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            metrics_address: self.metrics_address().map(|a| a.to_string()),
+        let last_error = |m: &Mutex<Option<String>>| {
+            m.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        };
+        StatusBuilder {
+            config: &serving.config,
+            authority: &serving.authority,
+            bundle_version: serving.bundle_version,
+            store: &*self.store,
             config_status: read(&self.config_status),
-            certificate_status: CertificateStatus {
-                state: if messages.is_empty() {
-                    State::Accepted
-                } else {
-                    State::ProcessingError
-                },
-                messages,
-                trust: match config.trust {
-                    TrustModel::Shared => "SHARED".into(),
-                    TrustModel::Limited => "LIMITED".into(),
-                },
-                root: RootStatus {
-                    fingerprint_sha256: root.fingerprint(),
-                    not_after: rfc3339(root.not_after),
-                    key_bits: authority.root_key_bits(),
-                    org: authority.root_org(),
-                },
-                mesh_roots,
-                intermediates,
-                server_certificate,
-                svids_issued: issued,
-                nodes: node_statuses(&nodes, &reports, now, config.holder.heartbeat),
-            },
-            federation_status: federation_status(
-                &facts,
-                serving.bundle_version,
-                config.federation_permissive,
-                &nodes,
-                &reports,
-            ),
-            access_control_enforcement_status: enforcement_status(&facts, &nodes, &reports),
-        })
+            listen_address: self.listen_address(),
+            metrics_address: self.metrics_address(),
+            renewal_error: last_error(&self.renewal_error),
+            server_cert_error: last_error(&self.server_cert_error),
+            server_cert: self.tls().map(|t| ServerCert {
+                fingerprint: t.fingerprint,
+                not_before: t.not_before,
+                not_after: t.not_after,
+            }),
+        }
+        .build(now)
+        .map_err(|e| stored("reading the status", &e))
     }
 }
 

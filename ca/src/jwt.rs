@@ -16,8 +16,7 @@
 //! take `holder.jwtAlgorithm` (ES256 by default, RS256 selectable); a key keeps its algorithm.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -364,17 +363,7 @@ fn save(dir: &Path, path: &Path, keys: &[StoredKey]) -> Result<(), JwtError> {
         path: path.to_owned(),
         reason: e.to_string(),
     })?);
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(&text).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    meshcert_daemon::fs::write_atomic(path, &text, 0o600).map_err(io(path))
 }
 
 /// Checks the audience of a request: 1 to [`MAX_AUDIENCES`] non-empty values.

@@ -158,6 +158,33 @@ pub struct Reviewed {
     pub pod_uid: String,
 }
 
+/// The refusal of a token the API server did not authenticate. The API server says why only
+/// in text: these are the phrases of its authenticators ("service account token has expired",
+/// "token audiences ... is invalid for the target audiences ...").
+fn not_authenticated(status: &TokenReviewStatus, cluster: &Cluster) -> ApiError {
+    let reason = status.error.clone().unwrap_or_default();
+    let lower = reason.to_ascii_lowercase();
+    let code = if lower.contains("expired") {
+        ErrorCode::TokenExpired
+    } else if lower.contains("audience") {
+        ErrorCode::WrongAudience
+    } else {
+        ErrorCode::InvalidToken
+    };
+    ApiError::new(
+        code,
+        format!(
+            "cluster `{}` did not authenticate the service-account token: {}",
+            cluster.name,
+            if reason.is_empty() {
+                "no reason given"
+            } else {
+                &reason
+            }
+        ),
+    )
+}
+
 /// Judges a TokenReview answer: authenticated, for our audience, a trusted service account,
 /// bound to a pod. Each refusal has its own code.
 pub fn judge_review(
@@ -174,30 +201,7 @@ pub fn judge_review(
         )
     })?;
     if status.authenticated != Some(true) {
-        let reason = status.error.clone().unwrap_or_default();
-        let lower = reason.to_ascii_lowercase();
-        // The API server says why only in text: these are the phrases of its authenticators
-        // ("service account token has expired", "token audiences ... is invalid for the
-        // target audiences ...").
-        let code = if lower.contains("expired") {
-            ErrorCode::TokenExpired
-        } else if lower.contains("audience") {
-            ErrorCode::WrongAudience
-        } else {
-            ErrorCode::InvalidToken
-        };
-        return Err(ApiError::new(
-            code,
-            format!(
-                "cluster `{}` did not authenticate the service-account token: {}",
-                cluster.name,
-                if reason.is_empty() {
-                    "no reason given"
-                } else {
-                    &reason
-                }
-            ),
-        ));
+        return Err(not_authenticated(status, cluster));
     }
     let audiences = status.audiences.as_deref().unwrap_or_default();
     if !audiences.contains(&cluster.audience) {

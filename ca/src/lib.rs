@@ -18,12 +18,13 @@
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait, SQLite (the default) and PostgreSQL (holder replicas).
 //! - [`sealed`]: builtin roots shared by replicas, sealed with a key-encryption key.
-//! - [`status`]: the status document and its table form.
+//! - [`status`]: the status document, its builder (from the holder's state) and its table form.
 //! - [`holder`]: the running holder's state and operations, shared by both front ends; the
 //!   configuration it serves is swapped as a whole on reload.
 //! - [`metrics`]: Prometheus counters and the optional plaintext `/metrics` listener.
 //! - [`server`]: the HTTPS API (hyper + rustls, mTLS for nodes).
-//! - [`admin`]: the admin Unix socket and the client the CLI uses.
+//! - [`admin`]: the admin Unix socket (one handler per route) and its typed client, which
+//!   the CLI (`src/cli/`, binary side) uses.
 //! - [`rotation`]: root rotation phases (PREPARED, ACTIVE, RETIRED), their persistence and
 //!   driver; [`rotation_admin`]: its admin endpoints and `meshcert-ca root` subcommands.
 //! - [`push`]: the long-poll sync that wakes agents when entries, bundles or enforcement

@@ -14,24 +14,23 @@
 //!   than a third of its lifetime (30 days) away.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_daemon::serve::{Connection, Limits, Pools};
 use meshcert_protocol::api::ErrorCode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
-use crate::holder::Holder;
 use crate::status::node_statuses;
+use crate::store::Store;
 
 /// The content type of the OpenMetrics text format, which Prometheus scrapes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -157,10 +156,10 @@ impl Metrics {
             .set(i64::try_from(version).unwrap_or(i64::MAX));
     }
 
-    /// The exposition, with the gauges read from `holder` at `now`.
-    pub fn render(&self, holder: &Holder, now: SystemTime) -> String {
-        let heartbeat = holder.serving().config.holder.heartbeat;
-        if let (Ok(nodes), Ok(reports)) = (holder.store.nodes(), holder.store.reports()) {
+    /// The exposition, with the gauges read from `store` at `now` (a node is stale after
+    /// three `heartbeat`s of silence).
+    pub fn render(&self, store: &dyn Store, heartbeat: Duration, now: SystemTime) -> String {
+        if let (Ok(nodes), Ok(reports)) = (store.nodes(), store.reports()) {
             let statuses = node_statuses(&nodes, &reports, now, heartbeat);
             let live: Vec<_> = statuses.iter().filter(|n| !n.banned).collect();
             let stale = live.iter().filter(|n| n.stale).count();
@@ -173,7 +172,7 @@ impl Metrics {
             self.nodes_reporting
                 .set(i64::try_from(reporting).unwrap_or(i64::MAX));
         }
-        if let Ok(n) = holder.store.issuance_count() {
+        if let Ok(n) = store.issuance_count() {
             self.svids_issued.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
@@ -184,48 +183,43 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` in plaintext on `listener` until `shutdown` resolves.
-pub async fn serve(
+/// The plaintext listener's bounds (a scraper polls; a few connections are plenty).
+const LIMITS: Limits = Limits {
+    max_connections: 16,
+    header_read_timeout: Duration::from_secs(10),
+    lifetime: Duration::from_secs(60),
+    keep_alive: true,
+};
+
+/// Serves `GET /metrics` in plaintext on `listener` until `shutdown` resolves; `render`
+/// produces the exposition at each scrape.
+pub async fn serve<R>(
     listener: TcpListener,
-    holder: Arc<Holder>,
+    render: R,
     shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let holder = Arc::clone(&holder);
-        tokio::spawn(async move {
+) where
+    R: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    let handle = move |connection: Connection<TcpStream, _>| {
+        let render = render.clone();
+        async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let holder = Arc::clone(&holder);
-                async move { Ok::<_, Infallible>(answer(&holder, req.method(), req.uri().path())) }
+                let answer = answer(&render, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(answer) }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-        });
-    }
+            connection
+                .limits
+                .serve_http1("metrics", connection.io, service)
+                .await;
+        }
+    };
+    let pools = Pools::single(LIMITS);
+    meshcert_daemon::serve::serve("metrics", listener, pools, |_| true, handle, shutdown).await;
 }
 
-fn answer(holder: &Holder, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn answer(render: &impl Fn() -> String, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let (status, kind, body) = match (method, path) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            CONTENT_TYPE,
-            holder.metrics.render(holder, SystemTime::now()),
-        ),
+        (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE, render()),
         (_, "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

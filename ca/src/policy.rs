@@ -176,6 +176,32 @@ pub fn inside_prefixes(path: &str, prefixes: &[String], node: &str) -> bool {
     })
 }
 
+/// The refusal of a local entry outside `holder.localEntryPrefixes`, naming what is allowed.
+fn outside_prefixes(caller: &Caller, id: &SpiffeId, prefixes: &[String]) -> ApiError {
+    let allowed: Vec<String> = prefixes
+        .iter()
+        .map(|t| {
+            format!(
+                "spiffe://{}{}",
+                caller.trust_domain,
+                expand_prefix(t, &caller.node)
+            )
+        })
+        .collect();
+    refuse(
+        ErrorCode::OutsideLocalPrefixes,
+        format!(
+            "`{id}` is outside the prefixes allowed for local entries of node `{}` (holder.localEntryPrefixes: {})",
+            caller.node,
+            if allowed.is_empty() {
+                "none".to_owned()
+            } else {
+                allowed.join(", ")
+            }
+        ),
+    )
+}
+
 /// Whether an agent-local entry may be signed for `caller`. The rules, in order, each with
 /// its own code: inside the node's trust domain (`outside_trust_domain`, under every mode);
 /// enforcement DISABLED (`policy_denied`); not the bare trust domain nor under `/meshcert/`
@@ -221,29 +247,7 @@ pub fn check_local_entry(
         ));
     }
     if !inside_prefixes(id.path(), rules.prefixes, &caller.node) {
-        let allowed: Vec<String> = rules
-            .prefixes
-            .iter()
-            .map(|t| {
-                format!(
-                    "spiffe://{}{}",
-                    caller.trust_domain,
-                    expand_prefix(t, &caller.node)
-                )
-            })
-            .collect();
-        return Err(refuse(
-            ErrorCode::OutsideLocalPrefixes,
-            format!(
-                "`{id}` is outside the prefixes allowed for local entries of node `{}` (holder.localEntryPrefixes: {})",
-                caller.node,
-                if allowed.is_empty() {
-                    "none".to_owned()
-                } else {
-                    allowed.join(", ")
-                }
-            ),
-        ));
+        return Err(outside_prefixes(caller, id, rules.prefixes));
     }
     if local.id != entry_id {
         return Err(refuse(
@@ -261,6 +265,43 @@ pub fn check_local_entry(
         ));
     }
     Ok(())
+}
+
+/// The CSR's URI SANs must be exactly `want`; a SAN outside the caller's trust domain is named
+/// as such.
+fn check_uri_san(caller: &Caller, uris: &[String], want: &SpiffeId) -> Result<(), ApiError> {
+    let want = want.to_string();
+    match uris {
+        [only] if *only == want => Ok(()),
+        [only] => {
+            if let Ok(id) = SpiffeId::new(only)
+                && !caller.trust_domain.contains(&id)
+            {
+                return Err(refuse(
+                    ErrorCode::OutsideTrustDomain,
+                    format!(
+                        "the CSR asks for `{id}`, outside the trust domain `{}`",
+                        caller.trust_domain
+                    ),
+                ));
+            }
+            Err(refuse(
+                ErrorCode::SanMismatch,
+                format!("the CSR's URI SAN `{only}` is not the entry's ID `{want}`"),
+            ))
+        }
+        [] => Err(refuse(
+            ErrorCode::SanMismatch,
+            format!("the CSR has no URI SAN; it must be exactly `{want}`"),
+        )),
+        many => Err(refuse(
+            ErrorCode::SanMismatch,
+            format!(
+                "the CSR has {} URI SANs; it must have exactly one, `{want}`",
+                many.len()
+            ),
+        )),
+    }
 }
 
 /// Decides one CSR of a signing batch. `entry` is the stored entry with the requested id;
@@ -316,42 +357,7 @@ pub fn check_sign(
         ));
     }
     let csr = check_csr(csr_der)?;
-    let want = entry.spiffe_id.to_string();
-    match csr.uris.as_slice() {
-        [only] if *only == want => {}
-        [only] => {
-            if let Ok(id) = SpiffeId::new(only)
-                && !caller.trust_domain.contains(&id)
-            {
-                return Err(refuse(
-                    ErrorCode::OutsideTrustDomain,
-                    format!(
-                        "the CSR asks for `{id}`, outside the trust domain `{}`",
-                        caller.trust_domain
-                    ),
-                ));
-            }
-            return Err(refuse(
-                ErrorCode::SanMismatch,
-                format!("the CSR's URI SAN `{only}` is not the entry's ID `{want}`"),
-            ));
-        }
-        [] => {
-            return Err(refuse(
-                ErrorCode::SanMismatch,
-                format!("the CSR has no URI SAN; it must be exactly `{want}`"),
-            ));
-        }
-        many => {
-            return Err(refuse(
-                ErrorCode::SanMismatch,
-                format!(
-                    "the CSR has {} URI SANs; it must have exactly one, `{want}`",
-                    many.len()
-                ),
-            ));
-        }
-    }
+    check_uri_san(caller, &csr.uris, &entry.spiffe_id)?;
     Ok(Approved {
         spiffe_id: entry.spiffe_id.clone(),
         ttl: entry.ttl,

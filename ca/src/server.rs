@@ -10,6 +10,7 @@
 //! There is no plaintext endpoint.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +19,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_daemon::serve::{Connection, Limits, Pools};
 use meshcert_protocol::api::{
     self, ApiError, AttestRequest, ErrorCode, KubernetesAttestRequest, MAX_BODY_BYTES,
     RenewRequest, SignRequest,
@@ -28,7 +29,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::FromDer as _;
 
@@ -138,78 +139,61 @@ pub fn tls_config(holder: &Holder, now: SystemTime) -> Result<ServerTls, ServerE
 
 /// Serves the API on `listener` until `shutdown` resolves. Each connection uses the holder's
 /// current TLS configuration ([`Holder::set_tls`], replaced on reload), `tls` until one is set.
+/// Over the cap (`holder.maxConnections`) a connection is closed at once: the agent retries
+/// with backoff.
 pub async fn serve(
     listener: TcpListener,
     holder: Arc<Holder>,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let cap = holder.serving().config.holder.max_connections;
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    let mut refused: u64 = 0;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Over the cap a connection is closed at once: the agent retries with backoff.
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(%peer, cap, refused, "connection cap reached (holder.maxConnections); closing new connections");
-            }
-            drop(tcp);
-            continue;
-        };
+    let limits = Limits {
+        max_connections: holder.serving().config.holder.max_connections,
+        header_read_timeout: HEADER_TIMEOUT,
+        lifetime: CONNECTION_LIFETIME,
+        keep_alive: true,
+    };
+    let handle = move |connection: Connection<TcpStream, SocketAddr>| {
         let acceptor = TlsAcceptor::from(
             holder
                 .tls()
                 .map_or_else(|| Arc::clone(&tls), |t| Arc::clone(&t.config)),
         );
+        serve_connection(Arc::clone(&holder), acceptor, connection)
+    };
+    let pools = Pools::single(limits);
+    meshcert_daemon::serve::serve("api", listener, pools, |_| true, handle, shutdown).await;
+}
+
+/// One API connection: the TLS handshake, then HTTP/1 with the client's chain at hand.
+async fn serve_connection(
+    holder: Arc<Holder>,
+    acceptor: TlsAcceptor,
+    connection: Connection<TcpStream, SocketAddr>,
+) {
+    let peer = connection.peer;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection.io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let client_chain: Option<Arc<Vec<Vec<u8>>>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
+    let service = service_fn(move |req| {
         let holder = Arc::clone(&holder);
-        tokio::spawn(async move {
-            let _slot = slot;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let client_chain: Option<Arc<Vec<Vec<u8>>>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
-            let service = service_fn(move |req| {
-                let holder = Arc::clone(&holder);
-                let client_chain = client_chain.clone();
-                async move { Ok::<_, Infallible>(handle(&holder, client_chain.as_deref(), req).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-                Err(_) => tracing::debug!(%peer, "connection closed after its maximum lifetime"),
-                Ok(Ok(())) => {}
-            }
-        });
-    }
+        let client_chain = client_chain.clone();
+        async move { Ok::<_, Infallible>(handle(&holder, client_chain.as_deref(), req).await) }
+    });
+    connection.limits.serve_http1("api", tls, service).await;
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {

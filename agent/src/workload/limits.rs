@@ -376,7 +376,7 @@ pub fn incoming(
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                () = super::service::stopped(&mut stop) => break,
+                _ = stop.wait_for(|stopped| *stopped) => break,
                 _ = tx.closed() => break,
                 accepted = listener.accept() => accepted,
             };

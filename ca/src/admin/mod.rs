@@ -15,12 +15,13 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use meshcert_daemon::serve::{Connection, Limits, Pools};
 use meshcert_protocol::Entry;
 use meshcert_protocol::api::{ApiError, ErrorCode};
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -28,6 +29,9 @@ use crate::entries::EntryError;
 use crate::holder::Holder;
 use crate::server::{error_response, parse_json, read_body};
 use crate::tokens::DEFAULT_TOKEN_TTL;
+
+mod client;
+pub use client::Client;
 
 /// Why the admin socket or its client failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +131,23 @@ const MAX_REFUSED: usize = 4;
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest life of a refused peer's connection (one 403 answer).
 const REFUSED_LIFETIME: Duration = Duration::from_secs(2);
+/// How long a request's headers may take.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pool of root and the holder's user.
+const ALLOWED: Limits = Limits {
+    max_connections: MAX_CONNECTIONS,
+    header_read_timeout: HEADER_TIMEOUT,
+    lifetime: CONNECTION_LIFETIME,
+    keep_alive: true,
+};
+/// The pool of refused peers, answered 403 once.
+const REFUSED: Limits = Limits {
+    max_connections: MAX_REFUSED,
+    header_read_timeout: HEADER_TIMEOUT,
+    lifetime: REFUSED_LIFETIME,
+    keep_alive: false,
+};
 
 /// Serves the admin socket until `shutdown` resolves. A peer's credentials are checked first,
 /// at accept: a peer that is neither root nor the holder's user is answered 403 from a small
@@ -137,64 +158,38 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
-    let allowed_slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let refused_slots = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSED));
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let peer = stream.peer_cred();
-        let allowed = peer
-            .as_ref()
-            .is_ok_and(|cred| uid_allowed(cred.uid(), own_uid));
-        let (slots, lifetime) = if allowed {
-            (&allowed_slots, CONNECTION_LIFETIME)
-        } else {
-            (&refused_slots, REFUSED_LIFETIME)
-        };
-        let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
-            tracing::debug!(
-                allowed,
-                "admin connection cap reached; closing a new connection"
-            );
-            continue;
-        };
-        // Logged once a slot is taken, so a refused peer cannot flood the log either.
-        match &peer {
-            Ok(cred) if !allowed => tracing::warn!(uid = cred.uid(), "admin connection refused"),
-            Err(e) => tracing::warn!(error = %e, "admin peer credentials unavailable"),
-            Ok(_) => {}
-        }
+    let check = move |stream: &UnixStream| {
+        stream
+            .peer_cred()
+            .is_ok_and(|cred| uid_allowed(cred.uid(), own_uid))
+    };
+    let handle = move |connection: Connection<UnixStream, _>| {
         let holder = Arc::clone(&holder);
-        tokio::spawn(async move {
-            let _slot = slot;
+        async move {
+            let allowed = connection.allowed;
+            // Logged once a slot is taken, so a refused peer cannot flood the log either.
+            match connection.io.peer_cred() {
+                Ok(cred) if !allowed => {
+                    tracing::warn!(uid = cred.uid(), "admin connection refused")
+                }
+                Err(e) => tracing::warn!(error = %e, "admin peer credentials unavailable"),
+                Ok(_) => {}
+            }
             let service = service_fn(move |req| {
                 let holder = Arc::clone(&holder);
                 async move { Ok::<_, Infallible>(answer(&holder, allowed, req).await) }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .keep_alive(allowed);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if tokio::time::timeout(lifetime, conn).await.is_err() {
-                tracing::debug!(
-                    allowed,
-                    "admin connection closed after its maximum lifetime"
-                );
-            }
-        });
-    }
+            connection
+                .limits
+                .serve_http1("admin", connection.io, service)
+                .await;
+        }
+    };
+    let pools = Pools {
+        allowed: ALLOWED,
+        refused: Some(REFUSED),
+    };
+    meshcert_daemon::serve::serve("admin", listener, pools, check, handle, shutdown).await;
 }
 
 /// The answer to one admin request: routed for an allowed peer, 403 for anyone else.
@@ -242,12 +237,15 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     ApiError::new(ErrorCode::Internal, "the holder failed; see its log")
 }
 
+/// Routes one request of an allowed peer: one line per endpoint. Path segments are
+/// percent-decoded (entry ids and node names may hold `/`, `?`, `%` or spaces).
 async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or("").to_owned();
+    let mesh = req.uri().query().and_then(|q| query_value(q, "mesh"));
     let now = SystemTime::now();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let decoded = segments(&path)?;
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "status"]) => Ok(json(&holder.status(now)?)),
         (_, ["v1", "root", rest @ ..]) => Ok(json(&crate::rotation_admin::route(
@@ -257,86 +255,16 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
             &read_body(req).await?,
             now,
         )?)),
-        (&Method::POST, ["v1", "tokens"]) => {
-            let body: TokenRequest = parse_json(&read_body(req).await?)?;
-            let token = holder.create_token(
-                &body.node,
-                &body.mesh,
-                body.ttl.unwrap_or(DEFAULT_TOKEN_TTL),
-                now,
-            )?;
-            Ok(json(&TokenResponse { token }))
-        }
+        (&Method::POST, ["v1", "tokens"]) => create_token(holder, req, now).await,
         (&Method::GET, ["v1", "nodes"]) => Ok(json(&holder.store.nodes().map_err(store_error)?)),
-        (&Method::POST, ["v1", "nodes", name, "ban"]) => {
-            if holder.store.ban_node(name).map_err(store_error)? {
-                tracing::warn!(node = %name, "node banned");
-                holder.changed();
-                Ok(json(&serde_json::json!({})))
-            } else {
-                Err(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no node `{name}`"),
-                ))
-            }
-        }
-        (&Method::GET, ["v1", "entries"]) => {
-            Ok(json(&holder.serving().entries.all().map_err(entry_error)?))
-        }
-        (&Method::POST, ["v1", "entries"]) => {
-            let entry: Entry = parse_json(&read_body(req).await?)?;
-            if entry.hook.is_some() {
-                tracing::warn!(entry_id = %entry.id, "entry with a hook refused");
-                return Err(ApiError::new(
-                    ErrorCode::HookNotAllowed,
-                    crate::config::HOOK_NOT_ALLOWED,
-                ));
-            }
-            holder
-                .serving()
-                .entries
-                .create(&entry)
-                .map_err(entry_error)?;
-            holder.changed();
-            tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
-            Ok(json(&entry))
-        }
-        (&Method::DELETE, ["v1", "entries", id]) => {
-            holder.serving().entries.delete(id).map_err(entry_error)?;
-            holder.changed();
-            tracing::info!(entry_id = %id, "entry deleted");
-            Ok(json(&serde_json::json!({})))
-        }
+        (&Method::POST, ["v1", "nodes", name, "ban"]) => ban_node(holder, name),
+        (&Method::GET, ["v1", "entries"]) => entries(holder),
+        (&Method::POST, ["v1", "entries"]) => create_entry(holder, req).await,
+        (&Method::DELETE, ["v1", "entries", id]) => delete_entry(holder, id),
         (&Method::GET, ["v1", "issuances"]) => {
             Ok(json(&holder.store.issuances().map_err(store_error)?))
         }
-        (&Method::GET, ["v1", "bundle"]) => {
-            let mesh = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("mesh="))
-                .map(str::to_owned);
-            let serving = holder.serving();
-            if let Some(m) = &mesh
-                && serving.config.mesh(m).is_none()
-            {
-                return Err(ApiError::new(ErrorCode::NotFound, format!("no mesh `{m}`")));
-            }
-            // A mesh's bundle is its own root under limited trust, the shared root otherwise;
-            // without a mesh, the shared root (what agents trust the holder with).
-            let pem = match &mesh {
-                Some(m) => serving.authority.trust_root(m).pem(),
-                None => serving.authority.root().pem(),
-            };
-            // During a root rotation both roots are trusted: the one that signs the API's
-            // server certificate first.
-            let pem = crate::rotation::bundle_pem(&serving, mesh.as_deref()).unwrap_or(pem);
-            let mut r = Response::new(Full::new(Bytes::from(pem)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/x-pem-file"),
-            );
-            Ok(r)
-        }
+        (&Method::GET, ["v1", "bundle"]) => bundle(holder, mesh.as_deref()),
         _ => Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no admin endpoint {method} {path}"),
@@ -344,90 +272,127 @@ async fn route(holder: &Holder, req: Request<Incoming>) -> Result<Response<Full<
     }
 }
 
-/// The client the CLI uses: one request per connection.
-#[derive(Debug, Clone)]
-pub struct Client {
-    socket: PathBuf,
+/// The percent-decoded segments of `path`.
+fn segments(path: &str) -> Result<Vec<String>, ApiError> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|d| d.into_owned())
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "a path segment is not UTF-8"))
+        })
+        .collect()
 }
 
-impl Client {
-    /// A client of the holder listening on `socket`.
-    pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self {
-            socket: socket.into(),
-        }
-    }
+/// The decoded value of `name` in a query string.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
+    })
+}
 
-    /// Sends one request; returns the body of a 2xx answer, or the holder's `ApiError`.
-    pub async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Bytes, AdminError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| AdminError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| AdminError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let has_body = body.is_some();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "localhost");
-        if has_body {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| AdminError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| AdminError::Http(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| AdminError::Http(e.to_string()))?
-            .to_bytes();
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        Err(AdminError::Api(
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| ApiError::new(ErrorCode::Internal, format!("HTTP {status}"))),
+async fn create_token(
+    holder: &Holder,
+    req: Request<Incoming>,
+    now: SystemTime,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body: TokenRequest = parse_json(&read_body(req).await?)?;
+    let token = holder.create_token(
+        &body.node,
+        &body.mesh,
+        body.ttl.unwrap_or(DEFAULT_TOKEN_TTL),
+        now,
+    )?;
+    Ok(json(&TokenResponse { token }))
+}
+
+fn ban_node(holder: &Holder, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    if holder.store.ban_node(name).map_err(store_error)? {
+        tracing::warn!(node = %name, "node banned");
+        holder.changed();
+        Ok(json(&serde_json::json!({})))
+    } else {
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no node `{name}`"),
         ))
     }
+}
 
-    /// Sends a request and decodes a JSON answer.
-    pub async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<T, AdminError> {
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|e| AdminError::Http(e.to_string()))?;
-        let bytes = self.request(method, path, body).await?;
-        serde_json::from_slice(&bytes).map_err(|e| AdminError::Http(format!("bad answer: {e}")))
+fn entries(holder: &Holder) -> Result<Response<Full<Bytes>>, ApiError> {
+    Ok(json(&holder.serving().entries.all().map_err(entry_error)?))
+}
+
+async fn create_entry(
+    holder: &Holder,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let entry: Entry = parse_json(&read_body(req).await?)?;
+    if entry.hook.is_some() {
+        tracing::warn!(entry_id = %entry.id, "entry with a hook refused");
+        return Err(ApiError::new(
+            ErrorCode::HookNotAllowed,
+            crate::config::HOOK_NOT_ALLOWED,
+        ));
     }
+    holder
+        .serving()
+        .entries
+        .create(&entry)
+        .map_err(entry_error)?;
+    holder.changed();
+    tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
+    Ok(json(&entry))
+}
+
+fn delete_entry(holder: &Holder, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    holder.serving().entries.delete(id).map_err(entry_error)?;
+    holder.changed();
+    tracing::info!(entry_id = %id, "entry deleted");
+    Ok(json(&serde_json::json!({})))
+}
+
+/// A mesh's bundle is its own root under limited trust, the shared root otherwise; without a
+/// mesh, the shared root (what agents trust the holder with).
+fn bundle(holder: &Holder, mesh: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let serving = holder.serving();
+    if let Some(m) = mesh
+        && serving.config.mesh(m).is_none()
+    {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no mesh `{m}`")));
+    }
+    let pem = match mesh {
+        Some(m) => serving.authority.trust_root(m).pem(),
+        None => serving.authority.root().pem(),
+    };
+    // During a root rotation both roots are trusted: the one that signs the API's server
+    // certificate first.
+    let pem = crate::rotation::bundle_pem(&serving, mesh).unwrap_or(pem);
+    let mut r = Response::new(Full::new(Bytes::from(pem)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-pem-file"),
+    );
+    Ok(r)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_segments_and_query_values_are_percent_decoded() {
+        let decoded = segments("/v1/entries/a%2Fb%3Fc%25d%20e").expect("decoded");
+        assert_eq!(decoded, ["v1", "entries", "a/b?c%d e"]);
+        assert!(segments("/v1/entries/%FF").is_err());
+        assert_eq!(
+            query_value("x=1&mesh=a%26b", "mesh").as_deref(),
+            Some("a&b")
+        );
+        assert_eq!(query_value("x=1", "mesh"), None);
+    }
 
     #[test]
     fn only_root_or_the_holders_user() {

@@ -17,7 +17,7 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// `READY=1` alone, after a reload (the status line stays what the rotator last set).
+/// `READY=1` alone, after a reload (the status line stays what was last set).
 pub fn reloaded() {
     send(&[NotifyState::Ready]);
 }

@@ -1,0 +1,369 @@
+//! The one HTTP/1 accept loop both programs use, for every listener (TLS API, admin sockets,
+//! metrics). Each connection is, in this order:
+//!
+//! 1. checked: the peer check (kernel credentials of a Unix-socket peer, say) runs at accept,
+//!    before the connection takes a slot, so a refused peer never holds an allowed one's slot;
+//! 2. admitted into its pool (allowed, or the small pool of refused peers that get their 403)
+//!    or closed at once when the pool is full (clients retry with backoff);
+//! 3. served by the caller's handler (a TLS handshake, say) which hands the stream to
+//!    [`Limits::serve_http1`]: a header-read timeout and a lifetime for the whole connection.
+//!
+//! The loop tracks its connections; at shutdown it stops accepting and lets the ones in flight
+//! finish on their own (each is bounded by its lifetime).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// How long the loop waits after a failed accept (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The bounds of one pool of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a request's headers may take to arrive.
+    pub header_read_timeout: Duration,
+    /// How long a connection may live in all (slow or idle clients are cut off).
+    pub lifetime: Duration,
+    /// Whether a connection may carry more than one request.
+    pub keep_alive: bool,
+}
+
+impl Limits {
+    /// Serves HTTP/1 on `io` with these limits; the outcome is logged at DEBUG under `listener`.
+    pub async fn serve_http1<I, S, B>(&self, listener: &'static str, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = B>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .keep_alive(self.keep_alive);
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        match tokio::time::timeout(self.lifetime, connection).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(listener, %error, "connection ended with an error"),
+            Err(_) => tracing::debug!(listener, "connection closed after its maximum lifetime"),
+        }
+    }
+}
+
+/// Who may connect: the pool for peers the check allows and, optionally, a separate small pool
+/// for refused peers (to answer them 403); without one, a refused peer is closed at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Pools {
+    /// The allowed peers' pool.
+    pub allowed: Limits,
+    /// The refused peers' pool.
+    pub refused: Option<Limits>,
+}
+
+impl Pools {
+    /// One pool, for listeners without a peer check.
+    pub fn single(limits: Limits) -> Self {
+        Self {
+            allowed: limits,
+            refused: None,
+        }
+    }
+}
+
+/// An accepted connection, admitted into a pool, handed to the handler.
+#[derive(Debug)]
+pub struct Connection<I, A> {
+    /// The stream.
+    pub io: I,
+    /// The peer's address.
+    pub peer: A,
+    /// Whether the peer check allowed the peer.
+    pub allowed: bool,
+    /// The limits of the pool it was admitted into.
+    pub limits: Limits,
+}
+
+/// A listening socket the loop can accept from.
+pub trait Listener: Send {
+    /// The accepted stream.
+    type Io: Send + 'static;
+    /// The peer's address.
+    type Addr: Send + 'static;
+    /// Accepts one connection.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Self::Addr)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+}
+
+/// A pool's slots, and how many connections it closed for want of one.
+struct Pool {
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    closed: u64,
+}
+
+impl Pool {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            closed: 0,
+        }
+    }
+
+    /// A slot, or `None` (logged at every power of two, so a flood cannot flood the log).
+    fn admit(&mut self, listener: &'static str, allowed: bool) -> Option<OwnedSemaphorePermit> {
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok();
+        if slot.is_none() {
+            self.closed += 1;
+            let (cap, closed) = (self.limits.max_connections, self.closed);
+            if allowed && closed.is_power_of_two() {
+                tracing::warn!(
+                    listener,
+                    cap,
+                    closed,
+                    "connection cap reached; closing new connections"
+                );
+            } else {
+                tracing::debug!(
+                    listener,
+                    allowed,
+                    cap,
+                    closed,
+                    "connection cap reached; closing a new connection"
+                );
+            }
+        }
+        slot
+    }
+}
+
+/// Accepts on `listener` until `shutdown` resolves. `check` runs on each accepted stream
+/// before it takes a slot; `handle` serves an admitted connection (typically ending in
+/// [`Limits::serve_http1`]) while its slot is held.
+pub async fn serve<L, C, H, F>(
+    listener_name: &'static str,
+    listener: L,
+    pools: Pools,
+    check: C,
+    handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: Listener,
+    C: Fn(&L::Io) -> bool,
+    H: Fn(Connection<L::Io, L::Addr>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut allowed_pool = Pool::new(pools.allowed);
+    let mut refused_pool = pools.refused.map(Pool::new);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (io, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(listener = listener_name, %error, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let allowed = check(&io);
+        let pool = match (allowed, refused_pool.as_mut()) {
+            (true, _) => &mut allowed_pool,
+            (false, Some(pool)) => pool,
+            (false, None) => continue,
+        };
+        let Some(slot) = pool.admit(listener_name, allowed) else {
+            continue;
+        };
+        let connection = Connection {
+            io,
+            peer,
+            allowed,
+            limits: pool.limits,
+        };
+        let served = handle(connection);
+        connections.spawn(async move {
+            let _slot = slot;
+            served.await;
+        });
+    }
+    connections.detach_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{UnixListener, UnixStream};
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 1,
+        header_read_timeout: Duration::from_secs(30),
+        lifetime: Duration::from_secs(60),
+        keep_alive: false,
+    };
+
+    /// Serves `200 ok` (allowed) or `403` (refused) on a Unix socket, counting peer checks;
+    /// `allow` decides, in order, what each check answers.
+    fn start(
+        pools: Pools,
+        allow: Vec<bool>,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Arc<AtomicUsize>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let checks = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counter = Arc::clone(&checks);
+        tokio::spawn(serve(
+            "test",
+            listener,
+            pools,
+            move |_: &UnixStream| {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                allow.get(n).copied().unwrap_or(true)
+            },
+            |c: Connection<UnixStream, _>| async move {
+                let allowed = c.allowed;
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let status = if allowed { 200 } else { 403 };
+                    let mut r = http::Response::new(Full::new(Bytes::from_static(b"ok")));
+                    *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
+                    Ok::<_, Infallible>(r)
+                });
+                c.limits.serve_http1("test", c.io, service).await;
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (dir, path, checks, stop)
+    }
+
+    /// Sends one request and returns the status line, or "" when the server closed at once.
+    async fn status_line(stream: &mut UnixStream) -> String {
+        let _ = stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    async fn wait_for_checks(checks: &AtomicUsize, n: usize) {
+        while checks.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cap_closes_the_next_connection_after_its_peer_check() {
+        let (_dir, path, checks, _stop) = start(Pools::single(LIMITS), vec![]);
+        // The first connection holds the only slot (no request sent yet).
+        let mut first = UnixStream::connect(&path).await.expect("connect");
+        wait_for_checks(&checks, 1).await;
+        let mut second = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(
+            status_line(&mut second).await,
+            "",
+            "the second connection was served"
+        );
+        assert_eq!(
+            checks.load(Ordering::SeqCst),
+            2,
+            "the peer check ran for the refused one"
+        );
+        assert_eq!(status_line(&mut first).await, "HTTP/1.1 200 OK");
+        // The slot is free again.
+        let mut third = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(status_line(&mut third).await, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn refused_peers_use_their_own_pool_and_never_an_allowed_slot() {
+        let pools = Pools {
+            allowed: LIMITS,
+            refused: Some(LIMITS),
+        };
+        let (_dir, path, checks, _stop) = start(pools, vec![false, false, true]);
+        // A refused peer holds the refusal pool's only slot; a second refused peer is closed.
+        let mut refused = UnixStream::connect(&path).await.expect("connect");
+        wait_for_checks(&checks, 1).await;
+        let mut flood = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(status_line(&mut flood).await, "");
+        // An allowed peer still gets served.
+        let mut allowed = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(status_line(&mut allowed).await, "HTTP/1.1 200 OK");
+        assert_eq!(status_line(&mut refused).await, "HTTP/1.1 403 Forbidden");
+    }
+
+    #[tokio::test]
+    async fn without_a_refusal_pool_a_refused_peer_is_closed() {
+        let (_dir, path, _checks, _stop) = start(Pools::single(LIMITS), vec![false]);
+        let mut refused = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(status_line(&mut refused).await, "");
+        let mut allowed = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(status_line(&mut allowed).await, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_cut_at_the_end_of_its_lifetime() {
+        let short = Limits {
+            lifetime: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let (_dir, path, _checks, _stop) = start(Pools::single(short), vec![]);
+        let mut idle = UnixStream::connect(&path).await.expect("connect");
+        let mut buf = Vec::new();
+        // Never sends a request: the server closes it (read_to_end returns at EOF).
+        let read = tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the idle connection was not closed");
+        assert!(buf.is_empty());
+    }
+}
