@@ -380,7 +380,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
 fn check_sealing_key(
     holder: &HolderSettings,
     root: &RootSource,
-    mesh_roots: &BTreeMap<String, RootSource>,
+    mesh_roots: &std::collections::BTreeMap<String, RootSource>,
     p: &mut Problems,
 ) {
     let builtin = std::iter::once(root)
