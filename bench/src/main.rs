@@ -11,7 +11,7 @@
 //!
 //! - `process`: the real processes, their CPU time and peak RSS.
 //! - `figures`: percentiles and tables.
-//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`: one scenario each.
+//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `fleet`: one scenario each.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod figures;
+mod fleet;
 mod issuance;
 mod memory;
 mod process;
@@ -59,6 +60,30 @@ enum Scenario {
     Storm(StormArgs),
     /// 6. Recovery: holder return → fresh SVIDs after an outage that outlived them.
     Recovery(RecoveryArgs),
+    /// 7. Fleet: simulated nodes (real mTLS clients) at an agent's intervals, one holder.
+    Fleet(FleetArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct FleetArgs {
+    /// Simulated nodes (10000 for the full fleet).
+    #[arg(long, default_value_t = 200)]
+    nodes: usize,
+    /// Identities per node.
+    #[arg(long, default_value_t = 10)]
+    identities: usize,
+    /// The identities' TTL.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Sync interval and heartbeat (the agent's defaults).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Time compression factor: intervals and the TTL the nodes reckon with are divided by it.
+    #[arg(long, default_value_t = 60.0)]
+    compress: f64,
+    /// How long the fleet runs (real time).
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    duration: Duration,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -236,6 +261,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agents: a.agents,
                 entries: a.entries,
                 ttl: a.ttl,
+                duration: a.duration,
+            },
+        )
+        .await?;
+    }
+    if let Scenario::Fleet(a) = &cli.scenario {
+        fleet::bench(
+            &bins,
+            &fleet::Options {
+                nodes: a.nodes,
+                identities: a.identities,
+                ttl: a.ttl,
+                interval: a.interval,
+                compress: a.compress.max(1.0),
                 duration: a.duration,
             },
         )
