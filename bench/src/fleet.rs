@@ -36,6 +36,32 @@ pub struct Options {
     pub compress: f64,
     /// How long the fleet runs (real time).
     pub duration: Duration,
+    /// 1: one holder on SQLite; 2: two replicas on a throwaway PostgreSQL, the first killed
+    /// (kill -9) halfway through, every node listing both.
+    pub replicas: usize,
+}
+
+/// When the first replica was killed, and how long after it each node's first successful call
+/// came (its fail-over time).
+#[derive(Default)]
+struct Failover {
+    killed: std::sync::OnceLock<Instant>,
+    times: Mutex<Vec<Duration>>,
+}
+
+impl Failover {
+    /// A node's call succeeded: the first success after the kill is its fail-over time.
+    fn ok(&self, recorded: &mut bool) {
+        if let Some(at) = self.killed.get()
+            && !*recorded
+        {
+            *recorded = true;
+            self.times
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(at.elapsed());
+        }
+    }
 }
 
 type Latencies = Arc<Mutex<BTreeMap<&'static str, Samples>>>;
@@ -55,7 +81,9 @@ async fn node_loop(
     opts: Options,
     lat: Latencies,
     until: Instant,
+    failover: Arc<Failover>,
 ) -> u64 {
+    let mut failed_over = false;
     let ttl = opts.ttl.div_f64(opts.compress);
     let interval = opts.interval.div_f64(opts.compress);
     // Each identity's SVID valid until (None: not issued yet, the first issuance).
@@ -73,6 +101,7 @@ async fn node_loop(
             let t = Instant::now();
             if node.sync().await.is_ok() {
                 record(&lat, "sync", t.elapsed());
+                failover.ok(&mut failed_over);
             }
             let t = Instant::now();
             let report = NodeReport {
@@ -116,6 +145,7 @@ async fn node_loop(
                 )
             {
                 record(&lat, "sign", t.elapsed());
+                failover.ok(&mut failed_over);
                 *slot = Some(Instant::now() + ttl);
             }
         }
@@ -134,14 +164,26 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let mut entry = EntrySpec::for_node("fleet", "unused", &format!("{}s", opts.ttl.as_secs()));
     entry.path = "/fleet".into();
     entry.nodes.clear();
-    let holder = Holder::start(bins, &[entry], "")?;
+    let mut backend = crate::signing::Backend::new(&[crate::signing::Datastore::Postgres])?;
+    let yaml = if opts.replicas > 1 {
+        backend.holder_yaml(crate::signing::Datastore::Postgres)?
+    } else {
+        String::new()
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..opts.replicas.max(1) {
+        replicas.push(Holder::start(bins, std::slice::from_ref(&entry), &yaml)?);
+    }
+    let addresses: Vec<String> = replicas.iter().map(|h| h.addr().to_string()).collect();
+    let addresses = addresses.join(",");
+    let holder = &replicas[0];
     let roots = holder.roots()?;
     let id = SpiffeId::new("spiffe://mesh-a.test/fleet")?;
     eprintln!("fleet: attesting {} nodes", opts.nodes);
     let mut nodes = Vec::with_capacity(opts.nodes);
     for i in 0..opts.nodes {
         let name = format!("fleet-{i}");
-        let issuer = HttpsIssuer::new(&holder.addr().to_string(), "localhost", &roots)?;
+        let issuer = HttpsIssuer::new(&addresses, "localhost", &roots)?;
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
         let csr = meshcert_agent::csr::build(&key, None)?;
         let token = holder.token(&name)?;
@@ -158,17 +200,25 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     }
     eprintln!("fleet: running {:?}", opts.duration);
     let lat: Latencies = Arc::default();
-    let cpu_before = cpu_time(holder.pid())?;
+    let failover = Arc::new(Failover::default());
+    let pids: Vec<u32> = replicas.iter().map(Holder::pid).collect();
+    let cpu_before: Vec<Duration> = pids
+        .iter()
+        .map(|p| cpu_time(*p))
+        .collect::<Result<_, _>>()?;
+    let mut cpu = Duration::ZERO;
     let started = Instant::now();
     let until = started + opts.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for node in nodes {
+        let (lat, failover) = (lat.clone(), failover.clone());
         tasks.spawn(node_loop(
             node,
             id.clone(),
             opts.clone(),
-            lat.clone(),
+            lat,
             until,
+            failover,
         ));
     }
     let mut peak_rss = 0;
@@ -180,16 +230,35 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
                 None => break,
             },
             () = tokio::time::sleep(Duration::from_secs(1)) => {
-                peak_rss = peak_rss.max(memory(holder.pid())?.rss);
+                let killed = failover.killed.get().is_some();
+                let alive = if killed { &pids[1..] } else { &pids[..] };
+                let rss = alive.iter().filter_map(|p| memory(*p).ok()).map(|m| m.rss).max();
+                peak_rss = peak_rss.max(rss.unwrap_or(0));
+                if pids.len() > 1 && !killed && started.elapsed() >= opts.duration / 2 {
+                    cpu += cpu_time(pids[0])?.saturating_sub(cpu_before[0]);
+                    replicas[0].kill9();
+                    let _ = failover.killed.set(Instant::now());
+                    eprintln!("fleet: replica 1 killed");
+                }
             }
         }
     }
     let wall = started.elapsed();
-    let cpu = cpu_time(holder.pid())?.saturating_sub(cpu_before);
+    let last = pids.len() - 1;
+    cpu += cpu_time(pids[last])?.saturating_sub(cpu_before[last]);
     let mut table = Table::new(
         &format!(
-            "Fleet: {} nodes × {} identities, TTL {:?}, sync/heartbeat {:?}, time compressed ×{}",
-            opts.nodes, opts.identities, opts.ttl, opts.interval, opts.compress
+            "Fleet: {} nodes × {} identities, TTL {:?}, sync/heartbeat {:?}, time compressed ×{}, {}",
+            opts.nodes,
+            opts.identities,
+            opts.ttl,
+            opts.interval,
+            opts.compress,
+            if opts.replicas > 1 {
+                "2 replicas on PostgreSQL, the first killed halfway"
+            } else {
+                "one holder on SQLite"
+            }
         ),
         &["call", "calls", "p50 ms", "p99 ms"],
     );
@@ -206,12 +275,32 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
         ]);
     }
     table.note(format!(
-        "Holder CPU: {:.3} cores over {:.0} s; holder RSS peak {} (sampled each second); \
+        "Holder CPU: {:.3} cores over {:.0} s (all replicas together); RSS peak of a holder {} (sampled each second); \
          SVIDs expired: {expired}.",
         cpu.as_secs_f64() / wall.as_secs_f64(),
         wall.as_secs_f64(),
         mb(peak_rss)
     ));
+    if opts.replicas > 1 {
+        let mut times = Samples::new();
+        for t in failover
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            times.push(*t);
+        }
+        table.note(format!(
+            "Fail-over: the first successful call after the kill came, per node, p50 {} ms, p99 {} ms, last {} ms \
+             ({} of {} nodes called after it).",
+            ms(times.percentile(50.0)),
+            ms(times.percentile(99.0)),
+            ms(times.max()),
+            times.len(),
+            opts.nodes
+        ));
+    }
     table.note(
         "Every node is a real agent HTTPS client with its own node SVID (mTLS, connections reused as the agent does) in this \
          one process; the CSR key generation is the load generator's, not the holder's. With compression ×k, intervals and the \

@@ -84,6 +84,10 @@ struct FleetArgs {
     /// How long the fleet runs (real time).
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// 1: one holder on SQLite; 2: two replicas on a throwaway PostgreSQL, the first killed
+    /// halfway through.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -276,6 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 interval: a.interval,
                 compress: a.compress.max(1.0),
                 duration: a.duration,
+                replicas: a.replicas.clamp(1, 2),
             },
         )
         .await?;
