@@ -11,7 +11,8 @@
 //!
 //! - `process`: the real processes, their CPU time and peak RSS.
 //! - `figures`: percentiles and tables.
-//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `push`: one scenario each.
+//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `push`, `fleet`: one
+//!   scenario each.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod figures;
+mod fleet;
 mod issuance;
 mod memory;
 mod process;
@@ -62,6 +64,8 @@ enum Scenario {
     Recovery(RecoveryArgs),
     /// 7. Pushed changes: entry created on the holder → SVID on disk, watching vs interval sync.
     Push(PushArgs),
+    /// 8. Fleet: simulated nodes (real mTLS clients) at an agent's intervals, one holder.
+    Fleet(FleetArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -72,6 +76,32 @@ struct PushArgs {
     /// Pause between two creations.
     #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     gap: Duration,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct FleetArgs {
+    /// Simulated nodes (10000 for the full fleet).
+    #[arg(long, default_value_t = 200)]
+    nodes: usize,
+    /// Identities per node.
+    #[arg(long, default_value_t = 10)]
+    identities: usize,
+    /// The identities' TTL.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Sync interval and heartbeat (the agent's defaults).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Time compression factor: intervals and the TTL the nodes reckon with are divided by it.
+    #[arg(long, default_value_t = 60.0)]
+    compress: f64,
+    /// How long the fleet runs (real time).
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// 1: one holder on SQLite; 2: two replicas on a throwaway PostgreSQL, the first killed
+    /// halfway through.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -250,6 +280,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 entries: a.entries,
                 ttl: a.ttl,
                 duration: a.duration,
+            },
+        )
+        .await?;
+    }
+    if let Scenario::Fleet(a) = &cli.scenario {
+        fleet::bench(
+            &bins,
+            &fleet::Options {
+                nodes: a.nodes,
+                identities: a.identities,
+                ttl: a.ttl,
+                interval: a.interval,
+                compress: a.compress.max(1.0),
+                duration: a.duration,
+                replicas: a.replicas.clamp(1, 2),
             },
         )
         .await?;

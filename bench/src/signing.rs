@@ -42,14 +42,14 @@ pub enum Datastore {
 }
 
 /// Where the holders of one run keep their data.
-struct Backend {
+pub(crate) struct Backend {
     cluster: Option<meshcert_tests::postgres::Cluster>,
     keys: tempfile::TempDir,
     databases: usize,
 }
 
 impl Backend {
-    fn new(datastores: &[Datastore]) -> anyhow::Result<Self> {
+    pub(crate) fn new(datastores: &[Datastore]) -> anyhow::Result<Self> {
         let keys = tempfile::tempdir()?;
         meshcert_tests::postgres::write_kek(&keys.path().join("kek"))?;
         let cluster = datastores
@@ -63,7 +63,7 @@ impl Backend {
     }
 
     /// The `holder:` lines for a fresh datastore of this kind.
-    fn holder_yaml(&mut self, datastore: Datastore) -> anyhow::Result<String> {
+    pub(crate) fn holder_yaml(&mut self, datastore: Datastore) -> anyhow::Result<String> {
         let Some(cluster) = self
             .cluster
             .as_ref()

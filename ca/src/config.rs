@@ -1035,6 +1035,31 @@ entries:
 "#;
 
     #[test]
+    fn a_postgres_datastore_with_a_key_encryption_key_is_accepted_and_shown_without_password() {
+        let text = GOOD.replace(
+            "heartbeat: 5s",
+            "heartbeat: 5s\n  datastore: postgres://meshcert:secret@db/meshcert\n  keyEncryptionKeyFile: /etc/meshcert/kek",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(
+            c.holder.datastore,
+            Datastore::Postgres("postgres://meshcert:secret@db/meshcert".into())
+        );
+        assert_eq!(
+            c.holder.key_encryption_key_file.as_deref(),
+            Some(Path::new("/etc/meshcert/kek"))
+        );
+        assert_eq!(
+            c.holder.datastore_display(),
+            "postgres://meshcert:***@db/meshcert"
+        );
+        assert_eq!(
+            parse(GOOD).expect("valid").holder.datastore,
+            Datastore::Sqlite(None)
+        );
+    }
+
+    #[test]
     fn accepts_a_complete_file() {
         let c = parse(GOOD).expect("valid");
         assert_eq!(c.display_name, "Virtual Mesh");

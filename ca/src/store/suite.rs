@@ -433,3 +433,40 @@ fn a_database_restart_fails_calls_retryably_then_they_succeed() {
         }
     }
 }
+
+/// `sslmode=verify-full`: the store connects over TLS (rustls), verifying the server against
+/// `sslrootcert`; a root that did not sign the server's certificate is refused.
+#[test]
+fn tls_to_the_database_verifies_the_server() {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
+    let cluster = Cluster::start_tls(&server.pem(), &server_key.serialize_pem());
+    cluster.psql("CREATE DATABASE tls");
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("db-ca.pem");
+    std::fs::write(&root, ca.pem()).expect("write");
+    let store = PostgresStore::open(&cluster.tcp_url("tls", &root)).expect("TLS connection");
+    store
+        .create_token(&token("t", 100))
+        .expect("a query over TLS");
+    let ssl = cluster.psql(
+        "SELECT bool_or(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE datname = 'tls'",
+    );
+    assert_eq!(ssl, "t", "the store's connections use TLS");
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let other = rcgen::CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .self_signed(&other_key)
+        .expect("other");
+    let wrong = dir.path().join("other.pem");
+    std::fs::write(&wrong, other.pem()).expect("write");
+    PostgresStore::open(&cluster.tcp_url("tls", &wrong)).expect_err("an unknown server is refused");
+}

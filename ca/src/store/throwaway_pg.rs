@@ -24,6 +24,8 @@ pub struct Cluster {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Also listening on 127.0.0.1:`port` with TLS (`server.crt`/`server.key` in the data).
+    tls: bool,
 }
 
 /// Where the PostgreSQL server binaries are: `MESHCERT_PG_BIN`, else the newest
@@ -73,6 +75,16 @@ fn check(what: &str, out: std::io::Result<Output>) -> Output {
 impl Cluster {
     /// Creates and starts a cluster. Panics, naming the fix, when PostgreSQL is not installed.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a cluster that also listens on a loopback port with TLS, serving this
+    /// certificate chain and key (PEM); [`Cluster::tcp_url`] names it.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let bin = bin_dir().unwrap_or_else(|| {
             panic!(
                 "PostgreSQL is not installed: the datastore tests need a real server \
@@ -92,11 +104,20 @@ impl Cluster {
                 Command::new("chown").arg("postgres:").arg(&dir).output(),
             );
         }
+        let port = if tls.is_some() {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free loopback port")
+        } else {
+            5432
+        };
         let cluster = Self {
             bin,
             dir,
-            port: 5432,
+            port,
             as_postgres,
+            tls: tls.is_some(),
         };
         cluster.run(
             "initdb",
@@ -112,8 +133,33 @@ impl Cluster {
                 "UTF8",
             ],
         );
+        if let Some((cert, key)) = tls {
+            cluster.write_owned("data/server.crt", cert, 0o644);
+            cluster.write_owned("data/server.key", key, 0o600);
+        }
         cluster.pg_start();
         cluster
+    }
+
+    fn write_owned(&self, name: &str, text: &str, mode: u32) {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        if self.as_postgres {
+            check(
+                "chown postgres",
+                Command::new("chown").arg("postgres:").arg(&path).output(),
+            );
+        }
+    }
+
+    /// The URL of a database over TCP with TLS verified against `root_pem_file`.
+    pub fn tcp_url(&self, name: &str, root_pem_file: &Path) -> String {
+        format!(
+            "postgres://{USER}@127.0.0.1:{}/{name}?sslmode=verify-full&sslrootcert={}",
+            self.port,
+            root_pem_file.display()
+        )
     }
 
     fn data(&self) -> PathBuf {
@@ -144,8 +190,13 @@ impl Cluster {
     }
 
     fn pg_start(&self) {
+        let listen = if self.tls {
+            "-c listen_addresses=127.0.0.1 -c ssl=on"
+        } else {
+            "-c listen_addresses=''"
+        };
         let opts = format!(
-            "-k {} -c listen_addresses='' -p {} -c max_connections=200",
+            "-k {} {listen} -p {} -c max_connections=200",
             self.dir.display(),
             self.port
         );
