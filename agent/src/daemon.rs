@@ -206,6 +206,8 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
         tokio::spawn(crate::push::run(
             issuer.clone(),
             commands_tx.clone(),
+            cache.subscribe_status(),
+            config.sync_interval * 2,
             servers.stopped(),
         ))
     });

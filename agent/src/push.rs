@@ -2,14 +2,18 @@
 //! rotator to sync (the existing [`Command::SyncNow`]) as soon as the holder's change version
 //! moves: a new entry, a bundle or enforcement change, a root rotation step. The interval sync
 //! stays as it was, so a holder without the watch endpoint (it answers `not_found`) is simply
-//! watched again much later.
+//! watched again much later. While the holder is down the task makes no call of its own: it
+//! waits for the rotator to see the holder answer again (the agent status's `caConnected`),
+//! so an outage costs the holder nothing more than the agent's normal schedule.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshcert_protocol::api::{ErrorCode, WATCH_MAX_WAIT_SECS, WatchResponse};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::cache::AgentStatus;
 
 use crate::issuer::{HttpsIssuer, IssuerError};
 use crate::metrics::TimedIssuer;
@@ -49,10 +53,26 @@ pub fn follow_last_sync(issuer: &HttpsIssuer, state_dir: &std::path::Path) {
     }
 }
 
-/// Watches until `stop`; sends [`Command::SyncNow`] whenever the version moves.
+/// After a failure that says the holder is down: waits (up to `recheck`) for the rotator to
+/// notice the outage, then until it reaches the holder again; no call meanwhile.
+async fn until_holder_back(status: &mut watch::Receiver<Arc<AgentStatus>>, recheck: Duration) {
+    let noticed = matches!(
+        tokio::time::timeout(recheck, status.wait_for(|s| !s.ca_connected)).await,
+        Ok(Ok(_))
+    );
+    if noticed {
+        let _ = status.wait_for(|s| s.ca_connected).await;
+    }
+}
+
+/// Watches until `stop`; sends [`Command::SyncNow`] whenever the version moves. `status` is
+/// the agent's own (whether the holder answers); `recheck` bounds the wait for it to notice an
+/// outage (twice the sync interval).
 pub async fn run<W: Watch>(
     holder: Arc<W>,
     commands: mpsc::Sender<Command>,
+    mut status: watch::Receiver<Arc<AgentStatus>>,
+    recheck: Duration,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -79,6 +99,14 @@ pub async fn run<W: Watch>(
             Err(IssuerError::Api(e)) if e.code == ErrorCode::NotFound => {
                 tracing::info!("the holder has no watch endpoint: syncing on the interval only");
                 UNSUPPORTED_RETRY
+            }
+            Err(e) if e.is_holder_down() => {
+                tracing::debug!(error = %e, "watch failed: the holder is down; waiting for it");
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = until_holder_back(&mut status, recheck) => {}
+                }
+                Duration::ZERO
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -128,7 +156,13 @@ mod tests {
             Ok(7),
         ])));
         let (tx, mut rx) = mpsc::channel(8);
-        let task = tokio::spawn(run(script, tx, std::future::pending()));
+        let connected = AgentStatus {
+            ca_connected: true,
+            ..AgentStatus::default()
+        };
+        let (_status_tx, status) = watch::channel(Arc::new(connected));
+        let recheck = Duration::from_millis(100);
+        let task = tokio::spawn(run(script, tx, status, recheck, std::future::pending()));
         let mut syncs = 0;
         while let Ok(Some(c)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
             assert!(matches!(c, Command::SyncNow));
