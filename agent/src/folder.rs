@@ -370,6 +370,21 @@ mod tests {
         );
     }
 
+    /// A key's file has its final mode before its first byte: the descriptor handed back for
+    /// writing already carries it (never chmod-ed once something readable is in it).
+    #[test]
+    fn a_file_has_its_final_mode_before_its_first_byte() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let folder = Folder::open(tmp.path()).expect("open");
+        for bits in [0o400, 0o440] {
+            let name = format!("key-{bits:o}");
+            let file = folder.create_file(&name, bits, None).expect("create");
+            let meta = file.metadata().expect("fstat");
+            assert_eq!(meta.len(), 0, "nothing written yet");
+            assert_eq!(meta.permissions().mode() & 0o7777, bits, "{name}");
+        }
+    }
+
     #[test]
     fn reads_refuse_symlinks_fifos_devices_and_large_files() {
         let tmp = tempfile::tempdir().expect("tempdir");

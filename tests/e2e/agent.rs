@@ -613,7 +613,14 @@ fn a_replayed_join_token_is_refused() {
     let mut replay = Agent::spawn(&ca, NODE, MESH, "", Some(&token)).expect("spawn");
     let status = replay.wait_exit(WAIT).expect("the replay gives up");
     assert_eq!(status.code(), Some(1), "log:\n{}", replay.log());
-    assert!(replay.log().contains("token"), "log:\n{}", replay.log());
+    // Refused for its reason: the stable code of a used token.
+    assert!(
+        replay
+            .log()
+            .contains("token_used: the join token was already used"),
+        "log:\n{}",
+        replay.log()
+    );
     assert!(!replay.state_dir().join("node.pem").exists());
 }
 
