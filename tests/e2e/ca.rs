@@ -915,8 +915,8 @@ fn connections_over_the_caps_are_closed_at_once_and_service_resumes_below_them()
     assert!(
         meshcert_tests::log_has_event(
             &ca.log(),
-            "meshcert_ca",
-            "connection cap reached (holder.maxConnections); closing new connections"
+            "meshcert_daemon",
+            "connection cap reached; closing new connections"
         ),
         "{}",
         ca.log()
