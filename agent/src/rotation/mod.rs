@@ -20,15 +20,19 @@
 //!
 //! Joining and renewing the node identity live with the node identity, in [`crate::node`].
 
+pub mod clock;
 pub mod core;
 pub mod desired;
+pub mod executor;
 pub mod installed;
+pub mod installer;
 pub mod signing;
 pub mod timing;
 
 #[cfg(test)]
 mod testing;
 
+pub use self::executor::{Command, Rotator, RotatorError};
 pub use self::installed::GATEWAY_HINT;
 pub use self::timing::{Schedule, backoff, jitter_for, refresh_at, refresh_in, sample_jitter};
 

@@ -375,23 +375,26 @@ impl Core {
     }
 
     /// The moment something is next due (an entry, the node SVID, a sync, a probe), at most
-    /// [`TICK`] after `now`. While the holder is down, due entries and the node SVID wait for
-    /// the next probe.
+    /// [`TICK`] after `now`. While the holder is down, due identities wait for the next probe,
+    /// and a probe goes out only once something is due: an idle agent does not wake for it.
     pub fn next_wake(&self, now: SystemTime) -> SystemTime {
+        let mut due = None::<SystemTime>;
+        if self.can_sign() {
+            for m in self.managed.values().filter(|m| m.may_ask()) {
+                due = Some(due.map_or(due_at(&m.schedule), |d| d.min(due_at(&m.schedule))));
+            }
+        }
+        if !self.node_renewing {
+            let node = due_at(&self.node_schedule);
+            due = Some(due.map_or(node, |d| d.min(node)));
+        }
         let mut next = now + TICK;
         if self.reach.is_down() {
-            if let Some(probe) = self.reach.next_probe() {
-                next = next.min(probe);
+            if let (Some(probe), Some(due)) = (self.reach.next_probe(), due) {
+                next = next.min(probe.max(due));
             }
-        } else {
-            if self.can_sign() {
-                for m in self.managed.values().filter(|m| m.may_ask()) {
-                    next = next.min(due_at(&m.schedule));
-                }
-            }
-            if !self.node_renewing {
-                next = next.min(due_at(&self.node_schedule));
-            }
+        } else if let Some(due) = due {
+            next = next.min(due);
         }
         if !self.sync_in_flight {
             next = next.min(self.next_sync);
