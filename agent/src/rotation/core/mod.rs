@@ -186,8 +186,9 @@ pub enum Action {
         /// The hook.
         hook: Hook,
     },
-    /// Publish the snapshot, the status and the report; notify systemd.
-    Publish(Published),
+    /// Publish the snapshot, the status and the report, and notify systemd: built by
+    /// [`Core::publication`] when performed, so that it shows the installs performed before.
+    Publish,
 }
 
 /// One entry the node holds.
@@ -262,8 +263,6 @@ pub struct Core {
     /// Holder entries whose hook was stripped (shown in the status).
     hooks_stripped: Vec<String>,
     rng: fastrand::Rng,
-    /// The `now` of the event being handled.
-    now: SystemTime,
     out: Vec<Action>,
 }
 
@@ -312,7 +311,6 @@ impl Core {
             status_line: String::new(),
             hooks_stripped: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
-            now,
             out: Vec::new(),
         };
         let header = core.header.clone();
@@ -333,7 +331,6 @@ impl Core {
 
     /// Handles `event` at `now`; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now: SystemTime) -> Vec<Action> {
-        self.now = now;
         match event {
             Event::Tick { check_volume } => self.on_tick(now, check_volume),
             Event::SyncNow => {

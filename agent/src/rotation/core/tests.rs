@@ -212,7 +212,8 @@ impl World {
                     })
                 }
                 Action::Recheck => Some(Event::Unverifiable(Vec::new())),
-                Action::Publish(p) => {
+                Action::Publish => {
+                    let p = self.core.publication(self.now);
                     self.check_published(&p);
                     None
                 }

@@ -151,15 +151,14 @@ impl Core {
             .collect()
     }
 
-    /// Queues a publication of the current state.
+    /// Queues a publication of the state as it will be when performed.
     pub(super) fn publish(&mut self) {
-        let published = self.published(self.last_now());
-        self.out.push(Action::Publish(published));
+        self.out.push(Action::Publish);
     }
 
-    /// The latest `now` the core was handed (the expiry filter of a publication).
-    fn last_now(&self) -> SystemTime {
-        self.now
+    /// What to publish at `now` ([`Action::Publish`]); marks READY sent when it is.
+    pub fn publication(&mut self, now: SystemTime) -> Published {
+        self.published(now)
     }
 
     fn published(&mut self, now: SystemTime) -> Published {

@@ -288,7 +288,10 @@ impl<I: Issuer, V: Installer, C: Clock> Rotator<I, V, C> {
                     tracing::warn!(entry_id = %entry_id, error = %e, "cannot remove the expired state");
                 }
             }
-            Action::Publish(published) => self.publish(published),
+            Action::Publish => {
+                let published = self.core.publication(now);
+                self.publish(published);
+            }
         }
         None
     }
