@@ -32,10 +32,6 @@ use crate::cache::{AgentStatus, Cache};
 use crate::metrics::Metrics;
 use crate::workload::socket::{self, SocketError};
 
-// Tests elsewhere in the crate still reach the clock through this module.
-#[cfg(test)]
-pub(crate) use crate::cache::unix_now_secs;
-
 /// The admin socket's mode: the agent's user only.
 pub const MODE: u32 = 0o600;
 /// Admin connections served at once.

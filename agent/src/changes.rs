@@ -4,7 +4,7 @@
 //! data folders inside them: deleting, renaming or replacing a visible file, `..data` or a
 //! data folder is seen at once. A write into a file of the served data folder (through its
 //! visible symlink) is not an event here; the rotator's periodic check of every folder
-//! ([`crate::rotator::VOLUME_CHECK_EVERY`]) finds and restores it. Watching the
+//! ([`crate::rotation::executor::VOLUME_CHECK_EVERY`]) finds and restores it. Watching the
 //! data folders too cost more than the rest of the agent together at 1000 entries: every
 //! install created and removed a watched folder, each removal made notify scan all its
 //! watches, and every read of a served file was an event.

@@ -18,9 +18,10 @@ use crate::changes::{Changes, VolumeWatch};
 use crate::config::{self, Config, ConfigError, Listeners, Overrides};
 use crate::issuer::{HttpsIssuer, Issuer, IssuerError};
 use crate::metrics::{Metrics, TimedIssuer};
+use crate::node::JoinError;
 use crate::node::{self, NodeError};
 use crate::rotation;
-use crate::rotator::{self, Command, Rotator, RotatorError};
+use crate::rotation::{Command, Rotator};
 use crate::volume::Volume;
 use crate::workload::WorkloadConfig;
 use crate::{admin, metrics, report, systemd, workload};
@@ -59,7 +60,7 @@ pub enum DaemonError {
     },
     /// The join failed.
     #[error("cannot join the CA holder: {0}")]
-    Join(#[source] RotatorError),
+    Join(#[source] JoinError),
     /// The kubelet client for pod attestation cannot be set up.
     #[error(transparent)]
     Kubelet(#[from] crate::kubelet::KubeletError),
@@ -502,12 +503,12 @@ async fn identity<I: Issuer>(
     };
     let mut failures = 0;
     loop {
-        match rotator::join(issuer, config, token).await {
+        match node::join(issuer, config, token).await {
             Ok((identity, seed)) => {
                 tracing::info!(node = %config.node_name, mesh = %config.mesh, "joined the CA holder");
                 return Ok((identity, Some(seed)));
             }
-            Err(RotatorError::Issuer(e)) if e.is_retryable() => {
+            Err(JoinError::Issuer(e)) if e.is_retryable() => {
                 failures += 1;
                 let wait = join_backoff(config, failures, e.is_holder_down());
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the CA holder to join; retrying");

@@ -13,8 +13,8 @@ use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::issuer::{Issuer, IssuerError};
+use crate::node::JoinError;
 use crate::node::{self, NodeIdentity};
-use crate::rotator::RotatorError;
 
 /// Where the DaemonSet mounts the projected token by default.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/meshcert/token";
@@ -82,7 +82,7 @@ pub enum K8sError {
     },
     /// Key, CSR, holder call or storing the identity failed.
     #[error(transparent)]
-    Join(#[from] RotatorError),
+    Join(#[from] JoinError),
 }
 
 impl K8sError {
@@ -92,17 +92,17 @@ impl K8sError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::TokenFile { .. } => true,
-            Self::Join(RotatorError::Issuer(IssuerError::Api(e))) => {
+            Self::Join(JoinError::Issuer(IssuerError::Api(e))) => {
                 e.code.is_retryable() || e.code == ErrorCode::TokenExpired
             }
-            Self::Join(RotatorError::Issuer(e)) => e.is_retryable(),
+            Self::Join(JoinError::Issuer(e)) => e.is_retryable(),
             Self::Join(_) => false,
         }
     }
 
     /// Whether the holder as a whole could not serve (probed, not backed off).
     pub fn is_holder_down(&self) -> bool {
-        matches!(self, Self::Join(RotatorError::Issuer(e)) if e.is_holder_down())
+        matches!(self, Self::Join(JoinError::Issuer(e)) if e.is_holder_down())
     }
 }
 
@@ -128,26 +128,26 @@ pub async fn join<I: Issuer>(
     kubernetes: &Kubernetes,
 ) -> Result<(NodeIdentity, SyncResponse), K8sError> {
     let token = read_token(&kubernetes.token_file)?;
-    let key = crate::rotator::generate_key(config.key_algorithm)
+    let key = crate::rotation::signing::generate_key(config.key_algorithm)
         .await
-        .map_err(RotatorError::from)?;
+        .map_err(JoinError::from)?;
     let request = KubernetesAttestRequest {
         cluster: kubernetes.cluster.clone(),
         token: token.as_str().to_owned(),
         csr: crate::csr::build(&key, None)
-            .map_err(RotatorError::from)?
+            .map_err(JoinError::from)?
             .into(),
     };
     let response = issuer
         .attest_kubernetes(request)
         .await
-        .map_err(RotatorError::from)?;
+        .map_err(JoinError::from)?;
     let identity = NodeIdentity::new(
         key,
         response.svid.chain.iter().map(|c| c.0.clone()).collect(),
     )
-    .map_err(RotatorError::from)?;
-    node::store(&config.state_dir, &identity).map_err(RotatorError::from)?;
+    .map_err(JoinError::from)?;
+    node::store(&config.state_dir, &identity).map_err(JoinError::from)?;
     tracing::info!(node = %response.node, mesh = %response.mesh, cluster = %kubernetes.cluster, "attested with the pod's service-account token");
     let seed = SyncResponse {
         node: response.node,

@@ -17,10 +17,11 @@
 //! - [`k8s`]: on Kubernetes, joining with the pod's projected service-account token.
 //! - [`kubelet`]: on Kubernetes, the caller's pod from the kubelet's pod list (`k8s:`
 //!   selectors).
-//! - [`rotation`]: when to rotate and how long to back off (pure), and the per-entry schedule.
+//! - [`rotation`]: the single writer of credentials, as a pure core (events in, actions out:
+//!   sync, batched signing, install, node renewal) and an executor that owns the tasks, the
+//!   clock and the seams (issuer, volume).
 //! - [`reachability`]: whether the CA holder answers, and when to probe it during an outage
 //!   (pure).
-//! - [`rotator`]: the single writer: sync, batched signing, checks, install, node renewal.
 //! - [`volume`]: the atomic writer of the shared volume.
 //! - [`folder`]: file operations relative to an open folder, never through a symlink.
 //! - [`worker`]: the thread that runs the volume's file operations, with a timeout.
@@ -69,7 +70,6 @@ pub mod reissue;
 pub mod report;
 pub mod restart;
 pub mod rotation;
-pub mod rotator;
 pub mod svid;
 pub mod sys;
 pub use meshcert_daemon::systemd;

@@ -8,15 +8,22 @@
 //! Every file is replaced atomically (temp file with its final mode, fsync, rename, fsync of the
 //! folder). A new key and SVID are first both written as `*.next`, then renamed key first; a
 //! crash between the two renames is finished on the next load.
+//!
+//! Joining (a one-time token) and renewing (the node's own SVID) live here too: both end in a
+//! new identity stored in the state folder.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use meshcert_protocol::api::SyncResponse;
+use meshcert_protocol::Enforcement;
+use meshcert_protocol::api::{AttestRequest, RenewRequest, SyncResponse};
 
-use crate::keys::{KeyError, PrivateKey};
+use crate::config::Config;
+use crate::issuer::{Issuer, IssuerError};
+use crate::keys::{KeyAlgorithm, KeyError, PrivateKey};
+use crate::rotation::signing::generate_key;
 use crate::svid::{self, LeafInfo, SvidError};
 
 /// The node key's file name.
@@ -76,6 +83,15 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// The node SVID without its key: what the rotation core reasons about.
+#[derive(Debug, Clone)]
+pub struct NodeCertificate {
+    /// The leaf's identity and validity.
+    pub info: LeafInfo,
+    /// The node SVID chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+}
+
 /// The node's key and SVID.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -88,6 +104,14 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
+    /// Its public half (no key), for the rotation core.
+    pub fn certificate(&self) -> NodeCertificate {
+        NodeCertificate {
+            info: self.info.clone(),
+            chain: self.chain.clone(),
+        }
+    }
+
     /// Builds an identity from a fresh key and the holder's chain, checking that they match.
     pub fn new(key: PrivateKey, chain: Vec<Vec<u8>>) -> Result<Self, SvidError> {
         let leaf = chain.first().ok_or(SvidError::Empty)?;
@@ -232,6 +256,107 @@ pub fn store_last_sync(state_dir: &Path, sync: &SyncResponse) -> Result<(), Node
         message: e.to_string(),
     })?;
     write_atomic(&path, &bytes, 0o600)
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The state folder failed.
+    #[error(transparent)]
+    State(#[from] NodeError),
+    /// A key could not be generated.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A CSR could not be built.
+    #[error(transparent)]
+    Csr(#[from] crate::csr::CsrError),
+    /// The holder refused or could not be reached.
+    #[error(transparent)]
+    Issuer(#[from] IssuerError),
+    /// The holder's answer was not a usable SVID.
+    #[error("the holder's node SVID is unusable: {0}")]
+    Svid(#[from] SvidError),
+}
+
+/// Joins the holder with a one-time token: a fresh node key, a CSR, the node SVID back; stored
+/// in the state folder and returned, with the first sync answer the join carries.
+pub async fn join<I: Issuer>(
+    issuer: &I,
+    config: &Config,
+    token: &str,
+) -> Result<(NodeIdentity, SyncResponse), JoinError> {
+    let key = generate_key(config.key_algorithm).await?;
+    let request = AttestRequest {
+        token: token.to_owned(),
+        csr: crate::csr::build(&key, None)?.into(),
+    };
+    let response = issuer.attest(request).await?;
+    let identity = NodeIdentity::new(
+        key,
+        response.svid.chain.iter().map(|c| c.0.clone()).collect(),
+    )?;
+    if response.node != config.node_name || response.mesh != config.mesh {
+        tracing::warn!(
+            holder_node = %response.node,
+            holder_mesh = %response.mesh,
+            node = %config.node_name,
+            mesh = %config.mesh,
+            "the join token was for another node name or mesh than the config says; using the holder's"
+        );
+    }
+    store(&config.state_dir, &identity)?;
+    let seed = SyncResponse {
+        node: response.node,
+        mesh: response.mesh,
+        trust_domain: identity.info.spiffe_id.trust_domain().clone(),
+        enforcement: Enforcement::MeshDefault,
+        entries: Vec::new(),
+        bundles: response.bundles,
+    };
+    Ok((identity, seed))
+}
+
+/// Why a node SVID renewal failed, and whether it was because the holder is down.
+#[derive(Debug, Clone)]
+pub struct RenewFailure {
+    /// What failed.
+    pub message: String,
+    /// The holder as a whole could not serve (the renewal waits for it, not backed off).
+    pub holder_down: bool,
+}
+
+impl RenewFailure {
+    fn other(e: impl std::fmt::Display) -> Self {
+        Self {
+            message: e.to_string(),
+            holder_down: false,
+        }
+    }
+}
+
+/// Renews the node SVID: a fresh key, a CSR, the holder's new SVID, stored in `state_dir` and
+/// put in use by `issuer`. Returns the new leaf.
+pub async fn renew<I: Issuer>(
+    issuer: &I,
+    algorithm: KeyAlgorithm,
+    state_dir: &Path,
+) -> Result<NodeCertificate, RenewFailure> {
+    let key = generate_key(algorithm).await.map_err(RenewFailure::other)?;
+    let csr = crate::csr::build(&key, None).map_err(RenewFailure::other)?;
+    let response = issuer
+        .renew(RenewRequest { csr: csr.into() })
+        .await
+        .map_err(|e| RenewFailure {
+            message: e.to_string(),
+            holder_down: e.is_holder_down(),
+        })?;
+    let chain = response.svid.chain.into_iter().map(|c| c.0).collect();
+    let identity = NodeIdentity::new(key, chain).map_err(RenewFailure::other)?;
+    store(state_dir, &identity).map_err(RenewFailure::other)?;
+    issuer
+        .set_identity(&identity.chain, &identity.key)
+        .map_err(RenewFailure::other)?;
+    Ok(identity.certificate())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::cache::AgentStatus;
 
 use crate::issuer::{HttpsIssuer, IssuerError};
 use crate::metrics::TimedIssuer;
-use crate::rotator::Command;
+use crate::rotation::Command;
 
 /// How long to wait before watching a holder again that has no watch endpoint.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(300);

@@ -71,6 +71,13 @@ pub fn jitter_for(serial: &str, jitter: f64) -> f64 {
     (unit * 2.0 - 1.0) * jitter
 }
 
+/// The moment one identity (an entry, or the node itself) is next due: the one place every
+/// "is it due" and "when to wake" question goes through, so that a rule making an SVID due
+/// earlier (re-issue under a new root, say) is added here and nowhere else.
+pub fn due_at(schedule: &Schedule) -> SystemTime {
+    schedule.next_at
+}
+
 /// When one identity (an entry, or the node itself) is next due, and how many attempts have
 /// failed since the last success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +110,9 @@ impl Schedule {
         }
     }
 
-    /// Whether an attempt is due at `now`.
+    /// Whether an attempt is due at `now` (see [`due_at`]).
     pub fn is_due(&self, now: SystemTime) -> bool {
-        self.next_at <= now
+        due_at(self) <= now
     }
 
     /// Records a failure at `now` and schedules the retry; returns the wait.
