@@ -497,8 +497,11 @@ pub fn root_params(
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
-    p.not_before = now.into();
-    p.not_after = (now + Duration::from_secs(u64::from(ttl_days) * 86400)).into();
+    // Backdated like every certificate the holder makes: a replica whose clock (or start) is a
+    // little behind the one that generated a shared root still accepts it.
+    let start = now - BACKDATE;
+    p.not_before = start.into();
+    p.not_after = (start + Duration::from_secs(u64::from(ttl_days) * 86400)).into();
     p
 }
 
