@@ -158,15 +158,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let volume = Volume::new(config.volume_dir.clone());
     volume.ensure_root()?;
     let metrics = Arc::new(Metrics::new());
-    let issuer = Arc::new(TimedIssuer::new(
-        HttpsIssuer::new(
-            &config.ca_address,
-            &config.ca_server_name,
-            &config.trust_roots,
-        )?,
-        metrics.clone(),
-    ));
-    crate::push::follow_last_sync(issuer.inner(), &config.state_dir);
+    let issuer = holder_client(&config, &metrics)?;
     let mut signals = Signals::install()?;
     // Sockets first: the admin socket answers (not ready) while the node joins.
     let cache = Cache::new();
@@ -238,6 +230,24 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     servers.stop(Ok(())).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The client of the holder, timed by the metrics; it trusts the holder through the configured
+/// bundle and the roots of the last synced bundles.
+fn holder_client(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<TimedIssuer<HttpsIssuer>>, DaemonError> {
+    let issuer = Arc::new(TimedIssuer::new(
+        HttpsIssuer::new(
+            &config.ca_address,
+            &config.ca_server_name,
+            &config.trust_roots,
+        )?,
+        metrics.clone(),
+    ));
+    crate::push::follow_last_sync(issuer.inner(), &config.state_dir);
+    Ok(issuer)
 }
 
 /// The last sync recorded in the state folder, else the one that came with the join.

@@ -11,6 +11,9 @@
 //! addresses). A new connection goes to the next replica in turn; one that cannot be reached
 //! (TCP, TLS, or no answer within [`CONNECT_TIMEOUT`]) sends the call to the next at once and
 //! is tried last for [`REPLICA_COOLDOWN`]; the call fails only once every replica failed.
+//!
+//! One file past 600 lines on purpose: the connection pool, the choice of replica and every
+//! call share one piece of state (which connection belongs to which TLS settings and replica).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

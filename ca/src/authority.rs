@@ -10,6 +10,11 @@
 //! `intermediates/<mesh>.key` (0600) and `intermediates/<mesh>.pem`, and
 //! `intermediates/gateway/<mesh>.key|.pem`. A root certificate without
 //! a usable key is an error naming the file, never a reason to generate a new root.
+//!
+//! One file past 600 lines on purpose: which key signs what (root, intermediates, gateway
+//! intermediates, leaves, the server certificate), their validity and backdating, and the
+//! checks of the chains nodes present are one set of rules; apart, a change to one link would
+//! not be seen beside the others.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

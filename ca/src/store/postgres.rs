@@ -8,12 +8,16 @@
 //!
 //! Concurrency between replicas rests on the database: a token is consumed under `SELECT ... FOR
 //! UPDATE`, a node is registered by a conditional upsert, the bundle version and the pruned count
-//! are settled under a transaction-scoped advisory lock. Schema migrations run in a session of
+//! are settled under a transaction-scoped advisory lock. Schema migrations run on a connection of
 //! their own holding `pg_advisory_lock` (see [`migrate`]), so replicas started together migrate
 //! once and never deadlock: a waiting replica holds nothing but its wait for that lock.
 //!
 //! TLS: `sslmode=require` (or `verify-ca`/`verify-full`) in the URL connects through rustls and
 //! verifies the server against `sslrootcert=<PEM file>` (mandatory then); otherwise no TLS.
+//!
+//! One file past 600 lines on purpose: like `sqlite.rs`, every query of the [`Store`] trait
+//! sits beside the schema it reads, so a schema change and the queries it touches are read
+//! together.
 
 use std::future::Future;
 use std::path::PathBuf;
