@@ -1,8 +1,10 @@
 //! The agent's in-memory view of what it serves: every installed SVID and the current bundles,
 //! published as immutable [`Snapshot`]s through a `tokio::sync::watch` channel.
 //!
-//! The rotation side is the only writer ([`Cache::publish`]); the Workload API and the admin
-//! socket are readers. A reader holding an `Arc<Snapshot>` never sees a half-updated state.
+//! The rotation side is the only writer: it owns the one [`CacheWriter`] (not `Clone`, so the
+//! type system keeps it single), and every mutation goes through it. The Workload API, the
+//! admin socket, metrics and the upward report hold [`Cache`] readers (cheap to clone, read and
+//! subscribe only). A reader holding an `Arc<Snapshot>` never sees a half-updated state.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -187,30 +189,15 @@ impl AgentStatus {
     }
 }
 
-/// The single writer of [`Snapshot`]s and [`AgentStatus`].
+/// A reader of the served state: the current [`Snapshot`] and [`AgentStatus`], and receivers
+/// of every later one. Cloned freely; it cannot write (only the [`CacheWriter`] can).
 #[derive(Debug, Clone)]
 pub struct Cache {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
     status: Arc<watch::Sender<Arc<AgentStatus>>>,
 }
 
-impl Default for Cache {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Cache {
-    /// An empty cache.
-    pub fn new() -> Self {
-        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        let (status, _) = watch::channel(Arc::new(AgentStatus::default()));
-        Self {
-            tx: Arc::new(tx),
-            status: Arc::new(status),
-        }
-    }
-
     /// A receiver that sees the current snapshot and every later one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
@@ -219,20 +206,6 @@ impl Cache {
     /// The current snapshot.
     pub fn current(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
-    }
-
-    /// Replaces the snapshot and wakes every reader.
-    pub fn publish(&self, snapshot: Snapshot) {
-        self.tx.send_replace(Arc::new(snapshot));
-    }
-
-    /// Changes the snapshot with `f` and wakes every reader.
-    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        self.tx.send_modify(|current| {
-            let mut next = (**current).clone();
-            f(&mut next);
-            *current = Arc::new(next);
-        });
     }
 
     /// A receiver of the agent's status.
@@ -244,15 +217,67 @@ impl Cache {
     pub fn status(&self) -> Arc<AgentStatus> {
         self.status.borrow().clone()
     }
+}
+
+/// The one writer of [`Snapshot`]s and [`AgentStatus`]. It is deliberately not `Clone`: it is
+/// made once, hands out [`Cache`] readers, and is moved to the rotation side, so no reader can
+/// write the served state.
+///
+/// ```compile_fail
+/// let writer = meshcert_agent::cache::CacheWriter::new();
+/// let second = writer.clone(); // a second writer cannot be made
+/// ```
+#[derive(Debug)]
+pub struct CacheWriter {
+    shared: Cache,
+}
+
+impl Default for CacheWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CacheWriter {
+    /// The writer of an empty cache; [`CacheWriter::reader`] gives its readers.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (status, _) = watch::channel(Arc::new(AgentStatus::default()));
+        Self {
+            shared: Cache {
+                tx: Arc::new(tx),
+                status: Arc::new(status),
+            },
+        }
+    }
+
+    /// A reader of what this writer publishes.
+    pub fn reader(&self) -> Cache {
+        self.shared.clone()
+    }
+
+    /// Replaces the snapshot and wakes every reader.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.shared.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// Changes the snapshot with `f` and wakes every reader.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        self.shared.tx.send_modify(|current| {
+            let mut next = (**current).clone();
+            f(&mut next);
+            *current = Arc::new(next);
+        });
+    }
 
     /// Replaces the whole status and wakes every reader (no copy of the previous one is made).
     pub fn set_status(&self, status: AgentStatus) {
-        self.status.send_replace(Arc::new(status));
+        self.shared.status.send_replace(Arc::new(status));
     }
 
     /// Changes the status with `f` and wakes every reader.
     pub fn update_status(&self, f: impl FnOnce(&mut AgentStatus)) {
-        self.status.send_modify(|current| {
+        self.shared.status.send_modify(|current| {
             let mut next = (**current).clone();
             f(&mut next);
             *current = Arc::new(next);
@@ -311,14 +336,15 @@ mod tests {
 
     #[test]
     fn set_status_replaces_the_whole_status_and_wakes_readers() {
-        let cache = Cache::new();
-        cache.update_status(|s| {
+        let writer = CacheWriter::new();
+        let cache = writer.reader();
+        writer.update_status(|s| {
             s.ca_address = "127.0.0.1:1".into();
             s.ca_last_error = Some("down".into());
         });
         let mut rx = cache.subscribe_status();
         rx.borrow_and_update();
-        cache.set_status(AgentStatus {
+        writer.set_status(AgentStatus {
             node: Some("n1".into()),
             bundle_version: 3,
             ..AgentStatus::default()

@@ -13,7 +13,7 @@ use meshcert_daemon::watch::ConfigWatcher;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
-use crate::cache::Cache;
+use crate::cache::CacheWriter;
 use crate::changes::{Changes, VolumeWatch};
 use crate::config::{self, Config, ConfigError, Listeners, Overrides};
 use crate::issuer::{HttpsIssuer, Issuer, IssuerError};
@@ -161,8 +161,11 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let issuer = holder_client(&config, &metrics)?;
     let mut signals = Signals::install()?;
     // Sockets first: the admin socket answers (not ready) while the node joins.
-    let cache = Cache::new();
-    let servers = Servers::start(&config, listeners, &cache, &metrics, &issuer).await?;
+    // The one writer of the served state: it sets the node's status here, then moves into
+    // the rotator; everything else gets a reader.
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    let servers = Servers::start(&config, listeners, &writer, &metrics, &issuer).await?;
     let joined = tokio::select! {
         result = identity(&*issuer, &config, options.join_token.as_deref()) => Some(result),
         () = signals.stop() => None,
@@ -185,7 +188,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let volume_changed = Arc::new(Changes::new());
     let rotator = Rotator::new(
         issuer.clone(),
-        cache.clone(),
+        writer,
         config.clone(),
         identity,
         last_sync,
@@ -207,7 +210,7 @@ pub async fn run(options: RunOptions) -> Result<(), DaemonError> {
     let report_task = tokio::spawn(report::run(
         issuer.clone(),
         reports,
-        cache.clone(),
+        cache,
         config.heartbeat,
         servers.stopped(),
     ));
@@ -309,7 +312,7 @@ impl Servers {
     async fn start(
         config: &Config,
         listeners: Listeners,
-        cache: &Cache,
+        writer: &CacheWriter,
         metrics: &Arc<Metrics>,
         issuer: &Arc<TimedIssuer<HttpsIssuer>>,
     ) -> Result<Self, DaemonError> {
@@ -331,11 +334,12 @@ impl Servers {
             metrics = ?metrics.address(),
             "listening"
         );
-        cache.update_status(|s| {
+        writer.update_status(|s| {
             s.node = Some(config.node_name.clone());
             s.mesh = Some(config.mesh.clone());
             s.ca_address = config.ca_address.clone();
         });
+        let cache = writer.reader();
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = || stop_future(&stop_rx);
         // JWT-SVIDs: signed by the holder, cached here; the JWKS polled at the sync interval.

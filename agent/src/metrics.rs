@@ -623,7 +623,7 @@ mod tests {
     #[test]
     fn only_get_metrics_is_served() {
         let m = Metrics::new();
-        let cache = Cache::new();
+        let cache = crate::cache::CacheWriter::new().reader();
         for (method, path, want) in [
             (Method::GET, "/metrics", StatusCode::OK),
             (Method::POST, "/metrics", StatusCode::METHOD_NOT_ALLOWED),

@@ -103,6 +103,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::cache::CacheWriter;
     use crate::issuer::IssuerError;
     use crate::keys::PrivateKey;
     use meshcert_protocol::api::{
@@ -167,13 +168,13 @@ mod tests {
     #[tokio::test]
     async fn latest_state_is_sent_on_change_and_after_an_outage() {
         let recorder = Arc::new(Recorder::default());
-        let cache = Cache::new();
+        let writer = CacheWriter::new();
         let (tx, rx) = watch::channel(build(1, None, Arc::default()));
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             recorder.clone(),
             rx,
-            cache.clone(),
+            writer.reader(),
             Duration::from_secs(3600),
             async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
@@ -192,7 +193,7 @@ mod tests {
         tx.send_replace(build(6, None, Arc::default()));
         tokio::time::sleep(DEBOUNCE * 2).await;
         *recorder.down.lock().expect("lock") = false;
-        cache.update_status(|s| s.ca_connected = true);
+        writer.update_status(|s| s.ca_connected = true);
         until_reported(&recorder, 6).await;
         stop_tx.send_replace(true);
         task.await.expect("stopped");

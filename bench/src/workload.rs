@@ -3,15 +3,15 @@
 //! to the update on open streams (`FetchX509SVID`, and Envoy's SDS `StreamSecrets`).
 //!
 //! The server is the agent's own Workload API (`meshcert_agent::workload::serve`) on a real
-//! Unix socket in this process, fed by the agent's [`Cache`] with SVIDs made here; the clients
-//! are the upstream `spiffe` crate. The per-uid rate limit is raised for the run (every client
-//! here has the same uid); everything else is the agent's default.
+//! Unix socket in this process, fed by the agent's [`CacheWriter`] with SVIDs made here; the
+//! clients are the upstream `spiffe` crate. The per-uid rate limit is raised for the run (every
+//! client here has the same uid); everything else is the agent's default.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use meshcert_agent::cache::{Cache, Snapshot};
+use meshcert_agent::cache::{CacheWriter, Snapshot};
 use meshcert_agent::workload::{self, WorkloadConfig};
 use meshcert_protocol::Selector;
 use meshcert_tests::pki::TestPki;
@@ -104,7 +104,7 @@ async fn first_messages(
 /// each publish to its arrival on each stream.
 async fn rotation_updates(
     endpoint: &str,
-    cache: &Cache,
+    writer: &CacheWriter,
     pki: &TestPki,
     streams: usize,
     rotations: usize,
@@ -138,7 +138,7 @@ async fn rotation_updates(
         first_version: 2,
     };
     let samples = rotations
-        .time(cache, pki, &mut ready_rx, &mut rx, "X.509")
+        .time(writer, pki, &mut ready_rx, &mut rx, "X.509")
         .await;
     tasks.abort_all();
     samples
@@ -149,7 +149,7 @@ async fn rotation_updates(
 /// the new version's arrival on each stream.
 async fn sds_rotation_updates(
     endpoint: &str,
-    cache: &Cache,
+    writer: &CacheWriter,
     pki: &TestPki,
     streams: usize,
     rotations: usize,
@@ -196,7 +196,7 @@ async fn sds_rotation_updates(
         first_version: 1000,
     };
     let samples = rotations
-        .time(cache, pki, &mut ready_rx, &mut rx, "SDS")
+        .time(writer, pki, &mut ready_rx, &mut rx, "SDS")
         .await;
     tasks.abort_all();
     samples
@@ -214,7 +214,7 @@ impl Rotations {
     /// from the publish to its arrival on each stream (`arrivals`, one per stream and rotation).
     async fn time(
         &self,
-        cache: &Cache,
+        writer: &CacheWriter,
         pki: &TestPki,
         ready: &mut UnboundedReceiver<()>,
         arrivals: &mut UnboundedReceiver<Instant>,
@@ -229,7 +229,7 @@ impl Rotations {
         for version in 0..self.count {
             let snapshot = snapshot(pki, version as u64 + self.first_version)?;
             let published = Instant::now();
-            cache.publish(snapshot);
+            writer.publish(snapshot);
             for _ in 0..self.streams {
                 let arrived = tokio::time::timeout(PATIENCE, arrivals.recv())
                     .await
@@ -289,8 +289,8 @@ async fn real_agent(
 /// Runs the scenario and prints its table.
 pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let pki = TestPki::new("bench.test")?;
-    let cache = Cache::new();
-    cache.publish(snapshot(&pki, 1)?);
+    let writer = CacheWriter::new();
+    writer.publish(snapshot(&pki, 1)?);
     let dir = tempfile::tempdir()?;
     let config = WorkloadConfig {
         socket: dir.path().join("workload.sock"),
@@ -303,7 +303,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let server = tokio::spawn(workload::serve(
         listener,
         config.clone(),
-        cache.clone(),
+        writer.reader(),
         async {
             let _ = stopped.await;
         },
@@ -354,7 +354,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     }
     for &clients in &opts.clients {
         eprintln!("workload: {clients} open streams, rotations");
-        let s = rotation_updates(&endpoint, &cache, &pki, clients, opts.rotations).await?;
+        let s = rotation_updates(&endpoint, &writer, &pki, clients, opts.rotations).await?;
         table.row(vec![
             "rotation → stream".into(),
             clients.to_string(),
@@ -364,7 +364,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
             ms(s.max()),
         ]);
         eprintln!("workload: {clients} open SDS streams, rotations");
-        let s = sds_rotation_updates(&endpoint, &cache, &pki, clients, opts.rotations).await?;
+        let s = sds_rotation_updates(&endpoint, &writer, &pki, clients, opts.rotations).await?;
         table.row(vec![
             "rotation → SDS stream (new version)".into(),
             clients.to_string(),
@@ -396,7 +396,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
          independent workloads do. \"all at once, back to back\": every client starts at the same instant and connects again as \
          soon as it has its answer, so the clients are always queued behind each other: p50 ≈ clients × the CPU time of one \
          connect (client + server) / cores. \
-         \"rotation → stream\" = Cache::publish (what the rotator calls once an install is on disk) until the new SVID is parsed \
+         \"rotation → stream\" = CacheWriter::publish (what the rotator calls once an install is on disk) until the new SVID is parsed \
          on each open stream; \"SDS stream\": the same until Envoy's client has the new version of `default` (each response ACKed). \"real agent\" rows: a meshcert-agent process with its default limits (20 calls/s per uid, burst 100, \
          so at most 90 sequential clients); the rotation is timed from the agent's `SVID installed` log line (written once the files are on disk) to the \
          moment the new SVID is parsed on the open stream.",

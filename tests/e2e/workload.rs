@@ -1,6 +1,6 @@
 //! The SPIFFE Workload API and the admin socket, end to end: the real servers run in-process on
-//! temporary sockets, fed by a `Cache` holding certificates made here (a root, an intermediate,
-//! leaves with one URI SAN); the clients are the upstream `spiffe` crate (in-process, and as
+//! temporary sockets, fed by a `CacheWriter` publishing certificates made here (a root, an
+//! intermediate, leaves with one URI SAN); the clients are the upstream `spiffe` crate (in-process, and as
 //! another user through the `workload-probe` binary) and a raw gRPC client without the header.
 
 use std::os::unix::fs::PermissionsExt;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
-use meshcert_agent::cache::Cache;
+use meshcert_agent::cache::{Cache, CacheWriter};
 use meshcert_agent::workload::proto::X509svidRequest;
 use meshcert_agent::workload::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshcert_agent::workload::{self, WorkloadConfig};
@@ -111,8 +111,9 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
         &[me.clone(), Selector::Gid(nix::unistd::getegid().as_raw())],
         "admin",
     )?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web, &not_mine, &admin_id]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web, &not_mine, &admin_id]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
 
     let client = WorkloadApiClient::connect_to(server.endpoint()).await?;
@@ -155,7 +156,7 @@ async fn spiffe_client_fetches_svids_and_bundles_and_sees_the_rotation() -> Resu
     let mut rotated = web.clone();
     for _ in 0..2 {
         rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "web")?;
-        cache.publish(pki.snapshot(&[&rotated, &not_mine, &admin_id]));
+        writer.publish(pki.snapshot(&[&rotated, &not_mine, &admin_id]));
         tokio::time::timeout(PATIENCE, updates.changed())
             .await
             .context("no update on the open stream")??;
@@ -178,8 +179,9 @@ async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> R
         &[Selector::Uid(own_uid())],
         "",
     )?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&root_only]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&root_only]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let endpoint = server.endpoint();
 
@@ -191,7 +193,7 @@ async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> R
         &[Selector::Uid(OTHER_UID), Selector::User("nobody".into())],
         "",
     )?;
-    cache.publish(pki.snapshot(&[&root_only, &nobody]));
+    writer.publish(pki.snapshot(&[&root_only, &nobody]));
     let out = probe_as_other_user(&["svids", &endpoint]).await?;
     assert_eq!(out.trim(), "svid spiffe://example.org/nobody");
     server.stop().await?;
@@ -202,8 +204,9 @@ async fn another_user_is_denied_an_entry_for_another_uid_and_gets_its_own() -> R
 async fn a_request_without_the_security_header_is_invalid() -> Result<()> {
     let pki = TestPki::new("example.org")?;
     let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
 
     // A plain gRPC client (no interceptor adds `workload.spiffe.io: true`).
@@ -239,8 +242,9 @@ async fn a_uid_holding_its_maximum_of_connections_does_not_stop_another_uids_fet
         &[Selector::Uid(OTHER_UID)],
         "",
     )?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&nobody]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&nobody]));
     let config = WorkloadConfig {
         max_connections_per_uid: 8,
         ..WorkloadConfig::default()
@@ -289,8 +293,9 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
         &[Selector::Uid(OTHER_UID)],
         "",
     )?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web, &noisy]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web, &noisy]));
     let config = WorkloadConfig {
         rate_per_uid: 5.0,
         burst_per_uid: 200,
@@ -313,7 +318,7 @@ async fn sixty_four_streams_stay_served_while_another_workload_churns_connection
         // stream (opened in the background), the second only as an update on the open stream.
         for _ in 0..2 {
             let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
-            cache.publish(pki.snapshot(&[&rotated, &noisy]));
+            writer.publish(pki.snapshot(&[&rotated, &noisy]));
             for update in &mut updates {
                 tokio::time::timeout(PATIENCE, update.changed())
                     .await
@@ -354,8 +359,9 @@ async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()>
     let pki = TestPki::new("example.org")?;
     let me = Selector::Uid(own_uid());
     let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let endpoint = server.endpoint();
     let source = X509SourceBuilder::new().endpoint(&endpoint).build().await?;
@@ -373,7 +379,7 @@ async fn clients_reconnect_after_a_restart_and_get_the_same_svid() -> Result<()>
 
     // The watching application reconnected: it receives the next rotation.
     let rotated = pki.svid("spiffe://example.org/web", &[me], "")?;
-    cache.publish(pki.snapshot(&[&rotated]));
+    writer.publish(pki.snapshot(&[&rotated]));
     let svid = tokio::time::timeout(PATIENCE, async {
         loop {
             updates.changed().await?;
@@ -399,7 +405,8 @@ async fn admin_socket_answers_status_and_readiness_to_its_user_only() -> Result<
     let listener = admin::bind(&socket)?;
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let cache = Cache::new();
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(admin::serve(listener, cache.clone(), async {
         let _ = stopped.await;
@@ -417,7 +424,7 @@ async fn admin_socket_answers_status_and_readiness_to_its_user_only() -> Result<
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
-    cache.update_status(|s: &mut AgentStatus| {
+    writer.update_status(|s: &mut AgentStatus| {
         s.node = Some("node-1".into());
         s.node_svid_not_after = Some(now + 3600);
         s.identities = vec![IdentityReport {
@@ -605,8 +612,9 @@ async fn python_spiffe_library_fetches_svids_and_bundles() -> Result<()> {
     let me = Selector::Uid(own_uid());
     let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
     let admin_id = pki.svid("spiffe://example.org/admin", &[me], "")?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web, &admin_id]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web, &admin_id]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let socket = server.socket.display().to_string();
 
@@ -630,8 +638,9 @@ async fn python_spiffe_library_fetches_svids_and_bundles() -> Result<()> {
 async fn grpc_clients_are_served_whatever_authority_they_send() -> Result<()> {
     let pki = TestPki::new("example.org")?;
     let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
-    let cache = Cache::new();
-    cache.publish(pki.snapshot(&[&web]));
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
+    writer.publish(pki.snapshot(&[&web]));
     let server = Server::start(&cache, WorkloadConfig::default()).await?;
     let socket = server.socket.display().to_string();
 
@@ -863,8 +872,9 @@ mod sds {
     async fn envoy_fetches_its_certificate_and_root_ca_over_sds() -> Result<()> {
         let pki = TestPki::new("example.org")?;
         let web = pki.svid("spiffe://example.org/web", &[Selector::Uid(own_uid())], "")?;
-        let cache = Cache::new();
-        cache.publish(pki.snapshot(&[&web]));
+        let writer = CacheWriter::new();
+        let cache = writer.reader();
+        writer.publish(pki.snapshot(&[&web]));
         let server = Server::start(&cache, WorkloadConfig::default()).await?;
         let channel =
             spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
@@ -901,8 +911,9 @@ mod sds {
         let pki = TestPki::new("example.org")?;
         let me = Selector::Uid(own_uid());
         let web = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
-        let cache = Cache::new();
-        cache.publish(pki.snapshot(&[&web]));
+        let writer = CacheWriter::new();
+        let cache = writer.reader();
+        writer.publish(pki.snapshot(&[&web]));
         let server = Server::start(&cache, WorkloadConfig::default()).await?;
         let channel =
             spiffe::transport::connect(&spiffe::transport::Endpoint::parse(&server.endpoint())?)
@@ -929,7 +940,7 @@ mod sds {
         // A rotation reaches the open stream as a new version.
         let rotated = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
         let published = Instant::now();
-        cache.publish(pki.snapshot(&[&rotated]));
+        writer.publish(pki.snapshot(&[&rotated]));
         let second = next(&mut responses).await?;
         println!("SDS push after a rotation: {:?}", published.elapsed());
         assert_ne!(second.version_info, first.version_info);
@@ -946,7 +957,7 @@ mod sds {
             ))
             .await?;
         let third_svid = pki.svid("spiffe://example.org/web", std::slice::from_ref(&me), "")?;
-        cache.publish(pki.snapshot(&[&third_svid]));
+        writer.publish(pki.snapshot(&[&third_svid]));
         let third = next(&mut responses).await?;
         assert_eq!(
             secrets(&third)?[0].1[0],

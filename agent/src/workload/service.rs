@@ -465,7 +465,12 @@ mod tests {
 
     fn service() -> WorkloadService {
         let (_stop_tx, stop) = watch::channel(false);
-        WorkloadService::new(Cache::new(), RateLimiter::new(1.0, 1), 1, stop)
+        WorkloadService::new(
+            crate::cache::CacheWriter::new().reader(),
+            RateLimiter::new(1.0, 1),
+            1,
+            stop,
+        )
     }
 
     fn with_header<T>(message: T) -> Request<T> {

@@ -4,7 +4,8 @@
 //! [`Installer`] (the volume) and a [`Clock`] (read once per wake-up).
 //!
 //! Everything that writes (volume, state folder, cache) happens on this task, one step at a
-//! time, so a SIGTERM is only handled between two complete installs.
+//! time, so a SIGTERM is only handled between two complete installs. The cache is written
+//! through the one [`CacheWriter`], which the rotator owns (it is not `Clone`).
 
 mod perform;
 mod tasks;
@@ -24,7 +25,7 @@ use tokio::task::JoinSet;
 use super::clock::{Clock, SystemClock};
 use super::core::{Action, Core, Event, Notify};
 use super::installer::Installer;
-use crate::cache::{Cache, Intermediates};
+use crate::cache::{CacheWriter, Intermediates};
 use crate::changes::Changes;
 use crate::config::Config;
 use crate::heap::Trimmer;
@@ -83,7 +84,8 @@ pub struct Rotator<I: Issuer, V: Installer = Volume, C: Clock = SystemClock> {
     installer: V,
     clock: C,
     notifier: Notifier,
-    cache: Cache,
+    /// The one writer of the served state (not `Clone`: the rotator owns it alone).
+    writer: CacheWriter,
     reports: watch::Sender<NodeReport>,
     semaphore: Arc<Semaphore>,
     permits: usize,
@@ -101,7 +103,7 @@ impl<I: Issuer> Rotator<I> {
     /// from the volume and served at once when they are still valid.
     pub fn new(
         issuer: Arc<I>,
-        cache: Cache,
+        writer: CacheWriter,
         config: Config,
         node: NodeIdentity,
         last_sync: Option<SyncResponse>,
@@ -113,7 +115,7 @@ impl<I: Issuer> Rotator<I> {
             clock: SystemClock,
             notifier: Box::new(notify_systemd),
         };
-        Rotator::with_seams(seams, cache, config, &node, last_sync, volume_changed)
+        Rotator::with_seams(seams, writer, config, &node, last_sync, volume_changed)
     }
 }
 
@@ -121,7 +123,7 @@ impl<I: Issuer, V: Installer, C: Clock> Rotator<I, V, C> {
     /// A rotator over the given seams.
     pub fn with_seams(
         seams: Seams<I, V, C>,
-        cache: Cache,
+        writer: CacheWriter,
         config: Config,
         node: &NodeIdentity,
         last_sync: Option<SyncResponse>,
@@ -145,7 +147,7 @@ impl<I: Issuer, V: Installer, C: Clock> Rotator<I, V, C> {
             installer: seams.installer,
             clock: seams.clock,
             notifier: seams.notifier,
-            cache,
+            writer,
             reports,
             semaphore: Arc::new(Semaphore::new(permits)),
             permits,
@@ -304,8 +306,8 @@ impl<I: Issuer, V: Installer, C: Clock> Rotator<I, V, C> {
 
     /// Publishes the snapshot, the status, the report and the systemd state.
     fn publish(&mut self, published: super::core::Published) {
-        self.cache.publish(published.snapshot);
-        self.cache.set_status(published.status);
+        self.writer.publish(published.snapshot);
+        self.writer.set_status(published.status);
         let next = published.report;
         self.reports.send_if_modified(|current| {
             if *current == next {

@@ -17,7 +17,7 @@ use meshcert_protocol::{CertState, Enforcement, Entry, NodeReport, SpiffeId, Tru
 use tokio::sync::{mpsc, watch};
 
 use super::*;
-use crate::cache::{AgentStatus, Cache};
+use crate::cache::{AgentStatus, Cache, CacheWriter};
 use crate::issuer::IssuerError;
 use crate::keys::{KeyAlgorithm, PrivateKey};
 use crate::rotation::clock::ManualClock;
@@ -318,7 +318,8 @@ impl Running {
 
 fn start(fake: &Arc<FakeIssuer>, config: &Config, node: &NodeIdentity) -> Running {
     node::ensure_dir(&config.state_dir).expect("state");
-    let cache = Cache::new();
+    let writer = CacheWriter::new();
+    let cache = writer.reader();
     let last = node::load_last_sync(&config.state_dir).expect("last sync");
     let installs = Arc::new(Mutex::new(Recorded::default()));
     let notified = Arc::new(Mutex::new(Vec::new()));
@@ -333,7 +334,7 @@ fn start(fake: &Arc<FakeIssuer>, config: &Config, node: &NodeIdentity) -> Runnin
         notifier: Box::new(move |n: &Notify| seen.lock().expect("lock").push(n.clone())),
     };
     let changes = Arc::new(Changes::new());
-    let rotator = Rotator::with_seams(seams, cache.clone(), config.clone(), node, last, changes);
+    let rotator = Rotator::with_seams(seams, writer, config.clone(), node, last, changes);
     let (commands, rx) = mpsc::channel(8);
     let (stop, stop_rx) = watch::channel(false);
     let mut stop_rx2 = stop_rx.clone();
