@@ -915,23 +915,7 @@ impl Holder {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
-apiVersion: networking.smh.solo.io/v1alpha1
-kind: VirtualMesh
-metadata:
-  name: vm
-spec:
-  meshes:
-    - name: mesh-a
-      trustDomain: mesh-a.test
-  certificateAuthority:
-    builtin:
-      rsaKeySizeBytes: 2048
-  shared: {}
-holder:
-  listen: 127.0.0.1:0
-  stateDir: STATE
-"#;
+    use crate::testing::VIRTUAL_MESH as BASE;
 
     fn parse(text: &str, dir: &std::path::Path) -> Config {
         crate::config::parse(&text.replace("STATE", &dir.display().to_string())).expect("valid")

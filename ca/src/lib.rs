@@ -50,3 +50,6 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod tokens;
+
+#[cfg(test)]
+mod testing;

@@ -308,29 +308,16 @@ mod tests {
         assert!(Kek::from_bytes(&[1; 16]).is_err());
     }
 
-    const REPLICA: &str = r#"
-apiVersion: networking.smh.solo.io/v1alpha1
-kind: VirtualMesh
-metadata:
-  name: vm
-spec:
-  meshes:
-    - name: mesh-a
-      trustDomain: mesh-a.test
-  certificateAuthority:
-    builtin:
-      rsaKeySizeBytes: 2048
-  shared: {}
-holder:
-  listen: 127.0.0.1:0
-  stateDir: STATE
-  datastore: URL
-  keyEncryptionKeyFile: KEK
-"#;
+    fn replica_config() -> String {
+        format!(
+            "{}  datastore: URL\n  keyEncryptionKeyFile: KEK\n",
+            crate::testing::VIRTUAL_MESH
+        )
+    }
 
     fn replica(url: &str, kek: &Path) -> (tempfile::TempDir, crate::config::Config) {
         let dir = tempfile::tempdir().expect("tmp");
-        let text = REPLICA
+        let text = replica_config()
             .replace("STATE", &dir.path().display().to_string())
             .replace("URL", url)
             .replace("KEK", &kek.display().to_string());

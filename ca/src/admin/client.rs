@@ -192,23 +192,7 @@ mod tests {
         );
     }
 
-    const CONFIG: &str = r#"
-apiVersion: networking.smh.solo.io/v1alpha1
-kind: VirtualMesh
-metadata:
-  name: vm
-spec:
-  meshes:
-    - name: mesh-a
-      trustDomain: mesh-a.test
-  certificateAuthority:
-    builtin:
-      rsaKeySizeBytes: 2048
-  shared: {}
-holder:
-  listen: 127.0.0.1:0
-  stateDir: STATE
-"#;
+    use crate::testing::VIRTUAL_MESH as CONFIG;
 
     /// A holder serving its admin socket in a temporary folder, and a client of it.
     fn admin() -> (tempfile::TempDir, Client) {
