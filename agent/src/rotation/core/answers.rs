@@ -49,7 +49,7 @@ impl Core {
                             if error.code.refuses_local_entry()
                                 && let Some(m) = self.managed.get_mut(&entry_id)
                                 && m.local
-                                && m.in_flight == Some(request)
+                                && m.awaits(request)
                             {
                                 tracing::info!(entry_id = %entry_id, code = %error.code, "the holder refuses this local entry: not asked for again until the entry or the enforcement mode changes");
                                 m.denied = true;
@@ -92,12 +92,9 @@ impl Core {
         gateway: Option<Vec<Vec<u8>>>,
         now: SystemTime,
     ) {
-        let Some(m) = self.managed.get(entry_id) else {
+        let Some(m) = self.managed.get(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
-        if m.in_flight != Some(request) {
-            return;
-        }
         if m.local && self.local_barred_now(entry_id) {
             let error =
                 "the holder issued a local SVID the enforcement mode does not allow: not installed";
@@ -126,12 +123,9 @@ impl Core {
     /// An entry whose request failed because the holder is down: still due, not backed off;
     /// it goes out again once the holder answers.
     fn requeue(&mut self, entry_id: &str, request: u64, error: &str) {
-        let Some(m) = self.managed.get_mut(entry_id) else {
+        let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
-        if m.in_flight != Some(request) {
-            return;
-        }
         m.in_flight = None;
         m.attempted = true;
         m.state = CertState::Failed;
@@ -141,12 +135,9 @@ impl Core {
     /// The executor checked and wrote the SVID of `request`.
     pub(super) fn on_installed(&mut self, entry_id: &str, request: u64, installed: Installed) {
         let rotation = self.config.rotation;
-        let Some(m) = self.managed.get_mut(entry_id) else {
+        let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
-        if m.in_flight != Some(request) {
-            return;
-        }
         tracing::info!(
             entry_id = %entry_id,
             spiffe_id = %m.entry.spiffe_id,
@@ -185,12 +176,9 @@ impl Core {
     /// The SVID found in the entry's folder at start (or none).
     pub(super) fn on_adopted(&mut self, entry_id: &str, request: u64, found: Option<Installed>) {
         let rotation = self.config.rotation;
-        let Some(m) = self.managed.get_mut(entry_id) else {
+        let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
-        if m.in_flight != Some(request) {
-            return;
-        }
         m.in_flight = None;
         let Some(found) = found else { return };
         tracing::info!(entry_id = %entry_id, serial = %found.info.serial, "serving the SVID found on disk");
@@ -209,12 +197,9 @@ impl Core {
     pub(super) fn failed(&mut self, entry_id: &str, request: u64, error: String, now: SystemTime) {
         let rotation = self.config.rotation;
         let random = self.rng.f64();
-        let Some(m) = self.managed.get_mut(entry_id) else {
+        let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
-        if m.in_flight != Some(request) {
-            return;
-        }
         m.in_flight = None;
         m.attempted = true;
         m.state = CertState::Failed;

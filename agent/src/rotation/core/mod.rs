@@ -229,6 +229,12 @@ impl Managed {
         }
     }
 
+    /// Whether an answer to `request` is the one it waits for: an answer to any other (stale)
+    /// request changes nothing.
+    fn awaits(&self, request: u64) -> bool {
+        self.in_flight == Some(request)
+    }
+
     /// Whether a signing request may go out for it (due aside).
     fn may_ask(&self) -> bool {
         self.in_flight.is_none() && !self.denied
