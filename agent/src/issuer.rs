@@ -886,21 +886,26 @@ mod tests {
         (address, root.der().to_vec(), accepted)
     }
 
+    /// Attests once; the refusing holder answers `token_used`.
+    async fn attest_is_refused_as_used(issuer: &HttpsIssuer, call: usize) {
+        let err = issuer
+            .attest(AttestRequest {
+                token: "t".into(),
+                csr: vec![1].into(),
+            })
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, IssuerError::Api(e) if e.code == ErrorCode::TokenUsed),
+            "call {call}: {err}"
+        );
+    }
+
     async fn refused_calls(keep_alive: bool, calls: usize) -> usize {
         let (address, root, accepted) = refusing_holder(keep_alive).await;
         let issuer = HttpsIssuer::new(&address, "127.0.0.1", &[root]).expect("issuer");
         for call in 0..calls {
-            let err = issuer
-                .attest(AttestRequest {
-                    token: "t".into(),
-                    csr: vec![1].into(),
-                })
-                .await
-                .expect_err("refused");
-            assert!(
-                matches!(&err, IssuerError::Api(e) if e.code == ErrorCode::TokenUsed),
-                "call {call}: {err}"
-            );
+            attest_is_refused_as_used(&issuer, call).await;
         }
         accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -914,18 +919,8 @@ mod tests {
         let issuer =
             HttpsIssuer::new(&format!("{dead}, {address}"), "127.0.0.1", &[root]).expect("issuer");
         for call in 0..3 {
-            let err = issuer
-                .attest(AttestRequest {
-                    token: "t".into(),
-                    csr: vec![1].into(),
-                })
-                .await
-                .expect_err("refused");
             // The answer of the live replica, not the dead one's connection error.
-            assert!(
-                matches!(&err, IssuerError::Api(e) if e.code == ErrorCode::TokenUsed),
-                "call {call}: {err}"
-            );
+            attest_is_refused_as_used(&issuer, call).await;
         }
         assert_eq!(
             accepted.load(std::sync::atomic::Ordering::SeqCst),
