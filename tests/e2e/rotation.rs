@@ -193,12 +193,30 @@ fn sample(
             samples.taken.fetch_add(1, Ordering::SeqCst);
             for r in [files, api] {
                 if let Err(e) = r {
-                    samples.failures.lock().expect("lock").push(e);
+                    let at = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+                    samples
+                        .failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{at}: {e}"));
                 }
             }
             std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
         }
     })
+}
+
+/// Waits (bounded) until `agent`'s Workload API serves the caller an X509-SVID.
+fn wait_serving(agent: &Agent) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let socket = agent.workload_socket();
+    wait_until("the Workload API serves", Duration::from_secs(30), || {
+        rt.block_on(workload_from_api(&socket)).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
 }
 
 /// Whether `chain` (leaf first) ends in an intermediate issued by the root with this
@@ -223,6 +241,11 @@ fn mtls_between_two_nodes_never_fails_across_a_whole_root_rotation() {
     let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
     let web = wait_svid(&agent_a, "web");
     let api = wait_svid(&agent_b, "api");
+    // Sampling starts once both Workload APIs serve: an agent writes a folder before it
+    // publishes what the batch installed, so a file alone does not mean the API serves yet.
+    for agent in [&agent_a, &agent_b] {
+        wait_serving(agent);
+    }
     let old = bundle_fingerprints(&ca);
     assert_eq!(old.len(), 1, "one root before the rotation");
 
@@ -254,6 +277,13 @@ fn mtls_between_two_nodes_never_fails_across_a_whole_root_rotation() {
     let failures = samples.failures.lock().expect("lock").clone();
     let taken = samples.taken.load(Ordering::SeqCst);
     assert!(taken > 50, "sampled {taken} times");
+    if !failures.is_empty() {
+        eprintln!(
+            "agent a's log:\n{}\nagent b's log:\n{}",
+            agent_a.log(),
+            agent_b.log()
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {taken} samples failed: {failures:#?}",
