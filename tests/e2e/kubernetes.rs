@@ -361,8 +361,8 @@ fn a_pod_gets_the_svid_of_its_service_account_entry_and_others_are_denied() {
         String::from_utf8_lossy(&created.stderr)
     );
     agent
-        .wait_for_file(&agent.volume_dir().join("labelled/svid.pem"))
-        .expect("the created entry is issued");
+        .wait_for_served("labelled")
+        .expect("the created entry is issued and served");
     assert_eq!(
         probe_in_pod(&agent, &db, 65534),
         "svid spiffe://mesh-a.test/labelled"

@@ -206,19 +206,6 @@ fn sample(
     })
 }
 
-/// Waits (bounded) until `agent`'s Workload API serves the caller an X509-SVID.
-fn wait_serving(agent: &Agent) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let socket = agent.workload_socket();
-    wait_until("the Workload API serves", Duration::from_secs(30), || {
-        rt.block_on(workload_from_api(&socket)).is_ok()
-    })
-    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
-}
-
 /// Whether `chain` (leaf first) ends in an intermediate issued by the root with this
 /// fingerprint (its signature verifies under that root's key).
 fn chains_to(chain: &[Vec<u8>], root: &[u8]) -> bool {
@@ -241,11 +228,6 @@ fn mtls_between_two_nodes_never_fails_across_a_whole_root_rotation() {
     let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
     let web = wait_svid(&agent_a, "web");
     let api = wait_svid(&agent_b, "api");
-    // Sampling starts once both Workload APIs serve: an agent writes a folder before it
-    // publishes what the batch installed, so a file alone does not mean the API serves yet.
-    for agent in [&agent_a, &agent_b] {
-        wait_serving(agent);
-    }
     let old = bundle_fingerprints(&ca);
     assert_eq!(old.len(), 1, "one root before the rotation");
 

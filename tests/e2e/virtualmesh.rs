@@ -1007,13 +1007,12 @@ pub(crate) fn pem_blocks(path: &Path, label: &str) -> anyhow::Result<Vec<Vec<u8>
     Ok(out)
 }
 
-/// Waits (bounded by [`WAIT`]) until an agent has written `dir`'s SVID; the folder.
+/// Waits (bounded by [`WAIT`]) until an agent has written `dir`'s SVID and its Workload API
+/// serves it; the folder.
 pub(crate) fn wait_svid(agent: &Agent, dir: &str) -> PathBuf {
-    let path = agent.volume_dir().join(dir);
     agent
-        .wait_for_file(&path.join("svid.pem"))
-        .unwrap_or_else(|e| panic!("{dir} was not installed: {e}"));
-    path
+        .wait_for_served(dir)
+        .unwrap_or_else(|e| panic!("{dir} was not installed: {e}"))
 }
 
 /// A workload set up from its folder as its agent wrote it: `svid.pem`, `svid.key`, and what

@@ -21,6 +21,16 @@ use crate::ca::CaHolder;
 /// How long [`Agent::wait_for_file`] and the start-up wait may take before giving up.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Polls `read` until it gives a value; an error after [`WAIT`].
+fn wait_some<T>(what: &str, mut read: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let mut value = None;
+    wait_until(what, WAIT, || {
+        value = read();
+        value.is_some()
+    })?;
+    value.ok_or_else(|| anyhow::anyhow!("{what}: no value"))
+}
+
 /// Polls `check` until it returns true; an error naming `what` after `timeout`.
 pub fn wait_until(
     what: &str,
@@ -281,6 +291,34 @@ impl Agent {
     pub fn wait_for_file(&self, path: &Path) -> anyhow::Result<()> {
         wait_until(&format!("{}", path.display()), WAIT, || path.exists())
             .with_context(|| format!("agent log:\n{}", self.log()))
+    }
+
+    /// Waits until `dir`'s folder holds an SVID and the Workload API serves that SVID: the agent
+    /// writes every folder of a signing answer before it publishes the answer to the Workload
+    /// API, so a file alone does not mean the API serves it yet. Waits for the file, reads its
+    /// leaf's serial, then polls the agent's status (published with the Workload API's
+    /// snapshot) until an identity is served with that serial. The folder's path.
+    pub fn wait_for_served(&self, dir: &str) -> anyhow::Result<PathBuf> {
+        let folder = self.volume_dir().join(dir);
+        let pem = folder.join("svid.pem");
+        self.wait_for_file(&pem)?;
+        let serial = wait_some(&format!("a parsable {}", pem.display()), || {
+            let bytes = std::fs::read(&pem).ok()?;
+            let block = x509_parser::pem::Pem::iter_from_buffer(&bytes)
+                .next()?
+                .ok()?;
+            crate::oracle::serial_hex(&block.contents).ok()
+        })?;
+        wait_until(&format!("{dir}'s SVID {serial} served"), WAIT, || {
+            self.status_json().is_ok_and(|s| {
+                s["identities"].as_array().is_some_and(|ids| {
+                    ids.iter()
+                        .any(|i| i["serial"].as_str() == Some(serial.as_str()))
+                })
+            })
+        })
+        .with_context(|| format!("agent log:\n{}", self.log()))?;
+        Ok(folder)
     }
 
     /// Waits until the log holds an event of `target` with exactly `message` (see
