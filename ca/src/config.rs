@@ -154,8 +154,9 @@ pub struct HolderSettings {
     pub kubernetes: Vec<crate::k8s::Cluster>,
     /// The algorithm of new JWT-SVID signing keys (`holder.jwtAlgorithm`: `ES256`, `RS256`).
     pub jwt_algorithm: crate::jwt::JwtAlgorithm,
-    /// `holder.keyEncryptionKeyFile`: the 32-byte key (base64) that seals a builtin root in a
-    /// PostgreSQL datastore, the same file on every replica; required there, unused on SQLite.
+    /// `holder.keyEncryptionKeyFile`: the 32-byte key (base64) that seals the keys replicas
+    /// share in a PostgreSQL datastore (a builtin root, rotation roots, JWT-SVID signing keys),
+    /// the same file on every replica; required there, unused on SQLite.
     pub key_encryption_key_file: Option<PathBuf>,
     /// `holder.rootRotation`: how root rotations progress ([`crate::rotation`]).
     pub root_rotation: crate::rotation::Settings,
@@ -358,7 +359,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
     let enforcement = validate_enforcement(spec.enforce_access_control.as_deref(), &mut p);
     let holder = validate_holder_section(raw.holder, &meshes, &mut p);
     let entries = validate_entries(raw.entries, &meshes, &mut p);
-    check_sealing_key(&holder, &root, &mesh_roots, &mut p);
+    check_sealing_key(&holder, &mut p);
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -377,23 +378,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<String>> {
 }
 
 /// A builtin root on PostgreSQL is shared sealed: every replica needs the key-encryption key.
-fn check_sealing_key(
-    holder: &HolderSettings,
-    root: &RootSource,
-    mesh_roots: &std::collections::BTreeMap<String, RootSource>,
-    p: &mut Problems,
-) {
-    let builtin = std::iter::once(root)
-        .chain(mesh_roots.values())
-        .any(|r| matches!(r, RootSource::Builtin { .. }));
+fn check_sealing_key(holder: &HolderSettings, p: &mut Problems) {
     if matches!(holder.datastore, Datastore::Postgres(_))
-        && builtin
         && holder.key_encryption_key_file.is_none()
     {
         p.add(
             "holder.keyEncryptionKeyFile",
-            "required when holder.datastore is PostgreSQL and a root is builtin: every replica \
-             decrypts the shared builtin root with it (the database never holds it in clear)",
+            "required when holder.datastore is PostgreSQL: every replica decrypts the keys the \
+             replicas share with it (a builtin root, roots introduced by rotations, the JWT-SVID \
+             signing keys); the database never holds them in clear",
         );
     }
 }

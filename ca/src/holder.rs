@@ -51,6 +51,9 @@ pub enum HolderError {
     /// The builtin root the replicas share cannot be read or stored.
     #[error(transparent)]
     Sealed(#[from] crate::sealed::SealError),
+    /// The JWT-SVID signing keys cannot be read, shared or migrated.
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
 }
 
 /// What a holder serves with one accepted configuration: swapped as a whole on reload.
@@ -85,6 +88,7 @@ impl Serving {
     ) -> Result<Self, HolderError> {
         crate::sealed::share_builtin_roots(&config, store.as_ref(), now)?;
         let (_, rotation) = crate::rotation::load(store.as_ref())?;
+        crate::sealed::share_rotation_roots(&config, store.as_ref())?;
         let authority = Authority::open_with_plan(
             &config.root,
             &config.mesh_roots,
@@ -270,7 +274,7 @@ impl Holder {
                 source,
             })?;
         let store = crate::store::open(&config.holder.datastore, dir)?;
-        let jwt = crate::jwt::JwtKeys::new(dir, crate::jwt::KEY_LIFETIME);
+        let jwt = crate::jwt::JwtKeys::open(&config.holder, &store)?;
         let serving = Serving::open(config, &store, now)?;
         let metrics = Metrics::new();
         metrics.set_bundle_version(serving.bundle_version);

@@ -12,14 +12,18 @@
 //!   every token it signed has expired (its replacement's activation plus the longest token
 //!   lifetime the holder signs, `holder.svidMaxTtl`), then the key is deleted.
 //!
-//! Keys live in `<stateDir>/jwt/<trust domain>.json` (mode 0600, replaced atomically). New keys
-//! take `holder.jwtAlgorithm` (ES256 by default, RS256 selectable); a key keeps its algorithm.
+//! Where keys live ([`vault`]): on one holder (SQLite), `<stateDir>/jwt/<trust domain>.json`
+//! (mode 0600, replaced atomically); across replicas (PostgreSQL), one datastore document per
+//! trust domain sealed with `holder.keyEncryptionKeyFile`, written with compare-and-swap, so
+//! every replica signs with the same active key and serves the same JWKS. New keys take
+//! `holder.jwtAlgorithm` (ES256 by default, RS256 selectable); a key keeps its algorithm.
+
+mod vault;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -36,9 +40,18 @@ use zeroize::Zeroizing;
 use crate::authority::unix;
 use crate::holder::Holder;
 use crate::policy::{Caller, LocalRules, check_local_entry};
+use crate::sealed::{Kek, SealError};
+use crate::store::{Store, StoreError};
+use vault::{ATTEMPTS, Read, Vault};
 
 /// How long one signing key is meant to sign: rotated at half of it.
 pub const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a replica trusts its copy of shared keys before reading the document again. The
+/// key-life rule is deterministic, so a replica whose copy lacks a key another replica added
+/// finds out at once when it tries to add that key itself (the compare-and-swap fails); the
+/// refresh bounds what no rule predicts, such as keys another replica merged from its files.
+const SHARED_REFRESH: Duration = Duration::from_secs(5);
 
 /// The algorithm of new JWT-SVID signing keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,6 +117,31 @@ pub enum JwtError {
     /// The JOSE library refused a key or a token.
     #[error("JOSE: {0}")]
     Jose(#[from] jsonwebtoken::errors::Error),
+    /// The datastore holding the shared keys failed.
+    #[error("the shared JWT signing keys: {0}")]
+    Store(#[from] StoreError),
+    /// The shared keys cannot be sealed or unsealed (the key-encryption key is missing,
+    /// unreadable or not the one that sealed them).
+    #[error("the shared JWT signing keys: {0}")]
+    Sealed(#[from] SealError),
+    /// Other replicas kept changing the shared keys while this one tried to.
+    #[error("the shared JWT signing keys of `{trust_domain}` kept changing; retry")]
+    Contended {
+        /// The trust domain.
+        trust_domain: String,
+    },
+}
+
+impl JwtError {
+    /// Whether the same call may succeed when tried again (the datastore was unavailable, or
+    /// another replica was writing the keys at the same moment).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(e) | Self::Sealed(SealError::Store(e)) => e.is_retryable(),
+            Self::Contended { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// One signing key as stored (the private key as base64 PKCS#8), wiped when dropped.
@@ -213,25 +251,76 @@ pub fn plan(activations: &[u64], now: u64, lifetime: u64, max_ttl: u64) -> Plan 
     Plan { create, drop }
 }
 
+/// One trust domain's keys as last read or written.
+#[derive(Debug)]
+struct Cached {
+    keys: Vec<StoredKey>,
+    revision: u64,
+    read_at: Instant,
+}
+
 /// The JWT signing keys of every trust domain.
 #[derive(Debug)]
 pub struct JwtKeys {
-    dir: PathBuf,
+    vault: Vault,
     lifetime: Duration,
-    sets: Mutex<BTreeMap<TrustDomain, Vec<StoredKey>>>,
+    sets: Mutex<BTreeMap<TrustDomain, Cached>>,
 }
 
 impl JwtKeys {
-    /// Keys kept in `<state_dir>/jwt/`, living `lifetime`.
+    /// Keys kept in `<state_dir>/jwt/` (one holder), living `lifetime`.
     pub fn new(state_dir: &Path, lifetime: Duration) -> Self {
+        Self::with_vault(
+            Vault::Files {
+                dir: state_dir.join("jwt"),
+            },
+            lifetime,
+        )
+    }
+
+    /// Keys shared by the replicas of `store`, sealed with `kek`, living `lifetime`; keys this
+    /// holder kept in `<state_dir>/jwt/` are merged into them first (once: the files go).
+    pub fn shared(
+        state_dir: &Path,
+        store: Arc<dyn Store>,
+        kek: Kek,
+        lifetime: Duration,
+    ) -> Result<Self, JwtError> {
+        let vault = Vault::Sealed { store, kek };
+        vault.migrate(&state_dir.join("jwt"))?;
+        Ok(Self::with_vault(vault, lifetime))
+    }
+
+    /// The keys of a holder with `settings`: shared (sealed with `holder.keyEncryptionKeyFile`)
+    /// when the datastore is PostgreSQL, in the state folder on SQLite.
+    pub fn open(
+        settings: &crate::config::HolderSettings,
+        store: &Arc<dyn Store>,
+    ) -> Result<Self, JwtError> {
+        if !matches!(settings.datastore, crate::config::Datastore::Postgres(_)) {
+            return Ok(Self::new(&settings.state_dir, KEY_LIFETIME));
+        }
+        let kek = Kek::load(
+            settings
+                .key_encryption_key_file
+                .as_deref()
+                .ok_or(SealError::NoKey)?,
+        )?;
+        Self::shared(&settings.state_dir, Arc::clone(store), kek, KEY_LIFETIME)
+    }
+
+    fn with_vault(vault: Vault, lifetime: Duration) -> Self {
         Self {
-            dir: state_dir.join("jwt"),
+            vault,
             lifetime,
             sets: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Runs `f` over `td`'s keys brought up to date at `now` (created, rotated, dropped, saved).
+    /// Runs `f` over `td`'s keys brought up to date at `now` (created, rotated, dropped,
+    /// saved). Shared keys change only through a compare-and-swap over the revision read: a
+    /// replica that loses reads the winner's keys and decides again, so a next key is created
+    /// once whichever replicas race.
     fn with_keys<T>(
         &self,
         td: &TrustDomain,
@@ -244,28 +333,69 @@ impl JwtKeys {
             .sets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let path = self.dir.join(format!("{td}.json"));
-        if !sets.contains_key(td) {
-            sets.insert(td.clone(), load(&path)?);
+        for _ in 0..ATTEMPTS {
+            let stale = sets
+                .get(td)
+                .is_none_or(|c| self.vault.is_shared() && c.read_at.elapsed() >= SHARED_REFRESH);
+            if stale {
+                let Read { keys, revision } = self.vault.read(td)?;
+                let read_at = Instant::now();
+                sets.insert(
+                    td.clone(),
+                    Cached {
+                        keys,
+                        revision,
+                        read_at,
+                    },
+                );
+            }
+            let cached = sets.get_mut(td).expect("inserted above when absent");
+            let Some(next) = self.next_keys(td, &cached.keys, algorithm, now, max_ttl)? else {
+                return f(&cached.keys);
+            };
+            if let Some(revision) = self.vault.write(td, cached.revision, &next)? {
+                *cached = Cached {
+                    keys: next,
+                    revision,
+                    read_at: Instant::now(),
+                };
+                return f(&cached.keys);
+            }
+            // Another replica changed the keys first: read theirs and decide again.
+            tracing::debug!(trust_domain = %td, "JWT signing keys changed by another replica");
+            sets.remove(td);
         }
-        let keys = sets.entry(td.clone()).or_default();
+        Err(JwtError::Contended {
+            trust_domain: td.to_string(),
+        })
+    }
+
+    /// `keys` after [`plan`] at `now`, or `None` when nothing changes.
+    fn next_keys(
+        &self,
+        td: &TrustDomain,
+        keys: &[StoredKey],
+        algorithm: JwtAlgorithm,
+        now: u64,
+        max_ttl: u64,
+    ) -> Result<Option<Vec<StoredKey>>, JwtError> {
         let activations: Vec<u64> = keys.iter().map(|k| k.activates_at).collect();
         let plan = plan(&activations, now, self.lifetime.as_secs(), max_ttl);
-        if plan.create.is_some() || !plan.drop.is_empty() {
-            let mut next: Vec<StoredKey> = keys
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !plan.drop.contains(i))
-                .map(|(_, k)| k.clone())
-                .collect();
-            if let Some(at) = plan.create {
-                next.push(generate(algorithm, at)?);
-                tracing::info!(trust_domain = %td, kid = %next[next.len() - 1].kid, activates_at = at, "JWT signing key created");
-            }
-            save(&self.dir, &path, &next)?;
-            *keys = next;
+        if plan.create.is_none() && plan.drop.is_empty() {
+            return Ok(None);
         }
-        f(keys)
+        let mut next: Vec<StoredKey> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !plan.drop.contains(i))
+            .map(|(_, k)| k.clone())
+            .collect();
+        if let Some(at) = plan.create {
+            let key = generate(algorithm, at)?;
+            tracing::info!(trust_domain = %td, kid = %key.kid, activates_at = at, "JWT signing key created");
+            next.push(key);
+        }
+        Ok(Some(next))
     }
 
     /// Signs a JWT-SVID for `id` (its trust domain's active key).
@@ -332,38 +462,6 @@ impl JwtKeys {
             })
         })
     }
-}
-
-fn load(path: &Path) -> Result<Vec<StoredKey>, JwtError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| JwtError::Damaged {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(JwtError::Io {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// Writes the keys with mode 0600 from creation, then renames over `path`.
-fn save(dir: &Path, path: &Path, keys: &[StoredKey]) -> Result<(), JwtError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| JwtError::Io { path, source }
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir))?;
-    let text = Zeroizing::new(serde_json::to_vec(keys).map_err(|e| JwtError::Damaged {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?);
-    meshcert_daemon::fs::write_atomic(path, &text, 0o600).map_err(io(path))
 }
 
 /// Checks the audience of a request: 1 to [`MAX_AUDIENCES`] non-empty values.
@@ -451,7 +549,7 @@ pub fn sign(
             now,
             max_ttl,
         )
-        .map_err(|e| internal(&e))?;
+        .map_err(|e| keys_failed(&e))?;
     tracing::info!(node = %caller.node, spiffe_id = %entry.spiffe_id, expires_at = signed.expires_at, "JWT-SVID signed");
     Ok(signed)
 }
@@ -467,7 +565,7 @@ pub fn bundles(holder: &Holder, caller: &Caller, now: SystemTime) -> Result<JwtB
         let jwks = holder
             .jwt
             .jwks(td, algorithm, now, max_ttl)
-            .map_err(|e| internal(&e))?;
+            .map_err(|e| keys_failed(&e))?;
         out.trust_domains.insert(td.clone(), jwks);
     }
     Ok(out)
@@ -476,6 +574,18 @@ pub fn bundles(holder: &Holder, caller: &Caller, now: SystemTime) -> Result<JwtB
 fn internal(e: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "JWT-SVID operation failed");
     ApiError::new(ErrorCode::Internal, "the holder failed; see its log")
+}
+
+/// A key failure: retryable ones (the shared keys' datastore) answer `UNAVAILABLE`.
+fn keys_failed(e: &JwtError) -> ApiError {
+    if e.is_retryable() {
+        tracing::warn!(error = %e, "JWT-SVID operation failed; the caller may retry");
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            "the holder's shared JWT signing keys are unavailable; retry",
+        );
+    }
+    internal(e)
 }
 
 #[cfg(test)]
@@ -613,6 +723,228 @@ mod tests {
         .expect("verifies");
         assert_eq!(data.claims["sub"], "spiffe://example.org/web");
         assert!(!format!("{:?}", keys.sets).contains("pkcs8"));
+    }
+
+    /// A replica's keys on `store`, in its own state folder.
+    fn replica(store: &Arc<dyn Store>, dir: &Path) -> JwtKeys {
+        let kek = Kek::from_bytes(&[9; 32]).expect("key");
+        JwtKeys::shared(dir, Arc::clone(store), kek, Duration::from_secs(DAY)).expect("shared")
+    }
+
+    fn kids(keys: &JwtKeys, td: &TrustDomain, at: SystemTime) -> Vec<String> {
+        let jwks = keys
+            .jwks(td, JwtAlgorithm::Es256, at, Duration::from_secs(HOUR))
+            .expect("jwks");
+        let set: JwkSet = serde_json::from_str(&jwks).expect("json");
+        set.keys
+            .iter()
+            .filter_map(|k| k.common.key_id.clone())
+            .collect()
+    }
+
+    /// Verifies `token` (audience `db`) with the JWKS `keys` serve at `at`, as a relying party.
+    fn verify_with(keys: &JwtKeys, token: &str, at: SystemTime) -> Result<(), String> {
+        let jwks = keys
+            .jwks(
+                &TrustDomain::new("example.org").expect("td"),
+                JwtAlgorithm::Es256,
+                at,
+                Duration::from_secs(HOUR),
+            )
+            .map_err(|e| e.to_string())?;
+        let set: JwkSet = serde_json::from_str(&jwks).map_err(|e| e.to_string())?;
+        let kid = jsonwebtoken::decode_header(token)
+            .map_err(|e| e.to_string())?
+            .kid
+            .ok_or("no kid")?;
+        let jwk = set.find(&kid).ok_or("kid not in the JWKS")?;
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.set_audience(&["db"]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            token,
+            &jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?,
+            &validation,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    fn replicas_sign_with_one_key_and_serve_one_jwks(store: &Arc<dyn Store>) {
+        let id = SpiffeId::new("spiffe://example.org/web").expect("valid");
+        let td = id.trust_domain().clone();
+        let t0 = SystemTime::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (aud, ttl, max) = (
+            ["db".to_owned()],
+            Duration::from_secs(300),
+            Duration::from_secs(HOUR),
+        );
+        let es = JwtAlgorithm::Es256;
+        let dirs: Vec<tempfile::TempDir> =
+            (0..4).map(|_| tempfile::tempdir().expect("tmp")).collect();
+        let replicas: Vec<JwtKeys> = dirs.iter().map(|d| replica(store, d.path())).collect();
+        // Four replicas sign their first token at the same instant: one key is created.
+        let tokens: Vec<String> = std::thread::scope(|s| {
+            let signing: Vec<_> = replicas
+                .iter()
+                .map(|r| s.spawn(|| r.sign(&id, &aud, ttl, es, t0, max).expect("signed").token))
+                .collect();
+            signing
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect()
+        });
+        let kid = |t: &str| {
+            jsonwebtoken::decode_header(t)
+                .expect("header")
+                .kid
+                .expect("kid")
+        };
+        assert!(
+            tokens.iter().all(|t| kid(t) == kid(&tokens[0])),
+            "one active key"
+        );
+        let (a, b) = (&replicas[0], &replicas[1]);
+        // A token signed through A verifies with the JWKS B serves, and the other way round.
+        verify_with(b, &tokens[0], t0).expect("A's token, B's JWKS");
+        verify_with(a, &tokens[1], t0).expect("B's token, A's JWKS");
+        // A quarter in, B prepares the next key; A, deciding the same, reads B's instead.
+        let prepared = kids(b, &td, at(DAY / 4));
+        assert_eq!(prepared.len(), 2);
+        assert_eq!(kids(a, &td, at(DAY / 4)), prepared, "the same JWKS from A");
+        assert_eq!(kids(&replicas[2], &td, at(DAY / 4)), prepared);
+        // At half-life every replica signs with the next key.
+        let next: Vec<String> = replicas
+            .iter()
+            .map(|r| {
+                kid(&r
+                    .sign(&id, &aud, ttl, es, at(DAY / 2), max)
+                    .expect("s")
+                    .token)
+            })
+            .collect();
+        assert!(next.iter().all(|k| *k == prepared[1]), "{next:?}");
+        // Retired keys leave every replica's JWKS together.
+        assert_eq!(kids(a, &td, at(DAY / 2 + HOUR)), [prepared[1].clone()]);
+        assert_eq!(kids(b, &td, at(DAY / 2 + HOUR)), [prepared[1].clone()]);
+        // The document is sealed: no private key, no field name of the key set in clear.
+        let (_, sealed) = store
+            .load_document("jwt-keys/example.org")
+            .expect("load")
+            .expect("stored");
+        let private = {
+            let sets = a.sets.lock().expect("lock");
+            sets[&td].keys[0].pkcs8.clone()
+        };
+        let contains = |needle: &[u8]| sealed.windows(needle.len()).any(|w| w == needle);
+        assert!(
+            !contains(private.as_bytes())
+                && !contains(b"pkcs8")
+                && !contains(prepared[1].as_bytes())
+        );
+        // No key file on any replica.
+        assert!(
+            dirs.iter()
+                .all(|d| !d.path().join("jwt/example.org.json").exists())
+        );
+        // A replica with another key-encryption key cannot read them.
+        let other = tempfile::tempdir().expect("tmp");
+        let wrong = JwtKeys::shared(
+            other.path(),
+            Arc::clone(store),
+            Kek::from_bytes(&[1; 32]).expect("key"),
+            KEY_LIFETIME,
+        )
+        .expect("no files to migrate");
+        let err = wrong
+            .sign(&id, &aud, ttl, es, t0, max)
+            .expect_err("wrong key");
+        assert!(
+            matches!(err, JwtError::Sealed(SealError::Unseal { .. })),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    fn keys_kept_in_files_move_into_the_document_once(store: &Arc<dyn Store>) {
+        let id = SpiffeId::new("spiffe://example.org/web").expect("valid");
+        let td = id.trust_domain().clone();
+        let t0 = SystemTime::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (aud, ttl, max) = (
+            ["db".to_owned()],
+            Duration::from_secs(300),
+            Duration::from_secs(HOUR),
+        );
+        let es = JwtAlgorithm::Es256;
+        // Two holders that each kept their keys in files (before sharing a datastore).
+        let (da, db) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let in_files = |d: &tempfile::TempDir, t| {
+            JwtKeys::new(d.path(), Duration::from_secs(DAY))
+                .sign(&id, &aud, ttl, es, t, max)
+                .expect("signed")
+                .token
+        };
+        let (ta, tb) = (in_files(&da, t0), in_files(&db, at(10)));
+        let (a, b) = (replica(store, da.path()), replica(store, db.path()));
+        for d in [&da, &db] {
+            assert!(
+                !d.path().join("jwt/example.org.json").exists(),
+                "file moved"
+            );
+        }
+        // Both keys are published by both replicas: every token issued before verifies.
+        let kid = |t: &str| {
+            jsonwebtoken::decode_header(t)
+                .expect("header")
+                .kid
+                .expect("kid")
+        };
+        for r in [&a, &b] {
+            let mut published = kids(r, &td, at(20));
+            published.sort();
+            let mut expected = vec![kid(&ta), kid(&tb)];
+            expected.sort();
+            assert_eq!(published, expected);
+            verify_with(r, &ta, at(20)).expect("A's old token");
+            verify_with(r, &tb, at(20)).expect("B's old token");
+        }
+        // The newest key signs, on both; migrating again changes nothing.
+        let revision = store
+            .load_document("jwt-keys/example.org")
+            .expect("load")
+            .map(|d| d.0);
+        let again = replica(store, da.path());
+        assert_eq!(
+            store
+                .load_document("jwt-keys/example.org")
+                .expect("load")
+                .map(|d| d.0),
+            revision
+        );
+        for r in [&a, &b, &again] {
+            let t = r.sign(&id, &aud, ttl, es, at(20), max).expect("signed");
+            assert_eq!(kid(&t.token), kid(&tb));
+        }
+    }
+
+    #[test]
+    fn replicas_share_jwt_keys_on_sqlite() {
+        let f = crate::store::suite::sqlite();
+        replicas_sign_with_one_key_and_serve_one_jwks(&f.store);
+        let f = crate::store::suite::sqlite();
+        keys_kept_in_files_move_into_the_document_once(&f.store);
+    }
+
+    #[test]
+    fn replicas_share_jwt_keys_on_postgres() {
+        let f = crate::store::suite::postgres();
+        replicas_sign_with_one_key_and_serve_one_jwks(&f.store);
+        let f = crate::store::suite::postgres();
+        keys_kept_in_files_move_into_the_document_once(&f.store);
     }
 
     const CONFIG: &str = r#"

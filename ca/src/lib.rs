@@ -14,10 +14,11 @@
 //! - [`tokens`]: join tokens.
 //! - [`k8s`]: node attestation with Kubernetes projected service-account tokens (TokenReview,
 //!   then the token's pod's node).
-//! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign.
+//! - [`jwt`]: JWT-SVID signing keys per trust domain (rotation, JWKS) and the tokens they sign;
+//!   `jwt/vault.rs` keeps the keys (files, or sealed documents shared by replicas).
 //! - [`entries`]: registration entries from the config and the datastore.
 //! - [`store`]: the datastore trait, SQLite (the default) and PostgreSQL (holder replicas).
-//! - [`sealed`]: builtin roots shared by replicas, sealed with a key-encryption key.
+//! - [`sealed`]: the key-encryption key, and the builtin and rotation roots replicas share sealed.
 //! - [`status`]: the status document, its builder (from the holder's state) and its table form.
 //! - [`holder`]: the running holder's state and operations, shared by both front ends; the
 //!   configuration it serves is swapped as a whole on reload.

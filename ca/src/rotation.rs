@@ -5,8 +5,9 @@
 //! killed in any phase resumes it:
 //!
 //! 1. **PREPARED**: the next root exists (generated, or a staged provided root copied into
-//!    `<stateDir>/rotation/<fingerprint>.pem|.key`); it joins every bundle while the current
-//!    root keeps signing.
+//!    `<stateDir>/rotation/<fingerprint>.pem|.key`, and on PostgreSQL sealed into the datastore
+//!    for the other replicas, `crate::sealed`); it joins every bundle while the current root
+//!    keeps signing.
 //! 2. **ACTIVE**, once every node that was not already stale when the rotation started reports
 //!    the bundle version that first carried the next root (or, after `ackTimeout`, at least
 //!    `minShare` of them do; the others are named as left behind): intermediates are issued
@@ -629,7 +630,7 @@ pub fn rotate(
     }
     let serving = holder.serving();
     let current = serving.authority.root();
-    let next = prepare_root(&serving, staged, now)?;
+    let next = prepare_root(&serving, holder.store.as_ref(), staged, now)?;
     if next == current.fingerprint() {
         return Err(RotationError::Refused(ApiError::new(
             ErrorCode::BadRoot,
@@ -675,8 +676,11 @@ fn record_prepared_version(
 
 /// Makes the next root's files: a copy of the staged root, or a new one with the builtin
 /// parameters (those of the configuration when the root is builtin); returns its fingerprint.
+/// Replicas sharing a datastore receive it sealed before the rotation names it
+/// ([`crate::sealed::share_rotation_roots`]).
 fn prepare_root(
     serving: &crate::holder::Serving,
+    store: &dyn Store,
     staged: Option<&Staged>,
     now: SystemTime,
 ) -> Result<String, RotationError> {
@@ -722,6 +726,8 @@ fn prepare_root(
     };
     let fp = fingerprint(&ca.der);
     crate::authority::persist_root(&ca, &root_files(dir, &fp))?;
+    crate::sealed::share_rotation_roots(&serving.config, store)
+        .map_err(crate::holder::HolderError::from)?;
     Ok(fp)
 }
 

@@ -4,6 +4,11 @@
 //! first one at a restart) unseal it into their state folder, where the authority loads it as
 //! it loads any builtin root. The database never holds a root key in clear.
 //!
+//! Roots introduced by root rotations are shared the same way ([`share_rotation_roots`]): one
+//! sealed document, [`ROTATION_ROOTS`], maps each root's fingerprint to its certificate and key,
+//! and every replica keeps `<stateDir>/rotation/` and that document holding the same roots. The
+//! JWT-SVID signing keys use the same [`Kek`] (`crate::jwt`).
+//!
 //! "Generated once": the document is written with a compare-and-set on an absent document, so
 //! when replicas start together each may generate a candidate, but exactly one is stored and
 //! every replica (the losers overwrite theirs before using it) serves that one.
@@ -24,6 +29,12 @@ use crate::store::{Store, StoreError};
 /// The sealed document's format marker (version 1: marker, nonce, ciphertext and tag).
 const MAGIC: &[u8; 4] = b"mcs1";
 
+/// The document holding every root introduced by a rotation (fingerprint → root), sealed.
+pub const ROTATION_ROOTS: &str = "rotation-roots";
+
+/// Compare-and-swap attempts on [`ROTATION_ROOTS`] before giving up.
+const ATTEMPTS: usize = 5;
+
 /// Why a builtin root cannot be shared.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -35,14 +46,14 @@ pub enum SealError {
         /// What is wrong.
         reason: String,
     },
-    /// PostgreSQL with a builtin root, but no key-encryption key configured.
+    /// PostgreSQL, but no key-encryption key configured.
     #[error(
-        "holder.keyEncryptionKeyFile is required when holder.datastore is PostgreSQL and a root is builtin"
+        "holder.keyEncryptionKeyFile is required when holder.datastore is PostgreSQL (it seals the keys the replicas share)"
     )]
     NoKey,
     /// The stored document does not open with this key (another key, or tampered with).
     #[error(
-        "the shared builtin root `{name}` does not decrypt with holder.keyEncryptionKeyFile (a different key on this replica?)"
+        "the shared document `{name}` does not decrypt with holder.keyEncryptionKeyFile (a different key on this replica?)"
     )]
     Unseal {
         /// The document.
@@ -61,6 +72,12 @@ pub enum SealError {
     /// Encryption failed (no randomness).
     #[error("cannot seal the builtin root: {0}")]
     Crypto(String),
+    /// Other replicas kept changing the shared rotation roots while this one tried to.
+    #[error("the shared document `{name}` kept changing; retry")]
+    Contended {
+        /// The document.
+        name: String,
+    },
     /// The datastore failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -142,8 +159,8 @@ impl Kek {
     }
 }
 
-/// What a sealed document holds.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// What a sealed document holds (one root; [`ROTATION_ROOTS`] maps fingerprints to these).
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 #[serde(rename_all = "camelCase")]
 struct SealedRoot {
     certificate_pem: String,
@@ -195,17 +212,22 @@ pub fn share_builtin_roots(
     if slots.is_empty() {
         return Ok(());
     }
-    let kek = Kek::load(
+    let kek = kek(config)?;
+    for slot in &slots {
+        share(&kek, slot, store, now)?;
+    }
+    Ok(())
+}
+
+/// The configured key-encryption key.
+fn kek(config: &Config) -> Result<Kek, SealError> {
+    Kek::load(
         config
             .holder
             .key_encryption_key_file
             .as_deref()
             .ok_or(SealError::NoKey)?,
-    )?;
-    for slot in &slots {
-        share(&kek, slot, store, now)?;
-    }
-    Ok(())
+    )
 }
 
 fn share(kek: &Kek, slot: &Slot<'_>, store: &dyn Store, now: SystemTime) -> Result<(), SealError> {
@@ -256,7 +278,6 @@ fn install(kek: &Kek, slot: &Slot<'_>, sealed: &[u8], replace: bool) -> Result<(
     let root: SealedRoot = serde_json::from_slice(&plain).map_err(|_| SealError::Unseal {
         name: slot.document.clone(),
     })?;
-    let key_pem = Zeroizing::new(root.key_pem);
     match std::fs::read_to_string(&slot.cert) {
         Ok(local) if local == root.certificate_pem && slot.key.exists() => return Ok(()),
         Ok(_) if !replace => {
@@ -276,9 +297,129 @@ fn install(kek: &Kek, slot: &Slot<'_>, sealed: &[u8], replace: bool) -> Result<(
                 source,
             })?;
     }
-    write_private(&slot.key, &key_pem)?;
+    write_private(&slot.key, &Zeroizing::new(root.key_pem.clone()))?;
     write_public(&slot.cert, &root.certificate_pem)?;
     tracing::info!(document = %slot.document, path = %slot.cert.display(), "using the replicas' shared builtin root");
+    Ok(())
+}
+
+/// Every root introduced by a rotation, by fingerprint.
+type RotationRoots = std::collections::BTreeMap<String, SealedRoot>;
+
+/// On PostgreSQL, makes `<stateDir>/rotation/` and the shared [`ROTATION_ROOTS`] document hold
+/// the same roots: roots this replica introduced (a rotation it prepared, or roots it had
+/// before it shared a datastore) are sealed into the document, and roots another replica
+/// introduced are written into the folder, where the authority loads them. Call it after a
+/// rotation root's files are written, and before the authority loads the rotation's roots.
+/// On SQLite, does nothing: the folder is the only copy.
+pub fn share_rotation_roots(config: &Config, store: &dyn Store) -> Result<(), SealError> {
+    if !matches!(config.holder.datastore, Datastore::Postgres(_)) {
+        return Ok(());
+    }
+    let dir = config.holder.state_dir.join(crate::rotation::FOLDER);
+    sync_rotation_roots(&kek(config)?, &dir, store)
+}
+
+/// [`share_rotation_roots`] for the folder `dir`.
+fn sync_rotation_roots(kek: &Kek, dir: &Path, store: &dyn Store) -> Result<(), SealError> {
+    for _ in 0..ATTEMPTS {
+        let (revision, mut shared) = match store.load_document(ROTATION_ROOTS)? {
+            None => (0, RotationRoots::new()),
+            Some((revision, sealed)) => {
+                let plain = kek.open(ROTATION_ROOTS, &sealed)?;
+                let roots = serde_json::from_slice(&plain).map_err(|_| SealError::Unseal {
+                    name: ROTATION_ROOTS.into(),
+                })?;
+                (revision, roots)
+            }
+        };
+        let local = local_rotation_roots(dir)?;
+        for (fp, root) in &shared {
+            if !local.contains_key(fp) {
+                install_rotation_root(dir, fp, root)?;
+            }
+        }
+        let before = shared.len();
+        for (fp, root) in local {
+            shared.entry(fp).or_insert(root);
+        }
+        if shared.len() == before {
+            return Ok(());
+        }
+        let plain = Zeroizing::new(
+            serde_json::to_vec(&shared).map_err(|e| SealError::Crypto(e.to_string()))?,
+        );
+        let sealed = kek.seal(ROTATION_ROOTS, &plain)?;
+        if store
+            .store_document(ROTATION_ROOTS, revision, &sealed)?
+            .is_some()
+        {
+            tracing::info!(
+                added = shared.len() - before,
+                "rotation roots sealed into the shared datastore"
+            );
+            return Ok(());
+        }
+    }
+    Err(SealError::Contended {
+        name: ROTATION_ROOTS.into(),
+    })
+}
+
+/// The roots of `dir`: every `<fingerprint>.pem` with its `.key` whose certificate has that
+/// fingerprint (anything else is not a rotation root and stays out of the document).
+fn local_rotation_roots(dir: &Path) -> Result<RotationRoots, SealError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| AuthorityError::Io { path, source }
+    };
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RotationRoots::new()),
+        Err(e) => return Err(io(dir)(e).into()),
+    };
+    let mut out = RotationRoots::new();
+    for file in listing {
+        let cert = file.map_err(io(dir))?.path();
+        let Some(fp) = cert
+            .extension()
+            .filter(|e| *e == "pem")
+            .and_then(|_| cert.file_stem()?.to_str())
+        else {
+            continue;
+        };
+        let key = cert.with_extension("key");
+        let certificate_pem = std::fs::read_to_string(&cert).map_err(io(&cert))?;
+        let matches = pem::parse(&certificate_pem)
+            .is_ok_and(|p| crate::authority::fingerprint(p.contents()) == fp);
+        if !matches || !key.exists() {
+            tracing::warn!(path = %cert.display(), "not a rotation root (no key, or another fingerprint); not shared");
+            continue;
+        }
+        let key_pem = Zeroizing::new(std::fs::read_to_string(&key).map_err(io(&key))?);
+        out.insert(
+            fp.to_owned(),
+            SealedRoot {
+                certificate_pem,
+                key_pem: key_pem.to_string(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes a shared rotation root into `dir` (key 0600 from creation), as `prepare_root` does.
+fn install_rotation_root(dir: &Path, fp: &str, root: &SealedRoot) -> Result<(), SealError> {
+    crate::authority::create_dir(dir)?;
+    write_private(
+        &dir.join(format!("{fp}.key")),
+        &Zeroizing::new(root.key_pem.clone()),
+    )?;
+    write_public(&dir.join(format!("{fp}.pem")), &root.certificate_pem)?;
+    tracing::info!(
+        fingerprint = fp,
+        "using a rotation root another replica introduced"
+    );
     Ok(())
 }
 
@@ -306,6 +447,80 @@ mod tests {
         tampered[last] ^= 1;
         assert!(kek.open("builtin-root", &tampered).is_err());
         assert!(Kek::from_bytes(&[1; 16]).is_err());
+    }
+
+    /// A rotation root written into `state_dir` as `prepare_root` writes it; its fingerprint.
+    fn rotation_root(state_dir: &Path) -> String {
+        let ca =
+            crate::authority::generate_root("V", "org", 2048, 30, SystemTime::now()).expect("root");
+        let fp = ca.fingerprint();
+        crate::authority::create_dir(&state_dir.join(crate::rotation::FOLDER)).expect("folder");
+        crate::authority::persist_root(&ca, &crate::rotation::root_files(state_dir, &fp))
+            .expect("persist");
+        fp
+    }
+
+    fn replicas_hold_the_same_rotation_roots_and_the_database_none_in_clear(store: &dyn Store) {
+        let kek = Kek::from_bytes(&[5; 32]).expect("key");
+        let (a, b) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let folder = |d: &tempfile::TempDir| d.path().join(crate::rotation::FOLDER);
+        // Replica A prepares a rotation: its root is sealed into the document.
+        let first = rotation_root(a.path());
+        sync_rotation_roots(&kek, &folder(&a), store).expect("A shares");
+        let (_, sealed) = store
+            .load_document(ROTATION_ROOTS)
+            .expect("load")
+            .expect("stored");
+        assert!(
+            !sealed.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "the database never holds a rotation root's key in clear"
+        );
+        // Replica B receives it, byte for byte, the key owner-only.
+        sync_rotation_roots(&kek, &folder(&b), store).expect("B receives");
+        for ext in ["pem", "key"] {
+            let name = format!("{first}.{ext}");
+            assert_eq!(
+                std::fs::read(folder(&b).join(&name)).expect("B has it"),
+                std::fs::read(folder(&a).join(&name)).expect("A has it"),
+            );
+        }
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(folder(&b).join(format!("{first}.key")))
+                .expect("meta")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        // B's own root (and not a stray file) reaches A; nothing is lost on either side.
+        let second = rotation_root(b.path());
+        std::fs::write(folder(&b).join("stray.pem"), "not a root").expect("stray");
+        sync_rotation_roots(&kek, &folder(&b), store).expect("B shares");
+        sync_rotation_roots(&kek, &folder(&a), store).expect("A receives");
+        assert!(folder(&a).join(format!("{second}.key")).exists());
+        assert!(folder(&a).join(format!("{first}.key")).exists());
+        assert!(!folder(&a).join("stray.pem").exists());
+        // Another key-encryption key does not open the document.
+        let other = Kek::from_bytes(&[6; 32]).expect("key");
+        let c = tempfile::tempdir().expect("c");
+        assert!(matches!(
+            sync_rotation_roots(&other, &folder(&c), store),
+            Err(SealError::Unseal { .. })
+        ));
+    }
+
+    #[test]
+    fn rotation_roots_are_shared_on_sqlite() {
+        replicas_hold_the_same_rotation_roots_and_the_database_none_in_clear(
+            &*crate::store::suite::sqlite().store,
+        );
+    }
+
+    #[test]
+    fn rotation_roots_are_shared_on_postgres() {
+        let f = crate::store::suite::postgres();
+        replicas_hold_the_same_rotation_roots_and_the_database_none_in_clear(&*f.store);
     }
 
     fn replica_config() -> String {

@@ -18,6 +18,8 @@ use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG, HttpAnswer};
 use meshcert_tests::pki::{csr, p256};
 use meshcert_tests::postgres::{Cluster, replica_config, write_kek};
 
+mod keys;
+
 const MESH: &str = "mesh-a";
 
 /// A PostgreSQL cluster with one database and a key-encryption key: what replicas share.
