@@ -734,6 +734,14 @@ fn retirement_waits_for_a_node_svid_still_chaining_to_the_previous_root() {
     // The node SVID outlives the test; the previous root may leave 8 s after activation.
     let config = rotation_config("1m").replace("nodeSvidTtl: 20s", "nodeSvidTtl: 10m");
     let ca = CaHolder::start(&config).expect("holder starts");
+    // Under shared trust a mesh has no root of its own to rotate.
+    for mesh in ["mesh-a", "no-such-mesh"] {
+        let out = ca
+            .ctl(&["root", "rotate", "--mesh", mesh])
+            .expect("root rotate runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not_found"), "{err}");
+    }
     let node = join_bare(&ca, "bare", "mesh-a");
     report_node_svid(&ca, &node, 1);
     let next = rotate(&ca);
@@ -788,4 +796,29 @@ fn retirement_waits_for_a_node_svid_still_chaining_to_the_previous_root() {
     });
     assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
     assert_eq!(done["signingRoot"], next.as_str());
+}
+
+#[test]
+fn under_limited_trust_builtin_mesh_roots_start_their_rotations_on_their_own() {
+    let config = agent_config("  limited: {}\n  enforceAccessControl: ENABLED\n").replace(
+        "holder:\n  heartbeat: 30s\n",
+        &ROTATION.replace("ACK", "1m"),
+    );
+    let ca = CaHolder::start_with_fake_clock(&config).expect("holder starts");
+    let s = mesh_root_status(&ca, "mesh-b");
+    assert_eq!(phase(&s), "IDLE", "{s:#}");
+    assert!(s["automaticAt"].is_string(), "{s:#}");
+    ca.set_clock_offset(25 * 86400 + 60).expect("clock");
+    for mesh in ["mesh-a", "mesh-b"] {
+        let s = wait_mesh_rotation(
+            &ca,
+            mesh,
+            "an automatic rotation",
+            Duration::from_secs(60),
+            |s| phase(s) != "IDLE",
+        );
+        assert_eq!(s["rotation"]["reason"], "automatic", "{s:#}");
+    }
+    let shared = root_status(&ca);
+    assert_ne!(shared["meshes"]["mesh-a"], "IDLE", "{shared:#}");
 }
