@@ -1,8 +1,9 @@
 //! Root rotation gated on the fleet's acknowledgements (`meshcert-ca root ...`): mTLS between
 //! two nodes' workloads never fails across a whole rotation; an offline node holds activation
 //! back until the timeout and is named; `abort` leaves the old root alone; a holder killed in
-//! any phase resumes it. Short settings (TTLs and windows of seconds) keep each run near a
-//! minute.
+//! any phase resumes it; under limited trust a mesh's own root rotates alone (only its nodes
+//! gate and re-issue, no other mesh trusts its new root); retirement waits for node SVIDs too.
+//! Short settings (TTLs and windows of seconds) keep each run near a minute.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -804,7 +805,7 @@ fn under_limited_trust_builtin_mesh_roots_start_their_rotations_on_their_own() {
         "holder:\n  heartbeat: 30s\n",
         &ROTATION.replace("ACK", "1m"),
     );
-    let ca = CaHolder::start_with_fake_clock(&config).expect("holder starts");
+    let mut ca = CaHolder::start_with_fake_clock(&config).expect("holder starts");
     let s = mesh_root_status(&ca, "mesh-b");
     assert_eq!(phase(&s), "IDLE", "{s:#}");
     assert!(s["automaticAt"].is_string(), "{s:#}");
@@ -821,4 +822,16 @@ fn under_limited_trust_builtin_mesh_roots_start_their_rotations_on_their_own() {
     }
     let shared = root_status(&ca);
     assert_ne!(shared["meshes"]["mesh-a"], "IDLE", "{shared:#}");
+    // kill -9 mid-rotation: the restarted holder resumes mesh-a's own rotation to its end.
+    let next = mesh_root_status(&ca, "mesh-a")["rotation"]["next"]
+        .as_str()
+        .expect("next")
+        .to_owned();
+    ca.restart().expect("restart");
+    let done = wait_mesh_rotation(&ca, "mesh-a", "RETIRED", Duration::from_secs(60), |s| {
+        phase(s) == "IDLE"
+    });
+    assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
+    assert_eq!(done["signingRoot"], next.as_str(), "{done:#}");
+    assert_eq!(mesh_bundle(&ca, "mesh-a"), vec![next]);
 }
