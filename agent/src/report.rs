@@ -29,6 +29,7 @@ pub fn build(
         bundle_version,
         enforcement,
         identities,
+        node_svid: None,
     }
 }
 

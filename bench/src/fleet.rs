@@ -108,6 +108,7 @@ async fn node_loop(
                 bundle_version: 1,
                 enforcement: None,
                 identities: Arc::from(Vec::new()),
+                node_svid: None,
             };
             if node.report(report).await.is_ok() {
                 record(&lat, "report", t.elapsed());

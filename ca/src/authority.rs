@@ -615,7 +615,13 @@ pub struct Authority {
     next: Option<SigningCa>,
     /// ACTIVE: the previous shared root, in the bundles, signing the API's server certificate.
     previous: Option<SigningCa>,
+    /// Under limited trust, each mesh's own root that signs.
     mesh_roots: BTreeMap<String, SigningCa>,
+    /// A mesh root's rotation, as `next` and `previous` are for the shared root.
+    mesh_next: BTreeMap<String, SigningCa>,
+    mesh_previous: BTreeMap<String, SigningCa>,
+    /// The fingerprint of each mesh root the configuration names.
+    mesh_configured: BTreeMap<String, String>,
     meshes: Vec<Mesh>,
     dir: PathBuf,
     intermediates: RwLock<BTreeMap<(Kind, String), Arc<SigningCa>>>,
@@ -676,23 +682,10 @@ impl Authority {
     ) -> Result<Self, AuthorityError> {
         let configured = load_or_create_root(source, common_name, state_dir, now)?;
         let configured_fp = configured.fingerprint();
-        let base = match &plan.base {
-            Some((replaced, files)) if *replaced == configured_fp => load_root(files, now)?,
-            Some(_) => {
-                tracing::warn!(
-                    "the configuration names another root than the one a finished rotation replaced: the configured root serves"
-                );
-                configured
-            }
-            None => configured,
-        };
-        let next = plan.next.as_ref().map(|f| load_root(f, now)).transpose()?;
-        let (root, next, previous) = match next {
-            Some(n) if plan.next_signs => (n, None, Some(base)),
-            Some(n) => (base, Some(n), None),
-            None => (base, None, None),
-        };
+        let (root, next, previous) = follow_plan(configured, plan, now)?;
         let mut roots = BTreeMap::new();
+        let (mut mesh_next, mut mesh_previous) = (BTreeMap::new(), BTreeMap::new());
+        let mut mesh_configured = BTreeMap::new();
         if !mesh_roots.is_empty() {
             let dir = state_dir.join("roots");
             create_dir(&dir)?;
@@ -713,7 +706,12 @@ impl Authority {
                         reason: "is the shared root; limited trust needs a root per mesh".into(),
                     });
                 }
-                roots.insert(m.name.clone(), ca);
+                mesh_configured.insert(m.name.clone(), ca.fingerprint());
+                let own = plan.meshes.get(&m.name).cloned().unwrap_or_default();
+                let (signing, next, previous) = follow_plan(ca, &own, now)?;
+                roots.insert(m.name.clone(), signing);
+                mesh_next.extend(next.map(|n| (m.name.clone(), n)));
+                mesh_previous.extend(previous.map(|p| (m.name.clone(), p)));
             }
         }
         let dir = state_dir.join("intermediates");
@@ -724,6 +722,9 @@ impl Authority {
             next,
             previous,
             mesh_roots: roots,
+            mesh_next,
+            mesh_previous,
+            mesh_configured,
             meshes: meshes.to_vec(),
             dir,
             intermediates: RwLock::new(BTreeMap::new()),
@@ -869,18 +870,37 @@ impl Authority {
             .collect()
     }
 
-    /// The roots a mesh's SVIDs may chain to: its own under limited trust, else every shared
-    /// root in the bundles.
-    fn trust_roots(&self, mesh: &str) -> Vec<&SigningCa> {
+    /// The roots a mesh's SVIDs may chain to: under limited trust its own (the signing one
+    /// first, then the next or previous one of its rotation), else every shared root in the
+    /// bundles.
+    pub fn trust_roots(&self, mesh: &str) -> Vec<&SigningCa> {
         match self.mesh_roots.get(mesh) {
-            Some(r) => vec![r],
+            Some(r) => std::iter::once(r)
+                .chain(self.mesh_next.get(mesh))
+                .chain(self.mesh_previous.get(mesh))
+                .collect(),
             None => self.shared_roots(),
         }
     }
 
-    /// A mesh's own root under limited trust.
+    /// A mesh's own root under limited trust: the one that signs.
     pub fn mesh_root(&self, mesh: &str) -> Option<&SigningCa> {
         self.mesh_roots.get(mesh)
+    }
+
+    /// PREPARED: a mesh's next own root (in its bundle, not signing yet).
+    pub fn mesh_next_root(&self, mesh: &str) -> Option<&SigningCa> {
+        self.mesh_next.get(mesh)
+    }
+
+    /// ACTIVE: a mesh's previous own root (still in its bundle).
+    pub fn mesh_previous_root(&self, mesh: &str) -> Option<&SigningCa> {
+        self.mesh_previous.get(mesh)
+    }
+
+    /// The fingerprint of the mesh root the configuration names (limited trust).
+    pub fn mesh_configured_fingerprint(&self, mesh: &str) -> Option<&str> {
+        self.mesh_configured.get(mesh).map(String::as_str)
     }
 
     /// The root a mesh's SVIDs chain to: its own under limited trust, else the shared one.
@@ -965,7 +985,13 @@ impl Authority {
     /// Every root a node SVID may chain to: the shared root and every mesh root.
     pub fn client_roots(&self) -> Vec<Vec<u8>> {
         let mut out: Vec<Vec<u8>> = self.shared_roots().iter().map(|r| r.der.clone()).collect();
-        out.extend(self.mesh_roots.values().map(|r| r.der.clone()));
+        out.extend(
+            self.mesh_roots
+                .values()
+                .chain(self.mesh_next.values())
+                .chain(self.mesh_previous.values())
+                .map(|r| r.der.clone()),
+        );
         out
     }
 
@@ -1121,29 +1147,65 @@ impl Authority {
 
     /// The root key size in bits (0 when it is not RSA).
     pub fn root_key_bits(&self) -> usize {
-        X509Certificate::from_der(&self.root.der)
-            .ok()
-            .and_then(|(_, c)| c.public_key().parsed().ok().map(|k| k.key_size()))
-            .unwrap_or(0)
+        key_bits(&self.root)
     }
 
     /// The root's subject organisation.
     pub fn root_org(&self) -> String {
-        X509Certificate::from_der(&self.root.der)
-            .ok()
-            .and_then(|(_, c)| {
-                c.subject()
-                    .iter_organization()
-                    .next()
-                    .and_then(|o| o.as_str().ok().map(str::to_owned))
-            })
-            .unwrap_or_default()
+        org_of(&self.root)
     }
 
     /// The meshes this authority signs for.
     pub fn meshes(&self) -> &[Mesh] {
         &self.meshes
     }
+}
+
+/// A root's key size in bits (0 when it is not RSA).
+pub fn key_bits(ca: &SigningCa) -> usize {
+    X509Certificate::from_der(&ca.der)
+        .ok()
+        .and_then(|(_, c)| c.public_key().parsed().ok().map(|k| k.key_size()))
+        .unwrap_or(0)
+}
+
+/// A root's subject organisation.
+pub fn org_of(ca: &SigningCa) -> String {
+    X509Certificate::from_der(&ca.der)
+        .ok()
+        .and_then(|(_, c)| {
+            c.subject()
+                .iter_organization()
+                .next()
+                .and_then(|o| o.as_str().ok().map(str::to_owned))
+        })
+        .unwrap_or_default()
+}
+
+/// Applies a rotation `plan` to the configured root: the root that signs, the next one
+/// (PREPARED) and the previous one (ACTIVE). A finished rotation's root replaces the configured one only while the
+/// configuration names the root it replaced.
+fn follow_plan(
+    configured: SigningCa,
+    plan: &crate::rotation::RootPlan,
+    now: SystemTime,
+) -> Result<(SigningCa, Option<SigningCa>, Option<SigningCa>), AuthorityError> {
+    let base = match &plan.base {
+        Some((replaced, files)) if *replaced == configured.fingerprint() => load_root(files, now)?,
+        Some(_) => {
+            tracing::warn!(
+                "the configuration names another root than the one a finished rotation replaced: the configured root serves"
+            );
+            configured
+        }
+        None => configured,
+    };
+    let next = plan.next.as_ref().map(|f| load_root(f, now)).transpose()?;
+    Ok(match next {
+        Some(n) if plan.next_signs => (n, None, Some(base)),
+        Some(n) => (base, Some(n), None),
+        None => (base, None, None),
+    })
 }
 
 #[cfg(test)]
@@ -1406,6 +1468,84 @@ mod tests {
     }
 
     #[test]
+    fn a_mesh_root_rotation_changes_only_that_mesh_and_never_admits_another_mesh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let mut b = mesh();
+        b.name = "mesh-b".into();
+        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
+        let meshes = [mesh(), b];
+        let roots: BTreeMap<String, RootSource> =
+            meshes.iter().map(|m| (m.name.clone(), builtin())).collect();
+        let open = |plan: &crate::rotation::RootPlan| {
+            Authority::open_with_plan(&builtin(), &roots, "V", &meshes, dir.path(), now, plan)
+                .expect("open")
+        };
+        let before = open(&crate::rotation::RootPlan::default());
+        let next = generate_root("V mesh mesh-a", "acme", 2048, 100, now).expect("next");
+        let files = crate::rotation::root_files(dir.path(), &next.fingerprint());
+        create_dir(&dir.path().join(crate::rotation::FOLDER)).expect("folder");
+        persist_root(&next, &files).expect("persist");
+        let mut own = crate::rotation::RootPlan {
+            next: Some(files),
+            ..Default::default()
+        };
+        let fps = |a: &Authority, td: &str| -> Vec<String> {
+            let td = TrustDomain::new(td).expect("td");
+            a.bundles(1).trust_domains[&td]
+                .iter()
+                .map(|d| fingerprint(&d.0))
+                .collect()
+        };
+        let old_a = before.mesh_root("mesh-a").expect("a").fingerprint();
+        let old_b = fps(&before, "mesh-b.test");
+        for next_signs in [false, true] {
+            own.next_signs = next_signs;
+            let plan = crate::rotation::RootPlan {
+                meshes: [("mesh-a".to_owned(), own.clone())].into(),
+                ..Default::default()
+            };
+            let a = open(&plan);
+            let mut bundle_a = fps(&a, "mesh-a.test");
+            bundle_a.sort();
+            let mut both = vec![old_a.clone(), next.fingerprint()];
+            both.sort();
+            assert_eq!(bundle_a, both, "mesh-a trusts both (signs: {next_signs})");
+            assert_eq!(fps(&a, "mesh-b.test"), old_b, "mesh-b untouched");
+            assert_eq!(a.root().der, before.root().der, "the shared root untouched");
+            let signing = a.mesh_root("mesh-a").expect("a").fingerprint();
+            assert_eq!(signing == next.fingerprint(), next_signs);
+            assert_eq!(
+                a.mesh_configured_fingerprint("mesh-a"),
+                Some(old_a.as_str())
+            );
+            // A node chain under mesh-a's intermediate: mesh-a's, never mesh-b's.
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+            let ck = CsrKey {
+                spki: key.subject_public_key_info(),
+                raw: key.der_bytes().to_vec(),
+                alg: &rcgen::PKCS_ECDSA_P256_SHA256,
+            };
+            let ttl = Duration::from_secs(3600);
+            for id in [
+                "spiffe://mesh-a.test/meshcert/node/n",
+                "spiffe://mesh-b.test/meshcert/node/n",
+            ] {
+                let id = SpiffeId::new(id).expect("id");
+                let i = a
+                    .sign_leaf("mesh-a", &ck, &id, ttl, ttl, now)
+                    .expect("signed");
+                let chain = vec![i.leaf, i.intermediate];
+                assert!(
+                    a.verify_node_chain(&meshes[1], &chain, now).is_err(),
+                    "{id}"
+                );
+                assert_eq!(a.verify_node_chain(&meshes[0], &chain, now), Ok(()));
+            }
+        }
+    }
+
+    #[test]
     fn renewal_at_half_life() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let t1 = t0 + Duration::from_secs(100);
@@ -1445,6 +1585,7 @@ mod tests {
             base: None,
             next: Some(files.clone()),
             next_signs: false,
+            ..Default::default()
         };
         let td = mesh().trust_domain;
         let open = |plan: &crate::rotation::RootPlan| {
@@ -1495,6 +1636,7 @@ mod tests {
             base: Some((old.root().fingerprint(), files)),
             next: None,
             next_signs: false,
+            ..Default::default()
         });
         assert_eq!(retired.root().fingerprint(), fp);
         assert_eq!(retired.bundles(3).trust_domains[&td].len(), 1);

@@ -68,6 +68,8 @@ pub struct Serving {
     pub bundle_version: u64,
     /// The root rotation state this authority was opened with.
     pub rotation: crate::rotation::RotationDoc,
+    /// Under limited trust, each mesh root's rotation state (`root-rotation/<mesh>`).
+    pub mesh_rotations: std::collections::BTreeMap<String, crate::rotation::RotationDoc>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -89,6 +91,12 @@ impl Serving {
         crate::sealed::share_builtin_roots(&config, store.as_ref(), now)?;
         let (_, rotation) = crate::rotation::load(store.as_ref())?;
         crate::sealed::share_rotation_roots(&config, store.as_ref())?;
+        let mut mesh_rotations = std::collections::BTreeMap::new();
+        for m in config.mesh_roots.keys() {
+            let scope = crate::rotation::Scope::Mesh(m.clone());
+            let (_, doc) = crate::rotation::load_scope(store.as_ref(), &scope)?;
+            mesh_rotations.insert(m.clone(), doc);
+        }
         let authority = Authority::open_with_plan(
             &config.root,
             &config.mesh_roots,
@@ -96,7 +104,7 @@ impl Serving {
             &config.meshes,
             &config.holder.state_dir,
             now,
-            &crate::rotation::plan(&rotation, &config.holder.state_dir),
+            &crate::rotation::plans(&rotation, &mesh_rotations, &config.holder.state_dir),
         )?;
         // The federation mode changes what nodes receive: it counts as bundle content.
         let digest = format!(
@@ -120,13 +128,14 @@ impl Serving {
             entries,
             bundle_version,
             rotation,
+            mesh_rotations,
         })
     }
 
     /// Every bundle at the current version (with the activation of a rotation under way).
     pub fn bundles(&self) -> Bundles {
         let mut b = self.authority.bundles(self.bundle_version);
-        b.rotation = crate::rotation::hint(&self.rotation, &self.authority, &self.config);
+        b.rotation = crate::rotation::hint(self, None);
         b
     }
 
@@ -152,6 +161,7 @@ impl Serving {
     /// own trust domain's only (plus the shared root under limited trust).
     pub fn bundles_for(&self, mesh: &str) -> Bundles {
         let mut b = self.bundles();
+        b.rotation = crate::rotation::hint(self, Some(mesh));
         if !self.config.federation_permissive
             && let Some(m) = self.config.mesh(mesh)
         {

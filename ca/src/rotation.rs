@@ -25,6 +25,11 @@
 //! also holds its persistence and the holder-side driver ([`tick`], [`rotate`], [`abort`],
 //! [`status`]). Builtin roots start a rotation on their own at `autoAt` of their life.
 //!
+//! Under limited trust each mesh's own root rotates the same way ([`Scope::Mesh`]), with its
+//! own document (`root-rotation/<mesh>`): only that mesh's nodes gate it and re-issue, and
+//! only that mesh's bundle changes. Scopes are independent: the shared root and any mesh root
+//! may rotate at the same time.
+//!
 //! One file past 600 lines on purpose: the document, the machine that reads it and the driver
 //! that writes it change together, and every write goes through the same compare-and-swap.
 
@@ -44,6 +49,51 @@ use crate::store::{Store, StoreError};
 pub const DOCUMENT: &str = "root-rotation";
 /// The folder (under the state folder) holding roots introduced by rotations.
 pub const FOLDER: &str = "rotation";
+
+/// Which root a rotation replaces.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// The virtual mesh's shared root.
+    Shared,
+    /// A mesh's own root under limited trust.
+    Mesh(String),
+}
+
+impl Scope {
+    /// The datastore document holding this scope's state: [`DOCUMENT`], or
+    /// `root-rotation/<mesh>`.
+    pub fn document(&self) -> String {
+        match self {
+            Self::Shared => DOCUMENT.to_owned(),
+            Self::Mesh(m) => format!("{DOCUMENT}/{m}"),
+        }
+    }
+
+    /// The mesh, for a mesh's own root.
+    pub fn mesh(&self) -> Option<&str> {
+        match self {
+            Self::Shared => None,
+            Self::Mesh(m) => Some(m),
+        }
+    }
+
+    /// Every scope of a configuration: the shared root, then each mesh's own root (limited
+    /// trust).
+    pub fn all(config: &crate::config::Config) -> Vec<Scope> {
+        std::iter::once(Scope::Shared)
+            .chain(config.mesh_roots.keys().cloned().map(Scope::Mesh))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shared => f.write_str("shared root"),
+            Self::Mesh(m) => write!(f, "mesh `{m}` root"),
+        }
+    }
+}
 
 /// Millionths: a share written as `5/6`, `90%` or `0.9`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +314,8 @@ pub struct RootPlan {
     pub next: Option<RootSource>,
     /// Whether the next root signs (ACTIVE).
     pub next_signs: bool,
+    /// Under limited trust, each mesh root's own plan (absent: no rotation of it).
+    pub meshes: std::collections::BTreeMap<String, RootPlan>,
 }
 
 /// The files of a root introduced by a rotation.
@@ -275,9 +327,14 @@ pub fn root_files(state_dir: &Path, fp: &str) -> RootSource {
     }
 }
 
-/// Reads the rotation state and its revision (0: none yet).
+/// Reads the shared root's rotation state and its revision (0: none yet).
 pub fn load(store: &dyn Store) -> Result<(u64, RotationDoc), StoreError> {
-    match store.load_document(DOCUMENT)? {
+    load_scope(store, &Scope::Shared)
+}
+
+/// Reads a scope's rotation state and its revision (0: none yet).
+pub fn load_scope(store: &dyn Store, scope: &Scope) -> Result<(u64, RotationDoc), StoreError> {
+    match store.load_document(&scope.document())? {
         None => Ok((0, RotationDoc::default())),
         Some((rev, bytes)) => serde_json::from_slice(&bytes)
             .map(|d| (rev, d))
@@ -288,14 +345,21 @@ pub fn load(store: &dyn Store) -> Result<(u64, RotationDoc), StoreError> {
     }
 }
 
-/// While ACTIVE, what the sync answer tells agents: the roots that sign now (the shared root
-/// and, under limited trust, every mesh root) and the window to re-issue over.
+/// While the shared root's rotation, or that of `mesh`'s own root, is ACTIVE, what the sync
+/// answer tells a node of `mesh` (`None`: the public bundle): the roots that sign now (the
+/// shared root and, under limited trust, every mesh root) and the window to re-issue over,
+/// from the latest activation. A node of another mesh gets no hint from a mesh's rotation.
 pub fn hint(
-    doc: &RotationDoc,
-    authority: &crate::authority::Authority,
-    config: &crate::config::Config,
+    serving: &crate::holder::Serving,
+    mesh: Option<&str>,
 ) -> Option<meshcert_protocol::api::RotationHint> {
-    let r = doc.rotation.as_ref().filter(|r| r.phase == Phase::Active)?;
+    let (authority, config) = (&serving.authority, &serving.config);
+    let own = mesh.and_then(|m| serving.mesh_rotations.get(m));
+    let activated_at = std::iter::once(&serving.rotation)
+        .chain(own)
+        .filter_map(|d| d.rotation.as_ref().filter(|r| r.phase == Phase::Active))
+        .map(|r| r.activated_at.unwrap_or(r.started_at))
+        .max()?;
     let mut roots = vec![meshcert_protocol::api::Der(authority.root().der.clone())];
     roots.extend(
         config
@@ -306,20 +370,21 @@ pub fn hint(
     );
     Some(meshcert_protocol::api::RotationHint {
         active_roots: roots,
-        activated_at: r.activated_at.unwrap_or(r.started_at),
+        activated_at,
         window_secs: config.holder.root_rotation.window.as_secs(),
     })
 }
 
 /// During a rotation, the admin bundle (what new agents trust the holder and the mesh with):
-/// every shared root, the one that signs the API's server certificate first; `None` outside a
-/// rotation or for a mesh with its own root.
+/// every shared root, the one that signs the API's server certificate first; for a mesh with
+/// its own root, that mesh's roots, the signing one first. `None` outside a rotation.
 pub fn bundle_pem(serving: &crate::holder::Serving, mesh: Option<&str>) -> Option<String> {
     let a = &serving.authority;
-    if a.next_root().is_none() && a.previous_root().is_none() {
-        return None;
+    if let Some(m) = mesh.filter(|m| a.mesh_root(m).is_some()) {
+        let roots = a.trust_roots(m);
+        return (roots.len() > 1).then(|| roots.iter().map(|r| r.pem()).collect());
     }
-    if mesh.is_some_and(|m| a.mesh_root(m).is_some()) {
+    if a.next_root().is_none() && a.previous_root().is_none() {
         return None;
     }
     let server = a.server_root();
@@ -348,6 +413,22 @@ pub fn plan(doc: &RotationDoc, state_dir: &Path) -> RootPlan {
             .rotation
             .as_ref()
             .is_some_and(|r| r.phase == Phase::Active),
+        meshes: std::collections::BTreeMap::new(),
+    }
+}
+
+/// What the authority loads: the shared root's [`plan`] with each mesh root's.
+pub fn plans(
+    shared: &RotationDoc,
+    meshes: &std::collections::BTreeMap<String, RotationDoc>,
+    state_dir: &Path,
+) -> RootPlan {
+    RootPlan {
+        meshes: meshes
+            .iter()
+            .map(|(m, d)| (m.clone(), plan(d, state_dir)))
+            .collect(),
+        ..plan(shared, state_dir)
     }
 }
 
@@ -575,14 +656,53 @@ impl RotationError {
 /// Serialises the holder's own rotation steps (commands and ticks).
 static STEPS: Mutex<()> = Mutex::new(());
 
-fn save(store: &dyn Store, rev: u64, doc: &RotationDoc) -> Result<u64, RotationError> {
+fn save(
+    store: &dyn Store,
+    scope: &Scope,
+    rev: u64,
+    doc: &RotationDoc,
+) -> Result<u64, RotationError> {
     let bytes = serde_json::to_vec(doc).map_err(|e| StoreError::Corrupt {
         what: "root rotation document",
         reason: e.to_string(),
     })?;
     store
-        .store_document(DOCUMENT, rev, &bytes)?
+        .store_document(&scope.document(), rev, &bytes)?
         .ok_or(RotationError::Conflict)
+}
+
+/// The state `serving` was opened with for `scope`.
+fn served_doc(serving: &crate::holder::Serving, scope: &Scope) -> RotationDoc {
+    match scope.mesh() {
+        None => serving.rotation.clone(),
+        Some(m) => serving.mesh_rotations.get(m).cloned().unwrap_or_default(),
+    }
+}
+
+/// The root of `scope` that signs now; refused for a mesh without its own root.
+fn scope_root<'a>(
+    serving: &'a crate::holder::Serving,
+    scope: &Scope,
+) -> Result<&'a SigningCa, RotationError> {
+    match scope.mesh() {
+        None => Ok(serving.authority.root()),
+        Some(m) => serving.authority.mesh_root(m).ok_or_else(|| {
+            RotationError::Refused(ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "mesh `{m}` has no root of its own: only under limited trust does a mesh root rotate (the shared root rotates without --mesh)"
+                ),
+            ))
+        }),
+    }
+}
+
+/// How `scope`'s root is configured.
+fn scope_source<'a>(serving: &'a crate::holder::Serving, scope: &Scope) -> &'a RootSource {
+    scope
+        .mesh()
+        .and_then(|m| serving.config.mesh_roots.get(m))
+        .unwrap_or(&serving.config.root)
 }
 
 /// Serves the persisted state: reopens the authority and renews the API's TLS settings.
@@ -607,10 +727,12 @@ pub struct Staged {
     pub key_file: PathBuf,
 }
 
-/// `meshcert-ca root rotate`: prepares the next root (generated, or `staged`) and puts it in
-/// every bundle. Refused while a rotation is under way.
+/// `meshcert-ca root rotate [--mesh NAME]`: prepares the next root of `scope` (generated, or
+/// `staged`) and puts it in the bundles that hold that root. Refused while a rotation of the
+/// scope is under way, and for a staged root the holder already uses anywhere.
 pub fn rotate(
     holder: &Holder,
+    scope: &Scope,
     staged: Option<&Staged>,
     reason: &str,
     now: SystemTime,
@@ -618,23 +740,23 @@ pub fn rotate(
     let _guard = STEPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (rev, mut doc) = load(holder.store.as_ref())?;
+    let (rev, mut doc) = load_scope(holder.store.as_ref(), scope)?;
     if let Some(r) = &doc.rotation {
         return Err(RotationError::Refused(ApiError::new(
             ErrorCode::RotationInProgress,
             format!(
-                "a rotation is already {:?} (next root {}); finish or abort it first",
+                "a rotation of the {scope} is already {:?} (next root {}); finish or abort it first",
                 r.phase, r.next
             ),
         )));
     }
     let serving = holder.serving();
-    let current = serving.authority.root();
-    let next = prepare_root(&serving, holder.store.as_ref(), staged, now)?;
-    if next == current.fingerprint() {
+    let current = scope_root(&serving, scope)?;
+    let next = prepare_root(&serving, holder.store.as_ref(), scope, staged, now)?;
+    if in_use(&serving).contains(&next) {
         return Err(RotationError::Refused(ApiError::new(
             ErrorCode::BadRoot,
-            "the staged root is the current root; a rotation needs a different one",
+            "the staged root is already one of the holder's roots; a rotation needs a different one (under limited trust every mesh and the shared root each need their own)",
         )));
     }
     doc.rotation = Some(InProgress {
@@ -648,15 +770,29 @@ pub fn rotate(
         left_behind: Vec::new(),
     });
     drop(serving);
-    let rev = save(holder.store.as_ref(), rev, &doc)?;
-    tracing::info!(next = %next, reason, "root rotation PREPARED: the next root joins the bundles");
+    let rev = save(holder.store.as_ref(), scope, rev, &doc)?;
+    tracing::info!(scope = %scope, next = %next, reason, "root rotation PREPARED: the next root joins the bundles");
     serve_state(holder, now)?;
-    record_prepared_version(holder, rev, doc)
+    record_prepared_version(holder, scope, rev, doc)
+}
+
+/// The fingerprints of every root the holder serves: shared and per mesh, signing, next and
+/// previous.
+fn in_use(serving: &crate::holder::Serving) -> Vec<String> {
+    let a = &serving.authority;
+    let mut out: Vec<String> = a.shared_roots().iter().map(|r| r.fingerprint()).collect();
+    for m in a.meshes() {
+        if a.mesh_root(&m.name).is_some() {
+            out.extend(a.trust_roots(&m.name).iter().map(|r| r.fingerprint()));
+        }
+    }
+    out
 }
 
 /// Once the bundle with the next root serves, records its version (what nodes acknowledge).
 fn record_prepared_version(
     holder: &Holder,
+    scope: &Scope,
     rev: u64,
     mut doc: RotationDoc,
 ) -> Result<(), RotationError> {
@@ -665,8 +801,9 @@ fn record_prepared_version(
         && r.prepared_version.is_none()
     {
         r.prepared_version = Some(version);
-        save(holder.store.as_ref(), rev, &doc)?;
+        save(holder.store.as_ref(), scope, rev, &doc)?;
         tracing::info!(
+            scope = %scope,
             bundle_version = version,
             "the bundle with the next root serves"
         );
@@ -681,6 +818,7 @@ fn record_prepared_version(
 fn prepare_root(
     serving: &crate::holder::Serving,
     store: &dyn Store,
+    scope: &Scope,
     staged: Option<&Staged>,
     now: SystemTime,
 ) -> Result<String, RotationError> {
@@ -699,24 +837,25 @@ fn prepare_root(
         )
         .map_err(bad)?,
         None => {
-            let (rsa_bits, ttl_days, org_name) = match &serving.config.root {
+            let current = scope_root(serving, scope)?;
+            let (rsa_bits, ttl_days, org_name) = match scope_source(serving, scope) {
                 RootSource::Builtin {
                     ttl_days,
                     rsa_bits,
                     org_name,
                 } => (*rsa_bits, *ttl_days, org_name.clone()),
                 RootSource::Provided { .. } => {
-                    let bits = u32::try_from(serving.authority.root_key_bits()).unwrap_or(4096);
+                    let bits = u32::try_from(crate::authority::key_bits(current)).unwrap_or(4096);
                     let bits = if [2048, 3072, 4096].contains(&bits) {
                         bits
                     } else {
                         4096
                     };
-                    (bits, 365, serving.authority.root_org())
+                    (bits, 365, crate::authority::org_of(current))
                 }
             };
             crate::authority::generate_root(
-                &serving.config.display_name,
+                &common_name(serving, scope),
                 &org_name,
                 rsa_bits,
                 ttl_days,
@@ -731,13 +870,21 @@ fn prepare_root(
     Ok(fp)
 }
 
-/// `meshcert-ca root abort`: before ACTIVE, the next root leaves the bundles and the current
-/// root stays. Refused once the next root signs.
-pub fn abort(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
+/// The common name of `scope`'s generated roots (as the authority names configured ones).
+fn common_name(serving: &crate::holder::Serving, scope: &Scope) -> String {
+    match scope.mesh() {
+        None => serving.config.display_name.clone(),
+        Some(m) => format!("{} mesh {m}", serving.config.display_name),
+    }
+}
+
+/// `meshcert-ca root abort [--mesh NAME]`: before ACTIVE, the next root leaves the bundles and
+/// the current root stays. Refused once the next root signs.
+pub fn abort(holder: &Holder, scope: &Scope, now: SystemTime) -> Result<(), RotationError> {
     let _guard = STEPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (rev, mut doc) = load(holder.store.as_ref())?;
+    let (rev, mut doc) = load_scope(holder.store.as_ref(), scope)?;
     let Some(r) = doc.rotation.take() else {
         return Err(RotationError::Refused(ApiError::new(
             ErrorCode::NoRotation,
@@ -757,13 +904,19 @@ pub fn abort(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
         at: unix(now),
         left_behind: Vec::new(),
     });
-    save(holder.store.as_ref(), rev, &doc)?;
-    tracing::info!(next = %r.next, "root rotation ABORTED: the next root leaves the bundles");
+    save(holder.store.as_ref(), scope, rev, &doc)?;
+    tracing::info!(scope = %scope, next = %r.next, "root rotation ABORTED: the next root leaves the bundles");
     serve_state(holder, now)
 }
 
-/// The facts the machine needs, from the datastore.
-fn facts(holder: &Holder, activated_at: Option<u64>, now: SystemTime) -> Result<Facts, StoreError> {
+/// The facts the machine needs, from the datastore: every node for the shared root, the
+/// mesh's nodes only for a mesh's own root.
+fn facts(
+    holder: &Holder,
+    scope: &Scope,
+    activated_at: Option<u64>,
+    now: SystemTime,
+) -> Result<Facts, StoreError> {
     let config = holder.config();
     let nodes = holder.store.nodes()?;
     let reports = holder.store.reports()?;
@@ -779,36 +932,7 @@ fn facts(holder: &Holder, activated_at: Option<u64>, now: SystemTime) -> Result<
             .collect(),
         None => std::collections::HashSet::new(),
     };
-    let nodes = nodes
-        .into_iter()
-        .map(|n| {
-            let report = reports.iter().find(|r| r.node == n.name);
-            let live: Vec<_> = report
-                .map(|r| {
-                    r.report
-                        .identities
-                        .iter()
-                        .filter(|i| i.not_after.is_some_and(|t| t > now_s) && i.serial.is_some())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let old = live
-                .iter()
-                .filter(|i| {
-                    activated_at.is_some()
-                        && !i.serial.as_deref().is_some_and(|s| new_serials.contains(s))
-                })
-                .count();
-            NodeFacts {
-                name: n.name.clone(),
-                banned: n.banned,
-                last_seen: report.map_or(n.first_seen, |r| r.received_at),
-                bundle_version: report.map(|r| r.report.bundle_version),
-                svids: live.len(),
-                old_svids: old,
-            }
-        })
-        .collect();
+    let nodes = scope_facts(scope, &nodes, &reports, activated_at, &new_serials, now_s);
     Ok(Facts {
         now: now_s,
         nodes,
@@ -817,18 +941,90 @@ fn facts(holder: &Holder, activated_at: Option<u64>, now: SystemTime) -> Result<
     })
 }
 
-/// One round of the driver (every few seconds): records the prepared bundle version, activates,
-/// retires, or starts a builtin root's rotation when it is due.
+/// The facts of the nodes that count for `scope`, pure: every node for the shared root, the
+/// mesh's own nodes for a mesh root.
+pub fn scope_facts(
+    scope: &Scope,
+    nodes: &[crate::store::NodeRecord],
+    reports: &[crate::store::StoredReport],
+    activated_at: Option<u64>,
+    new_serials: &std::collections::HashSet<String>,
+    now: u64,
+) -> Vec<NodeFacts> {
+    nodes
+        .iter()
+        .filter(|n| scope.mesh().is_none_or(|m| n.mesh == m))
+        .map(|n| {
+            let report = reports.iter().find(|r| r.node == n.name);
+            node_facts(n, report, activated_at, new_serials, now)
+        })
+        .collect()
+}
+
+/// One node's facts from its latest report, pure: its unexpired SVIDs (every identity's and
+/// its node SVID) and, once the next root signs, those not issued since (`new_serials`).
+pub fn node_facts(
+    node: &crate::store::NodeRecord,
+    report: Option<&crate::store::StoredReport>,
+    activated_at: Option<u64>,
+    new_serials: &std::collections::HashSet<String>,
+    now: u64,
+) -> NodeFacts {
+    let live: Vec<&str> = report
+        .map(|r| {
+            let identities = r.report.identities.iter().filter_map(|i| {
+                i.serial
+                    .as_deref()
+                    .filter(|_| i.not_after.is_some_and(|t| t > now))
+            });
+            let node_svid = r
+                .report
+                .node_svid
+                .as_ref()
+                .filter(|s| s.not_after > now)
+                .map(|s| &*s.serial);
+            identities.chain(node_svid).collect()
+        })
+        .unwrap_or_default();
+    let old = live
+        .iter()
+        .filter(|s| activated_at.is_some() && !new_serials.contains(**s))
+        .count();
+    NodeFacts {
+        name: node.name.clone(),
+        banned: node.banned,
+        last_seen: report.map_or(node.first_seen, |r| r.received_at),
+        bundle_version: report.map(|r| r.report.bundle_version),
+        svids: live.len(),
+        old_svids: old,
+    }
+}
+
+/// One round of the driver (every few seconds), for every scope: records the prepared bundle
+/// version, activates, retires, or starts a builtin root's rotation when it is due. Every
+/// scope is tried; the first failure is returned.
 pub fn tick(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
+    let mut first = Ok(());
+    for scope in Scope::all(&holder.config()) {
+        let r = tick_scope(holder, &scope, now);
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+/// One round of the driver for one scope.
+pub fn tick_scope(holder: &Holder, scope: &Scope, now: SystemTime) -> Result<(), RotationError> {
     let (rev, doc) = {
         let _guard = STEPS
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        load(holder.store.as_ref())?
+        load_scope(holder.store.as_ref(), scope)?
     };
     let settings = holder.config().holder.root_rotation;
     let Some(r) = doc.rotation.clone() else {
-        if holder.serving().rotation != doc {
+        if served_doc(&holder.serving(), scope) != doc {
             // Retired or aborted by another replica: serve that first.
             let _guard = STEPS
                 .lock()
@@ -836,44 +1032,55 @@ pub fn tick(holder: &Holder, now: SystemTime) -> Result<(), RotationError> {
             return serve_state(holder, now);
         }
         let serving = holder.serving();
-        let root = serving.authority.root();
-        let builtin = matches!(serving.config.root, RootSource::Builtin { .. });
+        let Ok(root) = scope_root(&serving, scope) else {
+            return Ok(());
+        };
+        let builtin = matches!(scope_source(&serving, scope), RootSource::Builtin { .. });
         if builtin && auto_due(root.not_before, root.not_after, settings.auto_at, now) {
             drop(serving);
             tracing::info!(
+                scope = %scope,
                 "the builtin root reached holder.rootRotation.autoAt of its life; starting its rotation"
             );
-            return rotate(holder, None, "automatic", now);
+            return rotate(holder, scope, None, "automatic", now);
         }
         return Ok(());
     };
     let _guard = STEPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if holder.serving().rotation.rotation.as_ref().map(|s| s.phase) != Some(r.phase) {
+    if served_doc(&holder.serving(), scope)
+        .rotation
+        .as_ref()
+        .map(|s| s.phase)
+        != Some(r.phase)
+    {
         // A step persisted by another replica: serve it first.
         serve_state(holder, now)?;
     }
     if r.prepared_version.is_none() {
-        return record_prepared_version(holder, rev, doc);
+        return record_prepared_version(holder, scope, rev, doc);
     }
-    let assessment = assess(&r, &facts(holder, r.activated_at, now)?, &settings);
-    match assessment.step {
+    let facts = facts(holder, scope, r.activated_at, now)?;
+    match assess(&r, &facts, &settings).step {
         Step::Wait => Ok(()),
-        Step::Activate { left_behind } => activate(holder, rev, doc, left_behind, now),
-        Step::Retire => retire(holder, rev, doc, now),
+        Step::Activate { left_behind } => activate(holder, scope, rev, doc, left_behind, now),
+        Step::Retire => retire(holder, scope, rev, doc, now),
     }
 }
 
-/// [`tick`], with a failure logged (and retried at the next round).
+/// [`tick`], with each scope's failure logged (and retried at the next round).
 pub fn tick_logged(holder: &Holder, now: SystemTime) {
-    if let Err(e) = tick(holder, now) {
-        tracing::error!(error = %e, "root rotation step failed; retrying");
+    for scope in Scope::all(&holder.config()) {
+        if let Err(e) = tick_scope(holder, &scope, now) {
+            tracing::error!(scope = %scope, error = %e, "root rotation step failed; retrying");
+        }
     }
 }
 
 fn activate(
     holder: &Holder,
+    scope: &Scope,
     rev: u64,
     mut doc: RotationDoc,
     left_behind: Vec<String>,
@@ -888,21 +1095,22 @@ fn activate(
     r.activated_at = Some(at);
     r.left_behind.clone_from(&left_behind);
     let next = r.next.clone();
-    save(holder.store.as_ref(), rev, &doc)?;
+    save(holder.store.as_ref(), scope, rev, &doc)?;
     let start = std::time::UNIX_EPOCH + Duration::from_secs(at);
     if let Ok(wait) = start.duration_since(SystemTime::now()) {
         std::thread::sleep(wait);
     }
     if left_behind.is_empty() {
-        tracing::info!(next = %next, "root rotation ACTIVE: every node acknowledged; the next root signs");
+        tracing::info!(scope = %scope, next = %next, "root rotation ACTIVE: every node acknowledged; the next root signs");
     } else {
-        tracing::warn!(next = %next, left_behind = ?left_behind, "root rotation ACTIVE after holder.rootRotation.ackTimeout; these nodes had not acknowledged");
+        tracing::warn!(scope = %scope, next = %next, left_behind = ?left_behind, "root rotation ACTIVE after holder.rootRotation.ackTimeout; these nodes had not acknowledged");
     }
     serve_state(holder, start.max(now))
 }
 
 fn retire(
     holder: &Holder,
+    scope: &Scope,
     rev: u64,
     mut doc: RotationDoc,
     now: SystemTime,
@@ -910,11 +1118,14 @@ fn retire(
     let Some(r) = doc.rotation.take() else {
         return Ok(());
     };
-    let configured = holder
-        .serving()
-        .authority
-        .configured_fingerprint()
-        .to_owned();
+    let serving = holder.serving();
+    let configured = match scope.mesh() {
+        None => Some(serving.authority.configured_fingerprint()),
+        Some(m) => serving.authority.mesh_configured_fingerprint(m),
+    }
+    .unwrap_or_default()
+    .to_owned();
+    drop(serving);
     doc.current = Some(r.next.clone());
     doc.replaced = Some(configured);
     doc.last = Some(Finished {
@@ -924,8 +1135,8 @@ fn retire(
         at: unix(now),
         left_behind: r.left_behind,
     });
-    save(holder.store.as_ref(), rev, &doc)?;
-    tracing::info!(next = %r.next, previous = %r.previous, "root rotation RETIRED: the previous root left the bundles");
+    save(holder.store.as_ref(), scope, rev, &doc)?;
+    tracing::info!(scope = %scope, next = %r.next, previous = %r.previous, "root rotation RETIRED: the previous root left the bundles");
     serve_state(holder, now)
 }
 
@@ -933,6 +1144,9 @@ fn retire(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationStatus {
+    /// The mesh whose own root this is (limited trust); absent for the shared root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
     /// `IDLE`, `PREPARED` or `ACTIVE`.
     pub phase: String,
     /// The root that signs now (fingerprint) and its expiry.
@@ -951,28 +1165,51 @@ pub struct RotationStatus {
     /// When a builtin root starts its rotation on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub automatic_at: Option<String>,
+    /// With the shared root under limited trust: the phase of each mesh root's rotation
+    /// (`meshcert-ca root status --mesh NAME` shows one).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub meshes: std::collections::BTreeMap<String, String>,
 }
 
-/// The rotation status at `now`.
-pub fn status(holder: &Holder, now: SystemTime) -> Result<RotationStatus, RotationError> {
-    let (_, doc) = load(holder.store.as_ref())?;
+fn phase_name(doc: &RotationDoc) -> String {
+    doc.rotation
+        .as_ref()
+        .map_or("IDLE".into(), |r| format!("{:?}", r.phase).to_uppercase())
+}
+
+/// A scope's rotation status at `now`.
+pub fn status(
+    holder: &Holder,
+    scope: &Scope,
+    now: SystemTime,
+) -> Result<RotationStatus, RotationError> {
+    let (_, doc) = load_scope(holder.store.as_ref(), scope)?;
     let serving = holder.serving();
-    let root = serving.authority.root();
+    let root = scope_root(&serving, scope)?;
     let settings = &serving.config.holder.root_rotation;
     let progress = match &doc.rotation {
-        Some(r) => Some(assess(r, &facts(holder, r.activated_at, now)?, settings)),
+        Some(r) => Some(assess(
+            r,
+            &facts(holder, scope, r.activated_at, now)?,
+            settings,
+        )),
         None => None,
     };
-    let builtin = matches!(serving.config.root, RootSource::Builtin { .. });
+    let mut meshes = std::collections::BTreeMap::new();
+    if *scope == Scope::Shared {
+        for m in serving.config.mesh_roots.keys() {
+            let (_, d) = load_scope(holder.store.as_ref(), &Scope::Mesh(m.clone()))?;
+            meshes.insert(m.clone(), phase_name(&d));
+        }
+    }
+    let builtin = matches!(scope_source(&serving, scope), RootSource::Builtin { .. });
     let life = root
         .not_after
         .duration_since(root.not_before)
         .unwrap_or_default();
     Ok(RotationStatus {
-        phase: doc
-            .rotation
-            .as_ref()
-            .map_or("IDLE".into(), |r| format!("{:?}", r.phase).to_uppercase()),
+        mesh: scope.mesh().map(str::to_owned),
+        phase: phase_name(&doc),
         signing_root: root.fingerprint(),
         signing_root_not_after: rfc3339(root.not_after),
         rotation: doc.rotation.clone(),
@@ -980,15 +1217,21 @@ pub fn status(holder: &Holder, now: SystemTime) -> Result<RotationStatus, Rotati
         last: doc.last.clone(),
         automatic_at: (builtin && settings.auto_at.0 > 0)
             .then(|| rfc3339(root.not_before + settings.auto_at.of(life))),
+        meshes,
     })
 }
 
 /// The table form of [`RotationStatus`].
 pub fn render(s: &RotationStatus) -> String {
-    let mut out = format!(
+    let mut out = s
+        .mesh
+        .as_ref()
+        .map(|m| format!("mesh: {m}\n"))
+        .unwrap_or_default();
+    out.push_str(&format!(
         "phase: {}\nsigning root: {} (until {})\n",
         s.phase, s.signing_root, s.signing_root_not_after
-    );
+    ));
     if let Some(r) = &s.rotation {
         out.push_str(&format!(
             "next root: {}\nprevious root: {}\nstarted: {} ({})\n",
@@ -1030,6 +1273,9 @@ pub fn render(s: &RotationStatus) -> String {
     }
     if let Some(a) = &s.automatic_at {
         out.push_str(&format!("automatic rotation at: {a}\n"));
+    }
+    for (m, phase) in &s.meshes {
+        out.push_str(&format!("mesh {m} root: {phase}\n"));
     }
     out
 }
@@ -1179,6 +1425,102 @@ mod tests {
             Step::Wait
         );
         assert_eq!(assess(&r, &facts(T0 + 110, vec![n]), &s).step, Step::Retire);
+    }
+
+    fn record(name: &str, mesh: &str) -> crate::store::NodeRecord {
+        crate::store::NodeRecord {
+            name: name.into(),
+            mesh: mesh.into(),
+            spiffe_id: format!("spiffe://{mesh}.test/meshcert/node/{name}"),
+            first_seen: T0 - 10,
+            banned: false,
+            cluster: None,
+        }
+    }
+
+    /// A report of bundle `version`, one workload SVID and the node SVID, by serial.
+    fn report(node: &str, version: u64, svid: &str, node_svid: &str) -> crate::store::StoredReport {
+        use meshcert_protocol::{CertState, IdentityReport, NodeReport, NodeSvidReport};
+        crate::store::StoredReport {
+            node: node.into(),
+            report: NodeReport {
+                bundle_version: version,
+                enforcement: None,
+                identities: vec![IdentityReport {
+                    entry_id: "web".into(),
+                    spiffe_id: meshcert_protocol::SpiffeId::new("spiffe://a.test/web").expect("id"),
+                    state: CertState::Issued,
+                    serial: Some(svid.into()),
+                    not_after: Some(T0 + 3600),
+                    next_rotation: None,
+                    last_error: None,
+                    attempts: 0,
+                }]
+                .into(),
+                node_svid: Some(NodeSvidReport {
+                    serial: node_svid.into(),
+                    not_before: T0 - 10,
+                    not_after: T0 + 3600,
+                }),
+            },
+            received_at: T0,
+        }
+    }
+
+    #[test]
+    fn a_mesh_root_rotation_is_gated_on_that_mesh_s_nodes_only() {
+        let s = Settings::default();
+        let r = prepared();
+        let nodes = [record("a1", "mesh-a"), record("b1", "mesh-b")];
+        // a1 acknowledged (v5); b1 of the other mesh never did.
+        let reports = [report("a1", 5, "s1", "n1"), report("b1", 4, "s2", "n2")];
+        let none = std::collections::HashSet::new();
+        let scope = Scope::Mesh("mesh-a".into());
+        let mesh_a = scope_facts(&scope, &nodes, &reports, None, &none, T0 + 10);
+        assert_eq!(mesh_a.len(), 1);
+        assert_eq!(
+            assess(&r, &facts(T0 + 10, mesh_a), &s).step,
+            Step::Activate {
+                left_behind: vec![]
+            }
+        );
+        // The shared root counts every node: b1 holds it back.
+        let all = scope_facts(&Scope::Shared, &nodes, &reports, None, &none, T0 + 10);
+        assert_eq!(assess(&r, &facts(T0 + 10, all), &s).step, Step::Wait);
+        assert_eq!(scope.document(), "root-rotation/mesh-a");
+        assert_eq!(Scope::Shared.document(), DOCUMENT);
+    }
+
+    #[test]
+    fn retirement_waits_for_a_node_svid_still_under_the_previous_root() {
+        let s = Settings {
+            retire_after: Some(Duration::from_secs(1)),
+            ..Settings::default()
+        };
+        let r = InProgress {
+            phase: Phase::Active,
+            activated_at: Some(T0 + 1),
+            ..prepared()
+        };
+        let nodes = [record("a1", "mesh-a")];
+        let scope = Scope::Mesh("mesh-a".into());
+        // The workload SVID was re-issued after the activation; the node SVID was not.
+        let new: std::collections::HashSet<String> = ["s-new".to_owned()].into();
+        let reports = [report("a1", 5, "s-new", "n-old")];
+        let f = scope_facts(&scope, &nodes, &reports, Some(T0 + 1), &new, T0 + 100);
+        assert_eq!((f[0].svids, f[0].old_svids), (2, 1));
+        let a = assess(&r, &facts(T0 + 100, f), &s);
+        assert_eq!(a.step, Step::Wait);
+        assert!(
+            a.blocked_by.as_deref().is_some_and(|b| b.contains("on a1")),
+            "{a:?}"
+        );
+        // Renewed: the node SVID is under the next root too.
+        let new: std::collections::HashSet<String> =
+            ["s-new".to_owned(), "n-new".to_owned()].into();
+        let reports = [report("a1", 5, "s-new", "n-new")];
+        let f = scope_facts(&scope, &nodes, &reports, Some(T0 + 1), &new, T0 + 100);
+        assert_eq!(assess(&r, &facts(T0 + 100, f), &s).step, Step::Retire);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The root rotation's front ends: the admin socket's `/v1/root/...` endpoints and the
 //! `meshcert-ca root` subcommands that call them ([`crate::rotation`] holds the logic).
 //!
-//! `POST /v1/root/rotate` `{certFile?, keyFile?}`, `POST /v1/root/abort`, `GET /v1/root/status`.
+//! `POST /v1/root/rotate` `{certFile?, keyFile?}`, `POST /v1/root/abort`, `GET /v1/root/status`;
+//! under limited trust a mesh's own root through `/v1/root/mesh/<mesh>/rotate|abort|status`.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -12,7 +13,7 @@ use meshcert_protocol::api::{ApiError, ErrorCode};
 
 use crate::admin::{AdminError, Client};
 use crate::holder::Holder;
-use crate::rotation::{self, RotationStatus, Staged};
+use crate::rotation::{self, RotationStatus, Scope, Staged};
 
 /// Answers `/v1/root/<rest>` on the admin socket; the work may generate an RSA key, so it runs
 /// off the async workers' fast path.
@@ -28,16 +29,24 @@ pub fn route(
     } else {
         crate::server::parse_json(body)?
     };
+    let (scope, rest) = match rest {
+        ["mesh", m, rest @ ..] => {
+            if holder.serving().config.mesh(m).is_none() {
+                return Err(ApiError::new(ErrorCode::NotFound, format!("no mesh `{m}`")));
+            }
+            (Scope::Mesh((*m).to_owned()), rest)
+        }
+        _ => (Scope::Shared, rest),
+    };
     let work = || {
         match (method, rest) {
-            (&Method::GET, ["status"]) => rotation::status(holder, now),
+            (&Method::GET, ["status"]) => rotation::status(holder, &scope, now),
             (&Method::POST, ["rotate"]) => {
-                rotation::rotate(holder, staged.as_ref(), "operator", now)
-                    .and_then(|()| rotation::status(holder, now))
+                rotation::rotate(holder, &scope, staged.as_ref(), "operator", now)
+                    .and_then(|()| rotation::status(holder, &scope, now))
             }
-            (&Method::POST, ["abort"]) => {
-                rotation::abort(holder, now).and_then(|()| rotation::status(holder, now))
-            }
+            (&Method::POST, ["abort"]) => rotation::abort(holder, &scope, now)
+                .and_then(|()| rotation::status(holder, &scope, now)),
             _ => {
                 return Err(ApiError::new(
                     ErrorCode::NotFound,
@@ -62,6 +71,9 @@ pub enum RootCommand {
         /// Its private key (PEM).
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
+        /// Rotate this mesh's own root (limited trust) instead of the shared root.
+        #[arg(long)]
+        mesh: Option<String>,
         /// The holder's admin socket.
         #[arg(long, env = "MESHCERT_CA_ADMIN_SOCKET", default_value = crate::config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -71,12 +83,18 @@ pub enum RootCommand {
         /// Output format: `table` or `json`.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        /// Show this mesh's own root (limited trust) instead of the shared root.
+        #[arg(long)]
+        mesh: Option<String>,
         /// The holder's admin socket.
         #[arg(long, env = "MESHCERT_CA_ADMIN_SOCKET", default_value = crate::config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
     /// Abort the rotation under way (only while PREPARED): the next root leaves the bundles.
     Abort {
+        /// Abort the rotation of this mesh's own root (limited trust).
+        #[arg(long)]
+        mesh: Option<String>,
         /// The holder's admin socket.
         #[arg(long, env = "MESHCERT_CA_ADMIN_SOCKET", default_value = crate::config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -90,36 +108,48 @@ impl RootCommand {
             Self::Rotate {
                 cert,
                 key,
+                mesh,
                 admin_socket,
             } => {
                 let staged = cert.zip(key).map(|(c, k)| Staged {
                     cert_file: absolute(c),
                     key_file: absolute(k),
                 });
-                (admin_socket, Method::POST, "/v1/root/rotate", staged, false)
+                let path = path(mesh.as_deref(), "rotate");
+                (admin_socket, Method::POST, path, staged, false)
             }
             Self::Status {
                 output,
+                mesh,
                 admin_socket,
-            } => (
-                admin_socket,
-                Method::GET,
-                "/v1/root/status",
-                None,
-                output == "json",
-            ),
-            Self::Abort { admin_socket } => {
-                (admin_socket, Method::POST, "/v1/root/abort", None, false)
+            } => {
+                let path = path(mesh.as_deref(), "status");
+                (admin_socket, Method::GET, path, None, output == "json")
+            }
+            Self::Abort { mesh, admin_socket } => {
+                let path = path(mesh.as_deref(), "abort");
+                (admin_socket, Method::POST, path, None, false)
             }
         };
         let status: RotationStatus = Client::new(client)
-            .json(method, path, body.as_ref())
+            .json(method, &path, body.as_ref())
             .await?;
         Ok(if json {
             serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
         } else {
             rotation::render(&status)
         })
+    }
+}
+
+/// `/v1/root/<action>`, or `/v1/root/mesh/<mesh>/<action>` (the mesh percent-encoded).
+fn path(mesh: Option<&str>, action: &str) -> String {
+    match mesh {
+        None => format!("/v1/root/{action}"),
+        Some(m) => {
+            let m = percent_encoding::utf8_percent_encode(m, percent_encoding::NON_ALPHANUMERIC);
+            format!("/v1/root/mesh/{m}/{action}")
+        }
     }
 }
 

@@ -20,4 +20,4 @@ pub mod report;
 
 pub use entry::{Entry, Hook, Owner, Selector};
 pub use id::{IdError, SpiffeId, TrustDomain};
-pub use report::{CertState, Enforcement, IdentityReport, NodeReport};
+pub use report::{CertState, Enforcement, IdentityReport, NodeReport, NodeSvidReport};

@@ -84,6 +84,22 @@ pub struct NodeReport {
     pub enforcement: Option<Enforcement>,
     /// Every identity the agent manages (shared with the agent's own status).
     pub identities: Arc<[IdentityReport]>,
+    /// The node SVID the agent authenticates with (absent from agents that predate it): a
+    /// root rotation retires the previous root only once no node SVID chains to it either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_svid: Option<NodeSvidReport>,
+}
+
+/// The node SVID as reported upward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSvidReport {
+    /// Serial, lowercase hex.
+    pub serial: Arc<str>,
+    /// Start of validity, Unix seconds.
+    pub not_before: u64,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
 }
 
 #[cfg(test)]
@@ -106,11 +122,26 @@ mod tests {
                 attempts: 0,
             }]
             .into(),
+            node_svid: Some(NodeSvidReport {
+                serial: "0c".into(),
+                not_before: 1_799_990_000,
+                not_after: 1_800_000_000,
+            }),
         };
         let json = serde_json::to_value(&r).expect("ser");
         assert_eq!(json["identities"][0]["state"], "ISSUED");
         assert_eq!(json["enforcement"], "ENABLED");
+        assert_eq!(json["nodeSvid"]["serial"], "0c");
         let back: NodeReport = serde_json::from_value(json).expect("de");
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_report_without_the_node_svid_still_reads() {
+        let old = serde_json::json!({"bundleVersion": 2, "identities": []});
+        let r: NodeReport = serde_json::from_value(old).expect("an older agent's report");
+        assert_eq!(r.node_svid, None);
+        let json = serde_json::to_value(&r).expect("ser");
+        assert!(json.get("nodeSvid").is_none(), "{json}");
     }
 }

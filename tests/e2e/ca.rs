@@ -396,6 +396,7 @@ fn reports_reach_the_status() {
             attempts: 0,
         }]
         .into(),
+        node_svid: None,
     };
     let a = ca
         .https("POST", "/v1/report", Some(&body!(report)), Some(&node))
@@ -862,6 +863,7 @@ fn node_reported_text_cannot_drive_the_operators_terminal() {
             attempts: 3,
         }]
         .into(),
+        node_svid: None,
     };
     let a = ca
         .https("POST", "/v1/report", Some(&body!(report)), Some(&node))

@@ -1,8 +1,9 @@
 //! Root rotation gated on the fleet's acknowledgements (`meshcert-ca root ...`): mTLS between
 //! two nodes' workloads never fails across a whole rotation; an offline node holds activation
 //! back until the timeout and is named; `abort` leaves the old root alone; a holder killed in
-//! any phase resumes it. Short settings (TTLs and windows of seconds) keep each run near a
-//! minute.
+//! any phase resumes it; under limited trust a mesh's own root rotates alone (only its nodes
+//! gate and re-issue, no other mesh trusts its new root); retirement waits for node SVIDs too.
+//! Short settings (TTLs and windows of seconds) keep each run near a minute.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -507,4 +508,342 @@ fn a_builtin_root_starts_its_rotation_at_five_sixths_of_its_life() {
         phase(s) != "IDLE"
     });
     assert_eq!(s["rotation"]["reason"], "automatic", "{s:#}");
+}
+
+/// `meshcert-ca root status --mesh MESH -o json`.
+fn mesh_root_status(ca: &CaHolder, mesh: &str) -> serde_json::Value {
+    let out = ca
+        .ctl(&["root", "status", "--mesh", mesh, "-o", "json"])
+        .expect("root status runs");
+    assert!(
+        out.status.success(),
+        "root status --mesh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("root status prints JSON")
+}
+
+/// Polls a mesh root's rotation status until `done`; panics with the last status after
+/// `timeout`.
+fn wait_mesh_rotation(
+    ca: &CaHolder,
+    mesh: &str,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = mesh_root_status(ca, mesh);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what}: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The fingerprints of the roots in a folder's `bundle.pem` (through `..data`).
+fn folder_bundle(dir: &Path) -> Vec<String> {
+    workload_at(dir)
+        .map(|w| w.roots.iter().map(|r| sha256_hex(r)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn under_limited_trust_a_mesh_root_rotates_alone_and_its_nodes_never_lose_mtls() {
+    let uid = nix::unistd::geteuid().as_raw();
+    // A second node in mesh-a with its own workload, so two mesh-a nodes talk mTLS.
+    let config = agent_config("  limited: {}\n  enforceAccessControl: ENABLED\n")
+        .replace(
+            "holder:\n  heartbeat: 30s\n",
+            &ROTATION.replace("ACK", "1m"),
+        )
+        .replace(
+            "entries:\n",
+            &format!(
+                "entries:\n  - id: db\n    spiffeId: spiffe://mesh-a.test/db\n    nodes: [node-a2]\n    selectors: [\"unix:uid:{uid}\"]\n    dir: db\n"
+            ),
+        );
+    let ca = CaHolder::start(&config).expect("holder starts");
+    let agent_a = Agent::start(&ca, "node-a", "mesh-a", FAST_SYNC).expect("agent a");
+    let agent_a2 = Agent::start(&ca, "node-a2", "mesh-a", FAST_SYNC).expect("agent a2");
+    let agent_b = Agent::start(&ca, "node-b", "mesh-b", FAST_SYNC).expect("agent b");
+    let web = wait_svid(&agent_a, "web");
+    let db = wait_svid(&agent_a2, "db");
+    let api = wait_svid(&agent_b, "api");
+    let shared = bundle_fingerprints(&ca);
+    let old_a = mesh_bundle(&ca, "mesh-a");
+    let old_b = mesh_bundle(&ca, "mesh-b");
+    assert_eq!(old_a.len(), 1);
+    assert_eq!(folder_bundle(&api), old_b, "mesh-b trusts its own root");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Samples::default());
+    let sampler = sample(
+        (web.clone(), agent_a.workload_socket()),
+        (db.clone(), agent_a2.workload_socket()),
+        Arc::clone(&stop),
+        Arc::clone(&samples),
+    );
+    let out = ca
+        .ctl(&["root", "rotate", "--mesh", "mesh-a"])
+        .expect("root rotate runs");
+    assert!(
+        out.status.success(),
+        "root rotate --mesh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prepared = mesh_root_status(&ca, "mesh-a");
+    assert_eq!(prepared["mesh"], "mesh-a", "{prepared:#}");
+    let next = prepared["rotation"]["next"]
+        .as_str()
+        .expect("next root")
+        .to_owned();
+    assert!(!shared.contains(&next) && !old_b.contains(&next));
+    assert_eq!(
+        phase(&root_status(&ca)),
+        "IDLE",
+        "the shared root does not rotate"
+    );
+    let active = wait_mesh_rotation(&ca, "mesh-a", "ACTIVE", Duration::from_secs(60), |s| {
+        phase(s) == "ACTIVE"
+    });
+    assert_eq!(
+        active["progress"]["expected"], 2,
+        "only mesh-a's two nodes gate it: {active:#}"
+    );
+    assert!(
+        !folder_bundle(&api).contains(&next),
+        "mesh-b never trusts mesh-a's next root"
+    );
+    let done = wait_mesh_rotation(&ca, "mesh-a", "RETIRED", Duration::from_secs(90), |s| {
+        phase(s) == "IDLE"
+    });
+    std::thread::sleep(Duration::from_secs(1)); // A few more samples under the new root alone.
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().expect("the sampler ran");
+
+    let failures = samples.failures.lock().expect("lock").clone();
+    let taken = samples.taken.load(Ordering::SeqCst);
+    assert!(taken > 50, "sampled {taken} times");
+    assert!(
+        failures.is_empty(),
+        "{} of {taken} samples failed: {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
+    assert_eq!(done["signingRoot"], next.as_str());
+    assert_eq!(mesh_bundle(&ca, "mesh-a"), vec![next.clone()]);
+    assert_eq!(mesh_bundle(&ca, "mesh-b"), old_b, "mesh-b's root untouched");
+    assert_eq!(
+        bundle_fingerprints(&ca),
+        shared,
+        "the shared root untouched"
+    );
+    assert_eq!(root_status(&ca)["meshes"]["mesh-a"], "IDLE");
+    for dir in [&web, &db] {
+        wait_until(
+            "mesh-a's SVIDs under the new root alone",
+            Duration::from_secs(30),
+            || {
+                workload_at(dir).is_ok_and(|w| {
+                    w.roots.iter().all(|r| sha256_hex(r) == next)
+                        && chains_to(&w.chain, &w.roots[0])
+                })
+            },
+        )
+        .expect("mesh-a follows");
+    }
+    // mesh-b: its bundle never changed, its SVID chains to its own root, and it cannot use
+    // mesh-a's new root: a mesh-a SVID under it does not verify with mesh-b's bundle.
+    let b = workload_at(&api).expect("api");
+    assert_eq!(
+        b.roots.iter().map(|r| sha256_hex(r)).collect::<Vec<_>>(),
+        old_b
+    );
+    assert!(chains_to(&b.chain, &b.roots[0]));
+    let mut a = workload_at(&web).expect("web");
+    a.domains = vec!["mesh-a.test".into(), "mesh-b.test".into()];
+    let mut b = b;
+    b.domains = a.domains.clone();
+    let err = handshake(&a, &b).expect_err("mesh-b must not accept mesh-a's new root");
+    assert!(
+        err.contains("UnknownIssuer"),
+        "the chain is what fails: {err}"
+    );
+}
+
+/// Joins `node` to `mesh` with a join token, without an agent: its mTLS identity.
+fn join_bare(ca: &CaHolder, node: &str, mesh: &str) -> meshcert_tests::ca::ClientIdentity {
+    let key = meshcert_tests::pki::p256();
+    let req = meshcert_protocol::api::AttestRequest {
+        token: ca.token(node, mesh).expect("token"),
+        csr: meshcert_tests::pki::csr(&key, &[]),
+    };
+    let a = ca
+        .https(
+            "POST",
+            "/v1/attest",
+            Some(&serde_json::to_vec(&req).expect("json")),
+            None,
+        )
+        .expect("attest");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let resp: meshcert_protocol::api::NodeSvidResponse =
+        serde_json::from_slice(&a.body).expect("node SVID");
+    meshcert_tests::ca::ClientIdentity {
+        chain: resp.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: key.serialize_der(),
+    }
+}
+
+/// The serial of a node identity's leaf, lowercase hex as reports carry it.
+fn serial_of(node: &meshcert_tests::ca::ClientIdentity) -> (String, u64, u64) {
+    let (_, c) = X509Certificate::from_der(&node.chain[0]).expect("leaf");
+    let serial: String = c
+        .raw_serial()
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let t = |x: i64| u64::try_from(x).unwrap_or(0);
+    (
+        serial,
+        t(c.validity().not_before.timestamp()),
+        t(c.validity().not_after.timestamp()),
+    )
+}
+
+/// Reports a node holding `version` and no workload SVID, only its node SVID.
+fn report_node_svid(ca: &CaHolder, node: &meshcert_tests::ca::ClientIdentity, version: u64) {
+    let (serial, not_before, not_after) = serial_of(node);
+    let report = meshcert_protocol::NodeReport {
+        bundle_version: version,
+        enforcement: None,
+        identities: Vec::new().into(),
+        node_svid: Some(meshcert_protocol::NodeSvidReport {
+            serial: serial.into(),
+            not_before,
+            not_after,
+        }),
+    };
+    let a = ca
+        .https(
+            "POST",
+            "/v1/report",
+            Some(&serde_json::to_vec(&report).expect("json")),
+            Some(node),
+        )
+        .expect("report");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+}
+
+#[test]
+fn retirement_waits_for_a_node_svid_still_chaining_to_the_previous_root() {
+    // The node SVID outlives the test; the previous root may leave 8 s after activation.
+    let config = rotation_config("1m").replace("nodeSvidTtl: 20s", "nodeSvidTtl: 10m");
+    let ca = CaHolder::start(&config).expect("holder starts");
+    // Under shared trust a mesh has no root of its own to rotate.
+    for mesh in ["mesh-a", "no-such-mesh"] {
+        let out = ca
+            .ctl(&["root", "rotate", "--mesh", mesh])
+            .expect("root rotate runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not_found"), "{err}");
+    }
+    let node = join_bare(&ca, "bare", "mesh-a");
+    report_node_svid(&ca, &node, 1);
+    let next = rotate(&ca);
+    let version = root_status(&ca)["rotation"]["preparedVersion"]
+        .as_u64()
+        .expect("the prepared bundle version");
+    report_node_svid(&ca, &node, version);
+    wait_rotation(&ca, "ACTIVE", Duration::from_secs(60), |s| {
+        phase(s) == "ACTIVE"
+    });
+    // Past retireAfter, the node SVID is the only thing holding retirement back.
+    let held = wait_rotation(
+        &ca,
+        "retirement held by the node SVID alone",
+        Duration::from_secs(60),
+        |s| {
+            report_node_svid(&ca, &node, version);
+            s["progress"]["blockedBy"].as_str().is_some_and(|b| {
+                b.contains("previous root (on bare)") && !b.contains("longest TTL")
+            })
+        },
+    );
+    assert_eq!(phase(&held), "ACTIVE", "{held:#}");
+    assert_eq!(
+        held["progress"]["svids"], 1,
+        "the node SVID counts: {held:#}"
+    );
+
+    // Renewed under the next root and reported: the previous root retires.
+    let key = meshcert_tests::pki::p256();
+    let req = meshcert_protocol::api::RenewRequest {
+        csr: meshcert_tests::pki::csr(&key, &[]),
+    };
+    let a = ca
+        .https(
+            "POST",
+            "/v1/node/renew",
+            Some(&serde_json::to_vec(&req).expect("json")),
+            Some(&node),
+        )
+        .expect("renew");
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let resp: meshcert_protocol::api::NodeSvidResponse =
+        serde_json::from_slice(&a.body).expect("node SVID");
+    let renewed = meshcert_tests::ca::ClientIdentity {
+        chain: resp.svid.chain.iter().map(|d| d.0.clone()).collect(),
+        key_pkcs8: key.serialize_der(),
+    };
+    report_node_svid(&ca, &renewed, version);
+    let done = wait_rotation(&ca, "RETIRED", Duration::from_secs(30), |s| {
+        phase(s) == "IDLE"
+    });
+    assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
+    assert_eq!(done["signingRoot"], next.as_str());
+}
+
+#[test]
+fn under_limited_trust_builtin_mesh_roots_start_their_rotations_on_their_own() {
+    let config = agent_config("  limited: {}\n  enforceAccessControl: ENABLED\n").replace(
+        "holder:\n  heartbeat: 30s\n",
+        &ROTATION.replace("ACK", "1m"),
+    );
+    let mut ca = CaHolder::start_with_fake_clock(&config).expect("holder starts");
+    let s = mesh_root_status(&ca, "mesh-b");
+    assert_eq!(phase(&s), "IDLE", "{s:#}");
+    assert!(s["automaticAt"].is_string(), "{s:#}");
+    ca.set_clock_offset(25 * 86400 + 60).expect("clock");
+    for mesh in ["mesh-a", "mesh-b"] {
+        let s = wait_mesh_rotation(
+            &ca,
+            mesh,
+            "an automatic rotation",
+            Duration::from_secs(60),
+            |s| phase(s) != "IDLE",
+        );
+        assert_eq!(s["rotation"]["reason"], "automatic", "{s:#}");
+    }
+    let shared = root_status(&ca);
+    assert_ne!(shared["meshes"]["mesh-a"], "IDLE", "{shared:#}");
+    // kill -9 mid-rotation: the restarted holder resumes mesh-a's own rotation to its end.
+    let next = mesh_root_status(&ca, "mesh-a")["rotation"]["next"]
+        .as_str()
+        .expect("next")
+        .to_owned();
+    ca.restart().expect("restart");
+    let done = wait_mesh_rotation(&ca, "mesh-a", "RETIRED", Duration::from_secs(60), |s| {
+        phase(s) == "IDLE"
+    });
+    assert_eq!(done["last"]["phase"], "RETIRED", "{done:#}");
+    assert_eq!(done["signingRoot"], next.as_str(), "{done:#}");
+    assert_eq!(mesh_bundle(&ca, "mesh-a"), vec![next]);
 }

@@ -670,6 +670,7 @@ fn agent_local_entries_are_signed_under_disabled_and_refused_under_enabled() {
             bundle_version: signed.bundles.version,
             enforcement: Some(Enforcement::Disabled),
             identities: vec![].into(),
+            node_svid: None,
         },
     );
     let status = ca.status().expect("status");
@@ -768,6 +769,7 @@ fn bundle_versions_grow_with_bundle_changes_and_federation_status_counts_acknowl
                     attempts: 0,
                 }]
                 .into(),
+                node_svid: None,
             },
         )
     };
@@ -929,6 +931,7 @@ fn metrics_count_signed_and_refused_csrs_and_nodes() {
             bundle_version: signed.bundles.version,
             enforcement: Some(Enforcement::Enabled),
             identities: vec![].into(),
+            node_svid: None,
         },
     );
     let body = scrape(&addr);
@@ -1783,6 +1786,7 @@ fn under_limited_trust_another_mesh_root_cannot_speak_for_a_node_on_any_endpoint
         bundle_version: 424_242,
         enforcement: Some(Enforcement::Enabled),
         identities: vec![].into(),
+        node_svid: None,
     };
     let calls: [(&str, &str, Option<Vec<u8>>); 4] = [
         ("GET", "/v1/sync", None),
@@ -1837,6 +1841,7 @@ fn under_limited_trust_another_mesh_root_cannot_speak_for_a_node_on_any_endpoint
             bundle_version: signed.bundles.version,
             enforcement: Some(Enforcement::Disabled),
             identities: vec![].into(),
+            node_svid: None,
         },
     );
     let a = ca

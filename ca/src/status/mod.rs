@@ -638,6 +638,7 @@ mod tests {
                 bundle_version: version,
                 enforcement,
                 identities: Vec::new().into(),
+                node_svid: None,
             },
             received_at: 0,
         }

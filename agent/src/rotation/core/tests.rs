@@ -540,3 +540,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_report_carries_the_node_svid() {
+    let mut world = World::new(Path::new("/nonexistent"), 1);
+    let p = world.core.publication(world.now);
+    let node = p.report.node_svid.expect("the node SVID is reported");
+    assert_eq!(&*node.serial, "0a");
+    let t0 = T0.as_secs();
+    assert_eq!((node.not_before, node.not_after), (t0, t0 + 3600));
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshcert_protocol::api::Bundles;
-use meshcert_protocol::{Entry, IdentityReport, NodeReport, TrustDomain};
+use meshcert_protocol::{Entry, IdentityReport, NodeReport, NodeSvidReport, TrustDomain};
 
 use super::{Action, Core, Managed};
 use crate::cache::{AgentStatus, InstalledSvid, Snapshot};
@@ -178,11 +178,17 @@ impl Core {
             .map(Managed::report)
             .collect();
         let all_attempted = self.all_attempted();
-        let report = report::build(
+        let mut report = report::build(
             bundles.version,
             Some(self.header.enforcement),
             identities.clone(),
         );
+        // A root rotation retires the previous root only once no node SVID chains to it.
+        report.node_svid = Some(NodeSvidReport {
+            serial: self.node.serial.clone(),
+            not_before: unix(self.node.not_before).unwrap_or(0),
+            not_after: unix(self.node.not_after).unwrap_or(0),
+        });
         let issued = identities.iter().filter(|i| i.not_after.is_some()).count();
         let line = format!("{issued}/{} SVIDs issued", identities.len());
         let status = self.status(identities, all_attempted);
