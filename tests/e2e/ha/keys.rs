@@ -215,16 +215,26 @@ fn a_rotation_prepared_through_one_replica_activates_and_signs_through_the_other
         assert!(std::time::Instant::now() < deadline, "not ACTIVE: {s:#}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The next root reached B's state folder from the datastore, and B signs with it.
+    // B serves the step at its next rotation check, whichever replica activated: its bundle
+    // carries the next root, whose key reached B's state folder from the datastore.
+    let mut next_root = None;
+    wait_until(
+        "B's bundle carries the next root",
+        Duration::from_secs(30),
+        || {
+            let bundle = b.ctl(&["bundle"]).expect("bundle");
+            next_root = x509_parser::pem::Pem::iter_from_buffer(&bundle.stdout)
+                .map(|p| p.expect("PEM").contents)
+                .find(|der| meshcert_ca::authority::fingerprint(der) == next);
+            next_root.is_some()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; B's log:\n{}", b.log()));
+    let next_root = next_root.expect("found above");
     assert!(
         b.state_dir().join(format!("rotation/{next}.key")).exists(),
         "B holds the next root's key"
     );
-    let bundle = b.ctl(&["bundle"]).expect("bundle");
-    let next_root = x509_parser::pem::Pem::iter_from_buffer(&bundle.stdout)
-        .map(|p| p.expect("PEM").contents)
-        .find(|der| meshcert_ca::authority::fingerprint(der) == next)
-        .expect("B's bundle carries the next root");
     let token = b.token("node-1", MESH).expect("token");
     let node = attest(a, &token).expect("joined through A");
     let mut last = None;
@@ -239,13 +249,18 @@ fn a_rotation_prepared_through_one_replica_activates_and_signs_through_the_other
         },
     )
     .unwrap_or_else(|e| panic!("{e} (last chain of {last:?} certificates)"));
-    assert!(
-        chains_to(
-            &sign_chain(a, &node, "web").expect("signed through A"),
-            &next_root
-        ),
-        "A signs under the next root too"
-    );
+    // A follows the document B wrote at its next rotation check (every 5 s).
+    wait_until(
+        "A signs under the next root too",
+        Duration::from_secs(30),
+        || {
+            chains_to(
+                &sign_chain(a, &node, "web").expect("signed through A"),
+                &next_root,
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; A's log:\n{}", a.log()));
     let stored = document_bytes(&shared, meshcert_ca::sealed::ROTATION_ROOTS);
     assert!(
         !contains(&stored, b"PRIVATE KEY"),
