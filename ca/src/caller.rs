@@ -117,3 +117,89 @@ fn not_after(cert: &X509Certificate<'_>) -> SystemTime {
     let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
     UNIX_EPOCH + Duration::from_secs(secs)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use meshcert_protocol::api::{AttestRequest, Der, ErrorCode};
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::ClientChain;
+    use crate::holder::Holder;
+    use crate::testing::VIRTUAL_MESH;
+
+    /// A holder with node `n1` joined: the node's chain, leaf first.
+    fn joined(dir: &std::path::Path, now: SystemTime) -> (Holder, Vec<Vec<u8>>) {
+        let text = VIRTUAL_MESH.replace("STATE", &dir.display().to_string());
+        let holder = Holder::open(crate::config::parse(&text).expect("valid"), now).expect("open");
+        let token = holder
+            .create_token("n1", "mesh-a", Duration::from_secs(600), now)
+            .expect("token");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .der()
+            .to_vec();
+        let answer = holder
+            .attest(
+                &AttestRequest {
+                    token,
+                    csr: Der(csr),
+                },
+                now,
+            )
+            .expect("attest");
+        let chain = answer.svid.chain.into_iter().map(|d| d.0).collect();
+        (holder, chain)
+    }
+
+    #[test]
+    fn a_connection_verifies_once_per_snapshot_and_still_sees_a_ban() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let (holder, der) = joined(dir.path(), now);
+        let chain = ClientChain::new(der);
+        let identity = chain.identity().expect("a node SVID");
+        assert_eq!(identity.node, "n1");
+        let until = identity.until;
+
+        let serving = holder.serving();
+        assert!(!chain.verified_for(&serving, "mesh-a", now));
+        let caller = holder.caller(Some(&chain), now).expect("known node");
+        assert_eq!(caller.node, "n1");
+        assert!(chain.verified_for(&serving, "mesh-a", now));
+        assert!(!chain.verified_for(&serving, "mesh-b", now), "another mesh");
+        assert!(!chain.verified_for(&serving, "mesh-a", until), "expired");
+
+        // A reload makes a new snapshot: the chain is verified again with it.
+        let text = VIRTUAL_MESH.replace("STATE", &dir.path().display().to_string());
+        holder.reload(Ok(crate::config::parse(&text).expect("valid")), now);
+        let reloaded = holder.serving();
+        assert!(!chain.verified_for(&reloaded, "mesh-a", now));
+        holder.caller(Some(&chain), now).expect("still known");
+        assert!(chain.verified_for(&reloaded, "mesh-a", now));
+
+        // A ban is read for every call, whatever the connection remembers.
+        holder.store.ban_node("n1").expect("ban");
+        let refused = holder.caller(Some(&chain), now).expect_err("banned");
+        assert_eq!(refused.code, ErrorCode::NodeBanned);
+    }
+
+    #[test]
+    fn a_chain_that_names_no_node_has_no_identity() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let chain = ClientChain::new(vec![cert.der().to_vec()]);
+        assert!(chain.identity().is_none());
+        assert!(
+            ClientChain::new(vec![b"not DER".to_vec()])
+                .identity()
+                .is_none()
+        );
+    }
+}
