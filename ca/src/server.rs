@@ -180,6 +180,9 @@ async fn serve_connection(
     connection: Connection<TcpStream, SocketAddr>,
 ) {
     let peer = connection.peer;
+    // Answers go out at once: with Nagle's algorithm, an answer written right after the session
+    // tickets of a new connection waited for the client's delayed ACK (about 40 ms).
+    let _ = connection.io.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection.io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
