@@ -298,7 +298,13 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let mut entry = EntrySpec::for_node("fleet", "unused", &format!("{}s", opts.ttl.as_secs()));
     entry.path = "/fleet".into();
     entry.nodes.clear();
-    let mut backend = crate::signing::Backend::new(&[crate::signing::Datastore::Postgres])?;
+    // A PostgreSQL cluster only for replicas (one holder keeps the default SQLite).
+    let datastores: &[crate::signing::Datastore] = if opts.replicas > 1 {
+        &[crate::signing::Datastore::Postgres]
+    } else {
+        &[]
+    };
+    let mut backend = crate::signing::Backend::new(datastores)?;
     let mut yaml = if opts.replicas > 1 {
         backend.holder_yaml(crate::signing::Datastore::Postgres)?
     } else {
