@@ -138,6 +138,32 @@ async fn sign_one(node: &HttpsIssuer, id: &SpiffeId) -> Option<bool> {
     }))
 }
 
+/// A node's sync, then its report (the heartbeat), as an agent sends them each interval.
+async fn sync_and_report(
+    node: &HttpsIssuer,
+    lat: &Latencies,
+    failover: &Failover,
+    fo: &mut NodeFailover,
+) {
+    let t = Instant::now();
+    let ok = node.sync().await.is_ok();
+    if ok {
+        record(lat, "sync", t.elapsed());
+    }
+    fo.outcome(failover, t, ok);
+    let t = Instant::now();
+    let report = NodeReport {
+        bundle_version: 1,
+        enforcement: None,
+        identities: Arc::from(Vec::new()),
+    };
+    let ok = node.report(report).await.is_ok();
+    if ok {
+        record(lat, "report", t.elapsed());
+    }
+    fo.outcome(failover, t, ok);
+}
+
 /// One node's life: returns how many of its identities went past their TTL unrefreshed.
 async fn node_loop(
     node: Arc<HttpsIssuer>,
@@ -161,23 +187,7 @@ async fn node_loop(
             break;
         }
         if now >= next_sync {
-            let t = Instant::now();
-            let ok = node.sync().await.is_ok();
-            if ok {
-                record(&lat, "sync", t.elapsed());
-            }
-            fo.outcome(&failover, t, ok);
-            let t = Instant::now();
-            let report = NodeReport {
-                bundle_version: 1,
-                enforcement: None,
-                identities: Arc::from(Vec::new()),
-            };
-            let ok = node.report(report).await.is_ok();
-            if ok {
-                record(&lat, "report", t.elapsed());
-            }
-            fo.outcome(&failover, t, ok);
+            sync_and_report(&node, &lat, &failover, &mut fo).await;
             next_sync = now + interval;
         }
         for slot in &mut fresh_until {
