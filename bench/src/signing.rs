@@ -273,7 +273,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     ));
     table.note(
         "Each agent is a real node: attested with a join token, then `/v1/sign` over mTLS with the agent's own HTTPS client \
-         (a new TLS connection per request, as the agent does). The load generator runs on the same machine and its CPU is not counted \
+         (connections kept alive and reused, as the agent does). The load generator runs on the same machine and its CPU is not counted \
          in \"holder CPU\". Group commit off (the baseline): one transaction and one durable commit per request; on: concurrent \
          requests share them. PostgreSQL: a throwaway local cluster on a Unix socket, fsync and synchronous_commit on.",
     );

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshcert_protocol::api::{
     ApiError, AttestRequest, Bundles, Der, ErrorCode, MAX_BATCH, NodeSvidResponse, RenewRequest,
-    SignOutcome, SignRequest, SignResponse, SignResult, Svid, SyncResponse, node_id, node_name,
+    SignOutcome, SignRequest, SignResponse, SignResult, Svid, SyncResponse, node_id,
     valid_node_name,
 };
-use meshcert_protocol::{Enforcement, NodeReport, SpiffeId};
-use x509_parser::prelude::{FromDer as _, X509Certificate};
+use meshcert_protocol::{Enforcement, NodeReport};
 
 use crate::authority::{Authority, AuthorityError, unix};
+use crate::caller::ClientChain;
 use crate::config::{Config, TrustModel};
 use crate::entries::EntryBook;
 use crate::metrics::Metrics;
@@ -489,9 +489,10 @@ impl Holder {
     /// must verify against the claimed node's own mesh root through one of that mesh's
     /// intermediates ([`Authority::verify_node_chain`]): the TLS layer accepts a chain to any
     /// of the holder's roots, so this is what keeps meshes apart under limited trust.
-    pub fn caller(&self, chain: Option<&[Vec<u8>]>, now: SystemTime) -> Result<Caller, ApiError> {
-        let chain = chain.filter(|c| !c.is_empty());
-        let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
+    /// The chain's identity and a successful verification are remembered with the connection's
+    /// [`ClientChain`] (see `caller`); the node's record is read for every call.
+    pub fn caller(&self, chain: Option<&ClientChain>, now: SystemTime) -> Result<Caller, ApiError> {
+        let chain = chain.filter(|c| !c.der().is_empty()).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Unauthenticated,
                 "this call needs the node SVID as client certificate",
@@ -503,13 +504,8 @@ impl Holder {
                 "the client certificate is not a node SVID of a known node",
             )
         };
-        let (_, cert) = X509Certificate::from_der(leaf).map_err(|_| unknown())?;
-        let uri = crate::authority::uri_sans(&cert)
-            .into_iter()
-            .next()
-            .ok_or_else(unknown)?;
-        let id = SpiffeId::new(&uri).map_err(|_| unknown())?;
-        let name = node_name(&id).ok_or_else(unknown)?;
+        let identity = chain.identity().ok_or_else(unknown)?;
+        let name = identity.node.as_str();
         let record = self
             .store
             .node(name)
@@ -521,24 +517,23 @@ impl Holder {
                 format!("node `{name}` is banned"),
             ));
         }
-        if record.spiffe_id != id.to_string() {
+        if record.spiffe_id != identity.id.to_string() {
             return Err(unknown());
         }
         let serving = self.serving();
         let mesh = serving.config.mesh(&record.mesh).ok_or_else(unknown)?;
-        if let Err(reason) =
-            serving
-                .authority
-                .verify_node_chain(mesh, chain.unwrap_or_default(), now)
-        {
-            tracing::warn!(node = %name, mesh = %mesh.name, %reason, "a client certificate for a known node does not chain to its mesh's root; refused");
-            return Err(ApiError::new(
-                ErrorCode::Unauthenticated,
-                format!(
-                    "the client certificate for node `{name}` does not chain to the root of its mesh `{}` through one of that mesh's intermediates",
-                    mesh.name
-                ),
-            ));
+        if !chain.verified_for(&serving, &mesh.name, now) {
+            if let Err(reason) = serving.authority.verify_node_chain(mesh, chain.der(), now) {
+                tracing::warn!(node = %name, mesh = %mesh.name, %reason, "a client certificate for a known node does not chain to its mesh's root; refused");
+                return Err(ApiError::new(
+                    ErrorCode::Unauthenticated,
+                    format!(
+                        "the client certificate for node `{name}` does not chain to the root of its mesh `{}` through one of that mesh's intermediates",
+                        mesh.name
+                    ),
+                ));
+            }
+            chain.remember_verified(&serving, &mesh.name);
         }
         Ok(Caller {
             node: record.name,

@@ -10,6 +10,7 @@
 //! - [`config`]: the VirtualMesh YAML plus the holder's settings and entries; validation that
 //!   lists every problem with its field path.
 //! - [`authority`]: root (builtin or provided), per-mesh intermediates, leaf and server signing.
+//! - [`caller`]: one connection's client chain, its node identity and verification remembered.
 //! - [`policy`]: pure CSR checks (signature, key, SAN, entry assignment).
 //! - [`tokens`]: join tokens.
 //! - [`k8s`]: node attestation with Kubernetes projected service-account tokens (TokenReview,
@@ -35,6 +36,7 @@
 
 pub mod admin;
 pub mod authority;
+pub mod caller;
 pub mod config;
 pub mod daemon;
 pub mod entries;

@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::FromDer as _;
 
+use crate::caller::ClientChain;
 use crate::holder::Holder;
 
 /// How long a client may take for the TLS handshake.
@@ -129,6 +130,13 @@ pub fn tls_config(holder: &Holder, now: SystemTime) -> Result<ServerTls, ServerE
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless TLS 1.3 session tickets: an agent reconnecting (it drops a connection idle for
+    // 5 s, and syncs every 30 s) resumes its session instead of a full handshake, so the holder
+    // skips its signature and the client chain's verification. The resumed session keeps the
+    // client chain it was verified with; every call still checks it against the node's mesh
+    // root at the time of the call (`Holder::caller`). A fresh ticket key per configuration: a
+    // session of an older configuration (other roots) is never resumed under this one.
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(tls)?;
     Ok(ServerTls {
         config: Arc::new(config),
         fingerprint,
@@ -172,6 +180,9 @@ async fn serve_connection(
     connection: Connection<TcpStream, SocketAddr>,
 ) {
     let peer = connection.peer;
+    // Answers go out at once: with Nagle's algorithm, an answer written right after the session
+    // tickets of a new connection waited for the client's delayed ACK (about 40 ms).
+    let _ = connection.io.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection.io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -183,11 +194,12 @@ async fn serve_connection(
             return;
         }
     };
-    let client_chain: Option<Arc<Vec<Vec<u8>>>> = tls
+    // One per connection: its calls share what was found out about the chain (crate::caller).
+    let client_chain: Option<Arc<ClientChain>> = tls
         .get_ref()
         .1
         .peer_certificates()
-        .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
+        .map(|c| Arc::new(ClientChain::new(c.iter().map(|d| d.to_vec()).collect())));
     let service = service_fn(move |req| {
         let holder = Arc::clone(&holder);
         let client_chain = client_chain.clone();
@@ -257,10 +269,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 async fn handle(
     holder: &Holder,
-    client_chain: Option<&Vec<Vec<u8>>>,
+    client_chain: Option<&ClientChain>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    match route(holder, client_chain.map(Vec::as_slice), req).await {
+    match route(holder, client_chain, req).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     }
@@ -268,7 +280,7 @@ async fn handle(
 
 async fn route(
     holder: &Holder,
-    client_chain: Option<&[Vec<u8>]>,
+    client_chain: Option<&ClientChain>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();

@@ -225,14 +225,12 @@ impl Store for SqliteStore {
     }
 
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes WHERE name = ?1",
-                params![name],
-                node_row,
-            )
-            .optional()?)
+        // Read for every call on the API: the statement is prepared once per connection.
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes WHERE name = ?1",
+        )?;
+        Ok(stmt.query_row(params![name], node_row).optional()?)
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -345,19 +343,21 @@ impl Store for SqliteStore {
     fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for i in issued {
-            tx.execute(
+        {
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO issuances (serial, spiffe_id, node, not_after, issued_at, local)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
+            )?;
+            for i in issued {
+                insert.execute(params![
                     i.serial,
                     i.spiffe_id,
                     i.node,
                     to_i64(i.not_after),
                     to_i64(i.issued_at),
                     i64::from(i.local)
-                ],
-            )?;
+                ])?;
+            }
         }
         tx.commit()?;
         Ok(())
