@@ -1,15 +1,17 @@
-//! One API connection's client certificate chain, and what the holder found out about it.
+//! A client certificate chain, and what the holder found out about it.
 //!
-//! The chain of a TLS connection cannot change while it is open, yet every call on it must name
-//! its node and prove that the chain verifies to that node's own mesh root
-//! ([`Authority::verify_node_chain`](crate::authority::Authority::verify_node_chain): a
-//! signature check per certificate, the largest part of a small call's CPU). So the node's
-//! identity is read from the leaf once per connection, and a successful verification is
-//! remembered for the serving snapshot it was made with (a reload or a rotation makes a new
-//! one, which verifies again) until the first certificate of the chain expires. What can change
-//! between two calls, the node's record (banned, its mesh), is still read for every call.
+//! Every call must name its node and prove that the chain verifies to that node's own mesh
+//! root ([`Authority::verify_node_chain`](crate::authority::Authority::verify_node_chain): a
+//! signature check per certificate, the largest part of a small call's CPU). The node's
+//! identity is read from the leaf once per connection ([`ClientChain`]). A successful
+//! verification is remembered across connections ([`VerifiedChains`], one per serving
+//! snapshot, so a reload or a rotation starts empty and verifies again), keyed by the SHA-256
+//! of the chain's DER and the mesh it was verified for, until the first certificate of the
+//! chain expires; the number remembered is bounded. What can change between two calls, the
+//! node's record (banned, its mesh, its SPIFFE ID), is still read for every call.
 
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshcert_protocol::SpiffeId;
@@ -17,6 +19,11 @@ use meshcert_protocol::api::node_name;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::holder::Serving;
+
+/// How many verified chains a snapshot remembers at most (about 100 bytes each: 6.5 MB at
+/// most). A fleet has about two live node SVIDs per node (the current one and, for a while
+/// after a renewal, the previous one on connections still open).
+pub const VERIFIED_CHAINS_KEPT: usize = 65_536;
 
 /// Who the leaf of a chain says it is.
 #[derive(Debug, Clone)]
@@ -29,22 +36,75 @@ pub struct NodeIdentity {
     pub until: SystemTime,
 }
 
+/// The SHA-256 of a chain: every certificate's length (8 bytes, big-endian) then its DER.
+pub type ChainDigest = [u8; 32];
+
 /// A verification that succeeded.
 #[derive(Debug)]
 struct Verified {
-    /// The serving snapshot it was made with (weak: a replaced snapshot is not kept alive, and
-    /// its allocation is, so its address is never taken by a newer one).
-    serving: Weak<Serving>,
     /// The mesh it was verified for.
     mesh: String,
+    /// The chain's first expiry.
+    until: SystemTime,
 }
 
-/// A connection's client chain (leaf first, DER) with its identity and verification remembered.
+/// The chains verified with one serving snapshot, whichever connection presented them.
+#[derive(Debug, Default)]
+pub struct VerifiedChains {
+    chains: Mutex<HashMap<ChainDigest, Verified>>,
+}
+
+impl VerifiedChains {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChainDigest, Verified>> {
+        self.chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the chain with `digest` was verified for `mesh` and is still valid at `now`.
+    pub fn contains(&self, digest: &ChainDigest, mesh: &str, now: SystemTime) -> bool {
+        self.lock()
+            .get(digest)
+            .is_some_and(|v| v.mesh == mesh && now < v.until)
+    }
+
+    /// Remembers that the chain with `digest` verified for `mesh`, until `until`. When full,
+    /// the expired ones are dropped first, and if none were, all of them (each then verifies
+    /// once more): the size stays bounded whatever clients present.
+    pub fn remember(&self, digest: ChainDigest, mesh: &str, until: SystemTime, now: SystemTime) {
+        let mut chains = self.lock();
+        if chains.len() >= VERIFIED_CHAINS_KEPT && !chains.contains_key(&digest) {
+            chains.retain(|_, v| now < v.until);
+            if chains.len() >= VERIFIED_CHAINS_KEPT {
+                chains.clear();
+            }
+        }
+        chains.insert(
+            digest,
+            Verified {
+                mesh: mesh.to_owned(),
+                until,
+            },
+        );
+    }
+
+    /// How many chains are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A connection's client chain (leaf first, DER) with its identity and digest, read once.
 #[derive(Debug, Default)]
 pub struct ClientChain {
     der: Vec<Vec<u8>>,
     identity: OnceLock<Option<NodeIdentity>>,
-    verified: Mutex<Option<Verified>>,
+    digest: OnceLock<ChainDigest>,
 }
 
 impl ClientChain {
@@ -69,34 +129,39 @@ impl ClientChain {
             .as_ref()
     }
 
-    /// Whether the chain was verified for `mesh` with this very `serving` snapshot and is still
-    /// within every certificate's validity at `now`.
-    pub fn verified_for(&self, serving: &Arc<Serving>, mesh: &str, now: SystemTime) -> bool {
+    /// The chain's digest, computed once.
+    pub fn digest(&self) -> &ChainDigest {
+        self.digest.get_or_init(|| digest_of(&self.der))
+    }
+
+    /// Whether this chain was verified for `mesh` with this very `serving` snapshot (by any
+    /// connection) and is still within every certificate's validity at `now`.
+    pub fn verified_for(&self, serving: &Serving, mesh: &str, now: SystemTime) -> bool {
         let Some(identity) = self.identity() else {
             return false;
         };
-        if now >= identity.until {
-            return false;
-        }
-        let verified = self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        verified.as_ref().is_some_and(|v| {
-            v.mesh == mesh && std::ptr::eq(v.serving.as_ptr(), Arc::as_ptr(serving))
-        })
+        now < identity.until && serving.verified_chains.contains(self.digest(), mesh, now)
     }
 
     /// Remembers that the chain verified for `mesh` with `serving`.
-    pub fn remember_verified(&self, serving: &Arc<Serving>, mesh: &str) {
-        *self
-            .verified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Verified {
-            serving: Arc::downgrade(serving),
-            mesh: mesh.to_owned(),
-        });
+    pub fn remember_verified(&self, serving: &Serving, mesh: &str, now: SystemTime) {
+        if let Some(identity) = self.identity() {
+            serving
+                .verified_chains
+                .remember(*self.digest(), mesh, identity.until, now);
+        }
     }
+}
+
+fn digest_of(der: &[Vec<u8>]) -> ChainDigest {
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for cert in der {
+        context.update(&u64::try_from(cert.len()).unwrap_or(u64::MAX).to_be_bytes());
+        context.update(cert);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    out
 }
 
 /// The leaf's node identity and the chain's earliest expiry.
@@ -125,7 +190,7 @@ mod tests {
     use meshcert_protocol::api::{AttestRequest, Der, ErrorCode};
     use rcgen::{CertificateParams, KeyPair};
 
-    use super::ClientChain;
+    use super::{ClientChain, VERIFIED_CHAINS_KEPT, VerifiedChains};
     use crate::holder::Holder;
     use crate::testing::VIRTUAL_MESH;
 
@@ -156,35 +221,105 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_verifies_once_per_snapshot_and_still_sees_a_ban() {
+    fn a_verified_chain_is_remembered_across_connections_within_its_limits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = SystemTime::now();
         let (holder, der) = joined(dir.path(), now);
-        let chain = ClientChain::new(der);
-        let identity = chain.identity().expect("a node SVID");
+        let first = ClientChain::new(der.clone());
+        let identity = first.identity().expect("a node SVID");
         assert_eq!(identity.node, "n1");
         let until = identity.until;
 
         let serving = holder.serving();
-        assert!(!chain.verified_for(&serving, "mesh-a", now));
-        let caller = holder.caller(Some(&chain), now).expect("known node");
+        assert!(!first.verified_for(&serving, "mesh-a", now));
+        let caller = holder.caller(Some(&first), now).expect("known node");
         assert_eq!(caller.node, "n1");
-        assert!(chain.verified_for(&serving, "mesh-a", now));
-        assert!(!chain.verified_for(&serving, "mesh-b", now), "another mesh");
-        assert!(!chain.verified_for(&serving, "mesh-a", until), "expired");
+        // Another connection presenting the same chain finds it verified.
+        let second = ClientChain::new(der.clone());
+        assert!(second.verified_for(&serving, "mesh-a", now));
+        assert!(
+            !second.verified_for(&serving, "mesh-b", now),
+            "another mesh"
+        );
+        assert!(!second.verified_for(&serving, "mesh-a", until), "expired");
+        assert_eq!(serving.verified_chains.len(), 1);
 
         // A reload makes a new snapshot: the chain is verified again with it.
         let text = VIRTUAL_MESH.replace("STATE", &dir.path().display().to_string());
         holder.reload(Ok(crate::config::parse(&text).expect("valid")), now);
         let reloaded = holder.serving();
-        assert!(!chain.verified_for(&reloaded, "mesh-a", now));
-        holder.caller(Some(&chain), now).expect("still known");
-        assert!(chain.verified_for(&reloaded, "mesh-a", now));
+        assert!(!second.verified_for(&reloaded, "mesh-a", now));
+        holder.caller(Some(&second), now).expect("still known");
+        assert!(ClientChain::new(der.clone()).verified_for(&reloaded, "mesh-a", now));
 
-        // A ban is read for every call, whatever the connection remembers.
+        // So does a root rotation step.
+        crate::rotation::rotate(&holder, &crate::rotation::Scope::Shared, None, "test", now)
+            .expect("rotate");
+        let rotated = holder.serving();
+        assert!(!std::ptr::eq(rotated.as_ref(), reloaded.as_ref()));
+        assert!(!second.verified_for(&rotated, "mesh-a", now));
+
+        // A ban is read for every call, whatever was remembered.
         holder.store.ban_node("n1").expect("ban");
-        let refused = holder.caller(Some(&chain), now).expect_err("banned");
+        let refused = holder.caller(Some(&second), now).expect_err("banned");
         assert_eq!(refused.code, ErrorCode::NodeBanned);
+    }
+
+    #[test]
+    fn a_chain_from_another_authority_is_refused_and_not_remembered() {
+        let (ours, theirs) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let now = SystemTime::now();
+        let (holder, _) = joined(ours.path(), now);
+        // Another holder (its own root) issues a node SVID for the same node name and mesh.
+        let (_, forged) = joined(theirs.path(), now);
+        let chain = ClientChain::new(forged.clone());
+        let refused = holder.caller(Some(&chain), now).expect_err("not our root");
+        assert_eq!(refused.code, ErrorCode::Unauthenticated);
+        let serving = holder.serving();
+        assert!(serving.verified_chains.is_empty());
+        let again = holder
+            .caller(Some(&ClientChain::new(forged)), now)
+            .expect_err("still not our root");
+        assert_eq!(again.code, ErrorCode::Unauthenticated);
+    }
+
+    #[test]
+    fn the_verified_chains_stay_bounded() {
+        let chains = VerifiedChains::default();
+        let now = SystemTime::now();
+        let digest = |i: usize| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            d
+        };
+        // Full of chains, one of them expired: the expired one makes room.
+        chains.remember(digest(0), "mesh-a", now + Duration::from_secs(1), now);
+        for i in 1..VERIFIED_CHAINS_KEPT {
+            chains.remember(digest(i), "mesh-a", now + Duration::from_secs(3600), now);
+        }
+        assert_eq!(chains.len(), VERIFIED_CHAINS_KEPT);
+        let later = now + Duration::from_secs(2);
+        chains.remember(
+            digest(VERIFIED_CHAINS_KEPT),
+            "mesh-a",
+            later + Duration::from_secs(60),
+            later,
+        );
+        assert_eq!(chains.len(), VERIFIED_CHAINS_KEPT);
+        assert!(!chains.contains(&digest(0), "mesh-a", now));
+        assert!(chains.contains(&digest(1), "mesh-a", later));
+        // Full of live chains: it starts again rather than growing.
+        chains.remember(
+            digest(VERIFIED_CHAINS_KEPT + 1),
+            "mesh-a",
+            later + Duration::from_secs(60),
+            later,
+        );
+        assert!(chains.len() <= VERIFIED_CHAINS_KEPT);
+        assert!(chains.contains(&digest(VERIFIED_CHAINS_KEPT + 1), "mesh-a", later));
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct Serving {
     pub rotation: crate::rotation::RotationDoc,
     /// Under limited trust, each mesh root's rotation state (`root-rotation/<mesh>`).
     pub mesh_rotations: std::collections::BTreeMap<String, crate::rotation::RotationDoc>,
+    /// Client chains verified with this snapshot, across connections (`crate::caller`).
+    pub verified_chains: crate::caller::VerifiedChains,
 }
 
 impl std::fmt::Debug for Serving {
@@ -129,6 +131,7 @@ impl Serving {
             bundle_version,
             rotation,
             mesh_rotations,
+            verified_chains: crate::caller::VerifiedChains::default(),
         })
     }
 
@@ -489,8 +492,9 @@ impl Holder {
     /// must verify against the claimed node's own mesh root through one of that mesh's
     /// intermediates ([`Authority::verify_node_chain`]): the TLS layer accepts a chain to any
     /// of the holder's roots, so this is what keeps meshes apart under limited trust.
-    /// The chain's identity and a successful verification are remembered with the connection's
-    /// [`ClientChain`] (see `caller`); the node's record is read for every call.
+    /// The chain's identity is read once per connection ([`ClientChain`]) and a successful
+    /// verification is remembered for the serving snapshot across connections (see `caller`);
+    /// the node's record is read for every call.
     pub fn caller(&self, chain: Option<&ClientChain>, now: SystemTime) -> Result<Caller, ApiError> {
         let chain = chain.filter(|c| !c.der().is_empty()).ok_or_else(|| {
             ApiError::new(
@@ -533,7 +537,7 @@ impl Holder {
                     ),
                 ));
             }
-            chain.remember_verified(&serving, &mesh.name);
+            chain.remember_verified(&serving, &mesh.name, now);
         }
         Ok(Caller {
             node: record.name,

@@ -1,5 +1,8 @@
 //! The SQLite datastore: one file `<stateDir>/meshcert.db`, WAL journal, `synchronous=FULL` so
-//! that a committed write survives a crash.
+//! that a committed write survives a crash. Reports alone (status, rewritten every heartbeat)
+//! commit with `synchronous=NORMAL`: a power loss or OS crash may lose the reports written
+//! since the last FULL commit; a process crash loses none, and no issuance or token use is ever
+//! written that way.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -397,11 +400,18 @@ impl Store for SqliteStore {
             what: "report",
             reason: e.to_string(),
         })?;
-        self.conn().execute(
+        // A report is status, rewritten every heartbeat: its commit does not wait for an
+        // fsync (`synchronous=NORMAL` for this one transaction; the WAL is synced by the next
+        // FULL commit or checkpoint). The connection is back to FULL before the lock is let go.
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let written = conn.execute(
             "INSERT INTO reports (node, body, received_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(node) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
             params![r.node, body, to_i64(r.received_at)],
-        )?;
+        );
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        written?;
         Ok(())
     }
 
@@ -506,6 +516,43 @@ fn settle(conn: &mut Connection, digest: &str) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_commits_without_fsync_and_leaves_issuances_fully_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let s = SqliteStore::open(&path).expect("open");
+        let synchronous = |s: &SqliteStore| -> i64 {
+            s.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("pragma")
+        };
+        assert_eq!(synchronous(&s), 2, "FULL");
+        s.put_report(&StoredReport {
+            node: "n1".into(),
+            report: serde_json::from_value(
+                serde_json::json!({"bundleVersion": 1, "identities": []}),
+            )
+            .expect("report"),
+            received_at: 1,
+        })
+        .expect("report");
+        // Back to FULL for whatever comes next: an issuance still waits for its fsync.
+        assert_eq!(synchronous(&s), 2, "FULL after a report");
+        s.record_issuances(&[Issuance {
+            serial: "01".into(),
+            spiffe_id: "spiffe://t/w".into(),
+            node: "n1".into(),
+            not_after: 10,
+            issued_at: 1,
+            local: false,
+        }])
+        .expect("issuance");
+        drop(s);
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.reports().expect("reports").len(), 1);
+        assert_eq!(s.issuances().expect("issuances").len(), 1);
+    }
 
     #[test]
     fn the_bundle_version_grows_only_when_the_content_changes_and_survives_reopening() {
