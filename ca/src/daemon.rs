@@ -146,6 +146,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         )),
         tokio::spawn(renewal(Arc::clone(&holder), stopped(stop_rx.clone()))),
         tokio::spawn(pruning(Arc::clone(&holder), stopped(stop_rx.clone()))),
+        tokio::spawn(crate::push::follow(
+            Arc::clone(&holder),
+            stopped(stop_rx.clone()),
+        )),
         tokio::spawn(reloads(
             Arc::clone(&holder),
             source,
