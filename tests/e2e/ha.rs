@@ -380,3 +380,59 @@ fn a_database_restart_fails_calls_retryably_and_they_succeed_on_retry() {
     let token = ca.token("node-1", MESH).expect("token after the restart");
     attest(ca, &token).expect("joins after the restart");
 }
+
+/// Pushed changes across replicas: an agent watches replica B only, with its interval sync an
+/// hour away, so only a push can deliver; entries created and deleted through replica A reach
+/// it (the change version lives in the shared datastore, and B follows it).
+#[test]
+fn an_entry_created_through_one_replica_reaches_an_agent_watching_the_other() {
+    let shared = Shared::new();
+    let replicas = shared.replicas(2, &entry_yaml("seed", "push-1", "1h"));
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let agent = Agent::start(b, "push-1", MESH, "syncInterval: 1h\n").expect("joins through B");
+    let volume = agent.volume_dir();
+    agent
+        .wait_for_file(&volume.join("seed").join("svid.pem"))
+        .expect("the seed entry is issued through B");
+
+    let uid = nix::unistd::geteuid().as_raw().to_string();
+    let out = a
+        .ctl(&[
+            "entry",
+            "create",
+            "--id",
+            "pushed",
+            "--spiffe-id",
+            "spiffe://mesh-a.test/pushed",
+            "--node",
+            "push-1",
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--dir",
+            "pushed",
+        ])
+        .expect("entry create through A");
+    assert!(out.status.success(), "{out:?}");
+    agent
+        .wait_for_file(&volume.join("pushed").join("svid.pem"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; agent log:\n{}\nreplica B log:\n{}",
+                tail(&agent.log()),
+                tail(&b.log())
+            )
+        });
+
+    let out = a
+        .ctl(&["entry", "delete", "pushed"])
+        .expect("entry delete through A");
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the deleted entry's folder removed", WAIT, || {
+        !volume.join("pushed").exists()
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", tail(&agent.log())));
+    assert!(
+        volume.join("seed").join("svid.pem").exists(),
+        "the other entry stays"
+    );
+}
