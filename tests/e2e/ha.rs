@@ -103,8 +103,8 @@ fn attest(ca: &CaHolder, token: &str) -> Result<ClientIdentity, ApiError> {
     })
 }
 
-/// Signs one CSR for `entry` through `ca`; the issued serial (lowercase hex).
-fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<String> {
+/// Signs one CSR for `entry` through `ca`; the issued chain (leaf first).
+fn sign_chain(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let id = format!("spiffe://mesh-a.test/{entry}");
     let req = SignRequest {
         csrs: vec![CsrRequest {
@@ -114,17 +114,18 @@ fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<Str
         }],
     };
     let a = ca.https("POST", "/v1/sign", Some(&body(&req)), Some(node))?;
-    anyhow::ensure!(
-        a.status == 200,
-        "HTTP {}: {}",
-        a.status,
-        String::from_utf8_lossy(&a.body)
-    );
+    anyhow::ensure!(a.status == 200, "{:?}", api_error(&a));
     let signed: SignResponse = serde_json::from_slice(&a.body)?;
     let Some(SignOutcome::Issued { svid, .. }) = signed.results.first().map(|r| &r.outcome) else {
         anyhow::bail!("refused: {:?}", signed.results);
     };
-    let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain[0].0)?;
+    Ok(svid.chain.iter().map(|d| d.0.clone()).collect())
+}
+
+/// Signs one CSR for `entry` through `ca`; the issued serial (lowercase hex).
+fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<String> {
+    let chain = sign_chain(ca, node, entry)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0])?;
     Ok(cert.raw_serial_as_string().replace(':', "").to_lowercase())
 }
 

@@ -295,6 +295,21 @@ impl PostgresStore {
         Ok(answer)
     }
 
+    /// Runs `sql` (one row keyed by `$1`) and grows the change version in the same
+    /// transaction; whether the row was there.
+    fn change_one(&self, sql: &'static str, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.changing(move |mut c| async move {
+            let tx = c.transaction().await?;
+            if tx.execute(sql, &[&key]).await? != 1 {
+                return Ok((false, None));
+            }
+            let version = grow_changes(&tx).await?;
+            tx.commit().await?;
+            Ok((true, Some(version)))
+        })
+    }
+
     /// Runs `work` on the store's runtime and waits for its answer.
     fn block<T, F>(&self, work: F) -> Result<T, StoreError>
     where
@@ -607,20 +622,7 @@ impl Store for PostgresStore {
     }
 
     fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
-        let name = name.to_owned();
-        self.changing(move |mut c| async move {
-            let tx = c.transaction().await?;
-            if tx
-                .execute("UPDATE nodes SET banned = TRUE WHERE name = $1", &[&name])
-                .await?
-                != 1
-            {
-                return Ok((false, None));
-            }
-            let version = grow_changes(&tx).await?;
-            tx.commit().await?;
-            Ok((true, Some(version)))
-        })
+        self.change_one("UPDATE nodes SET banned = TRUE WHERE name = $1", name)
     }
 
     fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
@@ -645,20 +647,7 @@ impl Store for PostgresStore {
     }
 
     fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.changing(move |mut c| async move {
-            let tx = c.transaction().await?;
-            if tx
-                .execute("DELETE FROM entries WHERE id = $1", &[&id])
-                .await?
-                != 1
-            {
-                return Ok((false, None));
-            }
-            let version = grow_changes(&tx).await?;
-            tx.commit().await?;
-            Ok((true, Some(version)))
-        })
+        self.change_one("DELETE FROM entries WHERE id = $1", id)
     }
 
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
