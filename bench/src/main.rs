@@ -11,8 +11,8 @@
 //!
 //! - `process`: the real processes, their CPU time and peak RSS.
 //! - `figures`: percentiles and tables.
-//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `push`, `fleet`: one
-//!   scenario each.
+//! - `signing`, `issuance`, `memory`, `workload`, `storm`, `recovery`, `push`, `fleet`,
+//!   `watchers`: one scenario each.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,6 +28,7 @@ mod push;
 mod recovery;
 mod signing;
 mod storm;
+mod watchers;
 mod workload;
 
 /// Benchmarks of meshcert: figures printed, never asserted.
@@ -66,6 +67,25 @@ enum Scenario {
     Push(PushArgs),
     /// 8. Fleet: simulated nodes (real mTLS clients) at an agent's intervals, one holder.
     Fleet(FleetArgs),
+    /// 9. Idle watchers: many long polls held by one holder, then one change wakes them all.
+    Watchers(WatchersArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct WatchersArgs {
+    /// Long polls held open at once (10000 for the full figure).
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Node identities the connections are spread over.
+    #[arg(long, default_value_t = 20)]
+    identities: usize,
+    /// How long the connections idle while the holder's CPU is measured (at least 55 s to
+    /// include one round of re-polls).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle: Duration,
+    /// TLS handshakes in flight at once while connecting.
+    #[arg(long, default_value_t = 32)]
+    connect_concurrency: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -295,6 +315,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 compress: a.compress.max(1.0),
                 duration: a.duration,
                 replicas: a.replicas.clamp(1, 2),
+            },
+        )
+        .await?;
+    }
+    if let Scenario::Watchers(a) = &cli.scenario {
+        watchers::bench(
+            &bins,
+            &watchers::Options {
+                connections: a.connections,
+                identities: a.identities,
+                idle: a.idle,
+                connect_concurrency: a.connect_concurrency,
             },
         )
         .await?;

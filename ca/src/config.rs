@@ -327,9 +327,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshcert-ca";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshcert-ca/admin.sock";
 /// Default prefix of agent-local entries: the node's own namespace.
 pub const DEFAULT_LOCAL_ENTRY_PREFIX: &str = "/node/{node}/";
-/// Default cap on HTTPS API connections served at once (agents keep a few idle connections
-/// for 5 s; keep the holder's open-file limit above this).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on HTTPS API connections served at once: every watching agent holds one long
+/// poll open (`GET /v1/watch`) and, while it calls, briefly a second connection (kept idle for
+/// 5 s), so 10,000 agents need more than 10,000; 16384 leaves them room. An idle long poll
+/// costs the holder about 40 KiB (the `watchers` benchmark). The holder raises its open-file
+/// limit to the hard limit at start; keep that limit (`LimitNOFILE`) above this.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 /// Default retention of expired issuances and spent join tokens: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 

@@ -111,6 +111,7 @@ fn bind_err(addr: std::net::SocketAddr) -> impl Fn(std::io::Error) -> DaemonErro
 /// Runs the holder until SIGTERM or SIGINT; `config` is `source` as loaded at start.
 pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let now = SystemTime::now();
+    raise_open_files(config.holder.max_connections);
     let listen = config.holder.listen;
     let metrics_listen = config.holder.metrics_listen;
     let holder = Arc::new(Holder::open(config, now)?);
@@ -146,6 +147,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         )),
         tokio::spawn(renewal(Arc::clone(&holder), stopped(stop_rx.clone()))),
         tokio::spawn(pruning(Arc::clone(&holder), stopped(stop_rx.clone()))),
+        tokio::spawn(crate::push::follow(
+            Arc::clone(&holder),
+            stopped(stop_rx.clone()),
+        )),
         tokio::spawn(reloads(
             Arc::clone(&holder),
             source,
@@ -183,6 +188,48 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     .await;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// Open files the holder needs beside its API connections: the datastore, the admin and
+/// metrics sockets, state files, connections being refused.
+const FILE_MARGIN: u64 = 256;
+
+/// Raises the soft limit of open files to the hard one: every watching agent keeps a
+/// connection open, so `holder.maxConnections` connections need as many descriptors, and the
+/// usual soft limit (1024) is far below. Under systemd the unit's `LimitNOFILE` sets both limits
+/// (and its system call filter forbids `setrlimit`), so there is nothing to raise. Warns when
+/// the limit stays below what `maxConnections` needs.
+fn raise_open_files(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the limit of open files");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the limit of open files")
+            }
+        }
+    }
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(FILE_MARGIN);
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the limit of open files is below what holder.maxConnections needs: connections past it fail at accept (raise LimitNOFILE or ulimit -n)"
+        );
+    } else {
+        tracing::debug!(limit, "open files");
+    }
 }
 
 /// Binds the plaintext metrics listener when `holder.metricsListen` is set.
@@ -347,4 +394,23 @@ async fn reload(holder: &Arc<Holder>, source: &ConfigSource, why: &str) {
         Err(e) => tracing::error!(error = %e, "the reload task failed"),
     }
     systemd::reloaded();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_unit_allows_the_default_connections_and_the_holders_files() {
+        let unit = include_str!("../../systemd/meshcert-ca.service");
+        let limit: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .expect("the unit sets LimitNOFILE")
+            .trim()
+            .parse()
+            .expect("a number");
+        let needed = crate::config::DEFAULT_MAX_CONNECTIONS as u64 + FILE_MARGIN;
+        assert!(limit >= needed, "LimitNOFILE={limit} < {needed}");
+    }
 }

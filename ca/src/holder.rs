@@ -204,9 +204,11 @@ pub struct Holder {
     tls: RwLock<Option<crate::server::ServerTls>>,
     listen_address: Mutex<Option<SocketAddr>>,
     metrics_address: Mutex<Option<SocketAddr>>,
-    /// Grows whenever what nodes sync changes (`crate::push`); starts at a value unique to
-    /// this start so that agents watching across a restart sync again.
+    /// The watch version (`crate::push`): moves whenever what nodes sync changes.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The datastore's change version last served, and this replica's configuration epoch:
+    /// the two parts of the watch version.
+    followed: Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Holder {
@@ -291,6 +293,7 @@ impl Holder {
         let serving = Serving::open(config, &store, now)?;
         let metrics = Metrics::new();
         metrics.set_bundle_version(serving.bundle_version);
+        let followed = (*store.changes().borrow(), crate::push::next_epoch(0));
         Ok(Self {
             serving: RwLock::new(Arc::new(serving)),
             store,
@@ -302,13 +305,33 @@ impl Holder {
             tls: RwLock::new(None),
             listen_address: Mutex::new(None),
             metrics_address: Mutex::new(None),
-            changes: tokio::sync::watch::Sender::new(crate::push::start_version()),
+            changes: tokio::sync::watch::Sender::new(crate::push::watch_version(
+                followed.0, followed.1,
+            )),
+            followed: Mutex::new(followed),
         })
     }
 
-    /// Tells watching agents that what they sync may have changed.
+    /// Tells this replica's watching agents that its own configuration changed (a new epoch).
     pub fn changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        self.announce(|f| f.1 = crate::push::next_epoch(f.1));
+    }
+
+    /// Tells this replica's watching agents that the datastore's change version `version` is
+    /// served (`crate::push::follow`).
+    pub fn store_changed(&self, version: u64) {
+        self.announce(|f| f.0 = f.0.max(version));
+    }
+
+    fn announce(&self, update: impl FnOnce(&mut (u64, u64))) {
+        let mut followed = self
+            .followed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        update(&mut followed);
+        let version = crate::push::watch_version(followed.0, followed.1);
+        self.changes
+            .send_if_modified(|v| std::mem::replace(v, version) != version);
     }
 
     /// The change version, to wait on ([`crate::push`]).
@@ -407,8 +430,8 @@ impl Holder {
     pub fn reopen(&self, now: SystemTime) -> Result<(), HolderError> {
         let next = Serving::open(self.config(), &self.store, now)?;
         self.metrics.set_bundle_version(next.bundle_version);
+        // Announced by `crate::push::follow` once the step's version is served.
         write(&self.serving, Arc::new(next));
-        self.changed();
         Ok(())
     }
 

@@ -1280,6 +1280,33 @@ pub fn render(s: &RotationStatus) -> String {
     out
 }
 
+/// Serves the rotation state the datastore holds when this replica serves another one (a step
+/// persisted by another replica, or by this one a moment ago): called at each move of the
+/// datastore's change version, before watching agents are told (`crate::push::follow`). Waits
+/// for a step of this replica under way, so the step is served when this returns.
+pub fn follow(holder: &Holder, now: SystemTime) {
+    let _guard = STEPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let doc = match load(holder.store.as_ref()) {
+        Ok((_, doc)) => doc,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the root rotation state; the next round retries");
+            return;
+        }
+    };
+    let serving = holder.serving();
+    let stale = match (&doc.rotation, &serving.rotation.rotation) {
+        (Some(stored), Some(served)) => stored.phase != served.phase || stored.next != served.next,
+        (None, None) => doc != serving.rotation,
+        _ => true,
+    };
+    drop(serving);
+    if stale && let Err(e) = serve_state(holder, now) {
+        tracing::error!(error = %e, "cannot serve the root rotation step another replica persisted; retrying");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -318,7 +318,12 @@ async fn route(
         }
         api::PATH_ATTEST_KUBERNETES => {
             let body: KubernetesAttestRequest = parse_json(&read_body(req).await?)?;
-            Ok(json(ok, &crate::k8s::attest(holder, &body, now).await?))
+            // Boxed: a call to the Kubernetes API is a large future, and every connection's
+            // request future is as large as its largest branch, idle long polls included.
+            Ok(json(
+                ok,
+                &Box::pin(crate::k8s::attest(holder, &body, now)).await?,
+            ))
         }
         _ => {
             let caller = holder.caller(client_chain, now)?;

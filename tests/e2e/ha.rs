@@ -103,8 +103,8 @@ fn attest(ca: &CaHolder, token: &str) -> Result<ClientIdentity, ApiError> {
     })
 }
 
-/// Signs one CSR for `entry` through `ca`; the issued serial (lowercase hex).
-fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<String> {
+/// Signs one CSR for `entry` through `ca`; the issued chain (leaf first).
+fn sign_chain(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let id = format!("spiffe://mesh-a.test/{entry}");
     let req = SignRequest {
         csrs: vec![CsrRequest {
@@ -114,17 +114,18 @@ fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<Str
         }],
     };
     let a = ca.https("POST", "/v1/sign", Some(&body(&req)), Some(node))?;
-    anyhow::ensure!(
-        a.status == 200,
-        "HTTP {}: {}",
-        a.status,
-        String::from_utf8_lossy(&a.body)
-    );
+    anyhow::ensure!(a.status == 200, "{:?}", api_error(&a));
     let signed: SignResponse = serde_json::from_slice(&a.body)?;
     let Some(SignOutcome::Issued { svid, .. }) = signed.results.first().map(|r| &r.outcome) else {
         anyhow::bail!("refused: {:?}", signed.results);
     };
-    let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain[0].0)?;
+    Ok(svid.chain.iter().map(|d| d.0.clone()).collect())
+}
+
+/// Signs one CSR for `entry` through `ca`; the issued serial (lowercase hex).
+fn sign(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<String> {
+    let chain = sign_chain(ca, node, entry)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0])?;
     Ok(cert.raw_serial_as_string().replace(':', "").to_lowercase())
 }
 
@@ -379,4 +380,60 @@ fn a_database_restart_fails_calls_retryably_and_they_succeed_on_retry() {
     .unwrap_or_else(|e| panic!("{e}: {last:?}; log:\n{}", tail(&ca.log())));
     let token = ca.token("node-1", MESH).expect("token after the restart");
     attest(ca, &token).expect("joins after the restart");
+}
+
+/// Pushed changes across replicas: an agent watches replica B only, with its interval sync an
+/// hour away, so only a push can deliver; entries created and deleted through replica A reach
+/// it (the change version lives in the shared datastore, and B follows it).
+#[test]
+fn an_entry_created_through_one_replica_reaches_an_agent_watching_the_other() {
+    let shared = Shared::new();
+    let replicas = shared.replicas(2, &entry_yaml("seed", "push-1", "1h"));
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let agent = Agent::start(b, "push-1", MESH, "syncInterval: 1h\n").expect("joins through B");
+    let volume = agent.volume_dir();
+    agent
+        .wait_for_file(&volume.join("seed").join("svid.pem"))
+        .expect("the seed entry is issued through B");
+
+    let uid = nix::unistd::geteuid().as_raw().to_string();
+    let out = a
+        .ctl(&[
+            "entry",
+            "create",
+            "--id",
+            "pushed",
+            "--spiffe-id",
+            "spiffe://mesh-a.test/pushed",
+            "--node",
+            "push-1",
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--dir",
+            "pushed",
+        ])
+        .expect("entry create through A");
+    assert!(out.status.success(), "{out:?}");
+    agent
+        .wait_for_file(&volume.join("pushed").join("svid.pem"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; agent log:\n{}\nreplica B log:\n{}",
+                tail(&agent.log()),
+                tail(&b.log())
+            )
+        });
+
+    let out = a
+        .ctl(&["entry", "delete", "pushed"])
+        .expect("entry delete through A");
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the deleted entry's folder removed", WAIT, || {
+        !volume.join("pushed").exists()
+    })
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", tail(&agent.log())));
+    assert!(
+        volume.join("seed").join("svid.pem").exists(),
+        "the other entry stays"
+    );
 }

@@ -33,29 +33,49 @@ fn rotation_config(ack_timeout: &str) -> String {
     )
 }
 
-/// `meshcert-ca root status -o json`.
+/// `meshcert-ca root status -o json`: the shared root's rotation.
 fn root_status(ca: &CaHolder) -> serde_json::Value {
-    let out = ca
-        .ctl(&["root", "status", "-o", "json"])
-        .expect("root status runs");
+    scope_status(ca, None)
+}
+
+/// `meshcert-ca root status [--mesh MESH] -o json`.
+fn scope_status(ca: &CaHolder, mesh: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["root", "status", "-o", "json"];
+    if let Some(m) = mesh {
+        args.extend(["--mesh", m]);
+    }
+    let out = ca.ctl(&args).expect("root status runs");
     assert!(
         out.status.success(),
-        "root status: {}",
+        "root status {mesh:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("root status prints JSON")
 }
 
-/// Polls the rotation status until `done`; panics with the last status after `timeout`.
+/// Polls the shared root's rotation status until `done`; panics with the last status after
+/// `timeout`.
 fn wait_rotation(
     ca: &CaHolder,
     what: &str,
     timeout: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    wait_scope(ca, None, what, timeout, done)
+}
+
+/// Polls a root's rotation status (the shared root's, or `mesh`'s) until `done`; panics with
+/// the last status after `timeout`.
+fn wait_scope(
+    ca: &CaHolder,
+    mesh: Option<&str>,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let s = root_status(ca);
+        let s = scope_status(ca, mesh);
         if done(&s) {
             return s;
         }
@@ -512,15 +532,7 @@ fn a_builtin_root_starts_its_rotation_at_five_sixths_of_its_life() {
 
 /// `meshcert-ca root status --mesh MESH -o json`.
 fn mesh_root_status(ca: &CaHolder, mesh: &str) -> serde_json::Value {
-    let out = ca
-        .ctl(&["root", "status", "--mesh", mesh, "-o", "json"])
-        .expect("root status runs");
-    assert!(
-        out.status.success(),
-        "root status --mesh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("root status prints JSON")
+    scope_status(ca, Some(mesh))
 }
 
 /// Polls a mesh root's rotation status until `done`; panics with the last status after
@@ -532,18 +544,7 @@ fn wait_mesh_rotation(
     timeout: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = mesh_root_status(ca, mesh);
-        if done(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gave up waiting for {what}: {s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_scope(ca, Some(mesh), what, timeout, done)
 }
 
 /// The fingerprints of the roots in a folder's `bundle.pem` (through `..data`).

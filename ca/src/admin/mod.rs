@@ -311,7 +311,6 @@ async fn create_token(
 fn ban_node(holder: &Holder, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     if holder.store.ban_node(name).map_err(store_error)? {
         tracing::warn!(node = %name, "node banned");
-        holder.changed();
         Ok(json(&serde_json::json!({})))
     } else {
         Err(ApiError::new(
@@ -342,14 +341,12 @@ async fn create_entry(
         .entries
         .create(&entry)
         .map_err(entry_error)?;
-    holder.changed();
     tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
     Ok(json(&entry))
 }
 
 fn delete_entry(holder: &Holder, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     holder.serving().entries.delete(id).map_err(entry_error)?;
-    holder.changed();
     tracing::info!(entry_id = %id, "entry deleted");
     Ok(json(&serde_json::json!({})))
 }

@@ -208,6 +208,9 @@ impl<S: Store> Store for GroupCommit<S> {
     ) -> Result<Option<u64>, StoreError> {
         self.inner.store_document(name, expected, value)
     }
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use meshcert_protocol::{Entry, NodeReport};
 
+pub mod changes;
 pub mod group;
 pub mod postgres;
 pub mod sqlite;
@@ -282,4 +283,9 @@ pub trait Store: Send + Sync {
         expected: u64,
         value: &[u8],
     ) -> Result<Option<u64>, StoreError>;
+    /// The change version as this process last saw it, to wait on ([`changes`]): it grows in
+    /// the same transaction as every write that changes what nodes sync (an entry created or
+    /// deleted, a node banned, a document written), and every process on the datastore sees
+    /// it move.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }

@@ -28,6 +28,7 @@ use meshcert_protocol::Entry;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 
+use super::changes::{self, Changes};
 use super::{
     Issuance, KubernetesNodeOutcome, NodeRecord, Pruned, Store, StoreError, StoredReport,
     TokenOutcome, TokenRecord,
@@ -93,6 +94,8 @@ CREATE INDEX tokens_expires_at ON tokens (expires_at);
 pub struct PostgresStore {
     pool: Pool,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Followed by a listening session of its own (see [`changes::listen`]).
+    changes: std::sync::Arc<Changes>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -240,19 +243,71 @@ impl PostgresStore {
                 .build()
                 .map_err(|e| open_err(e.to_string()))?
         };
-        let store = Self {
+        let mut store = Self {
             pool,
             runtime: Some(runtime),
+            changes: std::sync::Arc::new(Changes::new(0)),
         };
+        let migration = (config.clone(), tls.clone());
         store
             .block(async move {
-                match tls {
-                    Some(t) => migrate(&config, t).await,
-                    None => migrate(&config, tokio_postgres::NoTls).await,
+                match migration {
+                    (config, Some(t)) => migrate(&config, t).await,
+                    (config, None) => migrate(&config, tokio_postgres::NoTls).await,
                 }
             })
             .map_err(|e| open_err(e.to_string()))?;
+        let version = store
+            .with(|c| async move {
+                match c
+                    .query_opt("SELECT value FROM meta WHERE key = $1", &[&changes::KEY])
+                    .await?
+                {
+                    Some(row) => changes::parse(row.get(0)),
+                    None => Ok(0),
+                }
+            })
+            .map_err(|e| open_err(e.to_string()))?;
+        store.changes = std::sync::Arc::new(Changes::new(version));
+        let follow = std::sync::Arc::clone(&store.changes);
+        if let Some(rt) = store.runtime.as_ref() {
+            match tls {
+                Some(t) => rt.spawn(changes::listen(config, t, follow)),
+                None => rt.spawn(changes::listen(config, tokio_postgres::NoTls, follow)),
+            };
+        }
         Ok(store)
+    }
+
+    /// [`Self::with`] for a write that may change what nodes sync: `work` answers the new
+    /// change version when it grew it (see [`grow_changes`]), and this process follows it at
+    /// once, without waiting for its own notification.
+    fn changing<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(T, Option<u64>), StoreError>> + Send,
+    {
+        let (answer, version) = self.with(work)?;
+        if let Some(v) = version {
+            self.changes.advance(v);
+        }
+        Ok(answer)
+    }
+
+    /// Runs `sql` (one row keyed by `$1`) and grows the change version in the same
+    /// transaction; whether the row was there.
+    fn change_one(&self, sql: &'static str, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.changing(move |mut c| async move {
+            let tx = c.transaction().await?;
+            if tx.execute(sql, &[&key]).await? != 1 {
+                return Ok((false, None));
+            }
+            let version = grow_changes(&tx).await?;
+            tx.commit().await?;
+            Ok((true, Some(version)))
+        })
     }
 
     /// Runs `work` on the store's runtime and waits for its answer.
@@ -409,6 +464,23 @@ pub fn is_retryable(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// Grows the change version inside `tx` and notifies every listening replica (delivered at
+/// commit, so only committed changes are announced); the new version.
+async fn grow_changes(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, StoreError> {
+    let version: String = tx
+        .query_one(
+            "INSERT INTO meta (key, value) VALUES ($1, '1')
+             ON CONFLICT (key) DO UPDATE SET value = (meta.value::BIGINT + 1)::TEXT
+             RETURNING value",
+            &[&changes::KEY],
+        )
+        .await?
+        .get(0);
+    tx.execute("SELECT pg_notify($1, $2)", &[&changes::CHANNEL, &version])
+        .await?;
+    changes::parse(&version)
+}
+
 const NODE_COLUMNS: &str = "name, mesh, spiffe_id, first_seen, banned, cluster";
 
 impl Store for PostgresStore {
@@ -550,21 +622,15 @@ impl Store for PostgresStore {
     }
 
     fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
-        let name = name.to_owned();
-        self.with(move |c| async move {
-            Ok(
-                c.execute("UPDATE nodes SET banned = TRUE WHERE name = $1", &[&name])
-                    .await?
-                    == 1,
-            )
-        })
+        self.change_one("UPDATE nodes SET banned = TRUE WHERE name = $1", name)
     }
 
     fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
         let body = encode("entry", entry)?;
         let (id, spiffe_id) = (entry.id.clone(), entry.spiffe_id.to_string());
-        self.with(move |c| async move {
-            let changed = c
+        self.changing(move |mut c| async move {
+            let tx = c.transaction().await?;
+            let changed = tx
                 .execute(
                     "INSERT INTO entries (id, spiffe_id, body) VALUES ($1, $2, $3)
                      ON CONFLICT (id) DO NOTHING",
@@ -574,17 +640,14 @@ impl Store for PostgresStore {
             if changed == 0 {
                 return Err(StoreError::Exists(format!("entry `{id}`")));
             }
-            Ok(())
+            let version = grow_changes(&tx).await?;
+            tx.commit().await?;
+            Ok(((), Some(version)))
         })
     }
 
     fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.with(move |c| async move {
-            Ok(c.execute("DELETE FROM entries WHERE id = $1", &[&id])
-                .await?
-                == 1)
-        })
+        self.change_one("DELETE FROM entries WHERE id = $1", id)
     }
 
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -806,24 +869,34 @@ impl Store for PostgresStore {
         value: &[u8],
     ) -> Result<Option<u64>, StoreError> {
         let (name, value) = (name.to_owned(), value.to_vec());
-        self.with(move |c| async move {
+        self.changing(move |mut c| async move {
+            let tx = c.transaction().await?;
             let row = if expected == 0 {
-                c.query_opt(
+                tx.query_opt(
                     "INSERT INTO documents (name, revision, value) VALUES ($1, 1, $2)
                      ON CONFLICT (name) DO NOTHING RETURNING revision",
                     &[&name, &value],
                 )
                 .await?
             } else {
-                c.query_opt(
+                tx.query_opt(
                     "UPDATE documents SET revision = revision + 1, value = $3
                      WHERE name = $1 AND revision = $2 RETURNING revision",
                     &[&name, &to_i64(expected), &value],
                 )
                 .await?
             };
-            Ok(row.map(|r| to_u64(r.get(0))))
+            let Some(revision) = row.map(|r| to_u64(r.get(0))) else {
+                return Ok((None, None));
+            };
+            let version = grow_changes(&tx).await?;
+            tx.commit().await?;
+            Ok((Some(revision), Some(version)))
         })
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use meshcert_protocol::Entry;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
+use super::changes::{self, Changes};
 use super::{
     Issuance, KubernetesNodeOutcome, NodeRecord, Pruned, Store, StoreError, StoredReport,
     TokenOutcome, TokenRecord,
@@ -65,6 +66,8 @@ CREATE INDEX IF NOT EXISTS tokens_expires_at ON tokens (expires_at);
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// One holder per file: our own commits are the only moves of the change version.
+    changes: Changes,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -108,9 +111,43 @@ impl SqliteStore {
             conn.execute_batch("ALTER TABLE nodes ADD COLUMN cluster TEXT")
                 .map_err(open_err)?;
         }
+        let version = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [changes::KEY],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(open_err)?
+            .map_or(Ok(0), |v| changes::parse(&v))?;
         Ok(Self {
             conn: Mutex::new(conn),
+            changes: Changes::new(version),
         })
+    }
+
+    /// Runs `write` in one transaction and, when it says it changed what nodes sync (`true`
+    /// in its answer), grows the change version in that same transaction.
+    fn changing<T>(
+        &self,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (answer, changed) = write(&tx)?;
+        if !changed {
+            return Ok(answer);
+        }
+        let version: String = tx.query_row(
+            "INSERT INTO meta (key, value) VALUES (?1, '1')
+             ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)
+             RETURNING value",
+            [changes::KEY],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        self.changes.advance(changes::parse(&version)?);
+        Ok(answer)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -246,10 +283,11 @@ impl Store for SqliteStore {
     }
 
     fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("UPDATE nodes SET banned = 1 WHERE name = ?1", params![name])?
-            == 1)
+        self.changing(|tx| {
+            let banned =
+                tx.execute("UPDATE nodes SET banned = 1 WHERE name = ?1", params![name])? == 1;
+            Ok((banned, banned))
+        })
     }
 
     fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
@@ -257,21 +295,23 @@ impl Store for SqliteStore {
             what: "entry",
             reason: e.to_string(),
         })?;
-        let changed = self.conn().execute(
-            "INSERT OR IGNORE INTO entries (id, body) VALUES (?1, ?2)",
-            params![entry.id, body],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::Exists(format!("entry `{}`", entry.id)));
-        }
-        Ok(())
+        self.changing(|tx| {
+            let changed = tx.execute(
+                "INSERT OR IGNORE INTO entries (id, body) VALUES (?1, ?2)",
+                params![entry.id, body],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::Exists(format!("entry `{}`", entry.id)));
+            }
+            Ok(((), true))
+        })
     }
 
     fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM entries WHERE id = ?1", params![id])?
-            == 1)
+        self.changing(|tx| {
+            let deleted = tx.execute("DELETE FROM entries WHERE id = ?1", params![id])? == 1;
+            Ok((deleted, deleted))
+        })
     }
 
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -437,23 +477,24 @@ impl Store for SqliteStore {
         expected: u64,
         value: &[u8],
     ) -> Result<Option<u64>, StoreError> {
-        let conn = self.conn();
         let expected = i64::try_from(expected).unwrap_or(i64::MAX);
         let next = expected.saturating_add(1);
-        // One statement: insert when absent (expected 0), else update only at the expected
-        // revision; zero rows changed means another writer got there first.
-        let changed = if expected == 0 {
-            conn.execute(
-                "INSERT INTO documents (name, revision, value) VALUES (?1, 1, ?2) ON CONFLICT (name) DO NOTHING",
-                rusqlite::params![name, value],
-            )?
-        } else {
-            conn.execute(
-                "UPDATE documents SET revision = ?3, value = ?2 WHERE name = ?1 AND revision = ?4",
-                rusqlite::params![name, value, next, expected],
-            )?
-        };
-        Ok((changed == 1).then(|| u64::try_from(next).unwrap_or(0)))
+        self.changing(|tx| {
+            // One statement: insert when absent (expected 0), else update only at the expected
+            // revision; zero rows changed means another writer got there first.
+            let changed = if expected == 0 {
+                tx.execute(
+                    "INSERT INTO documents (name, revision, value) VALUES (?1, 1, ?2) ON CONFLICT (name) DO NOTHING",
+                    rusqlite::params![name, value],
+                )?
+            } else {
+                tx.execute(
+                    "UPDATE documents SET revision = ?3, value = ?2 WHERE name = ?1 AND revision = ?4",
+                    rusqlite::params![name, value, next, expected],
+                )?
+            } == 1;
+            Ok((changed.then(|| u64::try_from(next).unwrap_or(0)), changed))
+        })
     }
 
     fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
@@ -474,6 +515,10 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

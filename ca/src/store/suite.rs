@@ -83,6 +83,7 @@ both_backends!(
     entries_are_found_by_id_and_by_spiffe_id,
     reports_replace_the_previous_one,
     documents_are_written_only_over_the_revision_read,
+    every_write_nodes_sync_grows_the_change_version,
 );
 
 fn id(n: &str, m: &str) -> String {
@@ -301,6 +302,74 @@ fn documents_are_written_only_over_the_revision_read(s: &dyn Store) {
         Some((2, b"two".to_vec()))
     );
     assert_eq!(s.store_document("ghost", 3, b"x").expect("store"), None);
+}
+
+fn every_write_nodes_sync_grows_the_change_version(s: &dyn Store) {
+    let changes = s.changes();
+    let version = || *changes.borrow();
+    let mut last = version();
+    let mut grew = |what: &str, expected: bool| {
+        let now = version();
+        assert_eq!(now > last, expected, "{what}: {last} → {now}");
+        last = now;
+    };
+    let e: Entry = serde_json::from_value(serde_json::json!({
+        "id": "pay", "spiffeId": "spiffe://a.test/pay", "nodes": ["n"], "dir": "pay"
+    }))
+    .expect("entry");
+    s.insert_entry(&e).expect("insert");
+    grew("an entry created", true);
+    assert!(s.insert_entry(&e).is_err());
+    grew("an entry refused", false);
+    assert!(s.delete_entry("pay").expect("delete"));
+    grew("an entry deleted", true);
+    assert!(!s.delete_entry("pay").expect("delete"));
+    grew("no entry deleted", false);
+    s.create_token(&token("h", 100)).expect("token");
+    s.consume_token("h", 50, &id).expect("join");
+    grew("a node joined", false);
+    assert!(s.ban_node("node-1").expect("ban"));
+    grew("a node banned", true);
+    assert_eq!(s.store_document("rotation", 0, b"x").expect("doc"), Some(1));
+    grew("a document written", true);
+    assert_eq!(s.store_document("rotation", 0, b"y").expect("doc"), None);
+    grew("a document refused", false);
+    s.record_issuances(&[]).expect("nothing");
+    grew("issuances", false);
+}
+
+/// Two replicas on one database: an entry created through one moves the other's change
+/// version (through its notification session).
+#[test]
+fn a_change_through_one_replica_is_seen_by_the_others() {
+    let (_cluster, url) = postgres_database();
+    let a = PostgresStore::open(&url).expect("open a");
+    let b = PostgresStore::open(&url).expect("open b");
+    let mut seen = b.changes();
+    let before = *seen.borrow_and_update();
+    let e: Entry = serde_json::from_value(serde_json::json!({
+        "id": "pay", "spiffeId": "spiffe://a.test/pay", "nodes": ["n"], "dir": "pay"
+    }))
+    .expect("entry");
+    a.insert_entry(&e).expect("insert through a");
+    let target = *a.changes().borrow();
+    assert!(target > before);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            seen.wait_for(|v| *v >= target),
+        )
+        .await
+        .expect("b sees the change")
+        .expect("b follows");
+    });
+    // A store opened later starts at the stored version.
+    let c = PostgresStore::open(&url).expect("open c");
+    assert_eq!(*c.changes().borrow(), target);
 }
 
 /// Replicas started at the same instant: every one opens, the schema is migrated once.

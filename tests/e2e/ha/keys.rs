@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use meshcert_protocol::api::{CsrRequest, SignOutcome, SignRequest, SignResponse, SyncResponse};
+use meshcert_protocol::api::SyncResponse;
 use meshcert_protocol::jwt::{JwtBundles, JwtSignRequest, JwtSignResponse};
 use meshcert_tests::agent::wait_until;
 use meshcert_tests::ca::{CaHolder, ClientIdentity, EXAMPLE_CONFIG};
-use meshcert_tests::pki::{csr, p256};
 use meshcert_tests::postgres::replica_config;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
-use super::{MESH, Shared, api_error, attest, body};
+use super::{MESH, Shared, api_error, attest, body, sign_chain};
 
 /// The raw bytes of a datastore document, read straight from the database.
 fn document_bytes(shared: &Shared, name: &str) -> Vec<u8> {
@@ -149,25 +148,6 @@ fn a_jwt_svid_signed_through_one_replica_verifies_with_the_jwks_of_the_other() {
 /// Rotation settings that keep the rotation ACTIVE for the test's duration.
 const ROTATION: &str =
     "  heartbeat: 2s\n  rootRotation:\n    window: 3s\n    retireAfter: 1h\n    ackTimeout: 1m\n";
-
-/// Signs one CSR for `entry` through `ca`; the chain (leaf first).
-fn sign_chain(ca: &CaHolder, node: &ClientIdentity, entry: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    let id = format!("spiffe://mesh-a.test/{entry}");
-    let req = SignRequest {
-        csrs: vec![CsrRequest {
-            entry_id: entry.into(),
-            csr: csr(&p256(), &[&id]),
-            local: None,
-        }],
-    };
-    let a = ca.https("POST", "/v1/sign", Some(&body(&req)), Some(node))?;
-    anyhow::ensure!(a.status == 200, "{:?}", api_error(&a));
-    let signed: SignResponse = serde_json::from_slice(&a.body)?;
-    let Some(SignOutcome::Issued { svid, .. }) = signed.results.first().map(|r| &r.outcome) else {
-        anyhow::bail!("refused: {:?}", signed.results);
-    };
-    Ok(svid.chain.iter().map(|d| d.0.clone()).collect())
-}
 
 /// Whether the top of `chain` is signed by `root`'s key.
 fn chains_to(chain: &[Vec<u8>], root: &[u8]) -> bool {
