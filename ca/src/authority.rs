@@ -1221,6 +1221,19 @@ mod tests {
         }
     }
 
+    /// `mesh-a` (see [`mesh`]) and `mesh-b` (trust domain `mesh-b.test`).
+    fn two_meshes() -> [Mesh; 2] {
+        let mut b = mesh();
+        b.name = "mesh-b".into();
+        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
+        [mesh(), b]
+    }
+
+    /// A builtin root of its own for each of `meshes` (limited trust).
+    fn builtin_roots(meshes: &[Mesh]) -> BTreeMap<String, RootSource> {
+        meshes.iter().map(|m| (m.name.clone(), builtin())).collect()
+    }
+
     fn builtin() -> RootSource {
         RootSource::Builtin {
             ttl_days: 100,
@@ -1378,12 +1391,8 @@ mod tests {
     fn limited_trust_gives_each_mesh_its_root_and_a_gateway_intermediate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = SystemTime::now();
-        let mut b = mesh();
-        b.name = "mesh-b".into();
-        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
-        let meshes = [mesh(), b];
-        let roots: BTreeMap<String, RootSource> =
-            meshes.iter().map(|m| (m.name.clone(), builtin())).collect();
+        let meshes = two_meshes();
+        let roots = builtin_roots(&meshes);
         let open = || {
             Authority::open_with_roots(&builtin(), &roots, "V", &meshes, dir.path(), now)
                 .expect("open")
@@ -1432,10 +1441,7 @@ mod tests {
     fn a_node_chain_must_end_at_its_own_mesh_root_through_its_own_intermediate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = SystemTime::now();
-        let mut b = mesh();
-        b.name = "mesh-b".into();
-        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
-        let meshes = [mesh(), b];
+        let meshes = two_meshes();
         let a = Authority::open(&builtin(), "V", &meshes, dir.path(), now).expect("open");
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let ck = CsrKey {
@@ -1471,12 +1477,8 @@ mod tests {
     fn a_mesh_root_rotation_changes_only_that_mesh_and_never_admits_another_mesh() {
         let dir = tempfile::tempdir().expect("tempdir");
         let now = SystemTime::now();
-        let mut b = mesh();
-        b.name = "mesh-b".into();
-        b.trust_domain = TrustDomain::new("mesh-b.test").expect("valid");
-        let meshes = [mesh(), b];
-        let roots: BTreeMap<String, RootSource> =
-            meshes.iter().map(|m| (m.name.clone(), builtin())).collect();
+        let meshes = two_meshes();
+        let roots = builtin_roots(&meshes);
         let open = |plan: &crate::rotation::RootPlan| {
             Authority::open_with_plan(&builtin(), &roots, "V", &meshes, dir.path(), now, plan)
                 .expect("open")

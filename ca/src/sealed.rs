@@ -235,13 +235,7 @@ fn share(kek: &Kek, slot: &Slot<'_>, store: &dyn Store, now: SystemTime) -> Resu
         return install(kek, slot, &sealed, false);
     }
     if let Some(dir) = slot.cert.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .map_err(|source| AuthorityError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
+        crate::authority::create_dir(dir)?;
     }
     // Generates the root into the state folder (or keeps the one already there: a holder that
     // moved from SQLite to PostgreSQL shares the root it had).
@@ -289,13 +283,7 @@ fn install(kek: &Kek, slot: &Slot<'_>, sealed: &[u8], replace: bool) -> Result<(
         _ => {}
     }
     if let Some(dir) = slot.cert.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .map_err(|source| AuthorityError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
+        crate::authority::create_dir(dir)?;
     }
     write_private(&slot.key, &Zeroizing::new(root.key_pem.clone()))?;
     write_public(&slot.cert, &root.certificate_pem)?;

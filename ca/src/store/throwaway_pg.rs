@@ -258,25 +258,7 @@ impl Cluster {
 
     /// Runs one SQL statement with `psql` on the `postgres` database; returns its output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = self.run(
-            "psql",
-            &[
-                "-h",
-                &self.dir.display().to_string(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                USER,
-                "-d",
-                "postgres",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.psql_in("postgres", sql)
     }
 
     /// Runs one SQL statement with `psql` on a database of the cluster.
