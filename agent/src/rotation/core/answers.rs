@@ -12,7 +12,6 @@ use crate::hook;
 use crate::issuer::IssuerError;
 use crate::node::{NodeCertificate, RenewFailure};
 use crate::rotation::installed::Installed;
-use crate::rotation::timing::Schedule;
 
 fn ders(chain: Vec<meshcert_protocol::api::Der>) -> Vec<Vec<u8>> {
     chain.into_iter().map(|c| c.0).collect()
@@ -134,7 +133,6 @@ impl Core {
 
     /// The executor checked and wrote the SVID of `request`.
     pub(super) fn on_installed(&mut self, entry_id: &str, request: u64, installed: Installed) {
-        let rotation = self.config.rotation;
         let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
@@ -145,12 +143,7 @@ impl Core {
             not_after = installed.info.not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "SVID installed"
         );
-        m.schedule = Schedule::for_certificate(
-            installed.info.not_before,
-            installed.info.not_after,
-            &rotation,
-            crate::rotation::timing::jitter_for(&installed.info.serial, rotation.jitter),
-        );
+        m.schedule = Self::schedule_for(&self.config, &installed.info);
         m.current = Some(installed);
         m.state = CertState::Issued;
         m.last_error = None;
@@ -175,19 +168,13 @@ impl Core {
 
     /// The SVID found in the entry's folder at start (or none).
     pub(super) fn on_adopted(&mut self, entry_id: &str, request: u64, found: Option<Installed>) {
-        let rotation = self.config.rotation;
         let Some(m) = self.managed.get_mut(entry_id).filter(|m| m.awaits(request)) else {
             return;
         };
         m.in_flight = None;
         let Some(found) = found else { return };
         tracing::info!(entry_id = %entry_id, serial = %found.info.serial, "serving the SVID found on disk");
-        m.schedule = Schedule::for_certificate(
-            found.info.not_before,
-            found.info.not_after,
-            &rotation,
-            crate::rotation::timing::jitter_for(&found.info.serial, rotation.jitter),
-        );
+        m.schedule = Self::schedule_for(&self.config, &found.info);
         m.current = Some(found);
         m.state = CertState::Issued;
         m.attempted = true;
