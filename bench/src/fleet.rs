@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use meshcert_agent::issuer::{HttpsIssuer, Issuer as _};
 use meshcert_agent::keys::{KeyAlgorithm, PrivateKey};
-use meshcert_protocol::api::{AttestRequest, CsrRequest, Der, SignOutcome, SignRequest};
+use meshcert_protocol::api::{CsrRequest, Der, SignOutcome, SignRequest};
 use meshcert_protocol::{NodeReport, SpiffeId};
 
 use crate::figures::{Samples, Table, mb, ms};
@@ -290,17 +290,7 @@ async fn attest_one(
     roots: &[Vec<u8>],
     token: String,
 ) -> anyhow::Result<HttpsIssuer> {
-    let issuer = HttpsIssuer::new(addresses, "localhost", roots)?;
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
-    let csr = meshcert_agent::csr::build(&key, None)?;
-    let answer = issuer
-        .attest(AttestRequest {
-            token,
-            csr: Der(csr),
-        })
-        .await?;
-    let chain: Vec<Vec<u8>> = answer.svid.chain.into_iter().map(|d| d.0).collect();
-    issuer.set_identity(&chain, &key)?;
+    let (issuer, ..) = crate::node::attest(addresses, roots, token).await?;
     Ok(issuer)
 }
 

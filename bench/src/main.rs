@@ -23,6 +23,7 @@ mod figures;
 mod fleet;
 mod issuance;
 mod memory;
+mod node;
 mod process;
 mod push;
 mod recovery;

@@ -10,7 +10,7 @@ use meshcert_agent::issuer::{HttpsIssuer, Issuer as _};
 use meshcert_agent::keys::{KeyAlgorithm, PrivateKey};
 use meshcert_ca::authority::Authority;
 use meshcert_ca::config::{Mesh, MeshType, RootSource};
-use meshcert_protocol::api::{AttestRequest, CsrRequest, Der, SignOutcome, SignRequest};
+use meshcert_protocol::api::{CsrRequest, Der, SignOutcome, SignRequest};
 use meshcert_protocol::{SpiffeId, TrustDomain};
 
 use crate::figures::{Table, rate, us};
@@ -154,18 +154,8 @@ fn ceiling(csrs: &[Vec<u8>], id: &SpiffeId, threads: usize) -> anyhow::Result<(f
 
 /// A benchmark node: a real agent's HTTPS client, attested with a join token.
 async fn node(holder: &Holder, name: &str, roots: &[Vec<u8>]) -> anyhow::Result<HttpsIssuer> {
-    let issuer = HttpsIssuer::new(&holder.addr().to_string(), "localhost", roots)?;
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
-    let csr = meshcert_agent::csr::build(&key, None)?;
-    let token = holder.token(name)?;
-    let answer = issuer
-        .attest(AttestRequest {
-            token,
-            csr: Der(csr),
-        })
-        .await?;
-    let chain: Vec<Vec<u8>> = answer.svid.chain.into_iter().map(|d| d.0).collect();
-    issuer.set_identity(&chain, &key)?;
+    let (issuer, ..) =
+        crate::node::attest(&holder.addr().to_string(), roots, holder.token(name)?).await?;
     Ok(issuer)
 }
 

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use meshcert_agent::issuer::{HttpsIssuer, Issuer as _};
+use meshcert_agent::issuer::Issuer as _;
 use meshcert_agent::keys::{KeyAlgorithm, PrivateKey};
 use meshcert_protocol::SpiffeId;
-use meshcert_protocol::api::{AttestRequest, CsrRequest, Der, SignOutcome, SignRequest};
+use meshcert_protocol::api::{CsrRequest, Der, SignOutcome, SignRequest};
 
 use crate::figures::{Samples, Table, ms};
 use crate::process::{AgentProc, Bins, EntrySpec, Holder, cpu_time, logged_installs};
@@ -61,16 +61,8 @@ async fn canary(
     roots: &[Vec<u8>],
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<(Samples, u64)> {
-    let issuer = HttpsIssuer::new(&holder.addr().to_string(), "localhost", roots)?;
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
-    let answer = issuer
-        .attest(AttestRequest {
-            token: holder.token("canary")?,
-            csr: Der(meshcert_agent::csr::build(&key, None)?),
-        })
-        .await?;
-    let chain: Vec<Vec<u8>> = answer.svid.chain.into_iter().map(|d| d.0).collect();
-    issuer.set_identity(&chain, &key)?;
+    let (issuer, ..) =
+        crate::node::attest(&holder.addr().to_string(), roots, holder.token("canary")?).await?;
     let id = SpiffeId::new("spiffe://mesh-a.test/bench/canary")?;
     let csr =
         meshcert_agent::csr::build(&PrivateKey::generate(KeyAlgorithm::EcdsaP256)?, Some(&id))?;

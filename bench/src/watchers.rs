@@ -18,9 +18,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use meshcert_agent::issuer::{HttpsIssuer, Issuer as _};
-use meshcert_agent::keys::{KeyAlgorithm, PrivateKey};
-use meshcert_protocol::api::{AttestRequest, Der, PATH_WATCH, WATCH_MAX_WAIT_SECS, WatchResponse};
+use meshcert_protocol::api::{PATH_WATCH, WATCH_MAX_WAIT_SECS, WatchResponse};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -56,23 +54,11 @@ async fn identity(
     roots: &[Vec<u8>],
     name: &str,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let issuer = HttpsIssuer::new(&holder.addr().to_string(), "localhost", roots)?;
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
-    let csr = meshcert_agent::csr::build(&key, None)?;
-    let token = holder.token(name)?;
-    let answer = issuer
-        .attest(AttestRequest {
-            token,
-            csr: Der(csr),
-        })
-        .await
-        .with_context(|| format!("attesting {name}; holder log:\n{}", holder.log()))?;
-    let chain: Vec<CertificateDer<'static>> = answer
-        .svid
-        .chain
-        .into_iter()
-        .map(|d| CertificateDer::from(d.0))
-        .collect();
+    let (_, chain, key) =
+        crate::node::attest(&holder.addr().to_string(), roots, holder.token(name)?)
+            .await
+            .with_context(|| format!("attesting {name}; holder log:\n{}", holder.log()))?;
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(CertificateDer::from(r.clone()))?;
