@@ -758,12 +758,34 @@ impl Holder {
     /// Under limited trust a gateway entry's CSR yields a second SVID over the same key and ID,
     /// chained to the shared root. An agent-local entry (`local`) is decided by the mesh's
     /// effective enforcement (see [`crate::policy`]) and recorded as local.
-    pub fn sign(
+    ///
+    /// The caller awaits the commit ([`Store::submit_issuances`]): concurrent calls share one
+    /// group commit without blocking a worker thread while it is under way.
+    pub async fn sign(
         &self,
         caller: &Caller,
         req: &SignRequest,
         now: SystemTime,
     ) -> Result<SignResponse, ApiError> {
+        let (response, records) = self.sign_unrecorded(caller, req, now)?;
+        self.store
+            .submit_issuances(records.clone())
+            .await
+            .map_err(|e| stored("recording issuances", &e))?;
+        for r in &records {
+            tracing::info!(node = %r.node, spiffe_id = %r.spiffe_id, serial = %r.serial, local = r.local, "SVID issued");
+        }
+        Ok(response)
+    }
+
+    /// Checks and signs every CSR of a batch: the answer, and the issuances to commit before
+    /// it is sent.
+    fn sign_unrecorded(
+        &self,
+        caller: &Caller,
+        req: &SignRequest,
+        now: SystemTime,
+    ) -> Result<(SignResponse, Vec<Issuance>), ApiError> {
         if req.csrs.len() > MAX_BATCH {
             return Err(ApiError::new(
                 ErrorCode::BatchTooLarge,
@@ -811,16 +833,11 @@ impl Holder {
                 outcome,
             });
         }
-        self.store
-            .record_issuances(&records)
-            .map_err(|e| stored("recording issuances", &e))?;
-        for r in &records {
-            tracing::info!(node = %r.node, spiffe_id = %r.spiffe_id, serial = %r.serial, local = r.local, "SVID issued");
-        }
-        Ok(SignResponse {
+        let response = SignResponse {
             results,
             bundles: serving.bundles_for(&caller.mesh),
-        })
+        };
+        Ok((response, records))
     }
 
     /// Signs an approved CSR (and, under limited trust, a gateway's second SVID over the same

@@ -336,7 +336,7 @@ async fn route(
                 }
                 api::PATH_SIGN => {
                     let body: SignRequest = parse_json(&read_body(req).await?)?;
-                    Ok(json(ok, &holder.sign(&caller, &body, now)?))
+                    Ok(json(ok, &holder.sign(&caller, &body, now).await?))
                 }
                 jwt::PATH_JWT_SIGN => {
                     let body: jwt::JwtSignRequest = parse_json(&read_body(req).await?)?;

@@ -16,6 +16,7 @@ pub(crate) mod suite;
 #[cfg(test)]
 pub(crate) mod throwaway_pg;
 
+pub use group::Committing;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -102,13 +103,13 @@ pub fn open(
     }
     Ok(match datastore {
         Datastore::Sqlite(Some(path)) => {
-            std::sync::Arc::new(GroupCommit::new(SqliteStore::open(path)?))
+            std::sync::Arc::new(GroupCommit::new(SqliteStore::open(path)?)?)
         }
         Datastore::Sqlite(None) => std::sync::Arc::new(GroupCommit::new(SqliteStore::open(
             &state_dir.join("meshcert.db"),
-        )?)),
+        )?)?),
         Datastore::Postgres(url) => {
-            std::sync::Arc::new(GroupCommit::new(PostgresStore::open(url)?))
+            std::sync::Arc::new(GroupCommit::new(PostgresStore::open(url)?)?)
         }
     })
 }
@@ -288,4 +289,11 @@ pub trait Store: Send + Sync {
     /// deleted, a node banned, a document written), and every process on the datastore sees
     /// it move.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Records issuances like [`Store::record_issuances`], for a caller that awaits the commit
+    /// instead of blocking its thread: the answer resolves once they are committed. By default
+    /// they are committed at once, on the caller's thread; a group commit ([`group`]) queues
+    /// them for its committer.
+    fn submit_issuances(&self, issued: Vec<Issuance>) -> Committing {
+        Committing::done(self.record_issuances(&issued))
+    }
 }
