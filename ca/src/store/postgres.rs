@@ -608,9 +608,12 @@ impl Store for PostgresStore {
 
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         let name = name.to_owned();
+        // Read for every call on the API: prepared once per pooled connection.
         self.with(move |c| async move {
-            let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = $1");
-            Ok(c.query_opt(&sql, &[&name]).await?.as_ref().map(node_row))
+            let stmt = c
+                .prepare_cached("SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes WHERE name = $1")
+                .await?;
+            Ok(c.query_opt(&stmt, &[&name]).await?.as_ref().map(node_row))
         })
     }
 
@@ -663,7 +666,10 @@ impl Store for PostgresStore {
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
         let id = id.to_owned();
         self.with(move |c| async move {
-            c.query_opt("SELECT body FROM entries WHERE id = $1", &[&id])
+            let stmt = c
+                .prepare_cached("SELECT body FROM entries WHERE id = $1")
+                .await?;
+            c.query_opt(&stmt, &[&id])
                 .await?
                 .map(|r| decode("entry", r.get(0)))
                 .transpose()

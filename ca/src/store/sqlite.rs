@@ -3,6 +3,10 @@
 //! commit with `synchronous=NORMAL`: a power loss or OS crash may lose the reports written
 //! since the last FULL commit; a process crash loses none, and no issuance or token use is ever
 //! written that way.
+//!
+//! Writes go through one connection; the reads every API call makes (the caller's node record,
+//! an entry by id) go through a second one, so that they never wait behind a commit's fsync: in
+//! WAL mode a reader sees the last committed state without taking the writer's lock.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -62,10 +66,12 @@ CREATE INDEX IF NOT EXISTS issuances_not_after ON issuances (not_after);
 CREATE INDEX IF NOT EXISTS tokens_expires_at ON tokens (expires_at);
 ";
 
-/// SQLite behind a mutex (one writer; every call is short).
+/// SQLite behind a mutex (one writer; every call is short), and a second connection for the
+/// per-call reads.
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    reader: Mutex<Connection>,
     /// One holder per file: our own commits are the only moves of the change version.
     changes: Changes,
 }
@@ -120,8 +126,14 @@ impl SqliteStore {
             .optional()
             .map_err(open_err)?
             .map_or(Ok(0), |v| changes::parse(&v))?;
+        // Only reads go through it (a read-only open would depend on the WAL files' state).
+        let reader = Connection::open(path).map_err(open_err)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             changes: Changes::new(version),
         })
     }
@@ -152,6 +164,13 @@ impl SqliteStore {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The connection of the per-call reads (never behind a commit).
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -266,7 +285,7 @@ impl Store for SqliteStore {
 
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         // Read for every call on the API: the statement is prepared once per connection.
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT name, mesh, spiffe_id, first_seen, banned, cluster FROM nodes WHERE name = ?1",
         )?;
@@ -333,10 +352,9 @@ impl Store for SqliteStore {
 
     fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
         let body: Option<String> = self
-            .conn()
-            .query_row("SELECT body FROM entries WHERE id = ?1", params![id], |r| {
-                r.get(0)
-            })
+            .reader()
+            .prepare_cached("SELECT body FROM entries WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
             .optional()?;
         body.map(|b| {
             serde_json::from_str(&b).map_err(|e| StoreError::Corrupt {
@@ -349,7 +367,7 @@ impl Store for SqliteStore {
 
     fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError> {
         Ok(self
-            .conn()
+            .reader()
             .prepare_cached(
                 "SELECT 1 FROM entries WHERE json_extract(body, '$.spiffeId') = ?1 LIMIT 1",
             )?
