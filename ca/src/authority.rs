@@ -82,7 +82,9 @@ fn crypto(what: &'static str) -> impl FnOnce(rcgen::Error) -> AuthorityError {
 pub struct SigningCa {
     /// The certificate (DER).
     pub der: Vec<u8>,
-    key: KeyPair,
+    /// The certificate's name, key identifier and usages with its key, read from `der` once
+    /// (not again for every certificate it signs).
+    issuer: Issuer<'static, KeyPair>,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -110,17 +112,22 @@ impl SigningCa {
             return Err(bad("the private key does not match the certificate".into()));
         }
         let (not_before, not_after) = validity(&cert);
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(der.as_slice()), key)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
         Ok(Self {
             der,
-            key,
+            issuer,
             not_before,
             not_after,
         })
     }
 
-    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, AuthorityError> {
-        Issuer::from_ca_cert_der(&CertificateDer::from(self.der.as_slice()), &self.key)
-            .map_err(crypto("read the signing certificate"))
+    fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
+    fn key(&self) -> &KeyPair {
+        self.issuer.key()
     }
 
     /// The certificate as PEM.
@@ -483,7 +490,7 @@ pub fn persist_root(ca: &SigningCa, to: &RootSource) -> Result<(), AuthorityErro
             "(a builtin source has no files)".into(),
         ));
     };
-    write_private(key_file, &Zeroizing::new(ca.key.serialize_pem()))?;
+    write_private(key_file, &Zeroizing::new(ca.key().serialize_pem()))?;
     write_public(cert_file, &ca.pem())
 }
 
@@ -579,7 +586,7 @@ fn create_intermediate(
     p.not_before = start.into();
     p.not_after = (now + INTERMEDIATE_MAX_LIFETIME).min(root.not_after).into();
     let cert = p
-        .signed_by(&key, &root.issuer()?)
+        .signed_by(&key, &root.issuer())
         .map_err(crypto("sign an intermediate"))?;
     let (_, parsed) =
         X509Certificate::from_der(cert.der()).map_err(|e| AuthorityError::BadFile {
@@ -587,9 +594,11 @@ fn create_intermediate(
             reason: e.to_string(),
         })?;
     let (not_before, not_after) = validity(&parsed);
+    let issuer =
+        Issuer::from_ca_cert_der(cert.der(), key).map_err(crypto("read the new intermediate"))?;
     Ok(SigningCa {
         der: cert.der().to_vec(),
-        key,
+        issuer,
         not_before,
         not_after,
     })
@@ -816,7 +825,7 @@ impl Authority {
         };
         let ca = create_intermediate(self.signer(kind, &m.name), &label, &m.trust_domain, now)?;
         let (cert_path, key_path) = self.paths(kind, &m.name);
-        write_private(&key_path, &Zeroizing::new(ca.key.serialize_pem()))?;
+        write_private(&key_path, &Zeroizing::new(ca.key().serialize_pem()))?;
         write_public(&cert_path, &ca.pem())?;
         tracing::info!(mesh = %m.name, gateway = (kind == Kind::Gateway), not_after = %rfc3339(ca.not_after), "intermediate issued");
         Ok(Arc::new(ca))
@@ -1091,7 +1100,7 @@ impl Authority {
         let params = leaf_params(id, rsa, &serial, now, ttl, max_ttl, ca.not_after)?;
         let not_after = (now + ttl.min(max_ttl)).min(ca.not_after);
         let cert = params
-            .signed_by(key, &ca.issuer()?)
+            .signed_by(key, &ca.issuer())
             .map_err(crypto("sign a leaf"))?;
         Ok(Issued {
             leaf: cert.der().to_vec(),
@@ -1134,7 +1143,7 @@ impl Authority {
         let signer = self.server_root();
         p.not_after = (now + SERVER_CERT_LIFETIME).min(signer.not_after).into();
         let cert = p
-            .signed_by(&key, &signer.issuer()?)
+            .signed_by(&key, &signer.issuer())
             .map_err(crypto("sign the server certificate"))?;
         Ok((cert.der().to_vec(), key))
     }
