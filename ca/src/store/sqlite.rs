@@ -334,8 +334,9 @@ impl Store for SqliteStore {
     }
 
     fn entries(&self) -> Result<Vec<Entry>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT body FROM entries ORDER BY id")?;
+        // Read for every sync.
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT body FROM entries ORDER BY id")?;
         let bodies: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
@@ -461,13 +462,16 @@ impl Store for SqliteStore {
         // A report is status, rewritten every heartbeat: its commit does not wait for an
         // fsync (`synchronous=NORMAL` for this one transaction; the WAL is synced by the next
         // FULL commit or checkpoint). The connection is back to FULL before the lock is let go.
+        // Written for every heartbeat: the insert is prepared once per connection. The pragmas
+        // are not cached: SQLite applies `synchronous` when the statement is prepared.
         let conn = self.conn();
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let written = conn.execute(
-            "INSERT INTO reports (node, body, received_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(node) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
-            params![r.node, body, to_i64(r.received_at)],
-        );
+        let written = conn
+            .prepare_cached(
+                "INSERT INTO reports (node, body, received_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
+            )
+            .and_then(|mut s| s.execute(params![r.node, body, to_i64(r.received_at)]));
         conn.pragma_update(None, "synchronous", "FULL")?;
         written?;
         Ok(())
