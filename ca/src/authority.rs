@@ -586,7 +586,7 @@ fn create_intermediate(
     p.not_before = start.into();
     p.not_after = (now + INTERMEDIATE_MAX_LIFETIME).min(root.not_after).into();
     let cert = p
-        .signed_by(&key, &root.issuer())
+        .signed_by(&key, root.issuer())
         .map_err(crypto("sign an intermediate"))?;
     let (_, parsed) =
         X509Certificate::from_der(cert.der()).map_err(|e| AuthorityError::BadFile {
@@ -1100,7 +1100,7 @@ impl Authority {
         let params = leaf_params(id, rsa, &serial, now, ttl, max_ttl, ca.not_after)?;
         let not_after = (now + ttl.min(max_ttl)).min(ca.not_after);
         let cert = params
-            .signed_by(key, &ca.issuer())
+            .signed_by(key, ca.issuer())
             .map_err(crypto("sign a leaf"))?;
         Ok(Issued {
             leaf: cert.der().to_vec(),
@@ -1143,7 +1143,7 @@ impl Authority {
         let signer = self.server_root();
         p.not_after = (now + SERVER_CERT_LIFETIME).min(signer.not_after).into();
         let cert = p
-            .signed_by(&key, &signer.issuer())
+            .signed_by(&key, signer.issuer())
             .map_err(crypto("sign the server certificate"))?;
         Ok((cert.der().to_vec(), key))
     }
