@@ -3,8 +3,10 @@
 //!
 //! The [`Store`] trait is synchronous (the holder's operations are), so this store drives
 //! `tokio-postgres` and its `deadpool` pool on a small runtime of its own and the caller waits
-//! for the answer, the way it waits for SQLite's commit; on a multi-threaded runtime the wait is
-//! marked blocking (`block_in_place`) so the worker's other tasks move elsewhere.
+//! for the answer; on a multi-threaded runtime the wait is marked blocking (`block_in_place`)
+//! so the worker's other tasks move elsewhere. Issuances are the exception: the group commit's
+//! own thread records them ([`super::group`]) and the signing call awaits that, so their wait
+//! blocks no worker.
 //!
 //! Concurrency between replicas rests on the database: a token is consumed under `SELECT ... FOR
 //! UPDATE`, a node is registered by a conditional upsert, the bundle version and the pruned count
