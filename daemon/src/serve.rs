@@ -6,19 +6,24 @@
 //! 2. admitted into its pool (allowed, or the small pool of refused peers that get their 403)
 //!    or closed at once when the pool is full (clients retry with backoff);
 //! 3. served by the caller's handler (a TLS handshake, say) which hands the stream to
-//!    [`Limits::serve_http1`]: a header-read timeout and a lifetime for the whole connection.
+//!    [`Limits::serve_http1`]: a header-read timeout and a lifetime for the whole connection;
+//!    or, when the handshake chose HTTP/2 (ALPN `h2`), to [`Limits::serve_http2`]: bounded
+//!    streams, an idle limit instead of the header-read timeout, and the lifetime ending in a
+//!    graceful GOAWAY (see [`Http2Limits`]).
 //!
 //! The loop tracks its connections; at shutdown it stops accepting and lets the ones in flight
 //! finish on their own (each is bounded by its lifetime).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// How long the loop waits after a failed accept (out of file descriptors, say).
@@ -60,6 +65,166 @@ impl Limits {
         }
     }
 }
+
+/// The HTTP/2 rules of one connection, on top of its pool's [`Limits`] (whose header-read
+/// timeout does not apply: a stream's headers come in one HEADERS frame, bounded in size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams open at once on the connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams: u32,
+    /// The largest header list a request may send (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_size: u32,
+    /// How long the connection may stay without an open stream before a GOAWAY closes it
+    /// (from the end of the handshake too: a peer that never sends a request is cut off).
+    pub idle: Duration,
+    /// Once its lifetime is over (GOAWAY sent), how long its streams in flight may still take.
+    pub drain: Duration,
+}
+
+/// The streams a connection's service is running, for the idle rule of [`Http2Limits`].
+#[derive(Default)]
+struct Activity {
+    /// Streams whose handler is running.
+    open: AtomicUsize,
+    /// Streams begun so far (so that a stream begun and ended during a wait is seen).
+    begun: AtomicU64,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Counts a stream open until the guard drops.
+    fn begin(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        StreamGuard(Arc::clone(self))
+    }
+
+    /// Returns once the connection has had no open stream for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::SeqCst) > 0 {
+                changed.await;
+                continue;
+            }
+            let begun = self.begun.load(Ordering::SeqCst);
+            tokio::select! {
+                () = tokio::time::sleep(idle) => {
+                    if self.open.load(Ordering::SeqCst) == 0
+                        && self.begun.load(Ordering::SeqCst) == begun
+                    {
+                        return;
+                    }
+                }
+                () = &mut changed => {}
+            }
+        }
+    }
+}
+
+/// One open stream of an [`Activity`].
+struct StreamGuard(Arc<Activity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A service whose calls are counted as open streams.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+type BoxedFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = BoxedFuture<Result<http::Response<B>, S::Error>>;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let answer = call.await;
+            drop(guard);
+            answer
+        })
+    }
+}
+
+impl Limits {
+    /// Serves HTTP/2 on `io` with these limits and `h2`'s: at most `h2.max_streams` streams at
+    /// once, h2's limits on reset streams (rapid reset), a GOAWAY once the connection has been
+    /// without a stream for `h2.idle` or has lived its lifetime, after which its streams in
+    /// flight have `h2.drain` to finish. Logged at DEBUG under `listener`.
+    pub async fn serve_http2<I, S, B>(
+        &self,
+        listener: &'static str,
+        io: I,
+        service: S,
+        h2: Http2Limits,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let activity = Arc::new(Activity::default());
+        let service = Tracked {
+            inner: service,
+            activity: Arc::clone(&activity),
+        };
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_streams)
+            .max_header_list_size(h2.max_header_list_size)
+            // Rapid reset (CVE-2023-44487): streams the peer resets before they are served.
+            .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+            // Streams this side had to reset for the peer's errors (CVE-2025-8671).
+            .max_local_error_reset_streams(MAX_ERROR_RESETS);
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let why = tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::debug!(listener, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(self.lifetime) => "its maximum lifetime",
+            () = activity.idle_for(h2.idle) => "idle",
+        };
+        tracing::debug!(listener, why, "closing the connection (GOAWAY)");
+        connection.as_mut().graceful_shutdown();
+        match tokio::time::timeout(h2.drain, connection).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(listener, %error, "connection ended with an error"),
+            Err(_) => tracing::debug!(listener, "streams still open after the drain; closed"),
+        }
+    }
+}
+
+/// Streams a peer may reset before they are served, at once (h2's own default, pinned).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams this side may reset for a peer's protocol errors before it ends the connection.
+const MAX_ERROR_RESETS: usize = 64;
 
 /// Who may connect: the pool for peers the check allows and, optionally, a separate small pool
 /// for refused peers (to answer them 403); without one, a refused peer is closed at once.
