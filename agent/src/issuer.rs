@@ -708,7 +708,7 @@ impl HttpsIssuer {
             };
             let attempt = match route {
                 Route::Http2(handle, reused) => {
-                    self.attempt_http2(handle, request()?, reused && !again)
+                    self.attempt_http2(handle, request()?, reused, !again)
                         .await?
                 }
                 Route::Http1(conn, reused) => {
@@ -780,13 +780,15 @@ impl HttpsIssuer {
     }
 
     /// One call as a stream on the HTTP/2 connection. A holder-down answer, or the stream
-    /// failing, retires the connection and marks its replica failed; a request refused
-    /// before it was sent on a `reused` connection (closed meanwhile) is [`Attempt::Again`].
+    /// failing, retires the connection and marks its replica failed. When `may_retry`, a
+    /// request the holder never processed is [`Attempt::Again`]: not sent on a `reused`
+    /// connection closed meanwhile, or refused by the holder's GOAWAY or REFUSED_STREAM.
     async fn attempt_http2(
         &self,
         mut handle: SharedHandle,
         request: Request<Full<Bytes>>,
         reused: bool,
+        may_retry: bool,
     ) -> Result<Attempt, IssuerError> {
         let _stream = StreamGuard::new(&handle.streams);
         let retire = |error: IssuerError| {
@@ -806,7 +808,7 @@ impl HttpsIssuer {
         if handle.sender.ready().await.is_err() {
             armed.armed = false;
             self.forget_shared(handle.id);
-            if reused {
+            if reused && may_retry {
                 return Ok(Attempt::Again);
             }
             return Err(retire(IssuerError::Http(
@@ -817,16 +819,24 @@ impl HttpsIssuer {
             Ok(response) => response,
             Err(mut e) => {
                 armed.armed = false;
-                if reused && e.take_message().is_some() {
+                let unsent = e.take_message().is_some();
+                let error = e.into_error();
+                if may_retry && ((reused && unsent) || never_processed(&error)) {
                     self.forget_shared(handle.id);
                     return Ok(Attempt::Again);
                 }
-                return Err(retire(IssuerError::Http(e.into_error().to_string())));
+                return Err(retire(IssuerError::Http(error.to_string())));
             }
         };
-        let answered = read_answer(response).await;
+        let status = response.status();
+        let answered = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
+            .collect()
+            .await;
         armed.armed = false;
-        let (status, bytes) = answered.map_err(retire)?;
+        let bytes = match answered {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return Err(retire(IssuerError::Http(e.to_string()))),
+        };
         if !status.is_success() && error_of(status, &bytes).is_holder_down() {
             self.forget_shared(handle.id);
             self.replicas[handle.replica].set_failed(true);
@@ -887,6 +897,21 @@ impl Drop for Retire<'_> {
             self.issuer.replicas[self.replica].set_failed(true);
         }
     }
+}
+
+/// Whether an HTTP/2 failure says the holder never processed the stream, so that it may be
+/// sent again (RFC 9113 section 8.7): refused (REFUSED_STREAM), or failed by the holder's
+/// GOAWAY (a stream above its last processed one, or one opened after it).
+fn never_processed(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The status and the whole body of an answer (bounded).
