@@ -1310,4 +1310,263 @@ mod tests {
     async fn a_connection_the_holder_closed_is_replaced() {
         assert_eq!(refused_calls(false, 3).await, 3);
     }
+
+    /// A TLS holder stand-in that speaks HTTP/2 (and HTTP/1.1) through the holder's own
+    /// serving code: every call is refused with `token_used`, except `GET /v1/watch`, answered
+    /// with version 2 once `release` is set. Counts the connections it accepted and the
+    /// watches it received.
+    struct H2Holder {
+        address: String,
+        root: Vec<u8>,
+        accepted: Arc<AtomicUsize>,
+        watches: Arc<AtomicUsize>,
+        release: tokio::sync::watch::Sender<bool>,
+    }
+
+    async fn h2_holder(lifetime: Duration) -> H2Holder {
+        use hyper::service::service_fn;
+        use meshcert_daemon::serve::{Http2Limits, Limits};
+
+        let (root, leaf, key) = rcgen_server_identity();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![CertificateDer::from(leaf)], key)
+            .expect("server config");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let (accepted, watches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (count, watched) = (accepted.clone(), watches.clone());
+        let limits = Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(10),
+            lifetime,
+            keep_alive: true,
+        };
+        let h2 = Http2Limits {
+            max_streams: 32,
+            max_header_list_size: 16 * 1024,
+            idle: Duration::from_secs(90),
+            drain: Duration::from_secs(60),
+        };
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, watched, released) =
+                    (acceptor.clone(), watched.clone(), released.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (watched, mut released) = (watched.clone(), released.clone());
+                        async move {
+                            let (status, body) = if req.uri().path() == api::PATH_WATCH {
+                                watched.fetch_add(1, Ordering::SeqCst);
+                                let _ = released.wait_for(|r| *r).await;
+                                (StatusCode::OK, br#"{"version":2}"#.to_vec())
+                            } else {
+                                let e = ApiError::new(ErrorCode::TokenUsed, "used");
+                                (
+                                    StatusCode::UNAUTHORIZED,
+                                    serde_json::to_vec(&e).expect("json"),
+                                )
+                            };
+                            let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                            *response.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    if is_h2 {
+                        limits.serve_http2("test", tls, service, h2).await;
+                    } else {
+                        limits.serve_http1("test", tls, service).await;
+                    }
+                });
+            }
+        });
+        H2Holder {
+            address,
+            root,
+            accepted,
+            watches,
+            release,
+        }
+    }
+
+    /// A root, and a server certificate for 127.0.0.1 with its key.
+    fn rcgen_server_identity() -> (Vec<u8>, Vec<u8>, PrivateKeyDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&ca_key).expect("root");
+        let issuer = rcgen::Issuer::new(params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+        (
+            root.der().to_vec(),
+            leaf.der().to_vec(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    /// Gives `issuer` a fresh node SVID (of a CA the stand-in does not check).
+    fn new_identity(issuer: &HttpsIssuer) {
+        let ca = crate::svid::testca::TestCa::new();
+        let key = PrivateKey::generate(crate::keys::KeyAlgorithm::EcdsaP256).expect("key");
+        let csr = crate::csr::build(&key, None).expect("csr");
+        let id = meshcert_protocol::SpiffeId::new("spiffe://t.test/node").expect("id");
+        let chain = ca.sign(
+            &csr,
+            &id,
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        );
+        issuer.set_identity(&chain, &key).expect("identity");
+    }
+
+    fn is_refused(result: Result<impl std::fmt::Debug, IssuerError>, call: &str) {
+        match result {
+            Err(IssuerError::Api(e)) if e.code == ErrorCode::TokenUsed => {}
+            other => panic!("{call}: expected the stand-in's refusal, got {other:?}"),
+        }
+    }
+
+    /// The node's sync, report and sign, each answered (refused) by the stand-in.
+    async fn node_calls(issuer: &HttpsIssuer) {
+        is_refused(issuer.sync().await, "sync");
+        let report = NodeReport {
+            bundle_version: 1,
+            enforcement: None,
+            identities: Arc::from(Vec::new()),
+            node_svid: None,
+        };
+        is_refused(issuer.report(report).await, "report");
+        is_refused(issuer.sign(SignRequest { csrs: Vec::new() }).await, "sign");
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn watching(
+        issuer: &Arc<HttpsIssuer>,
+    ) -> tokio::task::JoinHandle<Result<api::WatchResponse, IssuerError>> {
+        let issuer = Arc::clone(issuer);
+        tokio::spawn(async move { issuer.watch(Some(1), Duration::from_secs(50)).await })
+    }
+
+    #[tokio::test]
+    async fn calls_as_the_node_share_one_connection_with_the_watch_in_flight() {
+        let holder = h2_holder(Duration::from_secs(600)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        node_calls(&issuer).await;
+        node_calls(&issuer).await;
+        assert!(!watch.is_finished(), "the watch is still in flight");
+        assert_eq!(
+            holder.accepted.load(Ordering::SeqCst),
+            1,
+            "the watch, syncs, reports and signings share one connection"
+        );
+        holder.release.send_replace(true);
+        let answer = watch.await.expect("task").expect("watch answered");
+        assert_eq!(answer.version, 2);
+        assert_eq!(holder.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_holders_goaway_the_watch_finishes_and_calls_move_to_a_new_connection() {
+        // The stand-in ends each connection with a GOAWAY 300 ms after it opened.
+        let holder = h2_holder(Duration::from_millis(300)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // Every call is answered, before and after the GOAWAY; after it, on a new connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while holder.accepted.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the calls never moved to a new connection"
+            );
+            node_calls(&issuer).await;
+        }
+        // The watch in flight on the old connection finishes there (the holder drains it) ...
+        holder.release.send_replace(true);
+        assert_eq!(
+            watch.await.expect("task").expect("watch answered").version,
+            2
+        );
+        // ... and the next one is armed on a live connection: a change is not lost.
+        let again = issuer
+            .watch(Some(1), Duration::from_secs(50))
+            .await
+            .expect("watch re-armed");
+        assert_eq!(again.version, 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_node_svid_retires_the_connection_and_its_watch_finishes_on_it() {
+        let holder = h2_holder(Duration::from_secs(600)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        new_identity(&issuer);
+        node_calls(&issuer).await;
+        assert_eq!(
+            holder.accepted.load(Ordering::SeqCst),
+            2,
+            "calls with the new node SVID went on a new connection"
+        );
+        holder.release.send_replace(true);
+        assert_eq!(
+            watch.await.expect("task").expect("watch answered").version,
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_holder_without_http2_gets_the_pool_of_http1_connections() {
+        let (address, root, accepted) = refusing_holder(true).await;
+        let issuer = HttpsIssuer::new(&address, "127.0.0.1", &[root]).expect("issuer");
+        new_identity(&issuer);
+        for _ in 0..3 {
+            node_calls(&issuer).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }
