@@ -531,4 +531,109 @@ mod tests {
         assert!(read.is_ok(), "the idle connection was not closed");
         assert!(buf.is_empty());
     }
+
+    const H2: Http2Limits = Http2Limits {
+        max_streams: 8,
+        max_header_list_size: 16 * 1024,
+        idle: Duration::from_millis(200),
+        drain: Duration::from_secs(30),
+    };
+
+    /// Serves HTTP/2 with `limits` and [`H2`] on one accepted Unix connection: `/slow` answers
+    /// after a second, anything else at once. Returns a client's sender and a flag set once
+    /// the client's connection ended.
+    async fn h2_pair(
+        limits: Limits,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        Arc<std::sync::atomic::AtomicBool>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h2.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.expect("accept");
+            let service = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            limits.serve_http2("test", io, service, H2).await;
+        });
+        let io = UnixStream::connect(&path).await.expect("connect");
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("h2 handshake");
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ended);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        (sender, ended, dir)
+    }
+
+    async fn get(
+        sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        path: &str,
+    ) -> Result<u16, hyper::Error> {
+        let req = http::Request::builder()
+            .uri(format!("http://x{path}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?.status().as_u16())
+    }
+
+    async fn until_ended(ended: &std::sync::atomic::AtomicBool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ended.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ended.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_without_a_stream_is_closed_after_its_idle_limit() {
+        let (_sender, ended, _dir) = h2_pair(LIMITS).await;
+        assert!(
+            until_ended(&ended).await,
+            "the idle connection is still open"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http2_stream_open_past_the_idle_limit_keeps_its_connection() {
+        let (mut sender, ended, _dir) = h2_pair(LIMITS).await;
+        // Open five times the idle limit, then the connection carries the next call too.
+        assert_eq!(get(&mut sender, "/slow").await.expect("slow call"), 200);
+        assert_eq!(get(&mut sender, "/").await.expect("next call"), 200);
+        // Idle again: closed.
+        assert!(
+            until_ended(&ended).await,
+            "the idle connection is still open"
+        );
+    }
+
+    #[tokio::test]
+    async fn at_the_end_of_its_lifetime_an_http2_connection_lets_its_streams_finish() {
+        let short = Limits {
+            lifetime: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let (mut sender, ended, _dir) = h2_pair(short).await;
+        // In flight when the lifetime ends (GOAWAY): answered all the same.
+        assert_eq!(get(&mut sender, "/slow").await.expect("slow call"), 200);
+        assert!(
+            until_ended(&ended).await,
+            "the connection outlived its drain"
+        );
+        assert!(
+            get(&mut sender, "/").await.is_err(),
+            "a new stream was served"
+        );
+    }
 }
