@@ -1475,7 +1475,12 @@ mod tests {
     async fn calls_as_the_node_share_one_connection_with_the_watch_in_flight() {
         let holder = h2_holder(Duration::from_secs(600)).await;
         let issuer = Arc::new(
-            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
         );
         new_identity(&issuer);
         let watch = watching(&issuer);
@@ -1502,7 +1507,12 @@ mod tests {
         // The stand-in ends each connection with a GOAWAY 300 ms after it opened.
         let holder = h2_holder(Duration::from_millis(300)).await;
         let issuer = Arc::new(
-            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
         );
         new_identity(&issuer);
         let watch = watching(&issuer);
@@ -1537,7 +1547,12 @@ mod tests {
     async fn a_new_node_svid_retires_the_connection_and_its_watch_finishes_on_it() {
         let holder = h2_holder(Duration::from_secs(600)).await;
         let issuer = Arc::new(
-            HttpsIssuer::new(&holder.address, "127.0.0.1", &[holder.root.clone()]).expect("issuer"),
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
         );
         new_identity(&issuer);
         let watch = watching(&issuer);
