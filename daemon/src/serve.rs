@@ -77,7 +77,8 @@ pub struct Http2Limits {
     /// How long the connection may stay without an open stream before a GOAWAY closes it
     /// (from the end of the handshake too: a peer that never sends a request is cut off).
     pub idle: Duration,
-    /// Once its lifetime is over (GOAWAY sent), how long its streams in flight may still take.
+    /// Once its lifetime is over (GOAWAY sent), how long its streams in flight may still take
+    /// (after an idle GOAWAY: no longer than `idle`).
     pub drain: Duration,
 }
 
@@ -201,19 +202,22 @@ impl Limits {
             .max_local_error_reset_streams(MAX_ERROR_RESETS);
         let connection = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
-        let why = tokio::select! {
+        // An idle connection has no stream to drain, only the GOAWAY to flush (and a stream
+        // its peer sent as it came): it gets no longer than its idle limit for that, so a
+        // peer that never reads cannot hold its slot for a whole drain.
+        let (why, drain) = tokio::select! {
             ended = connection.as_mut() => {
                 if let Err(error) = ended {
                     tracing::debug!(listener, %error, "connection ended with an error");
                 }
                 return;
             }
-            () = tokio::time::sleep(self.lifetime) => "its maximum lifetime",
-            () = activity.idle_for(h2.idle) => "idle",
+            () = tokio::time::sleep(self.lifetime) => ("its maximum lifetime", h2.drain),
+            () = activity.idle_for(h2.idle) => ("idle", h2.idle.min(h2.drain)),
         };
         tracing::debug!(listener, why, "closing the connection (GOAWAY)");
         connection.as_mut().graceful_shutdown();
-        match tokio::time::timeout(h2.drain, connection).await {
+        match tokio::time::timeout(drain, connection).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(listener, %error, "connection ended with an error"),
             Err(_) => tracing::debug!(listener, "streams still open after the drain; closed"),
