@@ -1,7 +1,8 @@
 //! HTTP/2 between agents and the real holder: one connection per node carries every call and
 //! the watch; HTTP/1.1 clients are still answered; an idle connection without a client
 //! certificate is closed while a node's watch keeps its own; a ban applies to every call on a
-//! connection already open; a restarted holder gets the watch re-armed on a new connection.
+//! connection already open; a restarted holder gets the watch re-armed on a new connection; a
+//! client resetting streams as fast as it opens them (rapid reset) is sent away.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -316,5 +317,46 @@ fn an_idle_anonymous_http2_connection_is_closed_and_a_nodes_long_watch_is_not() 
         })
         .await;
         assert_eq!(h2_get(&mut node, "/v1/sync").await.0, 200);
+    });
+}
+
+#[test]
+fn a_client_resetting_streams_rapidly_is_sent_away_and_others_are_still_served() {
+    let ca = CaHolder::start(EXAMPLE_CONFIG).expect("holder");
+    runtime().block_on(async {
+        let tls = tls_to(&ca, &[b"h2"], None).await;
+        let (mut client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+        let connection = tokio::spawn(connection);
+        let mut opened = 0u32;
+        // Each stream opened and reset at once (CVE-2023-44487), until the holder stops it.
+        while opened < 100_000 {
+            let Ok(ready) = client.clone().ready().await else {
+                break;
+            };
+            client = ready;
+            let request = http::Request::get("https://localhost/v1/bundle")
+                .body(())
+                .expect("request");
+            let Ok((_answer, mut stream)) = client.send_request(request, true) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            opened += 1;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(60), connection)
+            .await
+            .expect("the holder kept serving a client resetting every stream")
+            .expect("task");
+        // Sent away: GOAWAY with ENHANCE_YOUR_CALM, or the connection closed under the
+        // client's next write (broken pipe) before it read that GOAWAY.
+        let error = ended.expect_err("the connection ended without an error");
+        assert!(
+            error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_io(),
+            "after {opened} streams: {error}"
+        );
+        assert!(opened < 100_000, "every stream was served: {opened}");
+        // Another client is still served.
+        let (mut other, _) = h2_over(tls_to(&ca, &[b"h2"], None).await).await;
+        assert_eq!(h2_get(&mut other, "/v1/bundle").await.0, 200);
     });
 }
