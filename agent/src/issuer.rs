@@ -3,9 +3,14 @@
 //! join authenticate with the node SVID as client certificate; the holder is trusted through
 //! the configured trust bundle and the roots of the last synced bundles ([`crate::trust`]).
 //!
-//! Connections are kept alive and reused (a small pool of idle HTTP/1.1 connections), so a
-//! rotation does not pay a TCP and mTLS handshake on the holder. A pooled connection belongs
-//! to the TLS settings it was opened with: a new node SVID retires every older connection.
+//! Calls as the node share one HTTP/2 connection (ALPN `h2`): sync, report, sign, renew, the
+//! JWT calls and the watch long-poll are streams on it, so the holder pays one TCP and mTLS
+//! handshake per node every [`MAX_AGE`] instead of one per call. The connection belongs to the
+//! TLS settings it was opened with: a new node SVID retires it (its calls in flight finish,
+//! new ones go to a new connection), as do its age, [`H2_IDLE_FOR`] without a stream, the
+//! holder closing it (GOAWAY) and a holder-down answer or timeout on it. A holder that offers
+//! only HTTP/1.1 (an older one) gets a small pool of idle HTTP/1.1 connections instead, as do
+//! the anonymous calls (the join, once per node: not worth a connection kept open).
 //!
 //! The holder may have several replicas (`caAddress` as a list, or a DNS name with several
 //! addresses). A new connection goes to the next replica in turn; one that cannot be reached
@@ -16,15 +21,16 @@
 //! call share one piece of state (which connection belongs to which TLS settings and replica).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshcert_protocol::NodeReport;
 use meshcert_protocol::api::{
     self, ApiError, AttestRequest, KubernetesAttestRequest, NodeSvidResponse, RenewRequest,
@@ -56,7 +62,10 @@ const MAX_IDLE: usize = 4;
 const IDLE_FOR: Duration = Duration::from_secs(5);
 /// How long a connection is used at most: well under the holder's 600 s connection lifetime,
 /// so it is not cut in the middle of a call.
-const MAX_AGE: Duration = Duration::from_secs(300);
+pub const MAX_AGE: Duration = Duration::from_secs(300);
+/// How long the HTTP/2 connection may stay without a stream and still be used: under the
+/// holder's limit for a node's connection (90 s), so the holder never closes it as we use it.
+pub const H2_IDLE_FOR: Duration = Duration::from_secs(60);
 
 /// The most a connection's read buffer holds (hyper's minimum is 8 KiB).
 const READ_BUFFER: usize = 16 * 1024;
@@ -207,6 +216,13 @@ pub struct HttpsIssuer {
     mtls: RwLock<Option<(u64, Arc<ClientConfig>)>>,
     /// Idle connections, newest last.
     idle: Mutex<Vec<Idle>>,
+    /// The node's HTTP/2 connection (mTLS), when the holder speaks HTTP/2.
+    shared: Mutex<Option<Shared>>,
+    /// Held while a new HTTP/2 connection is opened, so concurrent calls wait for it instead
+    /// of opening one each.
+    connecting: tokio::sync::Mutex<()>,
+    /// The number of the next HTTP/2 connection (to tell a replaced one from its successor).
+    next_shared: AtomicU64,
 }
 
 /// One holder address (`host:port`) and when it last failed.
@@ -251,6 +267,113 @@ struct Conn {
     /// The generation of the TLS settings it was opened with.
     generation: u64,
     opened: Instant,
+}
+
+/// The node's HTTP/2 connection: every call as the node is a stream on it.
+struct Shared {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    replica: usize,
+    generation: u64,
+    opened: Instant,
+    /// Its number ([`HttpsIssuer::next_shared`]).
+    id: u64,
+    streams: Arc<Streams>,
+}
+
+/// The streams open on an HTTP/2 connection, and when the last one ended.
+#[derive(Debug)]
+struct Streams {
+    open: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+impl Streams {
+    /// Whether the connection has been without a stream for `idle` at `now`.
+    fn idle_for(&self, idle: Duration, now: Instant) -> bool {
+        self.open.load(Ordering::SeqCst) == 0
+            && self
+                .last_end
+                .lock()
+                .map_or(true, |at| now.duration_since(*at) >= idle)
+    }
+}
+
+/// One open stream of [`Streams`], until it drops.
+struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    fn new(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Ok(mut at) = self.0.last_end.lock() {
+            *at = Instant::now();
+        }
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Shared {
+    /// Whether a new call may use it: open, of the current settings, young and not idle long.
+    fn usable(&self, generation: u64, now: Instant) -> bool {
+        self.generation == generation
+            && !self.sender.is_closed()
+            && now.duration_since(self.opened) < MAX_AGE
+            && !self.streams.idle_for(H2_IDLE_FOR, now)
+    }
+
+    fn handle(&self) -> SharedHandle {
+        SharedHandle {
+            sender: self.sender.clone(),
+            replica: self.replica,
+            id: self.id,
+            streams: Arc::clone(&self.streams),
+        }
+    }
+}
+
+/// What a call holds of the [`Shared`] connection.
+struct SharedHandle {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    replica: usize,
+    id: u64,
+    streams: Arc<Streams>,
+}
+
+/// A new connection, by the protocol the holder chose.
+enum Opened {
+    Http1(Conn),
+    Http2(Shared),
+}
+
+/// The connection a call goes on, and whether it was already open (a call that was never
+/// sent on an open one is tried once more on a new one).
+enum Route {
+    Http1(Conn, bool),
+    Http2(SharedHandle, bool),
+}
+
+/// What became of a call's attempt on one connection.
+enum Attempt {
+    /// The answer's status and body.
+    Answered(StatusCode, Bytes),
+    /// Never sent on a connection found closed: try a new one.
+    Again,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("id", &self.id)
+            .field("replica", &self.replica)
+            .field("generation", &self.generation)
+            .field("opened", &self.opened)
+            .finish()
+    }
 }
 
 /// A connection waiting in the pool.
@@ -309,6 +432,9 @@ impl HttpsIssuer {
             roots,
             mtls: RwLock::new(None),
             idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            next_shared: AtomicU64::new(1),
         })
     }
 
@@ -359,13 +485,14 @@ impl HttpsIssuer {
         }
     }
 
-    /// Opens a new connection: TCP, TLS with `config`, HTTP/1.1, to the first replica that
-    /// answers (see the module documentation); the last replica's error when none does.
+    /// Opens a new connection: TCP, TLS with `config`, HTTP/2 or HTTP/1.1 as the holder chose,
+    /// to the first replica that answers (see the module documentation); the last replica's
+    /// error when none does.
     async fn connect(
         &self,
         generation: u64,
         config: Arc<ClientConfig>,
-    ) -> Result<Conn, IssuerError> {
+    ) -> Result<Opened, IssuerError> {
         let now = Instant::now();
         let first = self.next_replica.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
         let order = replica_order(self.replicas.len(), first, |i| {
@@ -453,13 +580,39 @@ impl HttpsIssuer {
         }))
     }
 
-    /// HTTP/1.1 over an established TLS stream to replica `replica`.
+    /// HTTP/2 (when ALPN chose `h2`) or HTTP/1.1 over an established TLS stream to replica
+    /// `replica`.
     async fn handshake(
         &self,
         tls: tokio_rustls::client::TlsStream<TcpStream>,
         replica: usize,
         generation: u64,
-    ) -> Result<Conn, IssuerError> {
+    ) -> Result<Opened, IssuerError> {
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, connection) =
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| IssuerError::Http(e.to_string()))?;
+            // Runs until the holder closes it, or its sender and last stream are gone.
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP/2 connection to the CA holder ended");
+                }
+            });
+            return Ok(Opened::Http2(Shared {
+                sender,
+                replica,
+                generation,
+                opened: Instant::now(),
+                id: self.next_shared.fetch_add(1, Ordering::Relaxed),
+                streams: Arc::new(Streams {
+                    open: AtomicUsize::new(0),
+                    last_end: Mutex::new(Instant::now()),
+                }),
+            }));
+        }
         // Signing answers are read in pieces of at most READ_BUFFER (hyper's default lets the
         // buffer of each pooled connection grow to about 400 KB and keeps it).
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
@@ -473,12 +626,12 @@ impl HttpsIssuer {
                 tracing::debug!(error = %e, "connection to the CA holder ended");
             }
         });
-        Ok(Conn {
+        Ok(Opened::Http1(Conn {
             sender,
             replica,
             generation,
             opened: Instant::now(),
-        })
+        }))
     }
 
     /// Every replica's address, for messages.
@@ -516,6 +669,9 @@ impl HttpsIssuer {
         serde_json::from_slice(&bytes).map_err(|e| IssuerError::Decode(e.to_string()))
     }
 
+    /// One call: on the node's HTTP/2 connection when there is one (opened if needed), else
+    /// on an HTTP/1.1 connection (pooled, or new). A call never sent on a connection found
+    /// closed is sent once more on a new one; nothing else is sent twice.
     async fn exchange(
         &self,
         method: Method,
@@ -524,58 +680,251 @@ impl HttpsIssuer {
         generation: u64,
         config: Arc<ClientConfig>,
     ) -> Result<Bytes, IssuerError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, self.server_name.to_str().as_ref())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| IssuerError::Http(e.to_string()))?;
+        let body = Bytes::from(body);
+        let request = || {
+            Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(header::HOST, self.server_name.to_str().as_ref())
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::ACCEPT, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|e| IssuerError::Http(e.to_string()))
+        };
+        // An older holder (HTTP/1.1 only) leaves idle connections in the pool.
         let mut pooled = self.take_idle(generation);
-        let (conn, response) = loop {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(conn) => conn,
-                None => self.connect(generation, config.clone()).await?,
-            };
-            if let Err(e) = conn.sender.ready().await {
-                if reused {
-                    // Closed by the holder while idle: open a new one.
-                    continue;
-                }
-                return Err(IssuerError::Http(e.to_string()));
-            }
-            match conn.sender.try_send_request(request).await {
-                Ok(response) => break (conn, response),
-                Err(mut e) => match e.take_message() {
-                    // Never sent (the holder had closed the connection): safe to send again.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(IssuerError::Http(e.into_error().to_string())),
+        let mut again = false;
+        loop {
+            let route = match pooled.take() {
+                Some(conn) => Route::Http1(conn, true),
+                None if generation != 0 => self.route_as_node(generation, &config).await?,
+                None => match self.connect(generation, config.clone()).await? {
+                    Opened::Http1(conn) => Route::Http1(conn, false),
+                    // Not offered (anonymous settings have no ALPN): closed unused.
+                    Opened::Http2(_) => {
+                        return Err(IssuerError::Http("unexpected HTTP/2".into()));
+                    }
                 },
+            };
+            let attempt = match route {
+                Route::Http2(handle, reused) => {
+                    self.attempt_http2(handle, request()?, reused, !again)
+                        .await?
+                }
+                Route::Http1(conn, reused) => {
+                    self.attempt_http1(conn, request()?, reused && !again)
+                        .await?
+                }
+            };
+            match attempt {
+                Attempt::Answered(status, bytes) if status.is_success() => return Ok(bytes),
+                Attempt::Answered(status, bytes) => return Err(error_of(status, &bytes)),
+                Attempt::Again => again = true,
+            }
+        }
+    }
+
+    /// The node's HTTP/2 connection if it may carry a new call, else a new connection (which
+    /// becomes the node's HTTP/2 connection, unless the holder only speaks HTTP/1.1).
+    async fn route_as_node(
+        &self,
+        generation: u64,
+        config: &Arc<ClientConfig>,
+    ) -> Result<Route, IssuerError> {
+        if let Some(handle) = self.current_shared(generation) {
+            return Ok(Route::Http2(handle, true));
+        }
+        let _gate = self.connecting.lock().await;
+        // Opened by a call that held the gate before this one.
+        if let Some(handle) = self.current_shared(generation) {
+            return Ok(Route::Http2(handle, true));
+        }
+        match self.connect(generation, config.clone()).await? {
+            Opened::Http1(conn) => Ok(Route::Http1(conn, false)),
+            Opened::Http2(shared) => {
+                let handle = shared.handle();
+                tracing::debug!(
+                    address = %self.replicas[shared.replica].address,
+                    generation,
+                    "opened an HTTP/2 connection to the CA holder"
+                );
+                if let Ok(mut slot) = self.shared.lock() {
+                    *slot = Some(shared);
+                }
+                Ok(Route::Http2(handle, false))
+            }
+        }
+    }
+
+    /// A handle on the node's HTTP/2 connection when it may carry a new call of `generation`;
+    /// drops it when it may not (its calls in flight finish on their own handles).
+    fn current_shared(&self, generation: u64) -> Option<SharedHandle> {
+        let mut slot = self.shared.lock().ok()?;
+        let usable = slot
+            .as_ref()
+            .is_some_and(|s| s.usable(generation, Instant::now()));
+        if !usable {
+            *slot = None;
+            return None;
+        }
+        slot.as_ref().map(Shared::handle)
+    }
+
+    /// Forgets the HTTP/2 connection `id` (if it is still the node's): the next call opens one.
+    fn forget_shared(&self, id: u64) {
+        if let Ok(mut slot) = self.shared.lock()
+            && slot.as_ref().is_some_and(|s| s.id == id)
+        {
+            *slot = None;
+        }
+    }
+
+    /// One call as a stream on the HTTP/2 connection. A holder-down answer, or the stream
+    /// failing, retires the connection and marks its replica failed. When `may_retry`, a
+    /// request the holder never processed is [`Attempt::Again`]: not sent on a `reused`
+    /// connection closed meanwhile, or refused by the holder's GOAWAY or REFUSED_STREAM.
+    async fn attempt_http2(
+        &self,
+        mut handle: SharedHandle,
+        request: Request<Full<Bytes>>,
+        reused: bool,
+        may_retry: bool,
+    ) -> Result<Attempt, IssuerError> {
+        let _stream = StreamGuard::new(&handle.streams);
+        let retire = |error: IssuerError| {
+            self.forget_shared(handle.id);
+            if error.is_holder_down() {
+                self.replicas[handle.replica].set_failed(true);
+            }
+            error
+        };
+        // Cancelled by the caller's time limit: this connection is not trusted again.
+        let mut armed = Retire {
+            issuer: self,
+            id: handle.id,
+            replica: handle.replica,
+            armed: true,
+        };
+        if handle.sender.ready().await.is_err() {
+            armed.armed = false;
+            self.forget_shared(handle.id);
+            if reused && may_retry {
+                return Ok(Attempt::Again);
+            }
+            return Err(retire(IssuerError::Http(
+                "the HTTP/2 connection closed".into(),
+            )));
+        }
+        let response = match handle.sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => {
+                armed.armed = false;
+                let unsent = e.take_message().is_some();
+                let error = e.into_error();
+                if may_retry && ((reused && unsent) || never_processed(&error)) {
+                    self.forget_shared(handle.id);
+                    return Ok(Attempt::Again);
+                }
+                return Err(retire(IssuerError::Http(error.to_string())));
             }
         };
         let status = response.status();
-        let bytes = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
+        let answered = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
             .collect()
-            .await
-            .map_err(|e| IssuerError::Http(e.to_string()))?
-            .to_bytes();
-        if status.is_success() {
-            // The whole answer was read: the connection can carry the next call (checked
-            // with `ready` when it is taken again).
-            self.put_idle(conn);
-            return Ok(bytes);
+            .await;
+        armed.armed = false;
+        let bytes = match answered {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return Err(retire(IssuerError::Http(e.to_string()))),
+        };
+        if !status.is_success() && error_of(status, &bytes).is_holder_down() {
+            self.forget_shared(handle.id);
+            self.replicas[handle.replica].set_failed(true);
         }
-        let error = error_of(status, &bytes);
-        if error.is_holder_down() {
+        Ok(Attempt::Answered(status, bytes))
+    }
+
+    /// One call on an HTTP/1.1 connection, kept for the next call when it can carry one.
+    async fn attempt_http1(
+        &self,
+        mut conn: Conn,
+        request: Request<Full<Bytes>>,
+        reused: bool,
+    ) -> Result<Attempt, IssuerError> {
+        if let Err(e) = conn.sender.ready().await {
+            if reused {
+                // Closed by the holder while idle: open a new one.
+                return Ok(Attempt::Again);
+            }
+            return Err(IssuerError::Http(e.to_string()));
+        }
+        let response = match conn.sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => {
+                // Never sent (the holder had closed the connection): safe to send again.
+                if reused && e.take_message().is_some() {
+                    return Ok(Attempt::Again);
+                }
+                return Err(IssuerError::Http(e.into_error().to_string()));
+            }
+        };
+        let (status, bytes) = read_answer(response).await?;
+        if !status.is_success() && error_of(status, &bytes).is_holder_down() {
             // This replica cannot serve now: the next connection goes to another one.
             self.replicas[conn.replica].set_failed(true);
         } else {
+            // The whole answer was read: the connection can carry the next call (checked
+            // with `ready` when it is taken again).
             self.put_idle(conn);
         }
-        Err(error)
+        Ok(Attempt::Answered(status, bytes))
     }
+}
+
+/// Retires an HTTP/2 connection when dropped armed: the call on it was cancelled (its time
+/// limit), so the holder behind it did not answer in time.
+struct Retire<'a> {
+    issuer: &'a HttpsIssuer,
+    id: u64,
+    replica: usize,
+    armed: bool,
+}
+
+impl Drop for Retire<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.issuer.forget_shared(self.id);
+            self.issuer.replicas[self.replica].set_failed(true);
+        }
+    }
+}
+
+/// Whether an HTTP/2 failure says the holder never processed the stream, so that it may be
+/// sent again (RFC 9113 section 8.7): refused (REFUSED_STREAM), or failed by the holder's
+/// GOAWAY (a stream above its last processed one, or one opened after it).
+fn never_processed(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The status and the whole body of an answer (bounded).
+async fn read_answer(
+    response: http::Response<Incoming>,
+) -> Result<(StatusCode, Bytes), IssuerError> {
+    let status = response.status();
+    let bytes = Limited::new(response.into_body(), api::MAX_BODY_BYTES * 16)
+        .collect()
+        .await
+        .map_err(|e| IssuerError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((status, bytes))
 }
 
 impl HttpsIssuer {
@@ -702,13 +1051,15 @@ impl Issuer for HttpsIssuer {
             .map(|c| CertificateDer::from(c.clone()))
             .collect::<Vec<_>>();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| IssuerError::Setup(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(self.roots.clone())
             .with_client_auth_cert(certs, key)
             .map_err(|e| IssuerError::Setup(format!("node SVID: {e}")))?;
+        // HTTP/2 when the holder speaks it (one connection for every call), else HTTP/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let mut mtls = self
             .mtls
             .write()
@@ -716,9 +1067,13 @@ impl Issuer for HttpsIssuer {
         let generation = mtls.as_ref().map_or(0, |(g, _)| *g) + 1;
         *mtls = Some((generation, Arc::new(config)));
         drop(mtls);
-        // Connections opened with the previous node SVID are not used again.
+        // Connections opened with the previous node SVID are not used again (the calls in
+        // flight on the HTTP/2 one finish on it).
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|i| i.conn.generation == 0);
+        }
+        if let Ok(mut shared) = self.shared.lock() {
+            *shared = None;
         }
         Ok(())
     }
@@ -954,5 +1309,279 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_holder_closed_is_replaced() {
         assert_eq!(refused_calls(false, 3).await, 3);
+    }
+
+    /// A TLS holder stand-in that speaks HTTP/2 (and HTTP/1.1) through the holder's own
+    /// serving code: every call is refused with `token_used`, except `GET /v1/watch`, answered
+    /// with version 2 once `release` is set. Counts the connections it accepted and the
+    /// watches it received.
+    struct H2Holder {
+        address: String,
+        root: Vec<u8>,
+        accepted: Arc<AtomicUsize>,
+        watches: Arc<AtomicUsize>,
+        release: tokio::sync::watch::Sender<bool>,
+    }
+
+    async fn h2_holder(lifetime: Duration) -> H2Holder {
+        use hyper::service::service_fn;
+        use meshcert_daemon::serve::{Http2Limits, Limits};
+
+        let (root, leaf, key) = rcgen_server_identity();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![CertificateDer::from(leaf)], key)
+            .expect("server config");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let (accepted, watches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (count, watched) = (accepted.clone(), watches.clone());
+        let limits = Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(10),
+            lifetime,
+            keep_alive: true,
+        };
+        let h2 = Http2Limits {
+            max_streams: 32,
+            max_header_list_size: 16 * 1024,
+            idle: Duration::from_secs(90),
+            drain: Duration::from_secs(60),
+        };
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, watched, released) =
+                    (acceptor.clone(), watched.clone(), released.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (watched, mut released) = (watched.clone(), released.clone());
+                        async move {
+                            let (status, body) = if req.uri().path() == api::PATH_WATCH {
+                                watched.fetch_add(1, Ordering::SeqCst);
+                                let _ = released.wait_for(|r| *r).await;
+                                (StatusCode::OK, br#"{"version":2}"#.to_vec())
+                            } else {
+                                let e = ApiError::new(ErrorCode::TokenUsed, "used");
+                                (
+                                    StatusCode::UNAUTHORIZED,
+                                    serde_json::to_vec(&e).expect("json"),
+                                )
+                            };
+                            let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                            *response.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    if is_h2 {
+                        limits.serve_http2("test", tls, service, h2).await;
+                    } else {
+                        limits.serve_http1("test", tls, service).await;
+                    }
+                });
+            }
+        });
+        H2Holder {
+            address,
+            root,
+            accepted,
+            watches,
+            release,
+        }
+    }
+
+    /// A root, and a server certificate for 127.0.0.1 with its key.
+    fn rcgen_server_identity() -> (Vec<u8>, Vec<u8>, PrivateKeyDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&ca_key).expect("root");
+        let issuer = rcgen::Issuer::new(params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+        (
+            root.der().to_vec(),
+            leaf.der().to_vec(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    /// Gives `issuer` a fresh node SVID (of a CA the stand-in does not check).
+    fn new_identity(issuer: &HttpsIssuer) {
+        let ca = crate::svid::testca::TestCa::new();
+        let key = PrivateKey::generate(crate::keys::KeyAlgorithm::EcdsaP256).expect("key");
+        let csr = crate::csr::build(&key, None).expect("csr");
+        let id = meshcert_protocol::SpiffeId::new("spiffe://t.test/node").expect("id");
+        let chain = ca.sign(
+            &csr,
+            &id,
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        );
+        issuer.set_identity(&chain, &key).expect("identity");
+    }
+
+    fn is_refused(result: Result<impl std::fmt::Debug, IssuerError>, call: &str) {
+        match result {
+            Err(IssuerError::Api(e)) if e.code == ErrorCode::TokenUsed => {}
+            other => panic!("{call}: expected the stand-in's refusal, got {other:?}"),
+        }
+    }
+
+    /// The node's sync, report and sign, each answered (refused) by the stand-in.
+    async fn node_calls(issuer: &HttpsIssuer) {
+        is_refused(issuer.sync().await, "sync");
+        let report = NodeReport {
+            bundle_version: 1,
+            enforcement: None,
+            identities: Arc::from(Vec::new()),
+            node_svid: None,
+        };
+        is_refused(issuer.report(report).await, "report");
+        is_refused(issuer.sign(SignRequest { csrs: Vec::new() }).await, "sign");
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn watching(
+        issuer: &Arc<HttpsIssuer>,
+    ) -> tokio::task::JoinHandle<Result<api::WatchResponse, IssuerError>> {
+        let issuer = Arc::clone(issuer);
+        tokio::spawn(async move { issuer.watch(Some(1), Duration::from_secs(50)).await })
+    }
+
+    #[tokio::test]
+    async fn calls_as_the_node_share_one_connection_with_the_watch_in_flight() {
+        let holder = h2_holder(Duration::from_secs(600)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        node_calls(&issuer).await;
+        node_calls(&issuer).await;
+        assert!(!watch.is_finished(), "the watch is still in flight");
+        assert_eq!(
+            holder.accepted.load(Ordering::SeqCst),
+            1,
+            "the watch, syncs, reports and signings share one connection"
+        );
+        holder.release.send_replace(true);
+        let answer = watch.await.expect("task").expect("watch answered");
+        assert_eq!(answer.version, 2);
+        assert_eq!(holder.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_holders_goaway_the_watch_finishes_and_calls_move_to_a_new_connection() {
+        // The stand-in ends each connection with a GOAWAY 300 ms after it opened.
+        let holder = h2_holder(Duration::from_millis(300)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // Every call is answered, before and after the GOAWAY; after it, on a new connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while holder.accepted.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the calls never moved to a new connection"
+            );
+            node_calls(&issuer).await;
+        }
+        // The watch in flight on the old connection finishes there (the holder drains it) ...
+        holder.release.send_replace(true);
+        assert_eq!(
+            watch.await.expect("task").expect("watch answered").version,
+            2
+        );
+        // ... and the next one is armed on a live connection: a change is not lost.
+        let again = issuer
+            .watch(Some(1), Duration::from_secs(50))
+            .await
+            .expect("watch re-armed");
+        assert_eq!(again.version, 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_node_svid_retires_the_connection_and_its_watch_finishes_on_it() {
+        let holder = h2_holder(Duration::from_secs(600)).await;
+        let issuer = Arc::new(
+            HttpsIssuer::new(
+                &holder.address,
+                "127.0.0.1",
+                std::slice::from_ref(&holder.root),
+            )
+            .expect("issuer"),
+        );
+        new_identity(&issuer);
+        let watch = watching(&issuer);
+        until("the watch reached the holder", || {
+            holder.watches.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        new_identity(&issuer);
+        node_calls(&issuer).await;
+        assert_eq!(
+            holder.accepted.load(Ordering::SeqCst),
+            2,
+            "calls with the new node SVID went on a new connection"
+        );
+        holder.release.send_replace(true);
+        assert_eq!(
+            watch.await.expect("task").expect("watch answered").version,
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_holder_without_http2_gets_the_pool_of_http1_connections() {
+        let (address, root, accepted) = refusing_holder(true).await;
+        let issuer = HttpsIssuer::new(&address, "127.0.0.1", &[root]).expect("issuer");
+        new_identity(&issuer);
+        for _ in 0..3 {
+            node_calls(&issuer).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

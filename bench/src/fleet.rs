@@ -1,7 +1,8 @@
 //! Scenario 7: a fleet of simulated nodes against one holder, in one process. Each node is a
 //! real agent HTTPS client (`HttpsIssuer`, mTLS with its own node SVID) doing what an agent does
 //! at its intervals: sync every sync interval, sign each identity at half its TTL (one CSR per
-//! request), report every heartbeat. Time can be compressed: every interval and the TTL the
+//! request), report every heartbeat, and hold the watch long-poll (`GET /v1/watch`, answered
+//! after 55 s when nothing changed, then asked again) as every agent does. Time can be compressed: every interval and the TTL the
 //! nodes reckon with are divided by `--compress` (the holder still signs real certificates of
 //! the configured TTL), so an hour of a fleet fits in a minute.
 //!
@@ -165,6 +166,28 @@ async fn sync_and_report(
     fo.outcome(failover, t, ok);
 }
 
+/// One node's watch long-poll until `until`, as the agent's push task holds it: asked again
+/// at once after each answer, a second after a failure.
+async fn watch_loop(node: Arc<HttpsIssuer>, until: Instant) {
+    let wait = Duration::from_secs(meshcert_protocol::api::WATCH_MAX_WAIT_SECS);
+    let mut version = None;
+    let deadline = tokio::time::sleep_until(until.into());
+    tokio::pin!(deadline);
+    loop {
+        let answer = tokio::select! {
+            () = &mut deadline => return,
+            answer = node.watch(version, wait) => answer,
+        };
+        match answer {
+            Ok(r) => version = Some(r.version),
+            Err(_) => tokio::select! {
+                () = &mut deadline => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            },
+        }
+    }
+}
+
 /// One node's life: returns how many of its identities went past their TTL unrefreshed.
 async fn node_loop(
     node: Arc<HttpsIssuer>,
@@ -175,6 +198,7 @@ async fn node_loop(
     failover: Arc<Failover>,
 ) -> u64 {
     let mut fo = NodeFailover::default();
+    let watch = tokio::spawn(watch_loop(Arc::clone(&node), until));
     let ttl = opts.ttl.div_f64(opts.compress);
     let interval = opts.interval.div_f64(opts.compress);
     // Each identity's SVID valid until (steady state: see the module documentation).
@@ -226,6 +250,7 @@ async fn node_loop(
             .max(Instant::now() + Duration::from_millis(50));
         tokio::time::sleep_until(wake.into()).await;
     }
+    let _ = watch.await;
     let end = Instant::now();
     expired
         + fresh_until
@@ -430,7 +455,7 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     }
     table.note(
         "Every node is a real agent HTTPS client with its own node SVID (mTLS, connections reused as the agent does) in this \
-         one process; the CSR key generation is the load generator's, not the holder's. Steady state, not a cold start: each \
+         one process, holding the watch long-poll as an agent does; the CSR key generation is the load generator's, not the holder's. Steady state, not a cold start: each \
          node's sync falls at a random point of its interval and each identity starts with an SVID of a random age below half \
          its TTL, so the holder sees the calls per second of a fleet that has been running for hours (one signing per \
          identity per half TTL, one sync and one report per node per interval). With compression ×k, intervals and the TTL the \

@@ -9,7 +9,9 @@
 //!
 //! The watchers share a few node identities (`--identities`): what a connection costs the
 //! holder does not depend on which node holds it, and attesting 10,000 nodes would only make
-//! the setup longer. The load generator is this process: a hyper client per connection.
+//! the setup longer. The load generator is this process: a hyper client per connection,
+//! offering HTTP/2 and HTTP/1.1 by ALPN as an agent does (each watcher holds its own
+//! connection: the connection an agent keeps open, whichever protocol the holder chose).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshcert_protocol::api::{PATH_WATCH, WATCH_MAX_WAIT_SECS, WatchResponse};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::sync::{Semaphore, mpsc};
@@ -72,10 +74,37 @@ async fn identity(
         chain,
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec())),
     )?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+/// One watcher's connection, in the protocol the holder chose.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        request: http::Request<Empty<Bytes>>,
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Self::Http1(s) => {
+                s.ready().await?;
+                s.send_request(request).await
+            }
+            Self::Http2(s) => {
+                s.ready().await?;
+                s.send_request(request).await
+            }
+        }
+    }
+}
+
+/// Whether the last connection opened negotiated HTTP/2 (for the table).
+static NEGOTIATED_H2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Opens one mTLS connection to the holder, driven by a task of its own.
 async fn connect(
@@ -87,9 +116,17 @@ async fn connect(
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await?;
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        NEGOTIATED_H2.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(connection);
+        return Ok(Sender::Http2(sender));
+    }
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    Ok(sender)
+    Ok(Sender::Http1(sender))
 }
 
 /// One long poll: the version the holder answered.
@@ -98,11 +135,10 @@ async fn watch(sender: &mut Sender, version: Option<u64>) -> anyhow::Result<u64>
         Some(v) => format!("?version={v}&wait={WATCH_MAX_WAIT_SECS}"),
         None => String::new(),
     };
-    sender.ready().await?;
     let request = http::Request::get(format!("{PATH_WATCH}{query}"))
         .header(http::header::HOST, "localhost")
         .body(Empty::new())?;
-    let response = sender.send_request(request).await?;
+    let response = sender.send(request).await?;
     anyhow::ensure!(response.status().is_success(), "HTTP {}", response.status());
     let body = response.into_body().collect().await?.to_bytes();
     Ok(serde_json::from_slice::<WatchResponse>(&body)?.version)
@@ -261,8 +297,13 @@ pub async fn bench(bins: &Bins, opts: &Options) -> anyhow::Result<()> {
     let per = idle_rss.saturating_sub(before.rss) as f64 / opts.connections.max(1) as f64;
     let mut table = Table::new(
         &format!(
-            "Idle watchers: {} long polls (`GET /v1/watch`, mTLS, one connection each) on one holder, then one change",
-            opts.connections
+            "Idle watchers: {} long polls (`GET /v1/watch`, mTLS, one {} connection each) on one holder, then one change",
+            opts.connections,
+            if NEGOTIATED_H2.load(std::sync::atomic::Ordering::Relaxed) {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            }
         ),
         &["figure", "value"],
     );

@@ -1,5 +1,5 @@
-//! The HTTPS API (hyper 1 over tokio-rustls, HTTP/1.1): the paths and bodies of
-//! `meshcert_protocol::api`.
+//! The HTTPS API (hyper 1 over tokio-rustls, HTTP/2 when the client offers `h2` by ALPN,
+//! HTTP/1.1 otherwise): the paths and bodies of `meshcert_protocol::api`.
 //!
 //! `POST /v1/attest`, `POST /v1/attest/kubernetes` and `GET /v1/bundle` need no client
 //! certificate; every other path needs the
@@ -7,6 +7,11 @@
 //! Every failure is a JSON `ApiError` with its HTTP status; bodies are capped at
 //! `MAX_BODY_BYTES`; handshakes, headers and bodies time out; at most `holder.maxConnections`
 //! connections are served at once (more are closed at once), each for at most 10 minutes.
+//! An agent keeps one HTTP/2 connection and makes every call a stream on it; such a connection
+//! carries at most [`MAX_STREAMS`] streams at once, and is closed (GOAWAY) once it has had no
+//! stream for [`IDLE_ANONYMOUS`] (no client certificate: the header timeout of HTTP/1) or
+//! [`IDLE_NODE`] (a verified client certificate: above the agent's watch wait), and at the end
+//! of its lifetime, its streams in flight (a watch, say) then finishing within [`DRAIN`].
 //! There is no plaintext endpoint.
 
 use std::convert::Infallible;
@@ -19,7 +24,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use meshcert_daemon::serve::{Connection, Limits, Pools};
+use meshcert_daemon::serve::{Connection, Http2Limits, Limits, Pools};
 use meshcert_protocol::api::{
     self, ApiError, AttestRequest, ErrorCode, KubernetesAttestRequest, MAX_BODY_BYTES,
     RenewRequest, SignRequest,
@@ -44,6 +49,19 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest life of one connection.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+/// Streams one HTTP/2 connection carries at once (an agent's watch, sync, report and its
+/// signings in flight fit many times over).
+pub const MAX_STREAMS: u32 = 32;
+/// The largest header list of one HTTP/2 request.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How long an HTTP/2 connection without a client certificate may stay without a stream.
+pub const IDLE_ANONYMOUS: Duration = HEADER_TIMEOUT;
+/// How long a node's HTTP/2 connection (verified client certificate) may stay without a
+/// stream: above the agent's watch wait and sync interval, so it is not closed between calls.
+pub const IDLE_NODE: Duration = Duration::from_secs(90);
+/// After the lifetime's GOAWAY, how long the streams in flight may take: the longest watch
+/// ([`api::WATCH_MAX_WAIT_SECS`]) and a slow body.
+pub const DRAIN: Duration = Duration::from_secs(api::WATCH_MAX_WAIT_SECS + 30);
 
 /// Why the API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +147,9 @@ pub fn tls_config(holder: &Holder, now: SystemTime) -> Result<ServerTls, ServerE
         .map_err(tls)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 first: an agent multiplexes all its calls on one connection; curl and older
+    // agents get HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Stateless TLS 1.3 session tickets: an agent reconnecting (it drops a connection idle for
     // 5 s, and syncs every 30 s) resumes its session instead of a full handshake, so the holder
     // skips its signature and the client chain's verification. The resumed session keeps the
@@ -173,7 +193,8 @@ pub async fn serve(
     meshcert_daemon::serve::serve("api", listener, pools, |_| true, handle, shutdown).await;
 }
 
-/// One API connection: the TLS handshake, then HTTP/1 with the client's chain at hand.
+/// One API connection: the TLS handshake, then HTTP/2 or HTTP/1 (as ALPN chose) with the
+/// client's chain at hand.
 async fn serve_connection(
     holder: Arc<Holder>,
     acceptor: TlsAcceptor,
@@ -200,12 +221,28 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .map(|c| Arc::new(ClientChain::new(c.iter().map(|d| d.to_vec()).collect())));
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let idle = if client_chain.is_some() {
+        IDLE_NODE
+    } else {
+        IDLE_ANONYMOUS
+    };
     let service = service_fn(move |req| {
         let holder = Arc::clone(&holder);
         let client_chain = client_chain.clone();
         async move { Ok::<_, Infallible>(handle(&holder, client_chain.as_deref(), req).await) }
     });
-    connection.limits.serve_http1("api", tls, service).await;
+    if h2 {
+        let h2 = Http2Limits {
+            max_streams: MAX_STREAMS,
+            max_header_list_size: MAX_HEADER_LIST,
+            idle,
+            drain: DRAIN,
+        };
+        connection.limits.serve_http2("api", tls, service, h2).await;
+    } else {
+        connection.limits.serve_http1("api", tls, service).await;
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {

@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod faults;
 mod ha;
+mod http2;
 mod kubernetes;
 mod operations;
 mod outage;
