@@ -122,8 +122,36 @@ fn bundle_fingerprints(ca: &CaHolder) -> Vec<String> {
 
 /// A workload set up from one consistent generation of its folder (`..data` resolved once, so
 /// key and certificate belong together, as a workload reading through `..data` sees them).
+/// The agent removes a generation right after `..data` names the next one, so a read that
+/// finds its generation gone starts again from `..data`, as a careful application does; a
+/// file missing while `..data` still names the same generation is an error.
 fn workload_at(dir: &Path) -> anyhow::Result<Workload> {
-    let data = dir.join(std::fs::read_link(dir.join("..data"))?);
+    let mut retired = 0;
+    loop {
+        let data = std::fs::read_link(dir.join("..data"))?;
+        match generation_at(&dir.join(&data)) {
+            Err(e) if is_not_found(&e) && retired < 5 => {
+                anyhow::ensure!(
+                    std::fs::read_link(dir.join("..data"))? != data,
+                    "{e} while ..data still names {}",
+                    data.display()
+                );
+                retired += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+/// The workload of one generation folder of an entry.
+fn generation_at(data: &Path) -> anyhow::Result<Workload> {
     let chain = pem_blocks(&data.join("svid.pem"), "CERTIFICATE")?;
     let key_pkcs8 = pem_blocks(&data.join("svid.key"), "PRIVATE KEY")?.remove(0);
     let own = spiffe_id_of(&chain[0]).map_err(anyhow::Error::msg)?;
