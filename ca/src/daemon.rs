@@ -104,6 +104,28 @@ impl ConfigSource {
     }
 }
 
+/// The API's listen queue: room for every connection the holder serves at once (the kernel
+/// caps it at `net.core.somaxconn`). When a replica dies, every node it served reconnects to
+/// the others within the same moment (each node keeps one connection); with tokio's default
+/// queue of 1024 the connections beyond it waited for the kernel's retransmissions past the
+/// agent's connect timeout.
+fn config_backlog(holder: &Holder) -> u32 {
+    u32::try_from(holder.serving().config.holder.max_connections).unwrap_or(u32::MAX)
+}
+
+/// Binds the API's TCP listener with a listen queue of `backlog`.
+fn bind_api(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted holder binds again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 fn bind_err(addr: std::net::SocketAddr) -> impl Fn(std::io::Error) -> DaemonError {
     move |source| DaemonError::Listen { addr, source }
 }
@@ -115,7 +137,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     let listen = config.holder.listen;
     let metrics_listen = config.holder.metrics_listen;
     let holder = Arc::new(Holder::open(config, now)?);
-    let listener = TcpListener::bind(listen).await.map_err(bind_err(listen))?;
+    let listener = bind_api(listen, config_backlog(&holder)).map_err(bind_err(listen))?;
     let addr = listener.local_addr().map_err(bind_err(listen))?;
     holder.set_listen_address(addr);
     let metrics_listener = bind_metrics(metrics_listen, &holder).await?;
