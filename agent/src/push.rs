@@ -2,9 +2,11 @@
 //! rotator to sync (the existing [`Command::SyncNow`]) as soon as the holder's change version
 //! moves: a new entry, a bundle or enforcement change, a root rotation step. The interval sync
 //! stays as it was, so a holder without the watch endpoint (it answers `not_found`) is simply
-//! watched again much later. While the holder is down the task makes no call of its own: it
-//! waits for the rotator to see the holder answer again (the agent status's `caConnected`),
-//! so an outage costs the holder nothing more than the agent's normal schedule.
+//! watched again much later. A watch that fails because its replica went away is asked again
+//! at once (a new connection tries every replica, so a fail-over does not hold pushes back);
+//! when that fails too, the holder is down and the task makes no call of its own: it waits for
+//! the rotator to see the holder answer again (the agent status's `caConnected`), so an outage
+//! costs the holder nothing more than the agent's normal schedule.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -78,6 +80,8 @@ pub async fn run<W: Watch>(
     tokio::pin!(stop);
     let mut version: Option<u64> = None;
     let mut failures: u32 = 0;
+    // Whether the last failure saying the holder is down was already watched again at once.
+    let mut again_at_once = false;
     let wait = Duration::from_secs(WATCH_MAX_WAIT_SECS);
     loop {
         let answer = tokio::select! {
@@ -87,6 +91,7 @@ pub async fn run<W: Watch>(
         let pause = match answer {
             Ok(r) => {
                 failures = 0;
+                again_at_once = false;
                 // The first answer syncs too: a change committed between the agent's first
                 // sync and this answer would otherwise wait for the interval sync.
                 if version.is_none_or(|v| v != r.version) {
@@ -101,6 +106,15 @@ pub async fn run<W: Watch>(
             Err(IssuerError::Api(e)) if e.code == ErrorCode::NotFound => {
                 tracing::info!("the holder has no watch endpoint: syncing on the interval only");
                 UNSUPPORTED_RETRY
+            }
+            Err(e) if e.is_holder_down() && !again_at_once => {
+                // The replica this watch was on went away (its connection broke, or it
+                // answered that it cannot serve): the next watch opens a new connection,
+                // which tries every replica, the failed one last. Only when that fails too is
+                // the holder as a whole down.
+                tracing::debug!(error = %e, "watch failed: watching again at once on a new connection");
+                again_at_once = true;
+                Duration::ZERO
             }
             Err(e) if e.is_holder_down() => {
                 tracing::debug!(error = %e, "watch failed: the holder is down; waiting for it");
@@ -145,6 +159,51 @@ mod tests {
                 None => std::future::pending().await,
             }
         }
+    }
+
+    /// Answers from a script of outcomes, the first call first.
+    struct Outcomes(Mutex<std::collections::VecDeque<Result<u64, IssuerError>>>);
+
+    impl Watch for Outcomes {
+        async fn watch(&self, _: Option<u64>, _: Duration) -> Result<WatchResponse, IssuerError> {
+            let next = self.0.lock().expect("lock").pop_front();
+            match next {
+                Some(outcome) => outcome.map(|version| WatchResponse { version }),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_broken_with_its_replica_is_asked_again_at_once_on_another() {
+        // A fail-over: the first watch's connection breaks with its replica; the next watch
+        // (a new connection, to the survivor) answers a moved version. The rotator still
+        // reaches the holder (another replica answers it), so waiting for it to notice an
+        // outage would hold the watch back for `recheck`.
+        let script = Arc::new(Outcomes(Mutex::new(
+            [
+                Ok(7),
+                Err(IssuerError::Http("connection reset".into())),
+                Ok(8),
+            ]
+            .into(),
+        )));
+        let (tx, mut rx) = mpsc::channel(8);
+        let connected = AgentStatus {
+            ca_connected: true,
+            ..AgentStatus::default()
+        };
+        let (_status_tx, status) = watch::channel(Arc::new(connected));
+        let recheck = Duration::from_secs(3600);
+        let task = tokio::spawn(run(script, tx, status, recheck, std::future::pending()));
+        for version in [7, 8] {
+            let asked = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+            assert!(
+                matches!(asked, Ok(Some(Command::SyncNow))),
+                "no sync for version {version} before the recheck"
+            );
+        }
+        task.abort();
     }
 
     #[tokio::test]
