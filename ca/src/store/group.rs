@@ -231,6 +231,89 @@ impl<S> Drop for GroupCommit<S> {
     }
 }
 
+/// The [`Store`] methods other than the issuance writes, passed on to the wrapped store in
+/// field `$inner` (the group commit and the tests' gated store change only the writes).
+macro_rules! pass_on_all_but_issuances {
+    ($inner:ident) => {
+        fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+            self.$inner.create_token(token)
+        }
+        fn consume_token(
+            &self,
+            hash: &str,
+            now: u64,
+            node_id: &dyn Fn(&str, &str) -> String,
+        ) -> Result<TokenOutcome, StoreError> {
+            self.$inner.consume_token(hash, now, node_id)
+        }
+        fn attest_kubernetes_node(
+            &self,
+            node: &NodeRecord,
+        ) -> Result<KubernetesNodeOutcome, StoreError> {
+            self.$inner.attest_kubernetes_node(node)
+        }
+        fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError> {
+            self.$inner.token_used(hash)
+        }
+        fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+            self.$inner.node(name)
+        }
+        fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+            self.$inner.nodes()
+        }
+        fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
+            self.$inner.ban_node(name)
+        }
+        fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+            self.$inner.insert_entry(entry)
+        }
+        fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
+            self.$inner.delete_entry(id)
+        }
+        fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+            self.$inner.entries()
+        }
+        fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+            self.$inner.entry(id)
+        }
+        fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+            self.$inner.registers(spiffe_id)
+        }
+        fn issuances(&self) -> Result<Vec<Issuance>, StoreError> {
+            self.$inner.issuances()
+        }
+        fn issuance_count(&self) -> Result<u64, StoreError> {
+            self.$inner.issuance_count()
+        }
+        fn prune(&self, before: u64) -> Result<Pruned, StoreError> {
+            self.$inner.prune(before)
+        }
+        fn put_report(&self, report: &StoredReport) -> Result<(), StoreError> {
+            self.$inner.put_report(report)
+        }
+        fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
+            self.$inner.reports()
+        }
+        fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError> {
+            self.$inner.settle_bundle_version(digest)
+        }
+        fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+            self.$inner.load_document(name)
+        }
+        fn store_document(
+            &self,
+            name: &str,
+            expected: u64,
+            value: &[u8],
+        ) -> Result<Option<u64>, StoreError> {
+            self.$inner.store_document(name, expected, value)
+        }
+        fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.$inner.changes()
+        }
+    };
+}
+
 impl<S: Store> Store for GroupCommit<S> {
     fn record_issuances(&self, issued: &[Issuance]) -> Result<(), StoreError> {
         if issued.is_empty() {
@@ -254,82 +337,7 @@ impl<S: Store> Store for GroupCommit<S> {
         }
     }
 
-    fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
-        self.inner.create_token(token)
-    }
-    fn consume_token(
-        &self,
-        hash: &str,
-        now: u64,
-        node_id: &dyn Fn(&str, &str) -> String,
-    ) -> Result<TokenOutcome, StoreError> {
-        self.inner.consume_token(hash, now, node_id)
-    }
-    fn attest_kubernetes_node(
-        &self,
-        node: &NodeRecord,
-    ) -> Result<KubernetesNodeOutcome, StoreError> {
-        self.inner.attest_kubernetes_node(node)
-    }
-    fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError> {
-        self.inner.token_used(hash)
-    }
-    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
-        self.inner.node(name)
-    }
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.inner.nodes()
-    }
-    fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
-        self.inner.ban_node(name)
-    }
-    fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
-        self.inner.insert_entry(entry)
-    }
-    fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_entry(id)
-    }
-    fn entries(&self) -> Result<Vec<Entry>, StoreError> {
-        self.inner.entries()
-    }
-    fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-        self.inner.entry(id)
-    }
-    fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError> {
-        self.inner.registers(spiffe_id)
-    }
-    fn issuances(&self) -> Result<Vec<Issuance>, StoreError> {
-        self.inner.issuances()
-    }
-    fn issuance_count(&self) -> Result<u64, StoreError> {
-        self.inner.issuance_count()
-    }
-    fn prune(&self, before: u64) -> Result<Pruned, StoreError> {
-        self.inner.prune(before)
-    }
-    fn put_report(&self, report: &StoredReport) -> Result<(), StoreError> {
-        self.inner.put_report(report)
-    }
-    fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
-        self.inner.reports()
-    }
-    fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError> {
-        self.inner.settle_bundle_version(digest)
-    }
-    fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        self.inner.load_document(name)
-    }
-    fn store_document(
-        &self,
-        name: &str,
-        expected: u64,
-        value: &[u8],
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.store_document(name, expected, value)
-    }
-    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.changes()
-    }
+    pass_on_all_but_issuances!(inner);
 }
 
 #[cfg(test)]
@@ -400,82 +408,7 @@ mod tests {
             let outcome = self.release.lock().expect("lock").recv().expect("released");
             outcome.and_then(|()| self.inner.record_issuances(issued))
         }
-        fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
-            self.inner.create_token(token)
-        }
-        fn consume_token(
-            &self,
-            hash: &str,
-            now: u64,
-            node_id: &dyn Fn(&str, &str) -> String,
-        ) -> Result<TokenOutcome, StoreError> {
-            self.inner.consume_token(hash, now, node_id)
-        }
-        fn attest_kubernetes_node(
-            &self,
-            node: &NodeRecord,
-        ) -> Result<KubernetesNodeOutcome, StoreError> {
-            self.inner.attest_kubernetes_node(node)
-        }
-        fn token_used(&self, hash: &str) -> Result<Option<bool>, StoreError> {
-            self.inner.token_used(hash)
-        }
-        fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
-            self.inner.node(name)
-        }
-        fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-            self.inner.nodes()
-        }
-        fn ban_node(&self, name: &str) -> Result<bool, StoreError> {
-            self.inner.ban_node(name)
-        }
-        fn insert_entry(&self, entry: &Entry) -> Result<(), StoreError> {
-            self.inner.insert_entry(entry)
-        }
-        fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-            self.inner.delete_entry(id)
-        }
-        fn entries(&self) -> Result<Vec<Entry>, StoreError> {
-            self.inner.entries()
-        }
-        fn entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
-            self.inner.entry(id)
-        }
-        fn registers(&self, spiffe_id: &str) -> Result<bool, StoreError> {
-            self.inner.registers(spiffe_id)
-        }
-        fn issuances(&self) -> Result<Vec<Issuance>, StoreError> {
-            self.inner.issuances()
-        }
-        fn issuance_count(&self) -> Result<u64, StoreError> {
-            self.inner.issuance_count()
-        }
-        fn prune(&self, before: u64) -> Result<Pruned, StoreError> {
-            self.inner.prune(before)
-        }
-        fn put_report(&self, report: &StoredReport) -> Result<(), StoreError> {
-            self.inner.put_report(report)
-        }
-        fn reports(&self) -> Result<Vec<StoredReport>, StoreError> {
-            self.inner.reports()
-        }
-        fn settle_bundle_version(&self, digest: &str) -> Result<u64, StoreError> {
-            self.inner.settle_bundle_version(digest)
-        }
-        fn load_document(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-            self.inner.load_document(name)
-        }
-        fn store_document(
-            &self,
-            name: &str,
-            expected: u64,
-            value: &[u8],
-        ) -> Result<Option<u64>, StoreError> {
-            self.inner.store_document(name, expected, value)
-        }
-        fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-            self.inner.changes()
-        }
+        pass_on_all_but_issuances!(inner);
     }
 
     /// Awaits `serial`'s commit on a task; once answered, reports whether the store held it.
