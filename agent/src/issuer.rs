@@ -1421,6 +1421,18 @@ mod tests {
         )
     }
 
+    /// A client of the stand-in `holder` with a node SVID.
+    fn node_of(holder: &H2Holder) -> Arc<HttpsIssuer> {
+        let issuer = HttpsIssuer::new(
+            &holder.address,
+            "127.0.0.1",
+            std::slice::from_ref(&holder.root),
+        )
+        .expect("issuer");
+        new_identity(&issuer);
+        Arc::new(issuer)
+    }
+
     /// Gives `issuer` a fresh node SVID (of a CA the stand-in does not check).
     fn new_identity(issuer: &HttpsIssuer) {
         let ca = crate::svid::testca::TestCa::new();
@@ -1474,15 +1486,7 @@ mod tests {
     #[tokio::test]
     async fn calls_as_the_node_share_one_connection_with_the_watch_in_flight() {
         let holder = h2_holder(Duration::from_secs(600)).await;
-        let issuer = Arc::new(
-            HttpsIssuer::new(
-                &holder.address,
-                "127.0.0.1",
-                std::slice::from_ref(&holder.root),
-            )
-            .expect("issuer"),
-        );
-        new_identity(&issuer);
+        let issuer = node_of(&holder);
         let watch = watching(&issuer);
         until("the watch reached the holder", || {
             holder.watches.load(Ordering::SeqCst) == 1
@@ -1506,15 +1510,7 @@ mod tests {
     async fn at_the_holders_goaway_the_watch_finishes_and_calls_move_to_a_new_connection() {
         // The stand-in ends each connection with a GOAWAY 300 ms after it opened.
         let holder = h2_holder(Duration::from_millis(300)).await;
-        let issuer = Arc::new(
-            HttpsIssuer::new(
-                &holder.address,
-                "127.0.0.1",
-                std::slice::from_ref(&holder.root),
-            )
-            .expect("issuer"),
-        );
-        new_identity(&issuer);
+        let issuer = node_of(&holder);
         let watch = watching(&issuer);
         until("the watch reached the holder", || {
             holder.watches.load(Ordering::SeqCst) == 1
@@ -1546,15 +1542,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_node_svid_retires_the_connection_and_its_watch_finishes_on_it() {
         let holder = h2_holder(Duration::from_secs(600)).await;
-        let issuer = Arc::new(
-            HttpsIssuer::new(
-                &holder.address,
-                "127.0.0.1",
-                std::slice::from_ref(&holder.root),
-            )
-            .expect("issuer"),
-        );
-        new_identity(&issuer);
+        let issuer = node_of(&holder);
         let watch = watching(&issuer);
         until("the watch reached the holder", || {
             holder.watches.load(Ordering::SeqCst) == 1
