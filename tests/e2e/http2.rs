@@ -76,6 +76,45 @@ fn holder_connections(port: u16) -> usize {
     n
 }
 
+/// This process's established TCP connections to the holder's `port`: its own sockets (by
+/// inode, from `/proc/self/fd`) whose remote port is `port`. Unlike [`holder_connections`],
+/// it cannot count another test's sockets, whatever ports they were given.
+fn own_connections_to(port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if fields.get(3) == Some(&"01")
+                && remote_port == Some(port)
+                && fields.get(9).is_some_and(|inode| inodes.contains(*inode))
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 async fn until(what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !check() {
@@ -152,7 +191,7 @@ fn an_agents_calls_and_its_watch_share_one_connection_and_a_ban_applies_on_it() 
         issuer.sync().await.expect("second sync");
         assert!(!watch.is_finished(), "the watch is still in flight");
         assert_eq!(
-            holder_connections(port),
+            own_connections_to(port),
             1,
             "the watch, sync, report and signing share one connection"
         );
@@ -169,7 +208,7 @@ fn an_agents_calls_and_its_watch_share_one_connection_and_a_ban_applies_on_it() 
         }
         let changed = watch.await.expect("task").expect("watch answered");
         assert_ne!(changed.version, version, "the ban did not reach the watch");
-        assert_eq!(holder_connections(port), 1);
+        assert_eq!(own_connections_to(port), 1);
     });
 }
 
@@ -204,7 +243,7 @@ fn a_restarted_holder_gets_the_watch_re_armed_on_a_new_connection() {
         };
         assert_ne!(answer.version, version, "the change was lost");
         issuer.sync().await.expect("sync after the restart");
-        assert_eq!(holder_connections(port), 1);
+        assert_eq!(own_connections_to(port), 1);
     });
 }
 
