@@ -1188,26 +1188,13 @@ mod tests {
         keep_alive: bool,
     ) -> (String, Vec<u8>, Arc<std::sync::atomic::AtomicUsize>) {
         use hyper::service::service_fn;
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
-        let ca_key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let root = params.self_signed(&ca_key).expect("root");
-        let issuer = rcgen::Issuer::new(params, ca_key);
-        let key = KeyPair::generate().expect("key");
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("params")
-            .signed_by(&key, &issuer)
-            .expect("leaf");
+        let (root, leaf, key) = rcgen_server_identity();
         let tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
+            .with_single_cert(vec![CertificateDer::from(leaf)], key)
             .expect("server config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1238,7 +1225,7 @@ mod tests {
                 });
             }
         });
-        (address, root.der().to_vec(), accepted)
+        (address, root, accepted)
     }
 
     /// Attests once; the refusing holder answers `token_used`.
