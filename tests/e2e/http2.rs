@@ -55,25 +55,50 @@ fn agent_client(ca: &CaHolder, identity: &NodeIdentity) -> Arc<HttpsIssuer> {
     Arc::new(issuer)
 }
 
-/// The TCP connections the holder has open (established, on its port), as `ss` shows them.
-fn holder_connections(port: u16) -> usize {
-    let mut n = 0;
+/// One established TCP socket of this network namespace, from `/proc/net/tcp{,6}`.
+struct Established {
+    local_port: u16,
+    remote_port: u16,
+    inode: String,
+}
+
+/// Every established TCP socket of this network namespace (whichever process holds it).
+fn established() -> Vec<Established> {
+    let port = |address: Option<&&str>| {
+        address
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    let mut sockets = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields
-                .get(1)
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if fields.get(3) == Some(&"01") && local_port == Some(port) {
-                n += 1;
+            if fields.get(3) != Some(&"01") {
+                continue;
+            }
+            if let (Some(local_port), Some(remote_port), Some(inode)) =
+                (port(fields.get(1)), port(fields.get(2)), fields.get(9))
+            {
+                sockets.push(Established {
+                    local_port,
+                    remote_port,
+                    inode: (*inode).to_owned(),
+                });
             }
         }
     }
-    n
+    sockets
+}
+
+/// The TCP connections the holder has open (established, on its port), as `ss` shows them.
+fn holder_connections(port: u16) -> usize {
+    established()
+        .iter()
+        .filter(|s| s.local_port == port)
+        .count()
 }
 
 /// This process's established TCP connections to the holder's `port`: its own sockets (by
@@ -93,26 +118,10 @@ fn own_connections_to(port: u16) -> usize {
             )
         })
         .collect();
-    let mut n = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = fields
-                .get(2)
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if fields.get(3) == Some(&"01")
-                && remote_port == Some(port)
-                && fields.get(9).is_some_and(|inode| inodes.contains(*inode))
-            {
-                n += 1;
-            }
-        }
-    }
-    n
+    established()
+        .iter()
+        .filter(|s| s.remote_port == port && inodes.contains(&s.inode))
+        .count()
 }
 
 async fn until(what: &str, check: impl Fn() -> bool) {
