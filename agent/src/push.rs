@@ -145,22 +145,6 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// Answers from a script: each call takes the next answer.
-    struct Script(Mutex<Vec<Result<u64, ErrorCode>>>);
-
-    impl Watch for Script {
-        async fn watch(&self, _: Option<u64>, _: Duration) -> Result<WatchResponse, IssuerError> {
-            let next = self.0.lock().expect("lock").pop();
-            match next {
-                Some(Ok(version)) => Ok(WatchResponse { version }),
-                Some(Err(code)) => Err(IssuerError::Api(meshcert_protocol::api::ApiError::new(
-                    code, "x",
-                ))),
-                None => std::future::pending().await,
-            }
-        }
-    }
-
     /// Answers from a script of outcomes, the first call first.
     struct Outcomes(Mutex<std::collections::VecDeque<Result<u64, IssuerError>>>);
 
@@ -208,14 +192,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_version_asks_for_one_sync_each_time() {
-        // Popped from the end: 7 (first: sync), 7 (same), 8 (sync), error, 9 (sync).
-        let script = Arc::new(Script(Mutex::new(vec![
-            Ok(9),
-            Err(ErrorCode::Unavailable),
-            Ok(8),
-            Ok(7),
-            Ok(7),
-        ])));
+        // 7 (first: sync), 7 (same), 8 (sync), error, 9 (sync).
+        let unavailable = meshcert_protocol::api::ApiError::new(ErrorCode::Unavailable, "x");
+        let script = Arc::new(Outcomes(Mutex::new(
+            [
+                Ok(7),
+                Ok(7),
+                Ok(8),
+                Err(IssuerError::Api(unavailable)),
+                Ok(9),
+            ]
+            .into(),
+        )));
         let (tx, mut rx) = mpsc::channel(8);
         let connected = AgentStatus {
             ca_connected: true,
